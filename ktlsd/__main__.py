@@ -1,0 +1,3 @@
+from ktlsd.cli import main
+
+raise SystemExit(main())
