@@ -9,7 +9,11 @@ service both produce a :class:`HandshakeRequest` (the ACCEPT reply) and take a
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
+
+from ktlsd.session import Session
 
 
 class HandlerClass(enum.IntEnum):
@@ -56,6 +60,35 @@ MAX_PEER_IDENTITIES = 5
 MAX_REMOTE_AUTH = 5
 
 
+@dataclass(frozen=True)
+class InlinePsk:
+    """A PSK handed over directly by a user-space consumer (instead of a key serial)."""
+
+    identity: bytes
+    key: bytes = field(repr=False)
+    hash_name: str = "sha256"
+
+
+@dataclass(frozen=True)
+class InlineMaterial:
+    """Authentication material a user-space consumer sends with its request.
+
+    The kernel only ever sends key serials; programs using the handshake service may instead
+    pass keys and certificates directly, or name files the agent should read. Everything
+    here is optional; whatever is absent falls back to serials and then to configuration.
+    """
+
+    psk_keys: tuple[InlinePsk, ...] = ()
+    certificate_chain: tuple[bytes, ...] = ()  # DER, leaf first
+    private_key: bytes = field(default=b"", repr=False)  # DER
+    certificate_file: str | None = None  # PEM
+    private_key_file: str | None = None  # PEM
+    truststore: str | None = None
+    crl: str | None = None
+    ciphersuites: tuple[str, ...] = ()
+    require_client_cert: bool = False
+
+
 @dataclass
 class HandshakeRequest:
     """The parameters of an accepted handshake request (the ACCEPT reply).
@@ -78,6 +111,7 @@ class HandshakeRequest:
     keyring: int = 0
     key_update_type: KeyUpdateType = KeyUpdateType.UNSPEC
     session_id: int = 0
+    inline: InlineMaterial | None = None  # user-space service only
 
     @property
     def effective_timeout_ms(self) -> int:
@@ -86,10 +120,44 @@ class HandshakeRequest:
 
 @dataclass
 class HandshakeDone:
-    """The agent's answer (DONE). ``status`` is a positive errno, 0 on success."""
+    """The agent's answer (DONE). ``status`` is a positive errno, 0 on success.
+
+    ``session`` is returned only to user-space consumers that run the user-space record
+    layer themselves (it carries traffic secrets); it is never sent to the kernel.
+    ``reason`` is a one-line, secret-free explanation of a failure for the consumer's logs.
+    """
 
     status: int
     sockfd: int
     remote_auth: tuple[int, ...] = ()
     session_id: int = 0
+    session: Session | None = None
+    reason: str = ""
     extra: dict[str, object] = field(default_factory=dict)
+
+
+class PendingRequest(Protocol):
+    """An accepted request: the agent owns ``request.sockfd`` until it calls :meth:`done`.
+
+    ``done`` must be called exactly once; it hands the socket back (the source closes the
+    agent's descriptor) and delivers the answer to the consumer.
+    """
+
+    request: HandshakeRequest
+    source_name: str  # "kernel" or "service", for logs
+
+    async def done(self, answer: HandshakeDone) -> None: ...
+
+
+class UpcallSource(Protocol):
+    """Where handshake requests come from: the kernel's netlink family or the local service."""
+
+    name: str
+
+    def requests(self) -> AsyncIterator[PendingRequest]:
+        """Accepted requests, as they arrive; ends when the source is closed."""
+        ...
+
+    async def close(self) -> None:
+        """Stop accepting new requests (in-flight ones still get their DONE)."""
+        ...
