@@ -1,0 +1,165 @@
+"""The slice of the TLS 1.3 key schedule (RFC 8446 §7) a record layer needs after a handshake.
+
+The handshake engine hands over *traffic secrets*; everything a record layer does later is a
+pure function of those: the AEAD key and write IV for a secret (§7.3), the per-record nonce
+(§5.3), and the next-generation secret a KeyUpdate moves to (§7.2). The KeyUpdate handshake
+message itself (§4.6.3) is five bytes and lives here too, so that the kernel path
+(:mod:`ktlsd.ktls`) and the user-space path (:mod:`ktlsd.record`) share one encoder and one
+strict decoder.
+
+Everything here is pure and built on ``cryptography``'s HKDF-Expand; nothing touches a socket.
+Secrets and keys never appear in a ``repr`` or an exception message.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+from ktlsd.session import CipherSuite
+
+__all__ = [
+    "HANDSHAKE_KEY_UPDATE",
+    "HANDSHAKE_NEW_SESSION_TICKET",
+    "KEY_UPDATE_LENGTH",
+    "TrafficKeys",
+    "decode_key_update",
+    "encode_key_update",
+    "hkdf_expand_label",
+    "next_traffic_secret",
+    "record_nonce",
+    "traffic_keys",
+]
+
+#: Handshake message type of NewSessionTicket (RFC 8446 §4).
+HANDSHAKE_NEW_SESSION_TICKET = 4
+#: Handshake message type of KeyUpdate (RFC 8446 §4).
+HANDSHAKE_KEY_UPDATE = 24
+#: A KeyUpdate message is always 4 bytes of header plus 1 byte of body.
+KEY_UPDATE_LENGTH = 5
+
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+}
+
+_LABEL_PREFIX = b"tls13 "
+
+
+def _hash_algorithm(hash_name: str) -> hashes.HashAlgorithm:
+    try:
+        return _HASHES[hash_name.lower()]()
+    except KeyError:
+        raise ValueError(
+            f"unsupported hash {hash_name!r} (TLS 1.3 uses sha256 or sha384)"
+        ) from None
+
+
+def hkdf_expand_label(
+    hash_name: str, secret: bytes, label: bytes, context: bytes, length: int
+) -> bytes:
+    """HKDF-Expand-Label from RFC 8446 §7.1.
+
+    ``label`` is given *without* the ``"tls13 "`` prefix (``b"key"``, ``b"traffic upd"``);
+    ``context`` is the transcript hash for Derive-Secret or empty for traffic keys.
+    The ``HkdfLabel`` structure is ``u16 length || u8 len || "tls13 " label || u8 len || context``.
+    """
+    algorithm = _hash_algorithm(hash_name)
+    full_label = _LABEL_PREFIX + bytes(label)
+    if not 0 < length <= 255 * algorithm.digest_size:
+        raise ValueError(f"HKDF-Expand-Label length {length} out of range")
+    if len(full_label) > 255 or len(context) > 255:
+        raise ValueError("HKDF-Expand-Label label or context longer than 255 bytes")
+    info = (
+        struct.pack("!HB", length, len(full_label))
+        + full_label
+        + struct.pack("!B", len(context))
+        + bytes(context)
+    )
+    return HKDFExpand(algorithm=algorithm, length=length, info=info).derive(bytes(secret))
+
+
+@dataclass(frozen=True)
+class TrafficKeys:
+    """The AEAD key and the 12-byte write IV derived from one traffic secret (RFC 8446 §7.3).
+
+    Both fields are secret; ``repr`` shows only their lengths.
+    """
+
+    key: bytes = field(repr=False)
+    iv: bytes = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"TrafficKeys(key=<{len(self.key)} bytes>, iv=<{len(self.iv)} bytes>)"
+
+
+def _check_secret(suite: CipherSuite, secret: bytes) -> None:
+    if len(secret) != suite.hash_length:
+        raise ValueError(
+            f"traffic secret for {suite.iana_name} must be {suite.hash_length} bytes, "
+            f"got {len(secret)}"
+        )
+
+
+def traffic_keys(suite: CipherSuite, secret: bytes) -> TrafficKeys:
+    """Derive ``[sender]_write_key`` and ``[sender]_write_iv`` from a traffic secret."""
+    _check_secret(suite, secret)
+    key = hkdf_expand_label(suite.hash_name, secret, b"key", b"", suite.key_length)
+    iv = hkdf_expand_label(suite.hash_name, secret, b"iv", b"", suite.iv_length)
+    return TrafficKeys(key=key, iv=iv)
+
+
+def next_traffic_secret(suite: CipherSuite, secret: bytes) -> bytes:
+    """The next generation of a traffic secret (RFC 8446 §7.2).
+
+    ``application_traffic_secret_N+1 =
+    HKDF-Expand-Label(application_traffic_secret_N, "traffic upd", "", Hash.length)``.
+    Each KeyUpdate moves one direction forward by exactly one generation; both ends must
+    apply this the same number of times, which is why the secret (not the derived key) is
+    what a saved session keeps.
+    """
+    _check_secret(suite, secret)
+    return hkdf_expand_label(suite.hash_name, secret, b"traffic upd", b"", suite.hash_length)
+
+
+def record_nonce(iv: bytes, seq: int) -> bytes:
+    """The per-record AEAD nonce: the write IV XOR the 64-bit record number, left-padded (§5.3).
+
+    The record number must fit in 64 bits; TLS forbids wrapping it (a rekey comes first).
+    """
+    if len(iv) < 8:
+        raise ValueError(f"write IV must be at least 8 bytes, got {len(iv)}")
+    if not 0 <= seq < 2**64:
+        raise ValueError(f"record sequence number {seq} outside 0..2^64-1")
+    padded = seq.to_bytes(len(iv), "big")
+    return bytes(a ^ b for a, b in zip(iv, padded, strict=True))
+
+
+def encode_key_update(request_update: bool) -> bytes:
+    """The KeyUpdate handshake message: ``0x18 00 00 01`` then 1 (update_requested) or 0."""
+    return bytes((HANDSHAKE_KEY_UPDATE, 0, 0, 1, 1 if request_update else 0))
+
+
+def decode_key_update(msg: bytes) -> bool:
+    """Parse a complete KeyUpdate message and return its ``request_update`` flag.
+
+    Strict: exactly five bytes, type 24, length 1, and a flag of 0 or 1 — RFC 8446 §4.6.3
+    makes any other value an ``illegal_parameter``. Raises :class:`ValueError` with a one-line
+    message otherwise.
+    """
+    msg = bytes(msg)
+    if len(msg) < 4:
+        raise ValueError(f"KeyUpdate message truncated ({len(msg)} bytes)")
+    if msg[0] != HANDSHAKE_KEY_UPDATE:
+        raise ValueError(f"not a KeyUpdate message (handshake type {msg[0]})")
+    body_length = int.from_bytes(msg[1:4], "big")
+    if body_length != 1:
+        raise ValueError(f"KeyUpdate body must be 1 byte, header says {body_length}")
+    if len(msg) != KEY_UPDATE_LENGTH:
+        raise ValueError(f"KeyUpdate message must be 5 bytes, got {len(msg)}")
+    if msg[4] not in (0, 1):
+        raise ValueError(f"KeyUpdate request_update must be 0 or 1, got {msg[4]}")
+    return msg[4] == 1
