@@ -1,0 +1,282 @@
+"""The agent: take accepted requests from the upcall sources, run each handshake, answer DONE.
+
+One :class:`Agent` serves any number of :class:`~ktlsd.request.UpcallSource` objects (the
+kernel's ``handshake`` family, the user-space handshake service) on one asyncio loop:
+
+* concurrency is bounded: a source is asked for its next request only while a slot is free,
+  so requests beyond the bound stay queued *in the source*, where the kernel's (or the
+  service's) pending limit protects everyone;
+* every request runs in its own task with nothing shared but the configuration; whatever
+  happens inside — a bad peer, a missing key, a C error, a bug — ends as one DONE with a
+  status and one log line, never as a crashed agent;
+* DONE is sent exactly once per request, always with an explicit status.
+
+After a successful handshake a kernel consumer's socket gets the session keys installed into
+kTLS before DONE (the kernel then owns the encrypted connection); a user-space consumer gets
+the :class:`~ktlsd.session.Session` back in DONE and runs a record layer itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ktlsd import keyring
+from ktlsd.errors import FailureCause, HandshakeError
+from ktlsd.handshake import perform_handshake
+from ktlsd.material import X509Files, build_tls_config
+from ktlsd.request import (
+    AuthMode,
+    HandshakeDone,
+    HandshakeRequest,
+    MessageType,
+    PendingRequest,
+    UpcallSource,
+)
+from ktlsd.session import Role, Session
+
+log = logging.getLogger("ktlsd")
+
+DEFAULT_LINKED_KEYRINGS = (".nvme", ".nfs", ".nfsd")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """What the agent needs from the configuration, in one place."""
+
+    client_x509: X509Files = field(default_factory=X509Files)
+    server_x509: X509Files = field(default_factory=X509Files)
+    keyrings: tuple[str, ...] = ()
+    max_concurrent: int = 0  # 0 = sized to the CPUs
+    groups: str | None = None
+
+    @property
+    def concurrency(self) -> int:
+        if self.max_concurrent > 0:
+            return self.max_concurrent
+        return max(4, (os.cpu_count() or 1) * 8)
+
+
+def link_keyrings(names: Sequence[str], into: int = keyring.KEY_SPEC_SESSION_KEYRING) -> list[str]:
+    """Link named keyrings (``.nvme``, configured ones) into ours, as tlshd does at start.
+
+    Returns the names that were linked; absent keyrings are normal (no nvme module loaded).
+    """
+    linked: list[str] = []
+    for name in names:
+        try:
+            serial = keyring.find_keyring(name)
+            keyring.link_key(serial, into)
+        except keyring.KeyringError as exc:
+            log.debug("keyring %s not linked: %s", name, exc)
+            continue
+        linked.append(name)
+    return linked
+
+
+def _peer_address(sock: socket.socket) -> str:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "-"
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer) or "-"
+
+
+def _role(request: HandshakeRequest) -> str:
+    if request.message_type in (MessageType.CLIENTHELLO, MessageType.CLIENTKEYUPDATE):
+        return Role.CLIENT.value
+    if request.message_type in (MessageType.SERVERHELLO, MessageType.SERVERKEYUPDATE):
+        return Role.SERVER.value
+    return "?"
+
+
+class Agent:
+    """Serve handshake requests from the given sources until :meth:`stop`."""
+
+    def __init__(self, settings: AgentSettings, sources: Sequence[UpcallSource]) -> None:
+        self.settings = settings
+        self.sources = list(sources)
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._consumers: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.completed = 0
+        self.failed = 0
+
+    def reload(self, settings: AgentSettings) -> None:
+        """Use new settings for requests that start from now on (SIGHUP)."""
+        self.settings = settings
+        log.info("configuration reloaded")
+
+    async def run(self) -> None:
+        """Consume every source until all of them end (after :meth:`stop`)."""
+        self._consumers = [asyncio.create_task(self._consume(s)) for s in self.sources]
+        try:
+            await asyncio.gather(*self._consumers, return_exceptions=True)
+        finally:
+            await self._drain()
+
+    async def stop(self) -> None:
+        """Stop taking requests; requests in flight finish within their own timeouts."""
+        if self._stopping:
+            return
+        self._stopping = True
+        for source in self.sources:
+            with contextlib.suppress(Exception):
+                await source.close()
+        for consumer in self._consumers:
+            consumer.cancel()
+
+    async def _drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _consume(self, source: UpcallSource) -> None:
+        iterator = source.requests().__aiter__()
+        while not self._stopping:
+            await self._slots.acquire()
+            try:
+                pending = await iterator.__anext__()
+            except (StopAsyncIteration, asyncio.CancelledError):
+                self._slots.release()
+                return
+            except Exception as exc:  # a broken source must not take the agent down
+                self._slots.release()
+                log.error("upcall source %s failed: %s", source.name, exc)
+                return
+            task = asyncio.create_task(self.serve(pending))
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def serve(self, pending: PendingRequest) -> HandshakeDone:
+        """Run one request to its DONE. Never raises."""
+        request = pending.request
+        started = time.monotonic()
+        sock: socket.socket | None = None
+        session: Session | None = None
+        try:
+            sock = socket.socket(fileno=os.dup(request.sockfd))
+            answer, session = await self._handshake(pending, sock)
+        except HandshakeError as exc:
+            answer = HandshakeDone(status=exc.errno, sockfd=request.sockfd, reason=exc.reason)
+        except OSError as exc:
+            reason = f"socket: {exc.strerror or exc}"
+            answer = HandshakeDone(status=errno.EIO, sockfd=request.sockfd, reason=reason)
+        except Exception as exc:  # the agent keeps serving whatever went wrong here
+            reason = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
+            answer = HandshakeDone(status=errno.EIO, sockfd=request.sockfd, reason=reason)
+        peer = _peer_address(sock) if sock is not None else "-"
+        if sock is not None:
+            sock.close()
+        try:
+            await pending.done(answer)
+        except Exception as exc:
+            log.error("DONE for fd %d failed: %s", request.sockfd, exc)
+        if answer.status == 0:
+            self.completed += 1
+        else:
+            self.failed += 1
+        self._log(pending, answer, session, peer, time.monotonic() - started)
+        return answer
+
+    async def _handshake(
+        self, pending: PendingRequest, sock: socket.socket
+    ) -> tuple[HandshakeDone, Session | None]:
+        request = pending.request
+        if request.message_type.is_key_update:
+            raise HandshakeError(FailureCause.UNSUPPORTED, "key update requests")
+        settings = self.settings
+        files = (
+            settings.client_x509
+            if request.message_type is MessageType.CLIENTHELLO
+            else settings.server_x509
+        )
+        config = build_tls_config(request, x509_files=files, groups=settings.groups)
+        timeout = request.effective_timeout_ms / 1000
+        session = await perform_handshake(sock, config, timeout=timeout)
+        if pending.source_name == "kernel":
+            _install_ktls(sock, session)
+            answer_session = None
+        else:
+            answer_session = session
+        return (
+            HandshakeDone(
+                status=0,
+                sockfd=request.sockfd,
+                remote_auth=_remote_auth(session),
+                session=answer_session,
+            ),
+            session,
+        )
+
+    def _log(
+        self,
+        pending: PendingRequest,
+        answer: HandshakeDone,
+        session: Session | None,
+        peer: str,
+        duration: float,
+    ) -> None:
+        request = pending.request
+        identity = session.peer.describe() if session is not None else "-"
+        suite = session.suite.iana_name if session is not None else "-"
+        status = "ok" if answer.status == 0 else errno.errorcode.get(answer.status, "?")
+        line = (
+            f"handshake source={pending.source_name} peer={peer} "
+            f"peername={request.peername or '-'} role={_role(request)} "
+            f"auth={_auth_name(request.auth_mode)} identity={identity} suite={suite} "
+            f"duration={duration * 1000:.1f}ms status={answer.status} ({status})"
+        )
+        if answer.status:
+            log.warning("%s reason=%s", line, answer.reason or "-")
+        else:
+            log.info("%s", line)
+
+
+def _auth_name(mode: AuthMode) -> str:
+    return mode.name.lower()
+
+
+def _remote_auth(session: Session) -> tuple[int, ...]:
+    """remote-auth: the PSK's serial, or a keyring key holding the peer's certificate."""
+    if session.peer.psk_serial is not None:
+        return (session.peer.psk_serial,)
+    if session.peer.certificate_chain:
+        try:
+            serial = keyring.add_key(
+                "asymmetric", "", session.peer.certificate_chain[0],
+                keyring.KEY_SPEC_SESSION_KEYRING,
+            )
+        except (keyring.KeyringError, ValueError) as exc:
+            log.debug("peer certificate not added to the keyring: %s", exc)
+            return ()
+        return (serial,)
+    return ()
+
+
+def _install_ktls(sock: socket.socket, session: Session) -> None:
+    """Hand the connection to kTLS: attach the ULP and install both directions' keys."""
+    from ktlsd import ktls
+
+    try:
+        ktls.attach_ulp(sock)
+        ktls.install_tx_key(sock, session.suite, session.tx_secret, session.tx_seq)
+        ktls.install_rx_key(sock, session.suite, session.rx_secret, session.rx_seq)
+    except OSError as exc:
+        raise HandshakeError(
+            FailureCause.PROTOCOL_ERROR, f"kTLS install failed: {exc.strerror or exc}"
+        ) from None

@@ -1,0 +1,251 @@
+"""Authentication material for one request: keyrings, inline material and configured files.
+
+A :class:`~ktlsd.request.HandshakeRequest` names its material indirectly: PSK key serials,
+certificate/private-key serials, or nothing (then the configured files apply, as in tlshd).
+User-space consumers may pass keys and certificates inline instead. :func:`build_tls_config`
+resolves all of that into the engine's :class:`~ktlsd.handshake.TlsConfig`, raising
+:class:`~ktlsd.errors.HandshakeError` with ``MISSING_MATERIAL`` (ENOKEY) or
+``INVALID_REQUEST`` (EINVAL) when something is absent or unusable.
+
+Keyring conventions (the kernel's and nvme-cli's):
+
+* a TLS PSK is a key of type ``psk`` whose description is the PSK identity and whose payload
+  is the TLS PSK itself (32 bytes for SHA-256, 48 for SHA-384); NVMe identities also name the
+  hash (``NVMe0R01`` = SHA-256, ``...02`` = SHA-384);
+* a server with no identity serial (nvmet passes 0) looks the identity the client offered up
+  among the ``psk`` keys in the keyrings it possesses (its session keyring, where the agent
+  links ``.nvme``, ``.nfs``, ``.nfsd`` and the configured keyrings);
+* certificates and private keys passed by serial hold DER.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ktlsd import keyring
+from ktlsd.credentials import X509Credentials
+from ktlsd.errors import FailureCause, HandshakeError
+from ktlsd.handshake import PskKey, TlsConfig
+from ktlsd.request import AuthMode, HandshakeRequest, InlineMaterial, MessageType
+from ktlsd.session import CipherSuite, Role
+
+PSK_KEY_TYPE = "psk"
+_NVME_IDENTITY = re.compile(r"^NVMe[01][RG](0[0-2]) ")
+
+
+@dataclass(frozen=True)
+class X509Files:
+    """Configured x509 files for one role (tlshd's ``[authenticate.client]``/``.server``)."""
+
+    truststore: str | None = None
+    crl: str | None = None
+    certificate: str | None = None
+    private_key: str | None = None
+
+
+def _missing(reason: str) -> HandshakeError:
+    return HandshakeError(FailureCause.MISSING_MATERIAL, reason)
+
+
+def psk_hash_for(identity: str, key_length: int) -> str:
+    """The hash a PSK is bound to: from an NVMe identity's ``hh`` field, else its length."""
+    match = _NVME_IDENTITY.match(identity)
+    if match and match.group(1) == "02":
+        return "sha384"
+    if match and match.group(1) == "01":
+        return "sha256"
+    if key_length == 48:
+        return "sha384"
+    if key_length == 32:
+        return "sha256"
+    # Other lengths are usable with either hash; SHA-256 is what every peer supports.
+    return "sha256"
+
+
+def psk_from_keyring(serial: int) -> PskKey:
+    """Load a ``psk`` key by serial (identity = description, key = payload)."""
+    try:
+        info = keyring.describe_key(serial)
+    except keyring.KeyringError as exc:
+        raise _missing(f"PSK key {serial:#x}: {_key_error(exc)}") from None
+    if info.type != PSK_KEY_TYPE:
+        raise _missing(f"key {serial:#x} has type {info.type!r}, not {PSK_KEY_TYPE!r}")
+    try:
+        payload = keyring.read_key(serial)
+    except keyring.KeyringError as exc:
+        raise _missing(f"PSK key {serial:#x}: {_key_error(exc)}") from None
+    if not payload:
+        raise _missing(f"PSK key {serial:#x} is empty")
+    return PskKey(
+        identity=info.description.encode(),
+        key=payload,
+        hash_name=psk_hash_for(info.description, len(payload)),
+        serial=serial,
+    )
+
+
+def _key_error(exc: keyring.KeyringError) -> str:
+    names = {
+        errno.ENOKEY: "no such key",
+        errno.EKEYREVOKED: "key was revoked",
+        errno.EKEYEXPIRED: "key has expired",
+        errno.EACCES: "permission denied",
+    }
+    return names.get(exc.errno or 0, str(exc))
+
+
+def _blob_from_keyring(serial: int, what: str) -> bytes:
+    try:
+        data = keyring.read_key(serial)
+    except keyring.KeyringError as exc:
+        raise _missing(f"{what} key {serial:#x}: {_key_error(exc)}") from None
+    if not data:
+        raise _missing(f"{what} key {serial:#x} is empty")
+    return data
+
+
+def make_psk_lookup(
+    keyrings: Sequence[int], allowed: Callable[[PskKey], bool] | None = None
+) -> Callable[[bytes], PskKey | None]:
+    """A server-side lookup: find the ``psk`` key whose description is the offered identity.
+
+    ``keyrings`` are searched in order (``KEYCTL_SEARCH`` recurses into linked keyrings).
+    """
+
+    def lookup(identity: bytes) -> PskKey | None:
+        try:
+            description = identity.decode()
+        except UnicodeDecodeError:
+            return None
+        if not description or "\0" in description:
+            return None
+        for ring in keyrings:
+            try:
+                serial = keyring.search_keyring(ring, PSK_KEY_TYPE, description)
+            except (keyring.KeyringError, ValueError):
+                continue
+            try:
+                key = psk_from_keyring(serial)
+            except HandshakeError:
+                continue
+            if allowed is None or allowed(key):
+                return key
+        return None
+
+    return lookup
+
+
+def _suites(names: Sequence[str]) -> tuple[CipherSuite, ...]:
+    try:
+        return tuple(CipherSuite.from_name(n) for n in names)
+    except ValueError as exc:
+        raise HandshakeError(FailureCause.INVALID_REQUEST, str(exc)) from None
+
+
+def _x509_credentials(
+    request: HandshakeRequest, inline: InlineMaterial, files: X509Files
+) -> X509Credentials | None:
+    if request.certificate or request.private_key:
+        if not (request.certificate and request.private_key):
+            raise _missing("certificate and private key serials must be given together")
+        return X509Credentials.from_der(
+            _blob_from_keyring(request.certificate, "certificate"),
+            _blob_from_keyring(request.private_key, "private"),
+        )
+    if inline.certificate_chain:
+        return X509Credentials.from_der(b"".join(inline.certificate_chain), inline.private_key)
+    cert_file = inline.certificate_file or files.certificate
+    key_file = inline.private_key_file or files.private_key
+    if cert_file and key_file:
+        return X509Credentials.from_pem_files(cert_file, key_file)
+    if cert_file or key_file:
+        raise _missing("x509.certificate and x509.private_key must be configured together")
+    return None
+
+
+def build_tls_config(
+    request: HandshakeRequest,
+    *,
+    x509_files: X509Files,
+    psk_keyrings: Sequence[int] = (keyring.KEY_SPEC_SESSION_KEYRING,),
+    groups: str | None = None,
+) -> TlsConfig:
+    """Resolve a request's material into the engine's configuration."""
+    if request.message_type is MessageType.CLIENTHELLO:
+        role = Role.CLIENT
+    elif request.message_type is MessageType.SERVERHELLO:
+        role = Role.SERVER
+    else:
+        raise HandshakeError(
+            FailureCause.UNSUPPORTED, f"message type {request.message_type.name.lower()}"
+        )
+    inline = request.inline or InlineMaterial()
+    suites = _suites(inline.ciphersuites) if inline.ciphersuites else tuple(CipherSuite)
+    truststore = inline.truststore or x509_files.truststore
+    crl = inline.crl or x509_files.crl
+    common = {
+        "role": role,
+        "ciphersuites": suites,
+        "groups": groups,
+        "peername": request.peername,
+    }
+
+    if request.auth_mode is AuthMode.PSK:
+        if role is Role.CLIENT:
+            keys = tuple(psk_from_keyring(s) for s in request.peer_identities if s)
+            keys += tuple(
+                PskKey(identity=p.identity, key=p.key, hash_name=p.hash_name)
+                for p in inline.psk_keys
+            )
+            if not keys:
+                raise _missing("PSK client request carries no PSK")
+            return TlsConfig(psk_keys=keys, **common)  # type: ignore[arg-type]
+        return TlsConfig(psk_lookup=_server_lookup(request, inline, psk_keyrings), **common)  # type: ignore[arg-type]
+
+    if request.auth_mode in (AuthMode.X509, AuthMode.UNAUTH):
+        credentials = _x509_credentials(request, inline, x509_files)
+        if role is Role.SERVER and credentials is None:
+            raise _missing("x509 server has no certificate and private key")
+        verify = request.auth_mode is AuthMode.X509
+        if role is Role.SERVER:
+            client_auth = "require" if inline.require_client_cert else (
+                "request" if verify else "none"
+            )
+            return TlsConfig(
+                credentials=credentials, truststore=truststore, crl=crl,
+                client_auth=client_auth, verify_peer=verify, **common,  # type: ignore[arg-type]
+            )
+        return TlsConfig(
+            credentials=credentials, truststore=truststore, crl=crl,
+            verify_peer=verify, **common,  # type: ignore[arg-type]
+        )
+
+    raise HandshakeError(
+        FailureCause.INVALID_REQUEST, f"auth mode {request.auth_mode.name.lower()}"
+    )
+
+
+def _server_lookup(
+    request: HandshakeRequest, inline: InlineMaterial, psk_keyrings: Sequence[int]
+) -> Callable[[bytes], PskKey | None]:
+    """Server PSK selection: inline keys, a given serial, or a search of our keyrings."""
+    import hmac
+
+    inline_keys = [
+        PskKey(identity=p.identity, key=p.key, hash_name=p.hash_name) for p in inline.psk_keys
+    ]
+    serials = [s for s in request.peer_identities if s]
+    fixed = [psk_from_keyring(s) for s in serials]
+    candidates = inline_keys + fixed
+    search = make_psk_lookup(psk_keyrings) if not candidates else None
+
+    def lookup(identity: bytes) -> PskKey | None:
+        for key in candidates:
+            if hmac.compare_digest(key.identity, identity):
+                return key
+        return search(identity) if search is not None else None
+
+    return lookup

@@ -1,0 +1,163 @@
+"""Kept session state between requests, held in a Linux keyring key, never on disk.
+
+A later KeyUpdate request (possibly minutes after the handshake, in a separate upcall) needs
+the suite and the current traffic secrets of both directions. kTLS never gives a traffic
+secret back (``getsockopt`` returns only the derived key), so the agent keeps them itself:
+
+* in a ``user`` key in the agent's own session keyring, with possessor-only permissions
+  (no other process, not even one of the same uid, can read it: only processes possessing
+  the agent's session keyring can);
+* with a timeout (the configured lifetime), so state of connections that ended silently
+  disappears on its own;
+* updated in place on every key update (same serial), revoked when the connection ends.
+
+The key's serial is the *session id* handed to the consumer (DONE's ``session-id`` where the
+kernel accepts it, and to user-space consumers) and echoed back in key-update requests.
+
+Payload layout (version 1, big-endian)::
+
+    "KTLSD-S1" | role u8 | suite u16 | client_generation u32 | server_generation u32
+               | len u8 | client_secret | len u8 | server_secret
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import secrets
+import struct
+from dataclasses import dataclass, replace
+
+from ktlsd import keyring
+from ktlsd.errors import FailureCause, HandshakeError
+from ktlsd.session import CipherSuite, Role, Session
+
+KEY_TYPE = "user"
+DESCRIPTION_PREFIX = "ktlsd:session:"
+MAGIC = b"KTLSD-S1"
+DEFAULT_LIFETIME = 24 * 3600
+
+# Possessor: view, read, write, search, setattr. Nobody else: nothing.
+POSSESSOR_ONLY = 0x01_00_00_00 * (0x01 | 0x02 | 0x04 | 0x08 | 0x20)
+
+_HEADER = struct.Struct(">8sBHII")
+
+
+def encode_state(session: Session) -> bytes:
+    """Serialize what a key update needs (suite, both secrets, generations, role)."""
+    role = 0 if session.role is Role.CLIENT else 1
+    return (
+        _HEADER.pack(
+            MAGIC, role, session.suite.code, session.client_generation, session.server_generation
+        )
+        + bytes([len(session.client_secret)]) + session.client_secret
+        + bytes([len(session.server_secret)]) + session.server_secret
+    )
+
+
+def decode_state(payload: bytes) -> Session:
+    """Parse a kept state; ``ValueError`` (secret-free message) when it is not one of ours."""
+    if len(payload) < _HEADER.size + 2:
+        raise ValueError("session state too short")
+    magic, role, code, client_gen, server_gen = _HEADER.unpack_from(payload)
+    if magic != MAGIC:
+        raise ValueError("not a ktlsd session state")
+    suite = CipherSuite.from_code(code)
+    offset = _HEADER.size
+    secrets_: list[bytes] = []
+    for _ in range(2):
+        length = payload[offset]
+        value = payload[offset + 1 : offset + 1 + length]
+        if length != suite.hash_length or len(value) != length:
+            raise ValueError("session state has a secret of the wrong length")
+        secrets_.append(value)
+        offset += 1 + length
+    if offset != len(payload) or role not in (0, 1):
+        raise ValueError("malformed session state")
+    return Session(
+        role=Role.CLIENT if role == 0 else Role.SERVER,
+        suite=suite,
+        client_secret=secrets_[0],
+        server_secret=secrets_[1],
+        client_generation=client_gen,
+        server_generation=server_gen,
+    )
+
+
+@dataclass(frozen=True)
+class SessionStore:
+    """Save, load, update and drop kept session states in one keyring."""
+
+    keyring_id: int = keyring.KEY_SPEC_SESSION_KEYRING
+    lifetime: int = DEFAULT_LIFETIME
+
+    def save(self, session: Session) -> int:
+        """Keep a new session's state; return its session id (the key's serial)."""
+        description = DESCRIPTION_PREFIX + secrets.token_hex(8)
+        # Create empty, lock the permissions down, only then write the secrets.
+        serial = keyring.add_key(KEY_TYPE, description, b"\0", self.keyring_id)
+        try:
+            keyring.set_perm(serial, POSSESSOR_ONLY)
+            keyring.add_key(KEY_TYPE, description, encode_state(session), self.keyring_id)
+            if self.lifetime:
+                keyring.set_timeout(serial, self.lifetime)
+        except BaseException:
+            self.drop(serial)
+            raise
+        return serial
+
+    def load(self, session_id: int) -> Session:
+        """The kept state; ``HandshakeError(MISSING_MATERIAL)`` (ENOKEY) when it is gone."""
+        if session_id <= 0:
+            raise HandshakeError(FailureCause.MISSING_MATERIAL, "request carries no session id")
+        try:
+            info = keyring.describe_key(session_id)
+            if info.type != KEY_TYPE or not info.description.startswith(DESCRIPTION_PREFIX):
+                raise keyring.KeyringError(errno.ENOKEY, "load session", session_id)
+            return decode_state(keyring.read_key(session_id))
+        except (keyring.KeyringError, ValueError) as exc:
+            raise HandshakeError(
+                FailureCause.MISSING_MATERIAL,
+                f"session {session_id:#x} unknown or expired ({_short(exc)})",
+            ) from None
+
+    def update(self, session_id: int, session: Session) -> None:
+        """Replace the kept state of ``session_id`` (same serial) and renew its lifetime."""
+        info = keyring.describe_key(session_id)
+        keyring.add_key(KEY_TYPE, info.description, encode_state(session), self.keyring_id)
+        if self.lifetime:
+            keyring.set_timeout(session_id, self.lifetime)
+
+    def drop(self, session_id: int) -> None:
+        """Forget a session (connection ended); unknown ids are ignored."""
+        try:
+            keyring.invalidate_key(session_id)
+        except keyring.KeyringError:
+            with contextlib.suppress(keyring.KeyringError):
+                keyring.revoke_key(session_id)
+
+
+def _short(exc: Exception) -> str:
+    if isinstance(exc, keyring.KeyringError):
+        return errno.errorcode.get(exc.errno or 0, "error")
+    return str(exc)
+
+
+def advanced(session: Session, *, client: bool = False, server: bool = False) -> Session:
+    """``session`` with the chosen directions moved to their next traffic secret."""
+    from ktlsd.keyschedule import next_traffic_secret
+
+    out = session
+    if client:
+        out = replace(
+            out,
+            client_secret=next_traffic_secret(out.suite, out.client_secret),
+            client_generation=out.client_generation + 1,
+        )
+    if server:
+        out = replace(
+            out,
+            server_secret=next_traffic_secret(out.suite, out.server_secret),
+            server_generation=out.server_generation + 1,
+        )
+    return out
