@@ -25,12 +25,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from ktlsd import keyring
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.handshake import perform_handshake
+from ktlsd.keyupdate import KeyInstaller, KtlsInstaller, apply_key_update, plan_key_update
 from ktlsd.material import X509Files, build_tls_config
 from ktlsd.request import (
     AuthMode,
@@ -41,6 +42,7 @@ from ktlsd.request import (
     UpcallSource,
 )
 from ktlsd.session import Role, Session
+from ktlsd.session_store import SessionStore
 
 log = logging.getLogger("ktlsd")
 
@@ -56,6 +58,8 @@ class AgentSettings:
     keyrings: tuple[str, ...] = ()
     max_concurrent: int = 0  # 0 = sized to the CPUs
     groups: str | None = None
+    keep_sessions: bool = True  # keep traffic secrets for later key updates
+    session_lifetime: int = 24 * 3600
 
     @property
     def concurrency(self) -> int:
@@ -100,12 +104,41 @@ def _role(request: HandshakeRequest) -> str:
     return "?"
 
 
+class _KeyedLocks:
+    """One asyncio lock per key, forgotten when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: int) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class Agent:
     """Serve handshake requests from the given sources until :meth:`stop`."""
 
-    def __init__(self, settings: AgentSettings, sources: Sequence[UpcallSource]) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        sources: Sequence[UpcallSource],
+        *,
+        store: SessionStore | None = None,
+    ) -> None:
         self.settings = settings
         self.sources = list(sources)
+        self.store = store or SessionStore(lifetime=settings.session_lifetime)
+        self._session_locks = _KeyedLocks()
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumers: list[asyncio.Task[None]] = []
@@ -198,7 +231,7 @@ class Agent:
     ) -> tuple[HandshakeDone, Session | None]:
         request = pending.request
         if request.message_type.is_key_update:
-            raise HandshakeError(FailureCause.UNSUPPORTED, "key update requests")
+            return await self._key_update(pending, sock)
         settings = self.settings
         files = (
             settings.client_x509
@@ -210,17 +243,52 @@ class Agent:
         session = await perform_handshake(sock, config, timeout=timeout)
         if pending.source_name == "kernel":
             _install_ktls(sock, session)
-            answer_session = None
-        else:
-            answer_session = session
+        session_id = self._keep(session)
         return (
             HandshakeDone(
                 status=0,
                 sockfd=request.sockfd,
                 remote_auth=_remote_auth(session),
-                session=answer_session,
+                session_id=session_id,
+                session=None if pending.source_name == "kernel" else session,
             ),
             session,
+        )
+
+    def _keep(self, session: Session) -> int:
+        """Keep the session's secrets for later key updates; 0 when not kept."""
+        if not self.settings.keep_sessions:
+            return 0
+        try:
+            return self.store.save(session)
+        except (keyring.KeyringError, ValueError) as exc:
+            # The connection works without it; only a later key update will need a reconnect.
+            log.warning("session state not kept (key updates will need a reconnect): %s", exc)
+            return 0
+
+    async def _key_update(
+        self, pending: PendingRequest, sock: socket.socket
+    ) -> tuple[HandshakeDone, Session | None]:
+        """Run a key-update request against the kept state of ``request.session_id``."""
+        request = pending.request
+        async with self._session_locks.hold(request.session_id):
+            # Updates of one session, in both directions, run one at a time so each
+            # secret advances exactly once per update.
+            state = self.store.load(request.session_id)
+            plan = plan_key_update(
+                state, request.message_type, request.key_update_type,
+                request_peer=request.request_peer_update,
+            )
+            new_state = apply_key_update(plan, _installer_for(pending, sock, state))
+            self.store.update(request.session_id, new_state)
+        return (
+            HandshakeDone(
+                status=0,
+                sockfd=request.sockfd,
+                session_id=request.session_id,
+                session=None if pending.source_name == "kernel" else new_state,
+            ),
+            new_state,
         )
 
     def _log(
@@ -245,6 +313,37 @@ class Agent:
             log.warning("%s reason=%s", line, answer.reason or "-")
         else:
             log.info("%s", line)
+
+
+def _installer_for(pending: PendingRequest, sock: socket.socket, state: Session) -> KeyInstaller:
+    """kTLS when the socket has it; else the consumer's user-space record layer state."""
+    from dataclasses import replace
+
+    from ktlsd.record import UserRecordLayer
+
+    seqs = pending.request.record_seqs
+    if pending.source_name == "kernel" or seqs is None:
+        return KtlsInstaller(sock, state.suite)
+    layer = UserRecordLayer(sock, replace(state, tx_seq=seqs[0], rx_seq=seqs[1]))
+    return _UserLayerInstaller(layer)
+
+
+class _UserLayerInstaller:
+    """Emulates kTLS for a service consumer with a user-space record layer: the agent sends the
+    KeyUpdate record with the consumer's current TX state; the consumer installs the new
+    secrets it gets back in DONE."""
+
+    def __init__(self, layer: object) -> None:
+        self.layer = layer
+
+    def send_handshake(self, message: bytes) -> None:
+        self.layer.send(message, 22)  # type: ignore[attr-defined]
+
+    def install_tx_key(self, secret: bytes) -> None:
+        pass
+
+    def install_rx_key(self, secret: bytes) -> None:
+        pass
 
 
 def _auth_name(mode: AuthMode) -> str:

@@ -112,6 +112,11 @@ class HandshakeRequest:
     key_update_type: KeyUpdateType = KeyUpdateType.UNSPEC
     session_id: int = 0
     inline: InlineMaterial | None = None  # user-space service only
+    # Key updates requested through the user-space service by a consumer that runs the
+    # user-space record layer (emulating kTLS): ask the peer to update too (SEND), and the
+    # consumer's current record numbers (tx, rx) so the agent can protect the KeyUpdate.
+    request_peer_update: bool = False
+    record_seqs: tuple[int, int] | None = None
 
     @property
     def effective_timeout_ms(self) -> int:
