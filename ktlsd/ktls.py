@@ -65,6 +65,7 @@ __all__ = [
     "read_tls_stat",
     "recv_record",
     "send_record",
+    "send_record_some",
 ]
 
 # --- include/uapi/linux/tls.h and friends -------------------------------------------------
@@ -280,24 +281,32 @@ def send_record(sock: socket.socket, content_type: int, data: bytes) -> None:
     record and emit one of that type. A partial send (non-blocking socket) is completed with
     further calls, so the bytes arrive in order but may then span records.
     """
+    view = memoryview(bytes(data))
+    while True:
+        view = view[send_record_some(sock, content_type, view) :]
+        if not view:
+            return
+
+
+def send_record_some(sock: socket.socket, content_type: int, data: bytes | memoryview) -> int:
+    """One ``sendmsg`` of a record of ``content_type``; returns how many bytes were taken.
+
+    The building block of :func:`send_record` and of asyncio senders, which wait for the
+    socket to become writable between calls. ``BlockingIOError`` passes through unchanged.
+    """
     if not 0 < content_type < 256:
         raise ValueError(f"invalid TLS content type {content_type}")
-    view = memoryview(bytes(data))
     ancdata = (
         []
         if content_type == CONTENT_TYPE_APPLICATION_DATA
         else [(SOL_TLS, TLS_SET_RECORD_TYPE, bytes((content_type,)))]
     )
-    while True:
-        try:
-            sent = sock.sendmsg([view], ancdata)
-        except (BlockingIOError, InterruptedError):
-            raise
-        except OSError as exc:
-            raise _io_error(exc, "send") from None
-        view = view[sent:]
-        if not view:
-            return
+    try:
+        return sock.sendmsg([data], ancdata)
+    except (BlockingIOError, InterruptedError):
+        raise
+    except OSError as exc:
+        raise _io_error(exc, "send") from None
 
 
 def recv_record(sock: socket.socket, bufsize: int) -> tuple[int, bytes]:

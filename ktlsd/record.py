@@ -1,0 +1,627 @@
+"""The TLS 1.3 record layer after the handshake, with the kernel's kTLS semantics.
+
+A :class:`RecordLayer` protects records on a connected stream socket with the traffic keys of
+a :class:`~ktlsd.session.Session`. Two implementations share one API and one behaviour:
+
+* :class:`KernelRecordLayer` hands the keys to kTLS (:mod:`ktlsd.ktls`): the kernel encrypts
+  and decrypts, we only label non-data records.
+* :class:`UserRecordLayer` does the same work in user space with ``cryptography``'s AEADs,
+  for kernels without kTLS (or without kTLS rekey), for tests, and as a reference.
+
+The semantics follow what Linux kTLS does, so code above (:mod:`ktlsd.connection`) cannot
+tell the two apart:
+
+* ``send(data, content_type)`` emits one record per call (at most 2^14 bytes); TX never pauses.
+* ``recv()`` returns one :class:`Record`. Application data, handshake and other records come
+  back with their content type; alerts never do: close_notify becomes the end-of-stream
+  record (``Record(23, b"")``, ``.eof`` is true), user_canceled is skipped and any other alert
+  raises :class:`AlertReceived`. Zero-length application data records are skipped so that
+  empty data always means end of stream.
+* Once a handshake record whose first byte is a KeyUpdate (24) has been delivered, every
+  further ``recv`` raises ``OSError(EKEYEXPIRED)`` until ``install_rx_key`` — exactly the
+  kernel's check (``tls_check_pending_rekey``), which looks at that first byte only.
+* A record that fails authentication raises ``OSError(EBADMSG)``; an oversized one
+  ``OSError(EMSGSIZE)``. Both are sticky, as the kernel's socket error is.
+
+Differences that remain: the kernel may merge consecutive application data records into one
+``recv`` (stream semantics), and only the user layer can report :meth:`pending` plaintext.
+
+Blocking and asyncio: ``send``/``recv`` are for blocking sockets (or sockets with a timeout).
+``asend``/``arecv``/``aclose`` are the asyncio versions and need a non-blocking socket
+(``sock.setblocking(False)``); they share every line of protocol logic with the blocking
+methods and differ only in how they wait for the socket. The user layer reads exactly one
+record's bytes off the socket at a time, never more, so socket readiness (``select``, the
+event loop) stays truthful: when :meth:`pending` is 0 and the socket is not readable, there
+is nothing to read.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import errno
+import socket
+from dataclasses import dataclass
+from typing import Literal
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from ktlsd import ktls
+from ktlsd.keyschedule import HANDSHAKE_KEY_UPDATE, record_nonce, traffic_keys
+from ktlsd.session import CipherSuite, Session
+
+__all__ = [
+    "ALERT_NAMES",
+    "CONTENT_TYPE_ALERT",
+    "CONTENT_TYPE_APPLICATION_DATA",
+    "CONTENT_TYPE_HANDSHAKE",
+    "MAX_PLAINTEXT",
+    "AlertReceived",
+    "KernelRecordLayer",
+    "Record",
+    "RecordLayer",
+    "UserRecordLayer",
+    "open_record_layer",
+]
+
+CONTENT_TYPE_ALERT = 21
+CONTENT_TYPE_HANDSHAKE = 22
+CONTENT_TYPE_APPLICATION_DATA = 23
+
+#: Largest plaintext of one record (RFC 8446 §5.1).
+MAX_PLAINTEXT = 2**14
+#: Largest TLSCiphertext.length a TLS 1.3 peer may send (RFC 8446 §5.2).
+MAX_CIPHERTEXT = 2**14 + 256
+HEADER_SIZE = 5
+TAG_SIZE = 16
+_LEGACY_VERSION = b"\x03\x03"
+
+ALERT_CLOSE_NOTIFY = 0
+ALERT_USER_CANCELED = 90
+
+#: TLS alert descriptions (RFC 8446 §6 and the registry) for readable errors.
+ALERT_NAMES: dict[int, str] = {
+    0: "close_notify",
+    10: "unexpected_message",
+    20: "bad_record_mac",
+    22: "record_overflow",
+    40: "handshake_failure",
+    42: "bad_certificate",
+    43: "unsupported_certificate",
+    44: "certificate_revoked",
+    45: "certificate_expired",
+    46: "certificate_unknown",
+    47: "illegal_parameter",
+    48: "unknown_ca",
+    49: "access_denied",
+    50: "decode_error",
+    51: "decrypt_error",
+    70: "protocol_version",
+    71: "insufficient_security",
+    80: "internal_error",
+    86: "inappropriate_fallback",
+    90: "user_canceled",
+    109: "missing_extension",
+    110: "unsupported_extension",
+    112: "unrecognized_name",
+    113: "bad_certificate_status_response",
+    115: "unknown_psk_identity",
+    116: "certificate_required",
+    120: "no_application_protocol",
+}
+
+
+def alert_name(description: int) -> str:
+    return ALERT_NAMES.get(description, f"alert {description}")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One received record: its TLS content type and plaintext.
+
+    ``Record(23, b"")`` is the end-of-stream signal (close_notify or TCP EOF); see :attr:`eof`.
+    """
+
+    content_type: int
+    data: bytes
+
+    @property
+    def eof(self) -> bool:
+        """True for the end-of-stream record: no more data will come."""
+        return self.content_type == CONTENT_TYPE_APPLICATION_DATA and not self.data
+
+
+EOF_RECORD = Record(CONTENT_TYPE_APPLICATION_DATA, b"")
+
+
+class AlertReceived(OSError):
+    """The peer sent a fatal alert (anything but close_notify/user_canceled)."""
+
+    def __init__(self, description: int) -> None:
+        self.description = description
+        self.alert = alert_name(description)
+        super().__init__(errno.ECONNABORTED, f"peer sent TLS alert {self.alert}")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _interpret_alert(data: bytes) -> Record | None:
+    """close_notify -> end of stream; user_canceled -> ignore (None); others raise."""
+    if len(data) != 2:
+        raise OSError(errno.EBADMSG, f"malformed TLS alert record ({len(data)} bytes)")
+    description = data[1]
+    if description == ALERT_CLOSE_NOTIFY:
+        return EOF_RECORD
+    if description == ALERT_USER_CANCELED:
+        return None
+    raise AlertReceived(description)
+
+
+def _check_send(data: bytes, content_type: int) -> None:
+    if not 0 < content_type < 256:
+        raise ValueError(f"invalid TLS content type {content_type}")
+    if len(data) > MAX_PLAINTEXT:
+        raise ValueError(f"record plaintext of {len(data)} bytes exceeds 2^14 (16384)")
+    if not data and content_type != CONTENT_TYPE_APPLICATION_DATA:
+        raise ValueError(f"records of content type {content_type} must not be empty")
+
+
+def _require_nonblocking(sock: socket.socket) -> None:
+    if sock.gettimeout() != 0.0:
+        raise ValueError("asyncio record I/O needs a non-blocking socket (sock.setblocking(False))")
+
+
+async def _wait(sock: socket.socket, *, write: bool) -> None:
+    """Wait until the event loop reports ``sock`` readable (or writable)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    fd = sock.fileno()
+    if write:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await future
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+class RecordLayer(abc.ABC):
+    """The record layer interface; see the module docstring for the shared semantics."""
+
+    #: "kernel" or "user".
+    kind: str
+
+    def __init__(self, sock: socket.socket, session: Session) -> None:
+        self._sock = sock
+        self.suite: CipherSuite = session.suite
+        self._write_closed = False
+        self._send_lock: asyncio.Lock | None = None
+
+    # -- the API ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def send(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> None:
+        """Protect and send ``data`` as one record (at most 2^14 bytes)."""
+
+    @abc.abstractmethod
+    def recv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
+        """Receive one record (at most ``bufsize`` bytes of it; the rest comes next time)."""
+
+    @abc.abstractmethod
+    async def asend(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> None:
+        """asyncio version of :meth:`send` (non-blocking socket)."""
+
+    @abc.abstractmethod
+    async def arecv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
+        """asyncio version of :meth:`recv` (non-blocking socket)."""
+
+    @abc.abstractmethod
+    def install_tx_key(self, secret: bytes, seq: int = 0) -> None:
+        """Protect records sent from now on with keys from ``secret``, first record ``seq``."""
+
+    @abc.abstractmethod
+    def install_rx_key(self, secret: bytes, seq: int = 0) -> None:
+        """Open records received from now on with keys from ``secret``; lifts EKEYEXPIRED."""
+
+    @abc.abstractmethod
+    def sequence_numbers(self) -> tuple[int, int]:
+        """``(tx_seq, rx_seq)``: numbers of the next record to send and to receive."""
+
+    def pending(self) -> int:
+        """Decrypted bytes already buffered and returned by the next ``recv`` without I/O."""
+        return 0
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
+    def close(self) -> None:
+        """Send close_notify, then shut down the write side. Idempotent; the fd stays open."""
+        if self._write_closed:
+            return
+        # The peer may be gone already; closing must still succeed.
+        with contextlib.suppress(OSError):
+            self.send(bytes((1, ALERT_CLOSE_NOTIFY)), CONTENT_TYPE_ALERT)
+        self._shutdown_write()
+
+    async def aclose(self) -> None:
+        """asyncio version of :meth:`close`."""
+        if self._write_closed:
+            return
+        with contextlib.suppress(OSError):
+            await self.asend(bytes((1, ALERT_CLOSE_NOTIFY)), CONTENT_TYPE_ALERT)
+        self._shutdown_write()
+
+    # -- shared helpers -----------------------------------------------------------------
+
+    def _shutdown_write(self) -> None:
+        self._write_closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
+
+    def _check_writable(self) -> None:
+        if self._write_closed:
+            raise BrokenPipeError(errno.EPIPE, "TLS write side already closed (close_notify sent)")
+
+    def _lock(self) -> asyncio.Lock:
+        # One sender at a time: two coroutines writing records must not interleave bytes.
+        if self._send_lock is None:
+            self._send_lock = asyncio.Lock()
+        return self._send_lock
+
+
+# --- user space ------------------------------------------------------------------------
+
+
+class _Protection:
+    """One direction's AEAD state: key, write IV and the next record number."""
+
+    def __init__(self, suite: CipherSuite, secret: bytes, seq: int) -> None:
+        keys = traffic_keys(suite, secret)
+        if suite is CipherSuite.TLS_CHACHA20_POLY1305_SHA256:
+            self._aead: AESGCM | ChaCha20Poly1305 = ChaCha20Poly1305(keys.key)
+        else:
+            self._aead = AESGCM(keys.key)
+        self._iv = keys.iv
+        if not 0 <= seq < 2**64:
+            raise ValueError(f"record sequence number {seq} outside 0..2^64-1")
+        self.seq = seq
+
+    def __repr__(self) -> str:
+        return f"_Protection(seq={self.seq})"
+
+    def _next_nonce(self) -> bytes:
+        if self.seq >= 2**64 - 1:
+            raise OSError(errno.EOVERFLOW, "record sequence numbers exhausted: rekey first")
+        nonce = record_nonce(self._iv, self.seq)
+        self.seq += 1
+        return nonce
+
+    def seal(self, content_type: int, data: bytes) -> bytes:
+        inner = bytes(data) + bytes((content_type,))
+        header = b"\x17" + _LEGACY_VERSION + (len(inner) + TAG_SIZE).to_bytes(2, "big")
+        return header + self._aead.encrypt(self._next_nonce(), inner, header)
+
+    def open(self, header: bytes, body: bytes) -> tuple[int, bytes]:
+        nonce = record_nonce(self._iv, self.seq)
+        try:
+            inner = self._aead.decrypt(nonce, body, header)
+        except InvalidTag:
+            raise OSError(
+                errno.EBADMSG, "TLS record failed authentication (bad_record_mac)"
+            ) from None
+        self.seq += 1
+        stripped = inner.rstrip(b"\x00")
+        if not stripped:
+            raise OSError(errno.EBADMSG, "TLS record has no content type (all padding)")
+        if len(stripped) - 1 > MAX_PLAINTEXT:
+            raise OSError(errno.EMSGSIZE, "TLS record plaintext exceeds 2^14 (record_overflow)")
+        return stripped[-1], stripped[:-1]
+
+
+class _RecordReader:
+    """Sans-I/O framing: says how many bytes the next record still needs, never more."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.eof = False
+
+    def need(self) -> int:
+        if len(self._buf) < HEADER_SIZE:
+            return HEADER_SIZE - len(self._buf)
+        return HEADER_SIZE + self._length() - len(self._buf)
+
+    def _length(self) -> int:
+        return int.from_bytes(self._buf[3:5], "big")
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            self.eof = True
+            return
+        self._buf += data
+        if len(self._buf) >= HEADER_SIZE:
+            self._check_header()
+
+    def _check_header(self) -> None:
+        outer = self._buf[0]
+        if outer != CONTENT_TYPE_APPLICATION_DATA:
+            raise OSError(
+                errno.EBADMSG,
+                f"unexpected outer record type {outer} (protected TLS 1.3 records are 23)",
+            )
+        if bytes(self._buf[1:3]) != _LEGACY_VERSION:
+            raise OSError(errno.EBADMSG, f"bad record version 0x{self._buf[1:3].hex()}")
+        length = self._length()
+        if length > MAX_CIPHERTEXT:
+            raise OSError(
+                errno.EMSGSIZE, f"TLS record of {length} bytes exceeds 2^14+256 (record_overflow)"
+            )
+        if length < TAG_SIZE + 1:
+            raise OSError(errno.EBADMSG, f"TLS record of {length} bytes is too short")
+
+    def take(self) -> tuple[bytes, bytes] | None:
+        """The next complete record as ``(header, body)``, or None if more bytes are needed."""
+        if self.need() > 0:
+            if self.eof and self._buf:
+                raise ConnectionResetError(
+                    errno.ECONNRESET, "connection closed in the middle of a TLS record"
+                )
+            return None
+        header = bytes(self._buf[:HEADER_SIZE])
+        body = bytes(self._buf[HEADER_SIZE:])
+        self._buf.clear()
+        return header, body
+
+
+class UserRecordLayer(RecordLayer):
+    """TLS 1.3 records protected in user space; same semantics as :class:`KernelRecordLayer`."""
+
+    kind = "user"
+
+    def __init__(self, sock: socket.socket, session: Session) -> None:
+        super().__init__(sock, session)
+        self._tx = _Protection(session.suite, session.tx_secret, session.tx_seq)
+        self._rx = _Protection(session.suite, session.rx_secret, session.rx_seq)
+        self._reader = _RecordReader()
+        self._plain_type = CONTENT_TYPE_APPLICATION_DATA
+        self._plain = b""
+        self._key_expired = False
+        self._eof = False
+        self._error: tuple[type[OSError], int, str] | None = None
+
+    def __repr__(self) -> str:
+        tx, rx = self.sequence_numbers()
+        return f"UserRecordLayer(suite={self.suite.iana_name}, tx_seq={tx}, rx_seq={rx})"
+
+    # -- TX ------------------------------------------------------------------------------
+
+    def _seal(self, data: bytes, content_type: int) -> bytes | None:
+        self._check_writable()
+        _check_send(data, content_type)
+        if not data:
+            return None  # like kTLS: an empty application data send emits nothing
+        return self._tx.seal(content_type, data)
+
+    def send(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> None:
+        wire = self._seal(data, content_type)
+        if wire is not None:
+            self._sock.sendall(wire)
+
+    async def asend(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> None:
+        _require_nonblocking(self._sock)
+        async with self._lock():
+            wire = self._seal(data, content_type)
+            if wire is not None:
+                await asyncio.get_running_loop().sock_sendall(self._sock, wire)
+
+    def install_tx_key(self, secret: bytes, seq: int = 0) -> None:
+        self._tx = _Protection(self.suite, secret, seq)
+
+    # -- RX ------------------------------------------------------------------------------
+
+    def install_rx_key(self, secret: bytes, seq: int = 0) -> None:
+        self._rx = _Protection(self.suite, secret, seq)
+        self._key_expired = False
+
+    def sequence_numbers(self) -> tuple[int, int]:
+        return self._tx.seq, self._rx.seq
+
+    def pending(self) -> int:
+        return len(self._plain)
+
+    def recv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
+        while True:
+            step = self._step(bufsize)
+            if isinstance(step, Record):
+                return step
+            self._feed(self._sock.recv(step))
+
+    async def arecv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
+        _require_nonblocking(self._sock)
+        loop = asyncio.get_running_loop()
+        while True:
+            step = self._step(bufsize)
+            if isinstance(step, Record):
+                return step
+            self._feed(await loop.sock_recv(self._sock, step))
+
+    def _fail(self, exc: OSError) -> OSError:
+        self._error = (type(exc), exc.errno or errno.EIO, str(exc.strerror))
+        return exc
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._reader.feed(data)
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def _deliver(self, bufsize: int) -> Record:
+        chunk, self._plain = self._plain[:bufsize], self._plain[bufsize:]
+        return Record(self._plain_type, chunk)
+
+    def _step(self, bufsize: int) -> Record | int:
+        """Advance as far as possible without I/O: a Record, or how many bytes to read next."""
+        if bufsize <= 0:
+            raise ValueError("bufsize must be positive")
+        if self._plain:
+            return self._deliver(bufsize)
+        if self._error is not None:
+            kind, err, message = self._error
+            raise kind(err, message)
+        while True:
+            if self._eof:
+                return EOF_RECORD
+            if self._key_expired:
+                raise OSError(
+                    errno.EKEYEXPIRED,
+                    "peer updated its traffic keys: install the next receive key",
+                )
+            try:
+                raw = self._reader.take()
+            except OSError as exc:
+                raise self._fail(exc) from None
+            if raw is None:
+                if self._reader.eof:
+                    self._eof = True  # TCP EOF on a record boundary
+                    continue
+                return self._reader.need()
+            try:
+                content_type, data = self._rx.open(*raw)
+            except OSError as exc:
+                raise self._fail(exc) from None
+            if content_type == CONTENT_TYPE_ALERT:
+                try:
+                    record = _interpret_alert(data)
+                except OSError as exc:
+                    raise self._fail(exc) from None
+                if record is not None:
+                    self._eof = True
+                    return record
+                continue
+            if content_type == CONTENT_TYPE_APPLICATION_DATA and not data:
+                continue
+            if content_type == CONTENT_TYPE_HANDSHAKE and data[:1] == bytes(
+                (HANDSHAKE_KEY_UPDATE,)
+            ):
+                self._key_expired = True  # the kernel's rule: first byte of the record
+            self._plain_type, self._plain = content_type, data
+            return self._deliver(bufsize)
+
+
+# --- kernel ----------------------------------------------------------------------------
+
+
+class KernelRecordLayer(RecordLayer):
+    """Records protected by Linux kTLS; the socket must be a connected TCP socket."""
+
+    kind = "kernel"
+
+    def __init__(self, sock: socket.socket, session: Session) -> None:
+        super().__init__(sock, session)
+        self._eof = False
+        ktls.attach_ulp(sock)
+        ktls.install_tx_key(sock, session.suite, session.tx_secret, session.tx_seq)
+        ktls.install_rx_key(sock, session.suite, session.rx_secret, session.rx_seq)
+
+    def __repr__(self) -> str:
+        return f"KernelRecordLayer(suite={self.suite.iana_name}, fd={self._sock.fileno()})"
+
+    def send(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> None:
+        self._check_writable()
+        _check_send(data, content_type)
+        if data:
+            ktls.send_record(self._sock, content_type, data)
+
+    async def asend(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> None:
+        _require_nonblocking(self._sock)
+        async with self._lock():
+            self._check_writable()
+            _check_send(data, content_type)
+            view = memoryview(bytes(data))
+            while view:
+                try:
+                    view = view[ktls.send_record_some(self._sock, content_type, view) :]
+                except (BlockingIOError, InterruptedError):
+                    await _wait(self._sock, write=True)
+
+    def _classify(self, content_type: int, data: bytes) -> Record | None:
+        if content_type == CONTENT_TYPE_APPLICATION_DATA and not data:
+            self._eof = True
+            return EOF_RECORD
+        if content_type == CONTENT_TYPE_ALERT:
+            record = _interpret_alert(data)
+            if record is not None:
+                self._eof = True
+            return record
+        return Record(content_type, data)
+
+    def recv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
+        while not self._eof:
+            record = self._classify(*ktls.recv_record(self._sock, bufsize))
+            if record is not None:
+                return record
+        return EOF_RECORD
+
+    async def arecv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
+        _require_nonblocking(self._sock)
+        while not self._eof:
+            try:
+                received = ktls.recv_record(self._sock, bufsize)
+            except (BlockingIOError, InterruptedError):
+                await _wait(self._sock, write=False)
+                continue
+            record = self._classify(*received)
+            if record is not None:
+                return record
+        return EOF_RECORD
+
+    def install_tx_key(self, secret: bytes, seq: int = 0) -> None:
+        ktls.install_tx_key(self._sock, self.suite, secret, seq)
+
+    def install_rx_key(self, secret: bytes, seq: int = 0) -> None:
+        ktls.install_rx_key(self._sock, self.suite, secret, seq)
+
+    def sequence_numbers(self) -> tuple[int, int]:
+        tx = ktls.read_key_state(self._sock, ktls.TLS_TX).rec_seq
+        rx = ktls.read_key_state(self._sock, ktls.TLS_RX).rec_seq
+        return tx, rx
+
+
+LayerKind = Literal["auto", "kernel", "user"]
+
+
+def open_record_layer(sock: socket.socket, session: Session, kind: str = "auto") -> RecordLayer:
+    """Put a record layer on ``sock`` for ``session``.
+
+    ``"kernel"`` insists on kTLS (a clear :class:`ktlsd.ktls.KtlsError` when the kernel has
+    none), ``"user"`` never uses it, ``"auto"`` uses kTLS when :func:`ktlsd.ktls.probe`
+    (cached per process) says it works on this kernel and the socket is TCP. With "auto" on
+    a kernel that has kTLS but no rekey (< 6.14), a later KeyUpdate fails with a clear error.
+    """
+    if kind == "user":
+        return UserRecordLayer(sock, session)
+    if kind == "kernel":
+        return KernelRecordLayer(sock, session)
+    if kind == "auto":
+        is_tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == (
+            socket.SOCK_STREAM
+        )
+        if is_tcp and ktls.cached_probe().usable:
+            return KernelRecordLayer(sock, session)
+        return UserRecordLayer(sock, session)
+    raise ValueError(f"record layer kind must be auto, kernel or user, not {kind!r}")
