@@ -1,0 +1,397 @@
+"""The consumer API of the user-space handshake service.
+
+A program with a connected TCP socket asks the ktlsd agent for a TLS 1.3 handshake and gets
+back a connection ready for application data::
+
+    conn = await ktlsd.client.handshake(sock, role="client", auth="x509",
+                                        peername="storage.example", truststore="/etc/ca.pem")
+    await conn.asend(b"hello")
+
+This is the user-space twin of what the kernel's ``tls_client_hello_x509()`` and friends do:
+the socket is lent to the agent (passed over the service socket, see :mod:`ktlsd.service`
+for the wire protocol), the agent runs the handshake on it, and the answer comes back as a
+:class:`~ktlsd.request.HandshakeDone` with the status the kernel would report (``EAGAIN``,
+``EBUSY``, ``ESRCH``, ``EACCES``, ``EKEYREJECTED``, ``ETIMEDOUT``, ``EIO``, ``ENOKEY``, ...).
+On success the DONE carries the :class:`~ktlsd.session.Session`, from which
+:func:`handshake` builds the record layer (kTLS where it works, else the user-space one).
+
+While a request is outstanding the caller must not touch the socket. Cancelling the
+awaiting task closes the service connection, which cancels the request (the agent stops
+using the socket); a socket whose handshake was cancelled midway is of no further use.
+
+:func:`submit` is the lower level: it returns the DONE (whatever its status) and never
+raises for a refused or failed handshake. A missing or refusing service socket is answered
+like the kernel answers when no agent listens: ``ESRCH``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+from ktlsd.request import (
+    DEFAULT_TIMEOUT_MS,
+    AuthMode,
+    HandshakeDone,
+    HandshakeRequest,
+    InlineMaterial,
+    InlinePsk,
+    KeyUpdateType,
+    MessageType,
+)
+from ktlsd.service import (
+    DEFAULT_SERVICE_PATH,
+    ServiceFormatError,
+    decode_done_message,
+    encode_submit,
+    recv_message,
+    send_message,
+)
+from ktlsd.session import Role
+
+if TYPE_CHECKING:
+    from ktlsd.connection import TlsConnection
+
+ANSWER_GRACE_SECONDS = 5.0
+"""How much longer than the handshake timeout the consumer waits for DONE (queueing,
+agent start-up, log writes) before giving up with ETIMEDOUT."""
+
+RoleName = Literal["client", "server"]
+AuthName = Literal["psk", "x509", "unauth"]
+PskSpec = tuple[bytes | str, bytes] | tuple[bytes | str, bytes, str]
+"""(identity, key) or (identity, key, hash); hash is "sha256" (default) or "sha384"."""
+PathLike = str | os.PathLike[str]
+
+
+class HandshakeFailed(OSError):
+    """The handshake did not succeed; ``errno`` is the DONE status, ``reason`` its explanation.
+
+    ``errno_name`` spells the status (``"EAGAIN"``, ``"ESRCH"``, ...). It is an
+    :class:`OSError`, so ``except OSError`` and ``exc.errno == errno.EBUSY`` both work.
+    """
+
+    def __init__(self, status: int, reason: str = "") -> None:
+        self.reason = " ".join(reason.split()) or os.strerror(status)
+        super().__init__(status, self.reason)
+
+    @property
+    def status(self) -> int:
+        return int(self.errno or 0)
+
+    @property
+    def errno_name(self) -> str:
+        return errno.errorcode.get(self.status, str(self.status))
+
+    def __str__(self) -> str:
+        return f"handshake failed: {self.errno_name}: {self.reason}"
+
+
+def default_service_path() -> str:
+    """``$KTLSD_SERVICE_PATH`` if set, else :data:`~ktlsd.service.DEFAULT_SERVICE_PATH`."""
+    return os.environ.get("KTLSD_SERVICE_PATH") or DEFAULT_SERVICE_PATH
+
+
+def _role(role: RoleName | Role) -> Role:
+    try:
+        return role if isinstance(role, Role) else Role(role)
+    except ValueError:
+        raise ValueError(f"role must be 'client' or 'server', not {role!r}") from None
+
+
+def _auth(auth: AuthName | AuthMode) -> AuthMode:
+    if isinstance(auth, AuthMode):
+        mode = auth
+    else:
+        try:
+            mode = AuthMode[str(auth).upper()]
+        except KeyError:
+            raise ValueError(f"auth must be 'psk', 'x509' or 'unauth', not {auth!r}") from None
+    if mode is AuthMode.UNSPEC:
+        raise ValueError("auth must be 'psk', 'x509' or 'unauth'")
+    return mode
+
+
+def _psk(spec: PskSpec) -> InlinePsk:
+    if len(spec) == 2:
+        identity, key = spec  # type: ignore[misc]
+        hash_name = "sha256"
+    elif len(spec) == 3:
+        identity, key, hash_name = spec  # type: ignore[misc]
+    else:
+        raise ValueError("a PSK is (identity, key) or (identity, key, hash)")
+    raw_identity = identity.encode() if isinstance(identity, str) else bytes(identity)
+    if not raw_identity or not key:
+        raise ValueError("a PSK needs a non-empty identity and key")
+    if hash_name not in ("sha256", "sha384"):
+        raise ValueError(f"PSK hash must be sha256 or sha384, not {hash_name!r}")
+    return InlinePsk(identity=raw_identity, key=bytes(key), hash_name=hash_name)
+
+
+def _path(value: PathLike | None) -> str | None:
+    # The agent runs elsewhere (another cwd): relative names would resolve against its cwd.
+    return os.path.abspath(os.fspath(value)) if value is not None else None
+
+
+def build_request(
+    *,
+    role: RoleName | Role,
+    auth: AuthName | AuthMode,
+    psk: Sequence[PskSpec] | None = None,
+    psk_serials: Sequence[int] = (),
+    peername: str | None = None,
+    certificate: PathLike | None = None,
+    private_key: PathLike | None = None,
+    certificate_chain: Sequence[bytes] = (),
+    private_key_der: bytes = b"",
+    certificate_serial: int = 0,
+    private_key_serial: int = 0,
+    truststore: PathLike | None = None,
+    crl: PathLike | None = None,
+    ciphersuites: Sequence[str] = (),
+    require_client_cert: bool = False,
+    keyring: int = 0,
+    timeout: float | None = None,
+) -> HandshakeRequest:
+    """The :class:`HandshakeRequest` that :func:`submit` sends (``sockfd`` still -1).
+
+    ``certificate``/``private_key``/``truststore``/``crl`` are PEM files the agent reads;
+    ``certificate_chain``/``private_key_der`` pass DER directly; the ``*_serial`` arguments
+    name keys in a keyring the agent can read. ``timeout`` is in seconds (None: the agent's
+    default, 10 s).
+    """
+    mode = _auth(auth)
+    which = _role(role)
+    if timeout is not None and not 0 < timeout <= 0xFFFFFFFF / 1000:
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    inline = InlineMaterial(
+        psk_keys=tuple(_psk(p) for p in (psk or ())),
+        certificate_chain=tuple(bytes(c) for c in certificate_chain),
+        private_key=bytes(private_key_der),
+        certificate_file=_path(certificate),
+        private_key_file=_path(private_key),
+        truststore=_path(truststore),
+        crl=_path(crl),
+        ciphersuites=tuple(ciphersuites),
+        require_client_cert=require_client_cert,
+    )
+    return HandshakeRequest(
+        sockfd=-1,
+        message_type=MessageType.CLIENTHELLO if which is Role.CLIENT else MessageType.SERVERHELLO,
+        auth_mode=mode,
+        timeout_ms=round(timeout * 1000) if timeout is not None else 0,
+        peer_identities=tuple(psk_serials),
+        certificate=certificate_serial,
+        private_key=private_key_serial,
+        peername=peername,
+        keyring=keyring,
+        inline=inline if inline != InlineMaterial() else None,
+    )
+
+
+async def submit_request(
+    sock: socket.socket | int,
+    request: HandshakeRequest,
+    *,
+    service_path: PathLike | None = None,
+    answer_timeout: float | None = None,
+) -> HandshakeDone:
+    """Lend ``sock`` to the agent for ``request`` and wait for its DONE.
+
+    Never raises for a refused or failed request: the status says what happened
+    (``ESRCH`` when no service listens at ``service_path``; ``ETIMEDOUT`` when no answer
+    came within ``answer_timeout``, default the request's timeout plus
+    :data:`ANSWER_GRACE_SECONDS`). Bad arguments raise :class:`ValueError`.
+    """
+    fd = sock if isinstance(sock, int) else sock.fileno()
+    if fd < 0:
+        raise ValueError("the socket is closed")
+    path = os.fspath(service_path) if service_path is not None else default_service_path()
+    message = encode_submit(request)
+    if answer_timeout is None:
+        answer_timeout = request.effective_timeout_ms / 1000 + ANSWER_GRACE_SECONDS
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        conn.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_connect(conn, path)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
+            return _failure(errno.ESRCH, f"no handshake service at {path}: "
+                            f"{exc.strerror or exc}")
+        except PermissionError as exc:
+            return _failure(errno.EACCES, f"handshake service at {path}: {exc.strerror}")
+        try:
+            await send_message(conn, message, [fd])
+        except OSError as exc:
+            return _failure(errno.ESRCH, f"handshake service at {path} went away: "
+                            f"{exc.strerror or exc}")
+        try:
+            data, fds, _ = await asyncio.wait_for(recv_message(conn), answer_timeout)
+        except TimeoutError:
+            return _failure(errno.ETIMEDOUT,
+                            f"no answer from the handshake service within {answer_timeout:g} s")
+        except OSError as exc:
+            data, fds = b"", []
+            reason = f"handshake service connection failed: {exc.strerror or exc}"
+        else:
+            reason = "the handshake service closed the connection without answering"
+        for extra in fds:  # the service never passes descriptors back
+            with contextlib.suppress(OSError):
+                os.close(extra)
+        if not data:
+            return _failure(errno.EIO, reason)
+        try:
+            _, done = decode_done_message(data)
+        except ServiceFormatError as exc:
+            return _failure(errno.EIO, f"unreadable answer from the handshake service: {exc}")
+        done.sockfd = fd
+        return done
+    finally:
+        conn.close()
+
+
+def _failure(status: int, reason: str) -> HandshakeDone:
+    return HandshakeDone(status=status, sockfd=-1, reason=reason)
+
+
+async def submit(
+    sock: socket.socket | int,
+    *,
+    role: RoleName | Role,
+    auth: AuthName | AuthMode,
+    psk: Sequence[PskSpec] | None = None,
+    psk_serials: Sequence[int] = (),
+    peername: str | None = None,
+    certificate: PathLike | None = None,
+    private_key: PathLike | None = None,
+    certificate_chain: Sequence[bytes] = (),
+    private_key_der: bytes = b"",
+    certificate_serial: int = 0,
+    private_key_serial: int = 0,
+    truststore: PathLike | None = None,
+    crl: PathLike | None = None,
+    ciphersuites: Sequence[str] = (),
+    require_client_cert: bool = False,
+    keyring: int = 0,
+    timeout: float | None = None,
+    service_path: PathLike | None = None,
+) -> HandshakeDone:
+    """Ask the agent for a handshake on ``sock``; return its DONE, whatever the status.
+
+    Arguments as in :func:`build_request`. ``done.session`` is set on success.
+    """
+    request = build_request(
+        role=role, auth=auth, psk=psk, psk_serials=psk_serials, peername=peername,
+        certificate=certificate, private_key=private_key, certificate_chain=certificate_chain,
+        private_key_der=private_key_der, certificate_serial=certificate_serial,
+        private_key_serial=private_key_serial, truststore=truststore, crl=crl,
+        ciphersuites=ciphersuites, require_client_cert=require_client_cert, keyring=keyring,
+        timeout=timeout,
+    )
+    return await submit_request(sock, request, service_path=service_path)
+
+
+async def handshake(
+    sock: socket.socket,
+    *,
+    role: RoleName | Role,
+    auth: AuthName | AuthMode,
+    psk: Sequence[PskSpec] | None = None,
+    psk_serials: Sequence[int] = (),
+    peername: str | None = None,
+    certificate: PathLike | None = None,
+    private_key: PathLike | None = None,
+    certificate_chain: Sequence[bytes] = (),
+    private_key_der: bytes = b"",
+    certificate_serial: int = 0,
+    private_key_serial: int = 0,
+    truststore: PathLike | None = None,
+    crl: PathLike | None = None,
+    ciphersuites: Sequence[str] = (),
+    require_client_cert: bool = False,
+    keyring: int = 0,
+    timeout: float | None = None,
+    service_path: PathLike | None = None,
+    record_layer: Literal["auto", "kernel", "user"] = "auto",
+) -> TlsConnection:
+    """Run a TLS 1.3 handshake on ``sock`` through the agent; return the connection.
+
+    Raises :class:`HandshakeFailed` (an :class:`OSError` whose ``errno`` is the DONE status)
+    when the handshake is refused or fails. ``record_layer`` picks kTLS (``"kernel"``), the
+    user-space layer (``"user"``) or whichever works here (``"auto"``). The socket is left
+    non-blocking, as the connection's asyncio methods need.
+    """
+    done = await submit(
+        sock, role=role, auth=auth, psk=psk, psk_serials=psk_serials, peername=peername,
+        certificate=certificate, private_key=private_key, certificate_chain=certificate_chain,
+        private_key_der=private_key_der, certificate_serial=certificate_serial,
+        private_key_serial=private_key_serial, truststore=truststore, crl=crl,
+        ciphersuites=ciphersuites, require_client_cert=require_client_cert, keyring=keyring,
+        timeout=timeout, service_path=service_path,
+    )
+    return connection_from_done(sock, done, record_layer=record_layer)
+
+
+def connection_from_done(
+    sock: socket.socket, done: HandshakeDone, *, record_layer: str = "auto"
+) -> TlsConnection:
+    """Raise :class:`HandshakeFailed` for a failed DONE, else wrap ``sock`` in a connection."""
+    if done.status != 0:
+        raise HandshakeFailed(done.status, done.reason)
+    if done.session is None:
+        raise HandshakeFailed(errno.EIO, "the handshake service sent no session")
+    from ktlsd.connection import TlsConnection
+    from ktlsd.record import open_record_layer
+
+    sock.setblocking(False)
+    layer = open_record_layer(sock, done.session, record_layer)
+    return TlsConnection(layer, done.session)
+
+
+async def key_update(
+    sock: socket.socket | int,
+    *,
+    role: RoleName | Role,
+    session_id: int,
+    key_update_type: KeyUpdateType = KeyUpdateType.SEND,
+    request_peer_update: bool = False,
+    record_seqs: tuple[int, int] | None = None,
+    timeout: float | None = None,
+    service_path: PathLike | None = None,
+) -> HandshakeDone:
+    """Ask the agent to run a KeyUpdate on a session it kept (``done.session_id`` of the
+    handshake), as the proposed kernel key-update upcall does. For a user-space record layer
+    pass its ``record_seqs`` (next tx, rx record numbers); the DONE's session carries the
+    new secrets to install."""
+    which = _role(role)
+    if session_id <= 0:
+        raise ValueError("session_id must be the positive id returned by the handshake")
+    request = HandshakeRequest(
+        sockfd=-1,
+        message_type=(MessageType.CLIENTKEYUPDATE if which is Role.CLIENT
+                      else MessageType.SERVERKEYUPDATE),
+        auth_mode=AuthMode.PSK,
+        timeout_ms=round(timeout * 1000) if timeout is not None else DEFAULT_TIMEOUT_MS,
+        key_update_type=key_update_type,
+        session_id=session_id,
+        request_peer_update=request_peer_update,
+        record_seqs=record_seqs,
+    )
+    return await submit_request(sock, request, service_path=service_path)
+
+
+__all__ = [
+    "HandshakeFailed",
+    "build_request",
+    "connection_from_done",
+    "default_service_path",
+    "handshake",
+    "key_update",
+    "submit",
+    "submit_request",
+]
