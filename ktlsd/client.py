@@ -47,6 +47,7 @@ from ktlsd.request import (
 from ktlsd.service import (
     DEFAULT_SERVICE_PATH,
     ServiceFormatError,
+    connect_service,
     decode_done_message,
     encode_submit,
     recv_message,
@@ -214,17 +215,15 @@ async def submit_request(
     message = encode_submit(request)
     if answer_timeout is None:
         answer_timeout = request.effective_timeout_ms / 1000 + ANSWER_GRACE_SECONDS
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        conn.setblocking(False)
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.sock_connect(conn, path)
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
-            return _failure(errno.ESRCH, f"no handshake service at {path}: "
-                            f"{exc.strerror or exc}")
-        except PermissionError as exc:
-            return _failure(errno.EACCES, f"handshake service at {path}: {exc.strerror}")
+        conn = await connect_service(path)
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
+        return _failure(errno.ESRCH, f"no handshake service at {path}: {exc.strerror or exc}")
+    except PermissionError as exc:
+        return _failure(errno.EACCES, f"handshake service at {path}: {exc.strerror}")
+    except BlockingIOError:
+        return _failure(errno.EAGAIN, f"handshake service at {path} is overloaded")
+    try:
         try:
             await send_message(conn, message, [fd])
         except OSError as exc:

@@ -443,14 +443,15 @@ def encode_done_message(done: HandshakeDone, *, seq: int = 0) -> bytes:
     head = kernel + tail
     if done.status == 0 and done.session is not None:
         chain = list(done.session.peer.certificate_chain)
-        while True:
-            session = encode_attr(
-                DoneExtAttr.SESSION, _encode_session(done.session, chain), nested=True
-            )
-            message = _frame(ServiceCommand.DONE, head + session, seq)
-            if len(message) <= MAX_MESSAGE_SIZE or not chain:
-                break
+        overhead = 16 + 4 + len(head) + 4  # nlmsghdr, genlmsghdr, head, SESSION header
+        inner = _encode_session(done.session, chain)
+        while chain and overhead + len(inner) > MAX_MESSAGE_SIZE:
             chain.pop()
+            inner = _encode_session(done.session, chain)
+        if overhead + len(inner) > MAX_MESSAGE_SIZE:
+            raise ValueError("DONE message too large")
+        session = encode_attr(DoneExtAttr.SESSION, inner, nested=True)
+        message = _frame(ServiceCommand.DONE, head + session, seq)
     else:
         message = _frame(ServiceCommand.DONE, head, seq)
     if len(message) > MAX_MESSAGE_SIZE:
@@ -586,6 +587,34 @@ async def recv_message(sock: socket.socket, bufsize: int = MAX_MESSAGE_SIZE,
                 usable = len(cdata) - len(cdata) % 4
                 fds.extend(struct.unpack(f"={usable // 4}i", cdata[:usable]))
         return data, fds, flags
+
+
+async def connect_service(path: str, *, patience: float = 2.0) -> socket.socket:
+    """Connect a non-blocking SEQPACKET socket to the service at ``path``.
+
+    A non-blocking AF_UNIX connect fails with EAGAIN (not EINPROGRESS) while the listen
+    backlog is full, and asyncio's ``sock_connect`` mistakes that for a connect in progress
+    and hands back an unconnected socket; so connect by hand and retry for ``patience``
+    seconds. Raises the connect's OSError (ENOENT, ECONNREFUSED, EAGAIN when still full).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    delay = 0.001
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        conn.setblocking(False)
+        try:
+            conn.connect(path)
+            return conn
+        except BlockingIOError:
+            conn.close()
+            if loop.time() >= deadline:
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -796,7 +825,7 @@ class HandshakeService:
             os.chmod(temp, self.mode)
             if self.group is not None:
                 os.chown(temp, -1, self.group)
-            listener.listen(128)
+            listener.listen(socket.SOMAXCONN)
             listener.setblocking(False)
             os.rename(temp, self.path)
         except BaseException:
