@@ -1,0 +1,678 @@
+"""The TLS 1.3 handshake engine: a sans-I/O core over OpenSSL plus a thin asyncio driver.
+
+:class:`TlsHandshake` is the core. It never touches a socket: the driver gives it the peer's
+records one at a time and sends whatever it produces. That split is what makes the hand-off to a
+record layer exact: the driver reads exactly one TLS record (5-byte header, then the body) and
+only when OpenSSL asks for input, so when the handshake completes nothing after the handshake's
+last record has been taken from the socket. kTLS (or ktlsd's user-space record layer) then starts
+at exactly the next record, with sequence numbers 0/0:
+
+* as a server we send no NewSessionTicket (``SSL_CTX_set_num_tickets(0)``), so our first
+  application record is record 0 under the application secret;
+* as a client, tickets a server sends after its Finished stay unread in the socket. The record
+  layer reads them at receive sequence 0, 1, ... as handshake-type records and skips them.
+
+:func:`perform_handshake` is the asyncio driver. The socket belongs to someone else (a kernel fd,
+or an fd shared over ``SCM_RIGHTS`` with a consumer process), so the driver never changes its
+``O_NONBLOCK`` flag: every ``recv``/``send`` carries ``MSG_DONTWAIT`` and waits for readiness
+with ``loop.add_reader``/``add_writer``. Many handshakes therefore share one event loop.
+
+External PSKs. OpenSSL's public API offers exactly one external PSK per ClientHello: the
+``psk_use_session`` callback returns a single identity (a resumption ticket is the only other
+PSK that can ride along). A client given several :class:`PskKey` s offers the first one whose
+hash the configured suites allow, and says so in its log line; the server side accepts any of
+the identities a client offers, choosing the first one ``psk_lookup`` knows. The suites are cut
+down to the PSK's hash on both sides, because a peer that prefers the other hash silently
+declines the PSK. An unknown identity makes our server fail the handshake with an
+``unknown_psk_identity`` alert, which a client can tell apart from other refusals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ktlsd import _openssl as ossl
+from ktlsd.credentials import X509Credentials, check_truststore, load_crls
+from ktlsd.errors import FailureCause, HandshakeError
+from ktlsd.session import CipherSuite, PeerIdentity, Role, Session
+
+__all__ = [
+    "PskKey",
+    "TlsConfig",
+    "TlsHandshake",
+    "handshake_blocking",
+    "perform_handshake",
+]
+
+log = logging.getLogger(__name__)
+
+HashName = Literal["sha256", "sha384"]
+ClientAuth = Literal["none", "request", "require"]
+
+_MAX_RECORD_BODY = 2**14 + 256  # TLSCiphertext.length limit (RFC 8446 §5.2)
+_RECORD_TYPES = {20, 21, 22, 23}
+
+# TLS alert numbers (RFC 8446 §6) by what they tell us about a failed handshake.
+ALERT_CLOSE_NOTIFY = 0
+ALERT_HANDSHAKE_FAILURE = 40
+ALERT_ILLEGAL_PARAMETER = 47
+ALERT_UNKNOWN_PSK_IDENTITY = 115
+_REJECTION_ALERTS = {
+    20,  # bad_record_mac: the peer could not decrypt us (different keys)
+    40,  # handshake_failure
+    42,  # bad_certificate
+    43,  # unsupported_certificate
+    44,  # certificate_revoked
+    45,  # certificate_expired
+    46,  # certificate_unknown
+    48,  # unknown_ca
+    49,  # access_denied
+    51,  # decrypt_error (e.g. a PSK binder that does not verify)
+    71,  # insufficient_security
+    116,  # certificate_required
+}
+
+
+@dataclass(frozen=True)
+class PskKey:
+    """An external TLS 1.3 PSK: the identity sent in the clear and the key (never logged).
+
+    ``hash_name`` binds the key to a hash; only suites with that hash can use it.
+    ``serial`` is the keyring serial the key came from, if any (reported as remote-auth).
+    """
+
+    identity: bytes
+    key: bytes = field(repr=False)
+    hash_name: HashName = "sha256"
+    serial: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.hash_name not in ("sha256", "sha384"):
+            raise ValueError(f"PSK hash must be sha256 or sha384, not {self.hash_name!r}")
+        if not self.identity:
+            raise ValueError("PSK identity is empty")
+        if len(self.identity) > 0xFFFF:
+            raise ValueError("PSK identity longer than 65535 bytes")
+        if not self.key:
+            raise ValueError(f"PSK {self.describe()} has an empty key")
+
+    def describe(self) -> str:
+        """The identity (and serial) for logs; never the key."""
+        text = self.identity.decode("utf-8", "backslashreplace")
+        return f"{text!r}" + (f" (key {self.serial:#x})" if self.serial is not None else "")
+
+
+_ALL_SUITES = tuple(CipherSuite)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Everything one handshake needs to know besides the socket.
+
+    Client: ``psk_keys`` are offered in order (only the first usable one goes on the wire, see
+    the module docstring); with no PSK the server is authenticated by certificate against
+    ``truststore`` (None = OpenSSL's default locations; a file or a hashed directory) and, when
+    ``peername`` is set, must carry it as a DNS or IP SAN. ``credentials`` are sent when the
+    server asks for a certificate; without them the client is anonymous.
+
+    Server: ``psk_lookup`` maps an identity the client offered to a key (or None);
+    ``credentials`` are required for certificate handshakes; ``client_auth`` decides whether a
+    client certificate is asked for; ``peername`` optionally checks the client's certificate.
+
+    ``verify_peer=False`` accepts any peer certificate (testing only).
+    ``groups`` is an OpenSSL groups list such as ``"X25519:P-256"``.
+    """
+
+    role: Role
+    psk_keys: tuple[PskKey, ...] = ()
+    psk_lookup: Callable[[bytes], PskKey | None] | None = None
+    credentials: X509Credentials | None = None
+    truststore: str | None = None
+    crl: str | None = None
+    peername: str | None = None
+    client_auth: ClientAuth = "none"
+    verify_peer: bool = True
+    ciphersuites: tuple[CipherSuite, ...] = _ALL_SUITES
+    groups: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.role, Role):
+            raise ValueError(f"role must be a Role, not {self.role!r}")
+        if self.client_auth not in ("none", "request", "require"):
+            raise ValueError(f"client_auth must be none, request or require: {self.client_auth!r}")
+        if not self.ciphersuites:
+            raise ValueError("no cipher suites configured")
+        for suite in self.ciphersuites:
+            if not isinstance(suite, CipherSuite):
+                raise ValueError(f"not a CipherSuite: {suite!r}")
+
+    @property
+    def uses_psk(self) -> bool:
+        if self.role is Role.CLIENT:
+            return bool(self.psk_keys)
+        return self.psk_lookup is not None
+
+
+def _suite_names(suites: tuple[CipherSuite, ...]) -> str:
+    return ":".join(s.iana_name for s in suites)
+
+
+# --- SSL_CTX cache --------------------------------------------------------------------------------
+# Building an SSL_CTX (parsing the chain, loading a truststore) costs more than a handshake's CPU,
+# so contexts are shared between handshakes with the same non-PSK settings. PSK keys never enter
+# the context or the cache key: they are handed out per connection by callbacks.
+_CTX_CACHE_SIZE = 32
+_ctx_cache: OrderedDict[tuple, ossl.SslContext] = OrderedDict()
+_ctx_lock = threading.Lock()
+
+
+def _context_key(config: TlsConfig) -> tuple:
+    return (
+        config.role,
+        config.credentials,
+        config.truststore,
+        config.crl,
+        config.client_auth,
+        config.verify_peer,
+        config.ciphersuites,
+        config.groups,
+        config.uses_psk,
+    )
+
+
+def _build_context(config: TlsConfig) -> ossl.SslContext:
+    server = config.role is Role.SERVER
+    ctx = ossl.SslContext(server=server)
+    try:
+        ctx.set_ciphersuites(_suite_names(config.ciphersuites))
+        if config.groups:
+            ctx.set_groups(config.groups)
+        if config.credentials is not None:
+            ctx.use_certificate_chain(config.credentials.chain, config.credentials.private_key)
+        need_trust = config.verify_peer and (
+            (not server and not config.uses_psk) or (server and config.client_auth != "none")
+        )
+        if need_trust:
+            if config.truststore is None:
+                ctx.load_default_truststore()
+            else:
+                check_truststore(config.truststore)
+                if os.path.isdir(config.truststore):
+                    ctx.load_truststore(capath=config.truststore)
+                else:
+                    ctx.load_truststore(cafile=config.truststore)
+            if config.crl is not None:
+                ctx.add_crls(load_crls(config.crl))
+        if server:
+            mode = {
+                "none": ossl.SSL_VERIFY_NONE,
+                "request": ossl.SSL_VERIFY_PEER,
+                "require": ossl.SSL_VERIFY_PEER | ossl.SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
+            }[config.client_auth]
+        else:
+            mode = ossl.SSL_VERIFY_PEER
+        ctx.set_verify(mode, accept_any=not config.verify_peer)
+    except ossl.OpenSSLError as exc:
+        ctx.free()
+        raise HandshakeError(FailureCause.MISSING_MATERIAL, str(exc)) from None
+    except BaseException:
+        ctx.free()
+        raise
+    return ctx
+
+
+def _get_context(config: TlsConfig) -> ossl.SslContext:
+    key = _context_key(config)
+    with _ctx_lock:
+        ctx = _ctx_cache.get(key)
+        if ctx is not None:
+            _ctx_cache.move_to_end(key)
+            return ctx
+    ctx = _build_context(config)
+    with _ctx_lock:
+        _ctx_cache[key] = ctx
+        while len(_ctx_cache) > _CTX_CACHE_SIZE:
+            _ctx_cache.popitem(last=False)  # connections hold their own reference
+    return ctx
+
+
+def clear_context_cache() -> None:
+    """Forget cached contexts (e.g. after the truststore or CRL files changed on disk)."""
+    with _ctx_lock:
+        _ctx_cache.clear()
+
+
+# --- the sans-I/O core ---------------------------------------------------------------------------
+class TlsHandshake(ossl.ConnectionHooks):
+    """One TLS 1.3 handshake, driven by records in and bytes out; no I/O of its own.
+
+    Use: ``data = hs.start()``; send it; while not ``hs.complete``: read one record, ``data =
+    hs.receive_record(record)``, send ``data``; then ``hs.check()`` (raises on failure) and
+    ``hs.session()``. Always call :meth:`close` (or use it as a context manager).
+    """
+
+    def __init__(self, config: TlsConfig) -> None:
+        self.config = config
+        self.role = config.role
+        self.complete = False
+        self.failure: HandshakeError | None = None
+        self._secrets: dict[str, bytes] = {}
+        self._alert_received: int | None = None
+        self._alert_sent: int | None = None
+        self._offered_psk: PskKey | None = None
+        self._selected_psk: PskKey | None = None
+        self._unknown_identities: list[bytes] | None = None
+        self._lookup_error: HandshakeError | None = None
+        self._conn: ossl.SslConnection | None = None
+        self._records_in = 0
+
+        server = self.role is Role.SERVER
+        if server and config.credentials is None and config.psk_lookup is None:
+            raise HandshakeError(
+                FailureCause.MISSING_MATERIAL, "server has neither a certificate nor PSKs"
+            )
+        if not server and config.psk_keys:
+            allowed = {s.hash_name for s in config.ciphersuites}
+            usable = [k for k in config.psk_keys if k.hash_name in allowed]
+            if not usable:
+                raise HandshakeError(
+                    FailureCause.MISSING_MATERIAL,
+                    "no PSK whose hash the configured cipher suites allow",
+                )
+            self._offered_psk = usable[0]
+            if len(config.psk_keys) > 1:
+                log.debug(
+                    "offering PSK %s only (OpenSSL offers one external PSK per ClientHello)",
+                    self._offered_psk.describe(),
+                )
+        ctx = _get_context(config)
+        try:
+            self._conn = ossl.SslConnection(ctx, self, server=server)
+            if self._offered_psk is not None:
+                self._conn.set_ciphersuites(
+                    _suite_names(self._psk_suites(self._offered_psk.hash_name))
+                )
+            if config.peername and config.verify_peer and not (not server and config.psk_keys):
+                self._set_peername(config.peername, server=server)
+        except ossl.OpenSSLError as exc:
+            self.close()
+            raise HandshakeError(FailureCause.MISSING_MATERIAL, str(exc)) from None
+
+    def _set_peername(self, name: str, *, server: bool) -> None:
+        assert self._conn is not None
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            self._conn.set_expected_host(name)
+            if not server:
+                self._conn.set_server_name(name)
+        else:
+            self._conn.set_expected_ip(name)
+
+    def _psk_suites(self, hash_name: str) -> tuple[CipherSuite, ...]:
+        return tuple(s for s in self.config.ciphersuites if s.hash_name == hash_name)
+
+    # context manager / cleanup
+    def __enter__(self) -> TlsHandshake:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the OpenSSL connection. The captured secrets are dropped too."""
+        if self._conn is not None:
+            self._conn.free()
+            self._conn = None
+        self._secrets.clear()
+
+    # --- OpenSSL callbacks (ConnectionHooks) ---------------------------------------------------
+    def on_keylog(self, line: str) -> None:
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0"):
+            self._secrets[parts[0]] = bytes.fromhex(parts[2])
+            self._secrets["random:" + parts[0]] = bytes.fromhex(parts[1])
+
+    def on_alert(self, sent: bool, level: int, description: int) -> None:
+        if sent:
+            if self._alert_sent is None:
+                self._alert_sent = description
+        elif self._alert_received is None:
+            self._alert_received = description
+
+    def psk_for_client(self, md_size: int | None) -> tuple[bytes, bytes, int] | None:
+        psk = self._offered_psk
+        if psk is None:
+            return None
+        size = 48 if psk.hash_name == "sha384" else 32
+        if md_size is not None and md_size != size:
+            return None  # after a HelloRetryRequest with another hash: offer nothing
+        suite = self._psk_suites(psk.hash_name)[0]
+        return psk.identity, psk.key, suite.code
+
+    def on_client_hello(self, psk_identities: list[bytes] | None) -> int:
+        lookup = self.config.psk_lookup
+        if lookup is None or psk_identities is None:
+            if lookup is not None and self.config.credentials is None:
+                self._unknown_identities = []
+                return ALERT_HANDSHAKE_FAILURE
+            return 0
+        for identity in psk_identities:
+            try:
+                psk = lookup(identity)
+            except HandshakeError as exc:
+                self._lookup_error = exc
+                return 80  # internal_error
+            if psk is None:
+                continue
+            suites = self._psk_suites(psk.hash_name)
+            if not suites:
+                continue
+            assert self._conn is not None
+            self._conn.set_ciphersuites(_suite_names(suites))
+            self._selected_psk = psk
+            return 0
+        if self.config.credentials is not None:
+            return 0  # fall back to a certificate handshake
+        self._unknown_identities = psk_identities
+        return ALERT_UNKNOWN_PSK_IDENTITY
+
+    def psk_for_identity(self, identity: bytes) -> tuple[bytes, int] | None:
+        psk = self._selected_psk
+        if psk is None or psk.identity != identity:
+            return None
+        return psk.key, self._psk_suites(psk.hash_name)[0].code
+
+    # --- driving -------------------------------------------------------------------------------
+    @property
+    def _ssl(self) -> ossl.SslConnection:
+        if self._conn is None:
+            raise HandshakeError(FailureCause.PROTOCOL_ERROR, "handshake already closed")
+        return self._conn
+
+    def start(self) -> bytes:
+        """Begin; return the bytes to send (the ClientHello, or nothing for a server)."""
+        return self._advance()
+
+    def receive_record(self, record: bytes) -> bytes:
+        """Feed exactly one complete record from the peer; return the bytes to send."""
+        if self.complete or self.failure is not None:
+            raise HandshakeError(FailureCause.PROTOCOL_ERROR, "record after the handshake ended")
+        self._records_in += 1
+        self._ssl.feed(record)
+        return self._advance()
+
+    @property
+    def wants_input(self) -> bool:
+        return not self.complete and self.failure is None
+
+    def check(self) -> None:
+        """Raise the failure, if the handshake failed."""
+        if self.failure is not None:
+            raise self.failure
+
+    def _advance(self) -> bytes:
+        conn = self._ssl
+        step = conn.do_handshake()
+        out = conn.take_output()
+        if step == ossl.HandshakeStep.DONE:
+            self._finish_checks()
+        elif step == ossl.HandshakeStep.FAILED:
+            self.failure = self._classify(conn)
+        return out
+
+    def _finish_checks(self) -> None:
+        conn = self._ssl
+        if conn.unread_input():
+            self.failure = HandshakeError(
+                FailureCause.PROTOCOL_ERROR,
+                f"{conn.unread_input()} bytes left unconsumed after the handshake",
+            )
+            return
+        if self.role is Role.CLIENT and self._offered_psk is not None and not conn.session_reused():
+            self.failure = HandshakeError(
+                FailureCause.PEER_REJECTED,
+                f"server did not accept PSK {self._offered_psk.describe()}",
+            )
+            return
+        if (
+            self.role is Role.SERVER
+            and self._selected_psk is not None
+            and not conn.session_reused()
+        ):
+            self._selected_psk = None  # accepted by certificate instead
+        missing = [
+            name
+            for name in ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
+            if name not in self._secrets
+        ]
+        random = conn.client_random()
+        if missing or any(
+            self._secrets["random:" + n] != random
+            for n in ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
+        ):
+            self.failure = HandshakeError(
+                FailureCause.PROTOCOL_ERROR, "OpenSSL did not report the traffic secrets"
+            )
+            return
+        self.complete = True
+
+    def _classify(self, conn: ossl.SslConnection) -> HandshakeError:
+        """Turn OpenSSL's state after a failed step into one cause and a one-line reason."""
+        reasons = [e.reason for e in conn.errors]
+        detail = "; ".join(dict.fromkeys(reasons)) or "no detail from OpenSSL"
+        if conn.callback_error is not None:
+            if isinstance(conn.callback_error, HandshakeError):
+                return conn.callback_error
+            return HandshakeError(
+                FailureCause.PROTOCOL_ERROR,
+                f"internal error in a TLS callback: {type(conn.callback_error).__name__}",
+            )
+        if self._lookup_error is not None:
+            return self._lookup_error
+        if self._unknown_identities is not None:
+            if not self._unknown_identities:
+                return HandshakeError(
+                    FailureCause.UNKNOWN_PSK_IDENTITY, "client offered no PSK identity"
+                )
+            names = ", ".join(
+                repr(i.decode("utf-8", "backslashreplace")) for i in self._unknown_identities
+            )
+            return HandshakeError(
+                FailureCause.UNKNOWN_PSK_IDENTITY, f"client offered unknown PSK identity {names}"
+            )
+        received = self._alert_received
+        if received is not None:
+            text = f"peer sent alert {ossl.alert_description(received)}"
+            if received == ALERT_UNKNOWN_PSK_IDENTITY:
+                return HandshakeError(FailureCause.UNKNOWN_PSK_IDENTITY, text)
+            if received == ALERT_CLOSE_NOTIFY:
+                return HandshakeError(FailureCause.PEER_CLOSED, "peer closed the connection")
+            if received in _REJECTION_ALERTS:
+                return HandshakeError(FailureCause.PEER_REJECTED, text)
+            if (
+                received == ALERT_ILLEGAL_PARAMETER
+                and self._offered_psk is not None
+                and self._records_in == 1
+            ):
+                # OpenSSL servers answer a PSK binder that does not verify (a wrong key) with
+                # illegal_parameter, straight after our ClientHello.
+                return HandshakeError(
+                    FailureCause.PEER_REJECTED, f"{text} (server refused our PSK binder)"
+                )
+            return HandshakeError(FailureCause.PROTOCOL_ERROR, text)
+        verify = conn.verify_result()
+        if verify != ossl.X509_V_OK and "certificate verify failed" in reasons:
+            who = "server" if self.role is Role.CLIENT else "client"
+            return HandshakeError(
+                FailureCause.UNTRUSTED_CERTIFICATE,
+                f"{who} certificate: {ossl.verify_error_string(verify)}",
+            )
+        if "peer did not return a certificate" in reasons:
+            return HandshakeError(
+                FailureCause.PEER_REJECTED, "client sent no certificate but one is required"
+            )
+        if "binder does not verify" in reasons:
+            return HandshakeError(
+                FailureCause.PEER_REJECTED, "client's PSK binder does not verify (wrong key)"
+            )
+        if "decryption failed or bad record mac" in reasons:
+            return HandshakeError(FailureCause.PEER_REJECTED, f"cannot decrypt peer: {detail}")
+        return HandshakeError(FailureCause.PROTOCOL_ERROR, detail)
+
+    # --- result --------------------------------------------------------------------------------
+    def session(self) -> Session:
+        """The hand-off :class:`Session` (sequence numbers 0/0, see the module docstring)."""
+        self.check()
+        if not self.complete:
+            raise HandshakeError(FailureCause.PROTOCOL_ERROR, "handshake not complete")
+        conn = self._ssl
+        server = self.role is Role.SERVER
+        try:
+            suite = CipherSuite.from_code(conn.cipher_code())
+        except ValueError as exc:
+            raise HandshakeError(FailureCause.PROTOCOL_ERROR, str(exc)) from None
+        psk = self._offered_psk if not server else self._selected_psk
+        peer = PeerIdentity(
+            psk_identity=psk.identity if psk is not None else None,
+            psk_serial=psk.serial if psk is not None else None,
+            certificate_chain=() if psk is not None else conn.peer_chain(),
+        )
+        return Session(
+            role=self.role,
+            suite=suite,
+            client_secret=self._secrets["CLIENT_TRAFFIC_SECRET_0"],
+            server_secret=self._secrets["SERVER_TRAFFIC_SECRET_0"],
+            tx_seq=0,
+            rx_seq=0,
+            peer=peer,
+            group=conn.group_name(),
+        )
+
+
+# --- the asyncio driver --------------------------------------------------------------------------
+async def _wait(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
+    fut = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def _recv_exactly(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, *, started: bool
+) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = sock.recv(n - len(buf), socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            await _wait(loop, sock.fileno(), write=False)
+            continue
+        except ConnectionError as exc:
+            raise HandshakeError(
+                FailureCause.PEER_CLOSED, f"connection lost: {exc.strerror or exc}"
+            ) from None
+        if not chunk:
+            where = "in the middle of a record" if buf or started else "before the handshake ended"
+            raise HandshakeError(FailureCause.PEER_CLOSED, f"peer closed the connection {where}")
+        buf += chunk
+    return bytes(buf)
+
+
+async def read_record(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """Read exactly one TLS record (header + body) from ``sock``, and not one byte more."""
+    header = await _recv_exactly(loop, sock, 5, started=False)
+    length = int.from_bytes(header[3:5], "big")
+    if header[0] not in _RECORD_TYPES or header[1] != 3 or length > _MAX_RECORD_BODY:
+        raise HandshakeError(
+            FailureCause.PROTOCOL_ERROR,
+            f"peer sent data that is not a TLS record (starts {header[:3].hex()})",
+        )
+    return header + await _recv_exactly(loop, sock, length, started=True)
+
+
+async def _send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            await _wait(loop, sock.fileno(), write=True)
+            continue
+        except ConnectionError as exc:
+            raise HandshakeError(
+                FailureCause.PEER_CLOSED, f"connection lost: {exc.strerror or exc}"
+            ) from None
+        view = view[sent:]
+
+
+def _borrow(sock: socket.socket) -> socket.socket:
+    """A second Python socket object on the same fd with no Python-level timeout.
+
+    A socket object with a timeout polls before every ``recv``; this view does not, and it is
+    created without touching the fd's flags (unless a global default timeout is set, which the
+    agent never does). The caller must ``detach()`` it so the fd is not closed.
+    """
+    return socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+
+
+async def perform_handshake(sock: socket.socket, config: TlsConfig, *, timeout: float) -> Session:
+    """Run one TLS 1.3 handshake on a connected stream socket; return the hand-off Session.
+
+    Raises :class:`HandshakeError`. Nothing past the handshake's last record is read from the
+    socket; the socket's blocking mode is left as it was.
+    """
+    if sock.type != socket.SOCK_STREAM:
+        raise HandshakeError(FailureCause.INVALID_REQUEST, "handshake needs a stream socket")
+    loop = asyncio.get_running_loop()
+    view = _borrow(sock)
+    try:
+        with TlsHandshake(config) as hs:
+            try:
+                async with asyncio.timeout(timeout):
+                    await _send_all(loop, view, hs.start())
+                    while hs.wants_input:
+                        record = await read_record(loop, view)
+                        out = hs.receive_record(record)
+                        if out:
+                            try:
+                                await _send_all(loop, view, out)
+                            except HandshakeError:
+                                if hs.failure is None:
+                                    raise
+                    hs.check()
+                    return hs.session()
+            except TimeoutError:
+                raise HandshakeError(
+                    FailureCause.TIMEOUT, f"handshake did not finish within {timeout:g} s"
+                ) from None
+    finally:
+        view.detach()
+
+
+def handshake_blocking(sock: socket.socket, config: TlsConfig, *, timeout: float) -> Session:
+    """:func:`perform_handshake` for command-line tools: runs it in a private event loop."""
+    with asyncio.Runner() as runner:
+        return runner.run(perform_handshake(sock, config, timeout=timeout))
