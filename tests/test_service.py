@@ -498,10 +498,8 @@ def test_queued_request_is_dropped_when_its_consumer_disconnects(
     async def main() -> None:
         async with HandshakeService(sock_path, pending_limit=1) as service:
             stream = service.requests()  # an agent that is busy: it takes nothing yet
-            loop = asyncio.get_running_loop()
             quitter_sock, _ = tcp.pair()
-            quitter = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            await loop.sock_connect(quitter, sock_path)
+            quitter = await connect_service(sock_path)
             quitter.sendmsg([encode_submit(client_request())], [(
                 socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", quitter_sock.fileno()))])
             await until(lambda: service.pending == 1, "the request is queued")
@@ -530,9 +528,7 @@ def test_in_flight_request_learns_of_cancellation_and_done_is_a_no_op(
         async with HandshakeService(sock_path) as service:
             stream = service.requests()
             consumer, _ = tcp.pair()
-            loop = asyncio.get_running_loop()
-            conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            await loop.sock_connect(conn, sock_path)
+            conn = await connect_service(sock_path)
             conn.sendmsg([encode_submit(client_request())], [(
                 socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", consumer.fileno()))])
             pending = await anext(stream)  # type: ignore[arg-type]
@@ -617,14 +613,11 @@ def test_a_silent_consumer_is_dropped_and_a_second_message_cancels(
         loop = asyncio.get_running_loop()
         async with HandshakeService(sock_path, submit_wait=0.2) as service:
             stream = service.requests()
-            silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            silent.setblocking(False)
-            await loop.sock_connect(silent, sock_path)
+            silent = await connect_service(sock_path)
             assert await loop.sock_recv(silent, 100) == b""  # closed by the service
             silent.close()
             consumer, _ = tcp.pair()
-            chatty = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            await loop.sock_connect(chatty, sock_path)
+            chatty = await connect_service(sock_path)
             chatty.sendmsg([encode_submit(client_request())], [(
                 socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", consumer.fileno()))])
             await until(lambda: service.pending == 1, "queued")
