@@ -1,0 +1,286 @@
+"""The consumer API (ktlsd.client) against a real handshake service and the real agent.
+
+Handshakes here run for real: two consumers on loopback lend their TCP sockets to one
+ktlsd agent (ktlsd.agent.Agent over the service), which runs both ends with the system
+OpenSSL; the consumers then exchange application data with the record layer built from the
+sessions they got back, byte for byte. Peers outside ktlsd (openssl s_server) prove the
+secrets interoperate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ktlsd.agent import Agent, AgentSettings
+from ktlsd.client import HandshakeFailed, build_request, connection_from_done, submit
+from ktlsd.record import open_record_layer
+from ktlsd.request import AuthMode, HandshakeDone, MessageType
+from ktlsd.service import HandshakeService
+from ktlsd.session import CipherSuite, Role
+from tests.peers import openssl_server
+from tests.pki import Authority
+
+PSK_256 = bytes.fromhex("0b" * 32)
+PSK_384 = bytes.fromhex("3c" * 48)
+
+
+def run(coro: Coroutine[Any, Any, Any], limit: float = 60.0) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, limit))
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    return str(tmp_path / "handshake.sock")
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
+@contextlib.asynccontextmanager
+async def running_agent(path: str, **service_args: Any) -> Any:
+    """The real agent serving the real service at ``path``."""
+    service = HandshakeService(path, **service_args)
+    await service.start()
+    agent = Agent(AgentSettings(keep_sessions=False), [service])
+    task = asyncio.create_task(agent.run())
+    try:
+        yield service
+    finally:
+        await agent.stop()
+        await asyncio.wait_for(task, 30)
+
+
+def exchange(a: socket.socket, da: HandshakeDone, b: socket.socket, db: HandshakeDone,
+             payload: bytes) -> None:
+    """Send ``payload`` a→b and its reverse b→a through user-space record layers."""
+    assert da.session is not None and db.session is not None
+    for sock in (a, b):
+        sock.setblocking(True)
+        sock.settimeout(10)
+    layer_a = open_record_layer(a, da.session, "user")
+    layer_b = open_record_layer(b, db.session, "user")
+    for sender, receiver, data in ((layer_a, layer_b, payload), (layer_b, layer_a, payload[::-1])):
+        for start in range(0, len(data), 16384):  # one record carries at most 2^14 bytes
+            sender.send(data[start : start + 16384])
+        received = b""
+        while len(received) < len(data):
+            received += receiver.recv().data
+        assert received == data
+
+
+# --- arguments ----------------------------------------------------------------------------
+
+
+def test_build_request_maps_arguments_to_the_kernel_parameters(tmp_path: Path) -> None:
+    os.chdir(tmp_path)
+    request = build_request(
+        role="server", auth="x509", certificate="cert.pem", private_key="key.pem",
+        truststore=tmp_path / "ca.pem", peername="host1", timeout=2.5, psk_serials=(7,),
+        psk=[("id", PSK_384, "sha384"), (b"id2", PSK_256)], ciphersuites=["TLS_AES_128_GCM_SHA256"],
+        certificate_serial=11, private_key_serial=12, keyring=13,
+    )
+    assert request.message_type is MessageType.SERVERHELLO
+    assert request.auth_mode is AuthMode.X509
+    assert request.timeout_ms == 2500
+    assert (request.peer_identities, request.certificate, request.private_key,
+            request.keyring) == ((7,), 11, 12, 13)
+    inline = request.inline
+    assert inline is not None
+    assert inline.certificate_file == str(tmp_path / "cert.pem")  # absolute for the agent
+    assert inline.private_key_file == str(tmp_path / "key.pem")
+    assert [(p.identity, p.hash_name) for p in inline.psk_keys] == [(b"id", "sha384"),
+                                                                    (b"id2", "sha256")]
+    assert build_request(role="client", auth="unauth").inline is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"role": "both", "auth": "psk"}, "role must be"),
+        ({"role": "client", "auth": "kerberos"}, "auth must be"),
+        ({"role": "client", "auth": "psk", "psk": [("id", PSK_256, "md5")]}, "sha256 or sha384"),
+        ({"role": "client", "auth": "psk", "psk": [("", PSK_256)]}, "non-empty"),
+        ({"role": "client", "auth": "psk", "timeout": 0}, "timeout"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs: dict[str, Any], words: str) -> None:
+    with pytest.raises(ValueError, match=words) as info:
+        build_request(**kwargs)
+    assert PSK_256.hex() not in str(info.value)
+
+
+def test_handshake_failed_is_an_oserror_with_the_errno_name() -> None:
+    failure = HandshakeFailed(errno.EKEYREJECTED, "peer does not know\nthe identity")
+    assert isinstance(failure, OSError)
+    assert failure.errno == failure.status == errno.EKEYREJECTED
+    assert failure.errno_name == "EKEYREJECTED"
+    assert str(failure) == "handshake failed: EKEYREJECTED: peer does not know the identity"
+    with pytest.raises(HandshakeFailed, match="ESRCH"):
+        connection_from_done(socket.socket(), HandshakeDone(errno.ESRCH, -1, reason="x"))
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+
+def test_no_service_is_esrch(sock_path: str) -> None:
+    async def main() -> None:
+        a, b = tcp_pair()
+        with a, b:
+            done = await submit(a, role="client", auth="unauth", service_path=sock_path)
+            assert done.status == errno.ESRCH and sock_path in done.reason
+            stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            stale.bind(sock_path)  # a socket file nobody listens on
+            done = await submit(a, role="client", auth="unauth", service_path=sock_path)
+            stale.close()
+            assert done.status == errno.ESRCH
+
+    run(main())
+
+
+def test_consumer_gives_up_with_etimedout_and_the_agent_learns_it(sock_path: str) -> None:
+    async def main() -> None:
+        async with HandshakeService(sock_path) as service:
+            stream = service.requests()
+            a, b = tcp_pair()
+            with a, b:
+                request = build_request(role="client", auth="unauth")
+                from ktlsd.client import submit_request
+
+                waiting = asyncio.create_task(
+                    submit_request(a, request, service_path=sock_path, answer_timeout=0.3))
+                pending = await anext(stream)  # type: ignore[arg-type]
+                done = await waiting
+                assert done.status == errno.ETIMEDOUT
+                await asyncio.wait_for(pending.cancelled.wait(), 10)
+                await pending.done(HandshakeDone(0, pending.request.sockfd))  # a no-op now
+                assert service.in_flight == 0
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    run(main())
+
+
+# --- real handshakes through the real agent -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "hash_name", "suite"),
+    [(PSK_256, "sha256", CipherSuite.TLS_AES_128_GCM_SHA256),
+     (PSK_384, "sha384", CipherSuite.TLS_AES_256_GCM_SHA384)],
+    ids=["sha256", "sha384"],
+)
+def test_psk_handshake_between_two_consumers(
+    sock_path: str, key: bytes, hash_name: str, suite: CipherSuite
+) -> None:
+    async def main() -> None:
+        async with running_agent(sock_path):
+            a, b = tcp_pair()
+            with a, b:
+                psk = [(b"NVMe0R01 host subsys", key, hash_name)]
+                da, db = await asyncio.gather(
+                    submit(a, role="client", auth="psk", psk=psk, service_path=sock_path,
+                           timeout=10),
+                    submit(b, role="server", auth="psk", psk=psk, service_path=sock_path,
+                           timeout=10),
+                )
+                assert (da.status, da.reason, db.status, db.reason) == (0, "", 0, "")
+                assert da.session is not None and db.session is not None
+                assert da.session.role is Role.CLIENT and db.session.role is Role.SERVER
+                assert da.session.suite is db.session.suite is suite
+                assert da.session.client_secret == db.session.client_secret
+                assert db.session.peer.psk_identity == b"NVMe0R01 host subsys"
+                exchange(a, da, b, db, os.urandom(20_000))
+
+    run(main())
+
+
+def test_x509_mutual_handshake_between_two_consumers(sock_path: str, tmp_path: Path) -> None:
+    ca = Authority.create(tmp_path / "pki")
+    server = ca.issue_server()
+    client = ca.issue_client("host1")
+
+    async def main() -> None:
+        async with running_agent(sock_path):
+            a, b = tcp_pair()
+            with a, b:
+                da, db = await asyncio.gather(
+                    submit(a, role="client", auth="x509", peername="localhost",
+                           truststore=ca.cert_path, certificate=client.cert_path,
+                           private_key=client.key_path, service_path=sock_path),
+                    submit(b, role="server", auth="x509", truststore=ca.cert_path,
+                           certificate_chain=server.chain_der, private_key_der=server.key_der,
+                           require_client_cert=True, service_path=sock_path),
+                )
+                assert (da.status, da.reason, db.status, db.reason) == (0, "", 0, "")
+                assert da.session is not None and db.session is not None
+                assert da.session.peer.certificate_chain[0] == server.cert_der
+                assert db.session.peer.certificate_chain[0] == client.cert_der
+                exchange(a, da, b, db, b"x509 " * 1000)
+
+    run(main())
+
+
+def test_handshake_failures_come_back_as_status_and_reason(sock_path: str) -> None:
+    async def main() -> None:
+        async with running_agent(sock_path):
+            a, b = tcp_pair()
+            with a, b:
+                da, db = await asyncio.gather(
+                    submit(a, role="client", auth="psk", psk=[("alice", PSK_256)],
+                           service_path=sock_path, timeout=5),
+                    submit(b, role="server", auth="psk", psk=[("bob", PSK_256)],
+                           service_path=sock_path, timeout=5),
+                )
+            assert da.status != 0 and db.status != 0
+            assert da.session is None and db.session is None
+            assert da.reason and db.reason
+            # The agent keeps serving: a following good pair succeeds.
+            a, b = tcp_pair()
+            with a, b:
+                psk = [("alice", PSK_256)]
+                da, db = await asyncio.gather(
+                    submit(a, role="client", auth="psk", psk=psk, service_path=sock_path),
+                    submit(b, role="server", auth="psk", psk=psk, service_path=sock_path),
+                )
+                assert (da.status, db.status) == (0, 0)
+
+    run(main())
+
+
+def test_psk_client_against_openssl_s_server(sock_path: str) -> None:
+    """The secrets the agent hands over work against a peer outside ktlsd."""
+    with openssl_server("-psk", PSK_256.hex(), "-psk_identity", "ossl-id", "-nocert",
+                        "-ciphersuites", "TLS_AES_128_GCM_SHA256", "-num_tickets", "0") as peer:
+
+        async def main() -> None:
+            async with running_agent(sock_path):
+                sock = socket.create_connection(("127.0.0.1", peer.port))
+                with sock:
+                    done = await submit(sock, role="client", auth="psk",
+                                        psk=[("ossl-id", PSK_256)], service_path=sock_path)
+                    assert done.status == 0, done.reason
+                    assert done.session is not None
+                    sock.setblocking(True)
+                    sock.settimeout(10)
+                    layer = open_record_layer(sock, done.session, "user")
+                    layer.send(b"hello from a ktlsd consumer\n")
+                    peer.wait_for("hello from a ktlsd consumer")
+                    peer.send(b"hello back\n")
+                    record = layer.recv()
+                    while record.content_type != 23:  # skip any post-handshake messages
+                        record = layer.recv()
+                    assert record.data == b"hello back\n"
+
+        run(main())
