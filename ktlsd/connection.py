@@ -1,0 +1,570 @@
+"""A TLS 1.3 connection after the handshake: application data plus KeyUpdate, on any record layer.
+
+:class:`TlsConnection` is what programs and the CLI hold once a handshake has produced a
+:class:`~ktlsd.session.Session`. It sits on a :class:`~ktlsd.record.RecordLayer` (kTLS or
+user space — the same code runs on both) and owns the post-handshake protocol:
+
+* ``send`` splits data into records of at most 16 KiB; ``recv`` returns application data and
+  ``b""`` at end of stream (close_notify or TCP EOF).
+* Post-handshake handshake records are consumed here: NewSessionTicket (a server may send
+  them right after the handshake, at receive sequence 0, 1, ...) is skipped; KeyUpdate moves
+  the receive secret one generation forward and installs the next receive key (which also
+  lifts the record layer's EKEYEXPIRED pause); anything else is a protocol error that sends
+  an alert and fails the connection.
+* ``key_update(request_peer)`` sends a KeyUpdate under the current key and then installs the
+  next transmit key at sequence 0 — the order kTLS requires (TX never pauses).
+* Automatic rekeying before a key protects too much data (see
+  :data:`DEFAULT_REKEY_AFTER_RECORDS`).
+
+Answering a peer's ``update_requested`` (RFC 8446 §4.6.3): we must send a KeyUpdate of our own
+before our next application data record. The answer is *due* from the moment the request is
+read, and whoever next holds the transmit lock sends it: the writer before its next record,
+or the reader right away when no writer is busy. Several requests read before the answer goes
+out get a single answer, as §4.6.3 allows. One more case needs no answer: when our own
+KeyUpdate with ``update_requested`` is still unanswered and the peer's request arrives, the
+two crossed on the wire; the peer receives our KeyUpdate after sending its request, which
+fulfils it from the peer's point of view, and the peer's KeyUpdate fulfils ours. Answering
+anyway would be harmless, merely one more update. Lock-step is never at risk: each side
+moves its receive secret exactly once per KeyUpdate message it reads, whatever the timing.
+
+Structure: the protocol logic is a small sans-I/O core that turns events into a list of
+actions (``("send", content_type, bytes)`` or ``("call", fn)``); the blocking methods run the
+actions with ``layer.send`` and the asyncio methods with ``await layer.asend``. Only the
+waiting differs; the logic is written once.
+
+Thread safety: one reader and one writer may use a connection concurrently (blocking API):
+all transmission, including a KeyUpdate and its key installation, happens under one lock, so
+no record can slip between a KeyUpdate and the switch to the next key. The asyncio API has
+the same guarantee with an ``asyncio.Lock``. Do not mix the two APIs on one connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import threading
+from collections.abc import Callable
+from typing import Final
+
+from ktlsd.keyschedule import (
+    HANDSHAKE_KEY_UPDATE,
+    HANDSHAKE_NEW_SESSION_TICKET,
+    KEY_UPDATE_LENGTH,
+    decode_key_update,
+    encode_key_update,
+    next_traffic_secret,
+)
+from ktlsd.record import (
+    CONTENT_TYPE_ALERT,
+    CONTENT_TYPE_APPLICATION_DATA,
+    CONTENT_TYPE_HANDSHAKE,
+    MAX_PLAINTEXT,
+    Record,
+    RecordLayer,
+    alert_name,
+)
+from ktlsd.session import Role, Session
+
+__all__ = [
+    "DEFAULT",
+    "DEFAULT_REKEY_AFTER_RECORDS",
+    "TlsConnection",
+    "TlsProtocolError",
+]
+
+#: Records protected under one key before we rekey on our own: 2^23 (8,388,608).
+#:
+#: RFC 8446 §5.5 says AES-GCM may protect at most 2^24.5 (about 23.7 million) full-size records
+#: with one key, keeping an attacker's advantage below 2^-57. 2^23 stays a factor of ~2.8
+#: below that, leaves room for records the kernel splits on its own, and still means a rekey
+#: only every 128 GiB of full records — negligible cost. The same number is used for
+#: ChaCha20-Poly1305, whose limit is far higher, so that behaviour does not depend on the suite.
+DEFAULT_REKEY_AFTER_RECORDS: Final = 2**23
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: Sentinel for "use :data:`DEFAULT_REKEY_AFTER_RECORDS`".
+DEFAULT: Final = _Default()
+
+#: Largest post-handshake handshake message we buffer (a NewSessionTicket may be large).
+MAX_HANDSHAKE_MESSAGE = 2**16 + 4
+
+ALERT_UNEXPECTED_MESSAGE = 10
+ALERT_ILLEGAL_PARAMETER = 47
+ALERT_DECODE_ERROR = 50
+
+_HANDSHAKE_NAMES = {
+    1: "ClientHello",
+    2: "ServerHello",
+    4: "NewSessionTicket",
+    5: "EndOfEarlyData",
+    8: "EncryptedExtensions",
+    11: "Certificate",
+    13: "CertificateRequest",
+    15: "CertificateVerify",
+    20: "Finished",
+    24: "KeyUpdate",
+    254: "message_hash",
+}
+
+_Action = tuple[str, int, bytes] | tuple[str, Callable[[], None]]
+
+
+class TlsProtocolError(OSError):
+    """The peer broke the post-handshake protocol; we sent ``alert`` and gave up."""
+
+    def __init__(self, alert: int, message: str) -> None:
+        self.alert = alert_name(alert)
+        super().__init__(errno.EPROTO, f"{' '.join(message.split())} (sent {self.alert})")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class TlsConnection:
+    """Application data and KeyUpdate over a record layer, after a completed handshake.
+
+    ``session`` must describe the state the layer was opened with (secrets, generations).
+    ``rekey_after_records`` / ``rekey_after_bytes``: send a KeyUpdate on our own once our
+    transmit key has protected that many application records / plaintext bytes, and ask the
+    peer to update once its key has protected as many towards us. ``None`` disables a limit;
+    the default is :data:`DEFAULT_REKEY_AFTER_RECORDS` records and no byte limit.
+    """
+
+    def __init__(
+        self,
+        layer: RecordLayer,
+        session: Session,
+        *,
+        rekey_after_records: int | _Default | None = DEFAULT,
+        rekey_after_bytes: int | None = None,
+    ) -> None:
+        if isinstance(rekey_after_records, _Default):
+            rekey_after_records = DEFAULT_REKEY_AFTER_RECORDS
+        for name, value in (("records", rekey_after_records), ("bytes", rekey_after_bytes)):
+            if value is not None and value <= 0:
+                raise ValueError(f"rekey_after_{name} must be positive or None, not {value}")
+        self._layer = layer
+        self._base = session
+        self._suite = session.suite
+        self._client_secret = session.client_secret
+        self._server_secret = session.server_secret
+        self._client_generation = session.client_generation
+        self._server_generation = session.server_generation
+        self._rekey_records = rekey_after_records
+        self._rekey_bytes = rekey_after_bytes
+
+        self._tx_lock = threading.RLock()
+        self._atx_lock: asyncio.Lock | None = None
+        self._handshake = bytearray()
+        self._rx_buffer = b""
+        self._eof = False
+        self._closed = False
+        self._failure: tuple[int, str] | None = None  # (alert, message) of a protocol error
+        self._pending_alert: int | None = None
+
+        self._response_due = False  # peer asked for an update we have not sent yet
+        self._request_due = False  # we want the peer to update (its key grew old)
+        self._awaiting_peer = False  # our update_requested is not answered yet
+
+        self._tx_records_key = self._tx_bytes_key = 0
+        self._rx_records_key = self._rx_bytes_key = 0
+        self._key_updates_sent = self._key_updates_received = 0
+        self._records_sent = self._records_received = 0
+        self._bytes_sent = self._bytes_received = 0
+        self._tickets_skipped = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"TlsConnection(kind={self._layer.kind}, suite={self._suite.iana_name}, "
+            f"role={self._base.role.value}, tx_generation={self._tx_generation}, "
+            f"rx_generation={self._rx_generation})"
+        )
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def layer(self) -> RecordLayer:
+        return self._layer
+
+    @property
+    def _is_client(self) -> bool:
+        return self._base.role is Role.CLIENT
+
+    @property
+    def _tx_secret(self) -> bytes:
+        return self._client_secret if self._is_client else self._server_secret
+
+    @property
+    def _rx_secret(self) -> bytes:
+        return self._server_secret if self._is_client else self._client_secret
+
+    @property
+    def _tx_generation(self) -> int:
+        return self._client_generation if self._is_client else self._server_generation
+
+    @property
+    def _rx_generation(self) -> int:
+        return self._server_generation if self._is_client else self._client_generation
+
+    @property
+    def session(self) -> Session:
+        """The current state: secrets and generations advanced, the layer's sequence numbers.
+
+        Save it only when :attr:`buffered` is 0, or the buffered plaintext is lost with it.
+        """
+        tx_seq, rx_seq = self._layer.sequence_numbers()
+        return dataclasses.replace(
+            self._base,
+            client_secret=self._client_secret,
+            server_secret=self._server_secret,
+            client_generation=self._client_generation,
+            server_generation=self._server_generation,
+            tx_seq=tx_seq,
+            rx_seq=rx_seq,
+        )
+
+    @property
+    def buffered(self) -> int:
+        """Application bytes received but not yet returned by ``recv``."""
+        return len(self._rx_buffer) + self._layer.pending()
+
+    key_updates_sent = property(lambda self: self._key_updates_sent, doc="KeyUpdates we sent.")
+    key_updates_received = property(
+        lambda self: self._key_updates_received, doc="KeyUpdates the peer sent us."
+    )
+    records_sent = property(lambda self: self._records_sent, doc="Application data records sent.")
+    records_received = property(
+        lambda self: self._records_received, doc="Application data records received."
+    )
+    bytes_sent = property(lambda self: self._bytes_sent, doc="Application bytes sent.")
+    bytes_received = property(lambda self: self._bytes_received, doc="Application bytes received.")
+    tickets_skipped = property(
+        lambda self: self._tickets_skipped, doc="NewSessionTicket messages ignored."
+    )
+
+    # -- sans-I/O core: transmit ---------------------------------------------------------
+
+    def _plan_key_update(self, request_peer: bool) -> list[_Action]:
+        self._response_due = False  # any KeyUpdate of ours answers a pending request
+        if request_peer:
+            self._request_due = False
+        return [
+            ("send", CONTENT_TYPE_HANDSHAKE, encode_key_update(request_peer)),
+            ("call", lambda: self._commit_tx_update(request_peer)),
+        ]
+
+    def _commit_tx_update(self, request_peer: bool) -> None:
+        secret = next_traffic_secret(self._suite, self._tx_secret)
+        self._layer.install_tx_key(secret, 0)
+        if self._is_client:
+            self._client_secret, self._client_generation = secret, self._client_generation + 1
+        else:
+            self._server_secret, self._server_generation = secret, self._server_generation + 1
+        self._key_updates_sent += 1
+        self._tx_records_key = self._tx_bytes_key = 0
+        if request_peer:
+            self._awaiting_peer = True
+
+    def _plan_due(self, upcoming_bytes: int) -> list[_Action]:
+        """KeyUpdates that must or should go out before the next application record."""
+        if self._response_due:
+            return self._plan_key_update(False)  # §4.6.3: the answer is update_not_requested
+        if self._request_due:
+            return self._plan_key_update(True)
+        if upcoming_bytes and self._tx_key_worn(upcoming_bytes):
+            return self._plan_key_update(False)
+        return []
+
+    def _tx_key_worn(self, upcoming_bytes: int) -> bool:
+        records, size = self._rekey_records, self._rekey_bytes
+        return (records is not None and self._tx_records_key >= records) or (
+            size is not None
+            and self._tx_bytes_key > 0
+            and self._tx_bytes_key + upcoming_bytes > size
+        )
+
+    def _plan_record(self, chunk: bytes) -> list[_Action]:
+        actions = self._plan_due(len(chunk))
+        actions.append(("send", CONTENT_TYPE_APPLICATION_DATA, chunk))
+        actions.append(("call", lambda: self._count_tx(len(chunk))))
+        return actions
+
+    def _count_tx(self, size: int) -> None:
+        self._records_sent += 1
+        self._bytes_sent += size
+        self._tx_records_key += 1
+        self._tx_bytes_key += size
+
+    def _chunks(self, data: bytes) -> list[bytes]:
+        self._check_usable()
+        if self._closed:
+            raise BrokenPipeError(errno.EPIPE, "TLS connection closed for sending")
+        view = memoryview(bytes(data))
+        return [bytes(view[i : i + MAX_PLAINTEXT]) for i in range(0, len(view), MAX_PLAINTEXT)]
+
+    # -- sans-I/O core: receive ----------------------------------------------------------
+
+    def _on_record(self, record: Record) -> bytes | None:
+        """Digest one record: application bytes, b"" (nothing for the caller) or None (EOF)."""
+        if record.eof:
+            return None
+        if record.content_type == CONTENT_TYPE_APPLICATION_DATA:
+            self._records_received += 1
+            self._bytes_received += len(record.data)
+            self._rx_records_key += 1
+            self._rx_bytes_key += len(record.data)
+            if self._rx_key_worn() and not self._awaiting_peer:
+                self._request_due = True
+            return record.data
+        if record.content_type == CONTENT_TYPE_HANDSHAKE:
+            self._on_handshake(record.data)
+            return b""
+        raise self._protocol_error(
+            ALERT_UNEXPECTED_MESSAGE, f"unexpected record of content type {record.content_type}"
+        )
+
+    def _rx_key_worn(self) -> bool:
+        # Strictly more than our own limit: a peer rekeying at the same limit never triggers
+        # a request; one that does not rekey at all gets asked.
+        records, size = self._rekey_records, self._rekey_bytes
+        return (records is not None and self._rx_records_key > records) or (
+            size is not None and self._rx_bytes_key > size
+        )
+
+    def _on_handshake(self, data: bytes) -> None:
+        if data[:1] == bytes((HANDSHAKE_KEY_UPDATE,)):
+            # The record layer paused on this record (the kernel's first-byte rule). Only a
+            # KeyUpdate alone in its record can be followed safely: anything sharing the
+            # record was decrypted with a key the peer no longer uses, or vice versa.
+            if self._handshake or len(data) != KEY_UPDATE_LENGTH:
+                raise self._protocol_error(
+                    ALERT_UNEXPECTED_MESSAGE, "KeyUpdate not alone in its record"
+                )
+            try:
+                requested = decode_key_update(data)
+            except ValueError as exc:
+                raise self._protocol_error(ALERT_ILLEGAL_PARAMETER, str(exc)) from None
+            self._on_key_update(requested)
+            return
+        self._handshake += data
+        while len(self._handshake) >= 4:
+            msg_type = self._handshake[0]
+            length = int.from_bytes(self._handshake[1:4], "big")
+            if length + 4 > MAX_HANDSHAKE_MESSAGE:
+                raise self._protocol_error(
+                    ALERT_DECODE_ERROR, f"post-handshake message of {length} bytes is too large"
+                )
+            name = _HANDSHAKE_NAMES.get(msg_type, f"type {msg_type}")
+            if msg_type != HANDSHAKE_NEW_SESSION_TICKET:
+                if msg_type == HANDSHAKE_KEY_UPDATE:
+                    raise self._protocol_error(
+                        ALERT_UNEXPECTED_MESSAGE, "KeyUpdate not at the start of its record"
+                    )
+                raise self._protocol_error(
+                    ALERT_UNEXPECTED_MESSAGE, f"unexpected post-handshake message {name}"
+                )
+            if len(self._handshake) < 4 + length:
+                return  # a ticket continued in the next record
+            del self._handshake[: 4 + length]
+            self._tickets_skipped += 1
+
+    def _on_key_update(self, requested: bool) -> None:
+        secret = next_traffic_secret(self._suite, self._rx_secret)
+        self._layer.install_rx_key(secret, 0)
+        if self._is_client:
+            self._server_secret, self._server_generation = secret, self._server_generation + 1
+        else:
+            self._client_secret, self._client_generation = secret, self._client_generation + 1
+        self._key_updates_received += 1
+        self._rx_records_key = self._rx_bytes_key = 0
+        if requested and not self._awaiting_peer:
+            self._response_due = True
+        # Whatever the peer sent, it answers (or crossed) our outstanding request.
+        self._awaiting_peer = False
+        self._request_due = False
+
+    def _protocol_error(self, alert: int, message: str) -> TlsProtocolError:
+        self._failure = (alert, message)
+        self._pending_alert = alert
+        return TlsProtocolError(alert, message)
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            alert, message = self._failure
+            raise TlsProtocolError(alert, f"connection failed earlier: {message}")
+
+    def _take(self, bufsize: int) -> bytes:
+        chunk, self._rx_buffer = self._rx_buffer[:bufsize], self._rx_buffer[bufsize:]
+        return chunk
+
+    # -- blocking API --------------------------------------------------------------------
+
+    def _run(self, actions: list[_Action]) -> None:
+        for action in actions:
+            if action[0] == "send":
+                _, content_type, payload = action  # type: ignore[misc]
+                self._layer.send(payload, content_type)
+            else:
+                action[1]()  # type: ignore[operator]
+
+    def send(self, data: bytes) -> None:
+        """Send application data (any length; records of at most 16 KiB)."""
+        for chunk in self._chunks(data):
+            with self._tx_lock:
+                self._run(self._plan_record(chunk))
+        self._flush_due()  # a reader may have made a KeyUpdate due while we held the lock
+
+    def key_update(self, request_peer: bool = False) -> None:
+        """Send a KeyUpdate and switch to the next transmit key.
+
+        ``request_peer`` asks the peer to update its own transmit key too.
+        """
+        self._check_usable()
+        with self._tx_lock:
+            self._run(self._plan_key_update(request_peer))
+        self._flush_due()
+
+    def _flush_due(self) -> None:
+        # Reader side: send a due KeyUpdate now unless a writer holds the lock (it will send
+        # the KeyUpdate before its next record). Never block the reader on the writer.
+        if not (self._response_due or self._request_due) or self._closed:
+            return
+        if self._tx_lock.acquire(blocking=False):
+            try:
+                self._run(self._plan_due(0))
+            finally:
+                self._tx_lock.release()
+
+    def _send_alert(self) -> None:
+        alert = self._pending_alert
+        if alert is None or self._closed:
+            return
+        self._pending_alert = None
+        if self._tx_lock.acquire(blocking=False):
+            try:
+                self._layer.send(bytes((2, alert)), CONTENT_TYPE_ALERT)
+            except OSError:
+                pass
+            finally:
+                self._tx_lock.release()
+
+    def recv(self, bufsize: int = MAX_PLAINTEXT) -> bytes:
+        """Up to ``bufsize`` bytes of application data; ``b""`` at end of stream."""
+        if bufsize <= 0:
+            raise ValueError("bufsize must be positive")
+        while True:
+            if self._rx_buffer:
+                return self._take(bufsize)
+            if self._eof:
+                return b""
+            self._check_usable()
+            record = self._layer.recv(MAX_PLAINTEXT)
+            try:
+                data = self._on_record(record)
+            except TlsProtocolError:
+                self._send_alert()
+                raise
+            self._flush_due()
+            if data is None:
+                self._eof = True
+            else:
+                self._rx_buffer = data
+
+    def close(self) -> None:
+        """Send close_notify and shut down our write side (idempotent). Reading stays possible."""
+        if self._closed:
+            return
+        with self._tx_lock:
+            self._closed = True
+            self._layer.close()
+
+    def __enter__(self) -> TlsConnection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- asyncio API ---------------------------------------------------------------------
+
+    def _alock(self) -> asyncio.Lock:
+        if self._atx_lock is None:
+            self._atx_lock = asyncio.Lock()
+        return self._atx_lock
+
+    async def _arun(self, actions: list[_Action]) -> None:
+        for action in actions:
+            if action[0] == "send":
+                _, content_type, payload = action  # type: ignore[misc]
+                await self._layer.asend(payload, content_type)
+            else:
+                action[1]()  # type: ignore[operator]
+
+    async def asend(self, data: bytes) -> None:
+        """asyncio version of :meth:`send` (the layer's socket must be non-blocking)."""
+        for chunk in self._chunks(data):
+            async with self._alock():
+                await self._arun(self._plan_record(chunk))
+        await self._aflush_due()
+
+    async def akey_update(self, request_peer: bool = False) -> None:
+        """asyncio version of :meth:`key_update`."""
+        self._check_usable()
+        async with self._alock():
+            await self._arun(self._plan_key_update(request_peer))
+        await self._aflush_due()
+
+    async def _aflush_due(self) -> None:
+        if not (self._response_due or self._request_due) or self._closed:
+            return
+        lock = self._alock()
+        if not lock.locked():
+            async with lock:
+                await self._arun(self._plan_due(0))
+
+    async def _asend_alert(self) -> None:
+        alert = self._pending_alert
+        if alert is None or self._closed:
+            return
+        self._pending_alert = None
+        lock = self._alock()
+        if not lock.locked():
+            async with lock:
+                with contextlib.suppress(OSError):
+                    await self._layer.asend(bytes((2, alert)), CONTENT_TYPE_ALERT)
+
+    async def arecv(self, bufsize: int = MAX_PLAINTEXT) -> bytes:
+        """asyncio version of :meth:`recv`."""
+        if bufsize <= 0:
+            raise ValueError("bufsize must be positive")
+        while True:
+            if self._rx_buffer:
+                return self._take(bufsize)
+            if self._eof:
+                return b""
+            self._check_usable()
+            record = await self._layer.arecv(MAX_PLAINTEXT)
+            try:
+                data = self._on_record(record)
+            except TlsProtocolError:
+                await self._asend_alert()
+                raise
+            await self._aflush_due()
+            if data is None:
+                self._eof = True
+            else:
+                self._rx_buffer = data
+
+    async def aclose(self) -> None:
+        """asyncio version of :meth:`close`."""
+        if self._closed:
+            return
+        async with self._alock():
+            self._closed = True
+            await self._layer.aclose()
