@@ -21,7 +21,15 @@ from typing import Any
 import pytest
 
 from ktlsd.agent import Agent, AgentSettings
-from ktlsd.client import HandshakeFailed, build_request, connection_from_done, submit
+from ktlsd.client import (
+    HandshakeFailed,
+    build_request,
+    connection_from_done,
+    handshake,
+    submit,
+    submit_request,
+)
+from ktlsd.connection import TlsConnection
 from ktlsd.record import open_record_layer
 from ktlsd.request import AuthMode, HandshakeDone, MessageType
 from ktlsd.service import HandshakeService
@@ -128,8 +136,8 @@ def test_handshake_failed_is_an_oserror_with_the_errno_name() -> None:
     assert failure.errno == failure.status == errno.EKEYREJECTED
     assert failure.errno_name == "EKEYREJECTED"
     assert str(failure) == "handshake failed: EKEYREJECTED: peer does not know the identity"
-    with pytest.raises(HandshakeFailed, match="ESRCH"):
-        connection_from_done(socket.socket(), HandshakeDone(errno.ESRCH, -1, reason="x"))
+    with pytest.raises(HandshakeFailed, match="ESRCH"), socket.socket() as unused:
+        connection_from_done(unused, HandshakeDone(errno.ESRCH, -1, reason="x"))
 
 
 # --- refusals -------------------------------------------------------------------------------
@@ -157,8 +165,6 @@ def test_consumer_gives_up_with_etimedout_and_the_agent_learns_it(sock_path: str
             a, b = tcp_pair()
             with a, b:
                 request = build_request(role="client", auth="unauth")
-                from ktlsd.client import submit_request
-
                 waiting = asyncio.create_task(
                     submit_request(a, request, service_path=sock_path, answer_timeout=0.3))
                 pending = await anext(stream)  # type: ignore[arg-type]
@@ -284,3 +290,44 @@ def test_psk_client_against_openssl_s_server(sock_path: str) -> None:
                     assert record.data == b"hello back\n"
 
         run(main())
+
+
+def test_handshake_returns_connections_ready_for_data_and_key_update(sock_path: str) -> None:
+    async def main() -> None:
+        async with running_agent(sock_path):
+            a, b = tcp_pair()
+            with a, b:
+                psk = [("demo", PSK_384, "sha384")]
+                client, server = await asyncio.gather(
+                    handshake(a, role="client", auth="psk", psk=psk, service_path=sock_path,
+                              record_layer="user"),
+                    handshake(b, role="server", auth="psk", psk=psk, service_path=sock_path,
+                              record_layer="user"),
+                )
+                assert isinstance(client, TlsConnection) and isinstance(server, TlsConnection)
+                payload = os.urandom(50_000)
+                await client.asend(payload)
+                received = b""
+                while len(received) < len(payload):
+                    received += await server.arecv()
+                assert received == payload
+                await client.akey_update(request_peer=True)
+                await client.asend(b"after the update")
+                assert await server.arecv() == b"after the update"
+                await server.asend(b"answered")  # carries the peer's own KeyUpdate first
+                assert await client.arecv() == b"answered"
+                assert client.session.client_generation == 1
+                assert server.session.server_generation == 1
+
+    run(main())
+
+
+def test_handshake_raises_handshake_failed_with_the_status(sock_path: str) -> None:
+    async def main() -> None:
+        a, b = tcp_pair()
+        with a, b:
+            with pytest.raises(HandshakeFailed) as info:
+                await handshake(a, role="client", auth="unauth", service_path=sock_path)
+            assert info.value.errno == errno.ESRCH and info.value.errno_name == "ESRCH"
+
+    run(main())
