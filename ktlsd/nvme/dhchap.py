@@ -665,10 +665,20 @@ class Authenticated:
 
 @dataclass(frozen=True)
 class Failed:
-    """Authentication failed with ``reason``; ``detected_locally`` tells who noticed."""
+    """Authentication failed with ``reason``; ``detected_locally`` tells who noticed.
 
-    reason: FailureReason
+    ``reason`` is a plain int only when a peer sent a code this module does not know.
+    """
+
+    reason: FailureReason | int
     detected_locally: bool
+
+
+def _reason(code: int) -> FailureReason | int:
+    try:
+        return FailureReason(code)
+    except ValueError:
+        return code
 
 
 Event = Authenticated | Failed
@@ -763,7 +773,7 @@ class DhchapHost(_Base):
     def receive(self, message: Message) -> Output:
         if isinstance(message, Failure) and message.from_controller:
             self._state = "done"
-            return Output(None, [Failed(FailureReason(message.explanation), False)])
+            return Output(None, [Failed(_reason(message.explanation), False)])
         if self._state == "challenge" and isinstance(message, Challenge):
             return self._on_challenge(message)
         if self._state == "success1" and isinstance(message, Success1):
@@ -918,7 +928,7 @@ class DhchapController(_Base):
             self._state = "negotiate"
             self.authenticated = False
             self._clear_key()
-            return Output(None, [Failed(FailureReason(message.explanation), False)])
+            return Output(None, [Failed(_reason(message.explanation), False)])
         if getattr(message, "t_id", None) != self._t_id:
             return self._fail(FailureReason.INCORRECT_PAYLOAD)
         if self._state == "reply" and isinstance(message, Reply):

@@ -494,3 +494,57 @@ def test_augmented_challenge_definition() -> None:
     ks, c = b"k" * 256, b"c" * 32
     expected = hmac.new(hashlib.sha256(ks).digest(), c, "sha256").digest()
     assert augmented_challenge(HashFunction.SHA256, ks, c) == expected
+
+
+@given(st.binary(max_size=400))
+def test_decoding_garbage_only_raises_message_error(raw: bytes) -> None:
+    try:
+        decode_message(raw)
+    except MessageError as exc:
+        assert "\n" not in str(exc)
+
+
+@given(
+    st.binary(min_size=2, max_size=200),
+    st.sampled_from([0, 1]),
+    st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 0xF0, 0xF1]),
+)
+def test_state_machines_survive_arbitrary_messages(
+    body: bytes, auth_type: int, auth_id: int
+) -> None:
+    try:
+        message = decode_message(bytes([auth_type, auth_id]) + body)
+    except MessageError:
+        return
+    secret = DhchapSecret(1, bytes(32))
+    host = DhchapHost(HOSTNQN, SUBSYSNQN, secret, dh_groups=[0])
+    host.start()
+    for out in (
+        host.receive(message),
+        DhchapController(SUBSYSNQN, HOSTNQN, secret, dh_groups=[0]).receive(message),
+    ):
+        assert out.send is None or isinstance(
+            out.send, (Negotiate, Challenge, Reply, Success1, Success2, Failure)
+        )
+        for event in out.events:
+            assert isinstance(event, (Authenticated, Failed))
+            assert not isinstance(event, Authenticated)
+
+
+def test_unknown_failure_code_is_kept() -> None:
+    host = DhchapHost(HOSTNQN, SUBSYSNQN, DhchapSecret(1, bytes(32)))
+    t_id = host.start().t_id
+    out = host.receive(decode_message(bytes([0, 0xF1, 0, 0, t_id, 0, 1, 0x42])))
+    assert out.events == [Failed(0x42, False)]
+
+
+@given(st.binary(min_size=48, max_size=48), st.integers(min_value=0), st.integers(1, 127))
+def test_every_corrupted_secret_is_rejected(key: bytes, where: int, flip: int) -> None:
+    text = DhchapSecret(2, key).format()
+    pos = where % len(text)
+    corrupted = text[:pos] + chr(ord(text[pos]) ^ flip) + text[pos + 1 :]
+    if corrupted[6:11] == ":00:":  # the one edit that yields another valid secret (hash 00)
+        return
+    with pytest.raises(nvme_keys.KeyFormatError) as info:
+        DhchapSecret.parse(corrupted)
+    assert text.split(":")[2] not in str(info.value)

@@ -211,3 +211,19 @@ def test_parse_identity_rejects_garbage() -> None:
     ident = keys.parse_identity("NVMe1G02 host subsys digest")
     assert ident.generated and ident.hash_id is keys.HashId.SHA384
     assert str(ident) == "NVMe1G02 host subsys digest"
+
+
+def test_psk_lookup_prefixes_follow_kernel_priority() -> None:
+    prefixes = keys.psk_lookup_prefixes("h", "s")
+    assert prefixes == [
+        "NVMe1R02 h s",
+        "NVMe1R01 h s",
+        "NVMe0R02 h s",
+        "NVMe0R01 h s",
+        "NVMe1G02 h s",
+        "NVMe1G01 h s",
+        "NVMe0G02 h s",
+        "NVMe0G01 h s",
+    ]
+    derived = keys.derive_nvme_tls_key(CONFIGURED_32, 1, "h", "s", 1)
+    assert str(derived.identity).startswith(prefixes[1])
