@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import socket
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,7 +39,13 @@ from tls13_records import NEW_SESSION_TICKET, read_application_data, recv_record
 
 from ktlsd.credentials import X509Credentials
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.handshake import PskKey, TlsConfig, handshake_blocking, perform_handshake
+from ktlsd.handshake import (
+    PskKey,
+    TlsConfig,
+    TlsHandshake,
+    handshake_blocking,
+    perform_handshake,
+)
 from ktlsd.session import CipherSuite, Role, Session
 
 SUITES = list(CipherSuite)
@@ -756,3 +765,189 @@ def test_secrets_never_in_repr() -> None:
     psk = PskKey(b"id", PSK_KEY)
     assert PSK_KEY.hex() not in repr(psk) and repr(PSK_KEY) not in repr(psk)
     assert repr(PSK_KEY) not in repr(client_config(psk_keys=(psk,)))
+
+
+# --- HelloRetryRequest, groups, options -----------------------------------------------------------
+@pytest.mark.parametrize("kind", ["x509", "psk-sha384"])
+def test_hello_retry_request(pki: Pki, kind: str) -> None:
+    # The client's key share is X25519 only; the server accepts P-256 only: it must send an HRR.
+    if kind == "x509":
+        ca = pki.ca["rsa"]
+        client = client_config(
+            truststore=str(ca.cert_path), peername="localhost", groups="X25519:P-256"
+        )
+        server = server_config(credentials=pki.creds(pki.server["rsa"]), groups="P-256")
+    else:
+        psk = PskKey(b"hrr", PSK384, "sha384")
+        client = client_config(psk_keys=(psk,), groups="X25519:P-256")
+        server = server_config(psk_lookup={b"hrr": psk}.get, groups="P-256")
+    cs, ss, csock, ssock = pair(client, server)
+    with csock, ssock:
+        assert isinstance(cs, Session) and isinstance(ss, Session), (cs, ss)
+        assert cs.group == ss.group and "256" in (cs.group or "")
+        exchange_records(cs, ss, csock, ssock)
+
+
+def test_hello_retry_request_vs_openssl_server(pki: Pki, tmp_path: Path) -> None:
+    server = pki.server["ecdsa"]
+    args = [
+        "-cert",
+        str(server.cert_path),
+        "-key",
+        str(server.key_path),
+        "-groups",
+        "P-384",
+        "-keylogfile",
+        str(tmp_path / "keys"),
+    ]
+    config = client_config(
+        truststore=str(pki.ca["ecdsa"].cert_path), peername="::1", groups="X25519:P-384"
+    )
+    with openssl_server(*args) as peer:
+        session, sock = connect_and_handshake(peer.port, config)
+        sock.close()
+    assert_secrets_match(session, tmp_path / "keys")
+    assert "384" in (session.group or "")
+
+
+def test_client_skips_psk_whose_hash_is_not_allowed() -> None:
+    only256 = (CipherSuite.TLS_AES_128_GCM_SHA256, CipherSuite.TLS_CHACHA20_POLY1305_SHA256)
+    k384 = PskKey(b"a384", PSK384, "sha384")
+    k256 = PskKey(b"b256", PSK_KEY, "sha256")
+    keys = {k.identity: k for k in (k384, k256)}
+    cs, ss, csock, ssock = pair(
+        client_config(psk_keys=(k384, k256), ciphersuites=only256),
+        server_config(psk_lookup=keys.get),
+    )
+    with csock, ssock:
+        assert isinstance(cs, Session) and isinstance(ss, Session), (cs, ss)
+        assert cs.peer.psk_identity == b"b256" == ss.peer.psk_identity
+        assert cs.suite in only256
+
+
+def test_verify_peer_false_accepts_untrusted_server(pki: Pki) -> None:
+    server = pki.expired_server
+    config = client_config(truststore=str(pki.other_ca.cert_path), verify_peer=False)
+    with openssl_server("-cert", str(server.cert_path), "-key", str(server.key_path)) as peer:
+        session, sock = connect_and_handshake(peer.port, config)
+        sock.close()
+    assert session.peer.certificate_chain[0] == server.cert_der
+
+
+def test_truststore_directory(pki: Pki, tmp_path: Path) -> None:
+    store = tmp_path / "certs"
+    store.mkdir()
+    (store / "ca.pem").write_bytes(pki.ca["rsa"].cert_path.read_bytes())
+    subprocess.run(["openssl", "rehash", str(store)], check=True, capture_output=True)
+    server = pki.server["rsa"]
+    config = client_config(truststore=str(store), peername="localhost")
+    with openssl_server("-cert", str(server.cert_path), "-key", str(server.key_path)) as peer:
+        session, sock = connect_and_handshake(peer.port, config)
+        sock.close()
+    assert session.peer.certificate_chain[0] == server.cert_der
+
+
+def test_server_does_not_consume_data_sent_right_after_client_finished() -> None:
+    """Drive a client with the sans-I/O core by hand and send its Finished flight and a first
+    application record in ONE write: the server driver must leave that record in the socket."""
+    keys = {b"id": PskKey(b"id", PSK_KEY)}
+    csock, ssock = socket.socketpair()
+    with csock, ssock:
+        server_task = ThreadResult(
+            lambda: handshake_blocking(ssock, server_config(psk_lookup=keys.get), timeout=TIMEOUT)
+        )
+        with TlsHandshake(client_config(psk_keys=(keys[b"id"],))) as hs:
+            csock.sendall(hs.start())
+            out = b""
+            while hs.wants_input:
+                out = hs.receive_record(recv_record(csock))
+                if hs.wants_input:
+                    csock.sendall(out)
+            hs.check()
+            cs = hs.session()
+        csock.sendall(out + seal(cs.suite, cs.tx_secret, 0, b"early bird"))
+        ss = server_task.result()
+        assert ss.rx_seq == 0
+        assert read_application_data(ssock, ss.suite, ss.rx_secret, 0)[0] == b"early bird"
+
+
+class ThreadResult:
+    """Run ``fn`` in a thread; :meth:`result` joins and returns or re-raises."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self._value: object = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._value = fn()
+            except BaseException as exc:
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def result(self, timeout: float = TIMEOUT):  # type: ignore[no-untyped-def]
+        self._thread.join(timeout)
+        assert not self._thread.is_alive()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def test_error_queue_is_left_empty_after_failures() -> None:
+    from ktlsd import _openssl
+
+    keys = {b"known": PskKey(b"known", PSK_KEY)}
+    cs, ss, csock, ssock = pair(
+        client_config(psk_keys=(PskKey(b"known", bytes(32)),)), server_config(psk_lookup=keys.get)
+    )
+    csock.close()
+    ssock.close()
+    assert isinstance(cs, HandshakeError) and isinstance(ss, HandshakeError)
+    assert _openssl.ERR_get_error() == 0
+
+
+def test_no_secret_in_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    k1 = PskKey(b"first", PSK_KEY)
+    k2 = PskKey(b"second", PSK384, "sha384")
+    cs, ss, csock, ssock = pair(
+        client_config(psk_keys=(k1, k2)), server_config(psk_lookup={b"first": k1}.get)
+    )
+    csock.close()
+    ssock.close()
+    assert isinstance(cs, Session) and isinstance(ss, Session)
+    assert "offering PSK 'first' only" in caplog.text  # the multi-PSK limitation is logged
+    for secret in (PSK_KEY, PSK384, cs.client_secret, cs.server_secret):
+        assert secret.hex() not in caplog.text and repr(secret) not in caplog.text
+        assert secret.hex() not in repr(cs) and repr(secret) not in repr(cs)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="sha256 or sha384"):
+        PskKey(b"id", PSK_KEY, "md5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty key"):
+        PskKey(b"id", b"")
+    with pytest.raises(ValueError, match="client_auth"):
+        server_config(client_auth="maybe")
+    with pytest.raises(ValueError, match="no cipher suites"):
+        client_config(ciphersuites=())
+
+
+def test_credentials_from_der_accepts_traditional_keys_and_chains(pki: Pki) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    for kt in KEY_TYPES:
+        issued = pki.server[kt]
+        traditional = issued.key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        creds = X509Credentials.from_der(issued.cert_der + pki.ca[kt].cert_der, traditional)
+        assert creds.chain == (issued.cert_der, pki.ca[kt].cert_der)
+        assert creds.private_key == issued.key_der  # normalised to PKCS#8
+        assert issued.key_der.hex() not in repr(creds)
+    err = expect_failure(lambda: X509Credentials.from_der(b"\x30\x03abc", b"junk"))
+    assert_one_line_error(err, FailureCause.MISSING_MATERIAL, "not DER")
