@@ -58,11 +58,11 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 
 
 @contextlib.asynccontextmanager
-async def running_agent(path: str, **service_args: Any) -> Any:
+async def running_agent(path: str, *, concurrency: int = 0, **service_args: Any) -> Any:
     """The real agent serving the real service at ``path``."""
     service = HandshakeService(path, **service_args)
     await service.start()
-    agent = Agent(AgentSettings(keep_sessions=False), [service])
+    agent = Agent(AgentSettings(keep_sessions=False, max_concurrent=concurrency), [service])
     task = asyncio.create_task(agent.run())
     try:
         yield service
@@ -331,3 +331,73 @@ def test_handshake_raises_handshake_failed_with_the_status(sock_path: str) -> No
             assert info.value.errno == errno.ESRCH and info.value.errno_name == "ESRCH"
 
     run(main())
+
+
+async def _submit_retrying(sock: socket.socket, counts: dict[str, int], **kwargs: Any,
+                           ) -> HandshakeDone:
+    """What a well-behaved consumer does with EAGAIN: try again a little later."""
+    while True:
+        done = await submit(sock, **kwargs)
+        if done.status != errno.EAGAIN:
+            return done
+        counts["EAGAIN"] += 1
+        await asyncio.sleep(0.01)
+
+
+def test_200_concurrent_mixed_requests_with_a_small_pending_limit(
+    tmp_path: Path
+) -> None:
+    """100 connections = 200 requests, PSK SHA-256 / SHA-384 and mutual x509, all submitted
+    at once. The ends of each connection go to two agents: a "limited" one (pending limit 5,
+    16 handshakes at a time) serving both roles, and a roomy one for the other ends, so that
+    no connection can starve waiting for its own other end. Rejected requests see EAGAIN,
+    every request gets exactly one answer, and every connection carries data byte-exact."""
+    ca = Authority.create(tmp_path / "pki")
+    server_cert = ca.issue_server()
+    client_cert = ca.issue_client("host")
+    counts = {"EAGAIN": 0}
+    limited_path = str(tmp_path / "limited.sock")
+    roomy_path = str(tmp_path / "roomy.sock")
+
+    def arguments(i: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        client_path, server_path = (limited_path, roomy_path) if i % 2 else (roomy_path,
+                                                                            limited_path)
+        client = {"service_path": client_path, "timeout": 20, "role": "client"}
+        server = {"service_path": server_path, "timeout": 20, "role": "server"}
+        if i % 3 == 0:
+            psk = [(f"id-{i}", PSK_256, "sha256")]
+            return ({**client, "auth": "psk", "psk": psk}, {**server, "auth": "psk", "psk": psk})
+        if i % 3 == 1:
+            psk = [(f"id-{i}", PSK_384, "sha384")]
+            return ({**client, "auth": "psk", "psk": psk}, {**server, "auth": "psk", "psk": psk})
+        return (
+            {**client, "auth": "x509", "peername": "localhost", "truststore": ca.cert_path,
+             "certificate": client_cert.cert_path, "private_key": client_cert.key_path},
+            {**server, "auth": "x509", "truststore": ca.cert_path,
+             "certificate": server_cert.cert_path, "private_key": server_cert.key_path,
+             "require_client_cert": True},
+        )
+
+    async def one(i: int) -> None:
+        a, b = tcp_pair()
+        with a, b:
+            client_args, server_args = arguments(i)
+            da, db = await asyncio.gather(_submit_retrying(a, counts, **client_args),
+                                          _submit_retrying(b, counts, **server_args))
+            assert (da.status, da.reason, db.status, db.reason) == (0, "", 0, ""), i
+            payload = f"connection {i} ".encode() * 50
+            await asyncio.to_thread(exchange, a, da, b, db, payload)
+
+    async def main() -> None:
+        async with (
+            running_agent(limited_path, pending_limit=5, concurrency=16) as limited,
+            running_agent(roomy_path, pending_limit=50, concurrency=256) as roomy,
+        ):
+            await asyncio.gather(*(one(i) for i in range(100)))
+            for service in (limited, roomy):
+                assert service.pending == service.in_flight == 0
+                assert service.counters["answered"] == 100
+            assert limited.counters["EAGAIN"] > 0
+            assert limited.counters["EAGAIN"] + roomy.counters["EAGAIN"] == counts["EAGAIN"]
+
+    run(main(), limit=120)
