@@ -26,6 +26,7 @@ from ktlsd.client import (
     build_request,
     connection_from_done,
     handshake,
+    key_update,
     submit,
     submit_request,
 )
@@ -401,3 +402,45 @@ def test_200_concurrent_mixed_requests_with_a_small_pending_limit(
             assert limited.counters["EAGAIN"] + roomy.counters["EAGAIN"] == counts["EAGAIN"]
 
     run(main(), limit=120)
+
+
+def test_key_update_through_the_service_for_a_user_space_record_layer(sock_path: str) -> None:
+    """The consumer asks the agent to send its KeyUpdate (as the proposed kernel upcall does),
+    installs the new TX secret from DONE, and the peer follows."""
+
+    async def main() -> None:
+        service = HandshakeService(sock_path)
+        await service.start()
+        agent = Agent(AgentSettings(keep_sessions=True), [service])
+        task = asyncio.create_task(agent.run())
+        try:
+            a, b = tcp_pair()
+            with a, b:
+                psk = [("ku", PSK_256)]
+                da, db = await asyncio.gather(
+                    submit(a, role="client", auth="psk", psk=psk, service_path=sock_path),
+                    submit(b, role="server", auth="psk", psk=psk, service_path=sock_path),
+                )
+                assert (da.status, db.status) == (0, 0), (da.reason, db.reason)
+                assert da.session is not None and da.session_id > 0
+                a.setblocking(True)
+                layer_a = open_record_layer(a, da.session, "user")
+                server = connection_from_done(b, db, record_layer="user")
+                await asyncio.to_thread(layer_a.send, b"before")
+                assert await server.arecv() == b"before"
+                done = await key_update(a, role="client", session_id=da.session_id,
+                                        record_seqs=layer_a.sequence_numbers(),
+                                        service_path=sock_path)
+                assert done.status == 0, done.reason
+                assert done.session is not None
+                assert done.session.client_generation == 1
+                assert done.session.client_secret != da.session.client_secret
+                layer_a.install_tx_key(done.session.client_secret, 0)
+                await asyncio.to_thread(layer_a.send, b"after")
+                assert await server.arecv() == b"after"
+                assert server.session.client_generation == 1
+        finally:
+            await agent.stop()
+            await asyncio.wait_for(task, 30)
+
+    run(main())
