@@ -748,6 +748,11 @@ class HandshakeService:
 
     Use as ``async with HandshakeService(path) as service:`` (or ``await start()`` /
     ``await close()``) and consume :meth:`requests`.
+
+    ``mode``/``group``: permissions of the socket file (who may submit); ``pending_limit``:
+    requests queued but not yet taken before EAGAIN (default: the kernel's);
+    ``submit_wait``: seconds a new connection may stay silent; ``max_connections``: open
+    consumer connections beyond which new ones are closed at once.
     """
 
     name = "service"
@@ -757,7 +762,7 @@ class HandshakeService:
         path: str | os.PathLike[str] = DEFAULT_SERVICE_PATH,
         *,
         mode: int = 0o660,
-        group: int | None = None,
+        group: int | str | None = None,
         pending_limit: int | None = None,
         submit_wait: float = SUBMIT_WAIT_SECONDS,
         max_connections: int = MAX_CONNECTIONS,
@@ -824,7 +829,7 @@ class HandshakeService:
             # place: no moment exists where the public path is more open than ``mode``.
             os.chmod(temp, self.mode)
             if self.group is not None:
-                os.chown(temp, -1, self.group)
+                os.chown(temp, -1, _group_id(self.group))
             listener.listen(socket.SOMAXCONN)
             listener.setblocking(False)
             os.rename(temp, self.path)
@@ -1079,6 +1084,17 @@ class HandshakeService:
             del self._by_socket[item._identity]
         self._in_flight.discard(item)
         self._maybe_idle()
+
+
+def _group_id(group: int | str) -> int:
+    if isinstance(group, int):
+        return group
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"unknown group {group!r} for the service socket") from None
 
 
 def _socket_identity(fd: int) -> tuple[int, int]:

@@ -684,3 +684,18 @@ def test_secrets_never_reach_logs_or_reprs(
         assert f"pid {os.getpid()}" in caplog.text  # the consumer is identified in the log
 
     run(main())
+
+
+def test_socket_group_by_name_and_unknown_group(sock_path: str) -> None:
+    import grp
+
+    group = grp.getgrgid(os.getgid() if os.getgid() != 0 else 1)
+
+    async def main() -> None:
+        async with HandshakeService(sock_path, group=group.gr_name):
+            assert os.stat(sock_path).st_gid == group.gr_gid
+        with pytest.raises(ValueError, match="unknown group"):
+            await HandshakeService(sock_path, group="no-such-group-ktlsd").start()
+        assert not os.path.exists(sock_path)
+
+    run(main())
