@@ -505,12 +505,19 @@ class TlsHandshake(ossl.ConnectionHooks):
                 and self._records_in == 1
             ):
                 # OpenSSL servers answer a PSK binder that does not verify (a wrong key) with
-                # illegal_parameter, straight after our ClientHello.
+                # illegal_parameter straight after our ClientHello; GnuTLS servers do the same
+                # for an unknown identity too (they hide which identities exist).
                 return HandshakeError(
-                    FailureCause.PEER_REJECTED, f"{text} (server refused our PSK binder)"
+                    FailureCause.PEER_REJECTED,
+                    f"{text} (server refused our PSK: wrong key or unknown identity)",
                 )
             return HandshakeError(FailureCause.PROTOCOL_ERROR, text)
         verify = conn.verify_result()
+        if self._offered_psk is not None and "certificate verify failed" in reasons:
+            return HandshakeError(
+                FailureCause.PEER_REJECTED,
+                f"server did not accept PSK {self._offered_psk.describe()} and sent a certificate",
+            )
         if verify != ossl.X509_V_OK and "certificate verify failed" in reasons:
             who = "server" if self.role is Role.CLIENT else "client"
             return HandshakeError(

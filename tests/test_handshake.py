@@ -541,7 +541,7 @@ def test_wrong_psk_key_both_sides() -> None:
     ssock.close()
     assert isinstance(cs, HandshakeError) and isinstance(ss, HandshakeError), (cs, ss)
     assert_one_line_error(ss, FailureCause.PEER_REJECTED, "binder")
-    assert_one_line_error(cs, FailureCause.PEER_REJECTED, "PSK binder")
+    assert_one_line_error(cs, FailureCause.PEER_REJECTED, "refused our PSK")
     for err in (cs, ss):
         assert PSK_KEY.hex() not in str(err) and wrong.hex() not in str(err)
 
@@ -951,3 +951,43 @@ def test_credentials_from_der_accepts_traditional_keys_and_chains(pki: Pki) -> N
         assert issued.key_der.hex() not in repr(creds)
     err = expect_failure(lambda: X509Credentials.from_der(b"\x30\x03abc", b"junk"))
     assert_one_line_error(err, FailureCause.MISSING_MATERIAL, "not DER")
+
+
+def test_gnutls_peers_and_unknown_psk_identity(tmp_path: Path) -> None:
+    # ktlsd server -> gnutls-cli: our unknown_psk_identity alert (115) reaches the client.
+    keys = {b"known": PskKey(b"known", PSK_KEY)}
+    args = ["--pskusername", "stranger", "--pskkey", PSK_KEY.hex(), "--priority", GNUTLS_TLS13_PSK]
+    with listener() as lsock, gnutls_client(lsock.getsockname()[1], *args) as peer:
+        sock, _ = lsock.accept()
+        with sock:
+            err = expect_failure(
+                lambda: handshake_blocking(sock, server_config(psk_lookup=keys.get), timeout=5)
+            )
+        peer.wait_for("Received alert [115]")
+    assert_one_line_error(err, FailureCause.UNKNOWN_PSK_IDENTITY, "stranger")
+    # ktlsd client -> gnutls-serv: GnuTLS hides unknown identities behind illegal_parameter, so
+    # the client can only tell that its PSK was refused.
+    passwd = tmp_path / "psk.passwd"
+    passwd.write_text(f"known:{PSK_KEY.hex()}\n")
+    with gnutls_server("--pskpasswd", str(passwd), "--priority", GNUTLS_TLS13_PSK) as peer:
+        config = client_config(psk_keys=(PskKey(b"stranger", PSK_KEY),))
+        err = expect_failure(lambda: connect_and_handshake(peer.port, config))
+    assert_one_line_error(err, FailureCause.PEER_REJECTED, "refused our PSK")
+
+
+def test_psk_client_refuses_certificate_fallback(pki: Pki) -> None:
+    server = pki.server["ecdsa"]
+    args = [
+        "-cert",
+        str(server.cert_path),
+        "-key",
+        str(server.key_path),
+        "-psk_identity",
+        "other",
+        "-psk",
+        PSK_KEY.hex(),
+    ]
+    with openssl_server(*args) as peer:
+        config = client_config(psk_keys=(PskKey(b"mine", PSK_KEY),))
+        err = expect_failure(lambda: connect_and_handshake(peer.port, config))
+    assert_one_line_error(err, FailureCause.PEER_REJECTED, "did not accept PSK 'mine'")
