@@ -30,6 +30,7 @@ __all__ = [
     "add_key",
     "describe_key",
     "find_keyring",
+    "get_keyring_id",
     "invalidate_key",
     "join_session_keyring",
     "link_key",
@@ -272,9 +273,8 @@ def find_keyring(name: str) -> int:
     """
     try:
         return _request_key("keyring", name)
-    except KeyringError as exc:
-        if exc.errno not in (errno_mod.ENOKEY, errno_mod.EKEYREVOKED, errno_mod.EKEYEXPIRED):
-            raise
+    except KeyringError:
+        pass  # not reachable from our keyrings (or not permitted): scan /proc/keys
     try:
         with open("/proc/keys", encoding="utf-8", errors="replace") as f:
             lines = f.readlines()
