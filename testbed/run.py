@@ -1,0 +1,152 @@
+"""Boot ONE guest, run a list of scenarios in it, collect per-scenario results.
+
+``python -m testbed.run [--scenario NAME ...] [--json REPORT] [--timeout SECONDS]``
+
+Builds the guest first if the recipe's cache entry is missing (see :mod:`testbed.build`).
+One boot serves all scenarios: booting costs seconds under TCG, a scenario often less.
+The report (printed as a table, optionally written as JSON) has the kernel version, the
+accelerator used, build/boot/wall times, and for each scenario: passed, seconds, figures,
+details, and -- on failure -- the scenario's log tail and the console tail. A scenario with
+no result (guest crashed, timed out) is reported failed with the reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from testbed import build as build_mod
+from testbed import vm
+
+PROJECT = Path(__file__).resolve().parent.parent
+SCENARIO_DIR = PROJECT / "testbed" / "scenarios"
+
+#: The default list: everything that can run today. ``ktls-python`` joins when ktlsd/ktls.py
+#: exists; the ``-ktlsd`` variants when ``ktlsd run`` exists (see docs/testbed.md).
+BASE_SCENARIOS: tuple[str, ...] = ("kernel-facts", "nvme-tls-tlshd", "nfs-tls-tlshd")
+
+
+def default_scenarios() -> list[str]:
+    names = list(BASE_SCENARIOS)
+    if (PROJECT / "ktlsd" / "ktls.py").exists() and (SCENARIO_DIR / "ktls_python.py").exists():
+        names.append("ktls-python")
+    return names
+
+
+def run(
+    scenarios: list[str],
+    *,
+    timeout: float = 480.0,
+    scenario_timeout: float = 240.0,
+    results_dir: Path | None = None,
+) -> dict[str, object]:
+    """Build (if needed), boot once, return the report dict (see module docstring)."""
+    wall = time.monotonic()
+    t0 = time.monotonic()
+    image = build_mod.build()
+    build_seconds = time.monotonic() - t0
+    results = Path(results_dir or tempfile.mkdtemp(prefix="ktlsd-vm-results-"))
+    results.mkdir(parents=True, exist_ok=True)
+    for old in results.glob("*.json"):
+        old.unlink()
+    plan = {"scenarios": scenarios, "scenario_timeout": scenario_timeout}
+    (results / "plan.json").write_text(json.dumps(plan))
+    console = results / "console.log"
+    boot = vm.boot(image, PROJECT, results, timeout, console)
+    console_text = console.read_text(errors="replace") if console.exists() else ""
+    runner: dict[str, object] = {}
+    if (results / "runner.json").exists():
+        runner = json.loads((results / "runner.json").read_text())
+    guest_problem = None
+    if boot.timed_out:
+        guest_problem = f"QEMU killed after the {timeout:.0f} s wall-clock limit"
+    elif "KTLSD-GUEST-READY" not in console_text:
+        guest_problem = "the guest never reached the scenario runner"
+    per: list[dict[str, object]] = []
+    for name in scenarios:
+        path = results / f"{name}.json"
+        if path.exists():
+            rec = json.loads(path.read_text())
+        else:
+            rec = {
+                "name": name,
+                "passed": False,
+                "figures": {},
+                "details": [f"no result: {guest_problem or 'guest runner did not reach it'}"],
+            }
+        if not rec.get("passed"):
+            rec["console_tail"] = boot.console_tail()
+        per.append(rec)
+    return {
+        "kernel": runner.get("kernel") or image.kernel_release,
+        "kernel_package": f"{image.kernel_package} {image.kernel_package_version}",
+        "accel": boot.accel,
+        "build_seconds": round(build_seconds, 1),
+        "boot_seconds": runner.get("uptime_at_start"),
+        "qemu_seconds": round(boot.seconds, 1),
+        "wall_seconds": round(time.monotonic() - wall, 1),
+        "qemu_returncode": boot.returncode,
+        "guest_problem": guest_problem,
+        "results_dir": str(results),
+        "passed": all(r.get("passed") for r in per) and guest_problem is None,
+        "scenarios": per,
+    }
+
+
+def format_report(report: dict[str, object]) -> str:
+    lines = [
+        f"kernel {report['kernel']} ({report['kernel_package']}), accel {report['accel']}, "
+        f"build {report['build_seconds']} s, boot {report['boot_seconds']} s, "
+        f"qemu {report['qemu_seconds']} s, wall {report['wall_seconds']} s",
+    ]
+    if report.get("guest_problem"):
+        lines.append(f"GUEST PROBLEM: {report['guest_problem']}")
+    for rec in report["scenarios"]:  # type: ignore[union-attr]
+        status = "PASS" if rec.get("passed") else "FAIL"
+        lines.append(f"{status} {rec['name']} ({rec.get('seconds', '?')} s)")
+        for key, value in (rec.get("figures") or {}).items():
+            lines.append(f"    {key}: {value}")
+        if not rec.get("passed"):
+            for d in rec.get("details") or []:
+                lines.append(f"    ! {d}")
+            if rec.get("log_tail"):
+                lines.append("    --- scenario log tail ---")
+                lines += ["    " + ln for ln in str(rec["log_tail"]).splitlines()[-20:]]
+    if not report.get("passed"):
+        tail = next(
+            (r.get("console_tail") for r in report["scenarios"] if r.get("console_tail")), ""
+        )  # type: ignore[union-attr]
+        if tail:
+            lines.append("--- console tail ---")
+            lines += str(tail).splitlines()[-25:]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m testbed.run", description=__doc__)
+    parser.add_argument(
+        "--scenario", action="append", dest="scenarios", metavar="NAME",
+        help="scenario to run (repeatable); default: " + ", ".join(default_scenarios()),
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, help="write the full report here")
+    parser.add_argument("--timeout", type=float, default=480.0, help="QEMU wall-clock limit")
+    parser.add_argument("--results-dir", type=Path, help="keep guest results and logs here")
+    args = parser.parse_args(argv)
+    try:
+        report = run(args.scenarios or default_scenarios(), timeout=args.timeout,
+                     results_dir=args.results_dir)  # fmt: skip
+    except build_mod.BuildError as exc:
+        print(f"testbed.run: cannot build the guest: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Session fixture for the real-kernel tests: ONE build, ONE boot, all scenarios.
+
+Every test under tests/vm/ is marked ``vm`` automatically, so ``pytest -m "not vm"`` leaves
+them out and ``pytest -m vm tests/vm`` runs only them. If the guest cannot be built (no
+network, missing host tools, not root) the tests FAIL with the reason -- they never skip:
+a test bed that silently does nothing would hide exactly the regressions it exists for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from testbed import build, run
+
+#: Scenarios booted together by the session fixture. ``KTLSD_VM_SCENARIOS`` (comma-separated)
+#: overrides the list, e.g. to add the ``-ktlsd`` variants once ``ktlsd run`` exists.
+SCENARIOS = [
+    s
+    for s in os.environ.get("KTLSD_VM_SCENARIOS", ",".join(run.default_scenarios())).split(",")
+    if s
+]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.vm)
+
+
+@pytest.fixture(scope="session")
+def vm_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Build (cached) and boot the guest once; return the report of testbed.run.run()."""
+    results = tmp_path_factory.mktemp("vm-results")
+    try:
+        report = run.run(SCENARIOS, results_dir=results)
+    except build.BuildError as exc:
+        pytest.fail(f"cannot build the test-bed guest: {exc}", pytrace=False)
+    (results / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("\n" + run.format_report(report))
+    return report
+
+
+@pytest.fixture
+def scenario(vm_report: dict[str, object], request: pytest.FixtureRequest):
+    """Look up one scenario's result by the test's ``scenario_name`` parameter."""
+
+    def get(name: str) -> dict[str, object]:
+        for rec in vm_report["scenarios"]:  # type: ignore[union-attr]
+            if rec["name"] == name:
+                return rec
+        pytest.fail(f"scenario {name!r} was not run (scenarios: {SCENARIOS})", pytrace=False)
+
+    return get
