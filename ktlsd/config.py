@@ -1,0 +1,559 @@
+"""ktlsd's configuration: tlshd's configuration file, read unchanged, plus a ``[ktlsd]`` section.
+
+ktlsd is a drop-in replacement for tlshd, so it reads the file tlshd reads, with tlshd's
+syntax (a GLib "key file") and tlshd's keys::
+
+    [debug]                 loglevel, tls, nl (integers), delay_done (seconds)
+    [authenticate]          keyrings = name-or-serial;name-or-serial;...
+    [authenticate.client]   x509.truststore, x509.crl, x509.certificate, x509.private_key,
+                            x509.pq.certificate, x509.pq.private_key
+    [authenticate.server]   the same, plus x509.client_auth (bool), x509.client_allowed_sans
+
+ktlsd's own settings live in the same file under ``[ktlsd]`` (tlshd ignores sections it does
+not know, so one file serves both). See docs/configuration.md for every key.
+
+Which file (:func:`find_config`): an explicit path; else ``$KTLSD_CONFIG``; else, like tlshd,
+the legacy ``/etc/tlshd.conf`` when it exists, then ``/etc/tlshd/config``; else no file at all
+(built-in defaults -- ktlsd, unlike tlshd, runs without a configuration file).
+
+Errors: a line that is not a comment, group or ``key=value``, a key before any group, bad
+UTF-8, a bad escape or a bad value in ``[ktlsd]`` raise :class:`ConfigError`, whose message
+is one line: ``<file>:<line>: <what is wrong>``. Unknown groups and keys are warned about and
+ignored (tlshd's configuration keeps growing: ``[tags]``, PQ certificates, ...). For tlshd's
+own ``[debug]`` integers ktlsd follows tlshd: an unparsable value counts as 0 (with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("ktlsd.config")
+
+CONFIG_PATH = "/etc/tlshd/config"
+LEGACY_CONFIG_PATH = "/etc/tlshd.conf"
+ENV_CONFIG = "KTLSD_CONFIG"
+SEARCH_PATHS: tuple[str, ...] = (LEGACY_CONFIG_PATH, CONFIG_PATH)
+"""tlshd's order: the legacy file wins when it exists (tlshd then asks to relocate it)."""
+
+DEFAULT_SERVICE_SOCKET = "/run/ktlsd/handshake.sock"
+DEFAULT_TIMEOUT_MS = 10_000
+DEFAULT_SESSION_LIFETIME = 24 * 3600
+RECORD_LAYERS = ("auto", "kernel", "user")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class ConfigError(ValueError):
+    """A configuration file cannot be used; ``str()`` is ``<file>:<line>: <reason>``."""
+
+    def __init__(self, path: str, line: int | None, reason: str) -> None:
+        self.path = path
+        self.line = line
+        self.reason = " ".join(reason.split())
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {self.reason}")
+
+
+# --- the key-file syntax -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    """One ``key=value`` as written (value still escaped), with its line number."""
+
+    value: str
+    line: int
+
+
+@dataclass
+class KeyFile:
+    """A parsed GLib key file: groups of keys, in file order, duplicates merged (last wins)."""
+
+    path: str
+    groups: dict[str, dict[str, KeyValue]] = field(default_factory=dict)
+    group_lines: dict[str, int] = field(default_factory=dict)
+
+
+def _valid_group_name(name: str) -> bool:
+    return bool(name) and not any(c in "[]" or ord(c) < 0x20 or c == "\x7f" for c in name)
+
+
+def parse_key_file(text: str, path: str = "<config>") -> KeyFile:
+    """Parse GLib key-file syntax the way ``g_key_file_load_from_file()`` accepts it.
+
+    Leading whitespace on a line is ignored; ``#`` starts a comment line; ``[group]`` opens a
+    group (repeated groups merge); ``key=value`` with whitespace around ``=`` ignored. Keys
+    with a locale suffix (``key[de]``) are accepted and ignored, as ktlsd has nothing to
+    localise. One deliberate leniency: trailing whitespace of a value is dropped too (GLib
+    keeps it, which only ever breaks a path); write ``\\s`` for a significant trailing space.
+    """
+    result = KeyFile(path=path)
+    current: str | None = None
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.lstrip().rstrip("\r")
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            stripped = line.rstrip()
+            if not stripped.endswith("]"):
+                raise ConfigError(path, number, f"unterminated group header {stripped!r}")
+            name = stripped[1:-1]
+            if not _valid_group_name(name):
+                raise ConfigError(path, number, f"invalid group name {name!r}")
+            current = name
+            result.groups.setdefault(name, {})
+            result.group_lines.setdefault(name, number)
+            continue
+        if "=" not in line:
+            raise ConfigError(
+                path, number, f"{line.strip()!r} is not a key=value pair, group or comment"
+            )
+        key, _, value = line.partition("=")
+        key = key.rstrip()
+        if not key:
+            raise ConfigError(path, number, "empty key name")
+        if current is None:
+            raise ConfigError(path, number, f"key {key!r} before any [group]")
+        if "[" in key or "]" in key:
+            base, bracket, rest = key.partition("[")
+            if not base or not bracket or not rest.endswith("]") or "[" in rest[:-1]:
+                raise ConfigError(path, number, f"invalid key name {key!r}")
+            continue  # a localised value: nothing for ktlsd to use
+        group = result.groups[current]
+        if key in group:
+            log.warning("%s:%d: [%s] %s set again (line %d); the later value wins",
+                        path, number, current, key, group[key].line)
+        group[key] = KeyValue(value.strip(), number)
+    return result
+
+
+_ESCAPES = {"s": " ", "n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(value: str, *, separator: str | None = ";") -> str:
+    """Resolve GLib escapes (``\\s \\n \\t \\r \\\\`` and an escaped list separator)."""
+    out: list[str] = []
+    chars = iter(value)
+    for char in chars:
+        if char != "\\":
+            out.append(char)
+            continue
+        following = next(chars, None)
+        if following is None:
+            raise ValueError("value ends with a lone backslash")
+        if following in _ESCAPES:
+            out.append(_ESCAPES[following])
+        elif separator is not None and following == separator:
+            out.append(following)
+        else:
+            raise ValueError(f"invalid escape sequence \\{following}")
+    return "".join(out)
+
+
+def split_list(value: str, separator: str = ";") -> list[str]:
+    """A GLib string list: split on unescaped separators, unescape each item.
+
+    A trailing separator is allowed (``a;b;``); blank items are dropped, and whitespace around
+    items is ignored (``a; b`` means ``a`` and ``b``).
+    """
+    items: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for char in value:
+        if escaped:
+            current.append("\\" + char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == separator:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if escaped:
+        current.append("\\")
+    items.append("".join(current))
+    out = [unescape(item, separator=separator).strip() for item in items]
+    return [item for item in out if item]
+
+
+# --- the settings ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class X509Settings:
+    """One role's x509 material from ``[authenticate.client]`` or ``[authenticate.server]``.
+
+    Paths are kept as written; files are read when a handshake needs them (like tlshd), so a
+    certificate renewed on disk is picked up without a restart.
+    """
+
+    truststore: str | None = None
+    crl: str | None = None
+    certificate: str | None = None
+    private_key: str | None = None
+    pq_certificate: str | None = None
+    pq_private_key: str | None = None
+    client_auth: bool | None = None  # server only: require a client certificate
+    client_allowed_sans: tuple[str, ...] = ()  # server only
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything ktlsd reads from its configuration file (frozen: reload builds a new one).
+
+    tlshd's keys: ``debug_loglevel``/``debug_tls``/``debug_nl``/``delay_done`` ([debug]),
+    ``keyrings`` ([authenticate]; names or serial numbers, as written), ``client``/``server``
+    ([authenticate.client]/[authenticate.server]).
+
+    ktlsd's keys ([ktlsd]): ``service_socket`` (user-space handshake service path; ``None``
+    disables the service), ``service_mode``, ``service_group``, ``kernel`` ("auto": serve
+    the kernel's handshake family when it exists; "yes": failing to is fatal; "no"),
+    ``max_concurrent`` (0 = sized to the CPUs by the agent), ``pending_limit`` (0 = the
+    kernel's rule), ``default_timeout_ms``, ``session_lifetime`` (seconds kept session state
+    lives in the keyring), ``record_layer`` ("auto"/"kernel"/"user"), ``log_level``,
+    ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them).
+    """
+
+    path: str | None = None
+    debug_loglevel: int = 0
+    debug_tls: int = 0
+    debug_nl: int = 0
+    delay_done: int = 0
+    keyrings: tuple[str, ...] = ()
+    client: X509Settings = field(default_factory=X509Settings)
+    server: X509Settings = field(default_factory=X509Settings)
+    service_socket: str | None = DEFAULT_SERVICE_SOCKET
+    service_mode: int = 0o660
+    service_group: str | None = None
+    kernel: str = "auto"
+    max_concurrent: int = 0
+    pending_limit: int = 0
+    default_timeout_ms: int = DEFAULT_TIMEOUT_MS
+    session_lifetime: int = DEFAULT_SESSION_LIFETIME
+    record_layer: str = "auto"
+    log_level: str | None = None
+    groups: str | None = None
+
+    @property
+    def effective_log_level(self) -> str:
+        """``[ktlsd] log_level`` if set; else "debug" when tlshd's ``[debug] loglevel`` > 0."""
+        if self.log_level is not None:
+            return self.log_level
+        return "debug" if self.debug_loglevel > 0 else "info"
+
+    def agent_settings(self) -> Any:
+        """The :class:`ktlsd.agent.AgentSettings` for this configuration.
+
+        Imported lazily: loading a configuration must not pull in the TLS engine.
+        """
+        from ktlsd.agent import AgentSettings
+        from ktlsd.material import X509Files
+
+        def files(x: X509Settings) -> X509Files:
+            return X509Files(truststore=x.truststore, crl=x.crl, certificate=x.certificate,
+                             private_key=x.private_key)
+
+        return AgentSettings(
+            client_x509=files(self.client),
+            server_x509=files(self.server),
+            keyrings=self.keyrings,
+            max_concurrent=self.max_concurrent,
+            groups=self.groups,
+        )
+
+
+# Known keys per group: name -> kind. Kinds: int, path, bool, list.
+_TLSHD_KEYS: dict[str, dict[str, str]] = {
+    "debug": {"loglevel": "int", "tls": "int", "nl": "int", "delay_done": "int"},
+    "authenticate": {"keyrings": "list"},
+    "authenticate.client": {
+        "x509.truststore": "path", "x509.crl": "path", "x509.certificate": "path",
+        "x509.private_key": "path", "x509.pq.certificate": "path",
+        "x509.pq.private_key": "path",
+    },
+    "authenticate.server": {
+        "x509.truststore": "path", "x509.crl": "path", "x509.certificate": "path",
+        "x509.private_key": "path", "x509.pq.certificate": "path",
+        "x509.pq.private_key": "path", "x509.client_auth": "bool",
+        "x509.client_allowed_sans": "list",
+    },
+    # The original tlshd.conf (ktls-utils 0.x) used [main] debug/tlsdebug/nl_debug/keyrings.
+    "main": {"debug": "int", "tlsdebug": "int", "nl_debug": "int", "keyrings": "list"},
+}
+_TLSHD_GROUPS_IGNORED = ("tags",)  # tlshd features ktlsd does not implement (yet)
+
+_KTLSD_KEYS = (
+    "service_socket", "service_mode", "service_group", "kernel", "max_concurrent",
+    "pending_limit", "default_timeout_ms", "session_lifetime", "record_layer", "log_level",
+    "groups",
+)
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false, 1/0)")
+
+
+def _int(text: str, *, minimum: int | None = None, maximum: int | None = None,
+         base: int = 10) -> int:
+    try:
+        value = int(text.strip(), base)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{value} is below the minimum {minimum}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{value} is above the maximum {maximum}")
+    return value
+
+
+def _choice(text: str, choices: Sequence[str]) -> str:
+    lowered = text.strip().lower()
+    if lowered not in choices:
+        raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+    return lowered
+
+
+class _Reader:
+    """Turns a :class:`KeyFile` into typed values, reporting problems with file and line."""
+
+    def __init__(self, keyfile: KeyFile) -> None:
+        self.keyfile = keyfile
+
+    def get(self, group: str, key: str) -> KeyValue | None:
+        return self.keyfile.groups.get(group, {}).get(key)
+
+    def string(self, group: str, key: str) -> str | None:
+        entry = self.get(group, key)
+        if entry is None:
+            return None
+        try:
+            return unescape(entry.value)
+        except ValueError as exc:
+            raise ConfigError(self.keyfile.path, entry.line, f"[{group}] {key}: {exc}") from None
+
+    def path(self, group: str, key: str) -> str | None:
+        value = self.string(group, key)
+        if not value:
+            return None
+        entry = self.get(group, key)
+        assert entry is not None
+        if not os.path.exists(value):
+            log.warning("%s:%d: [%s] %s: %s does not exist (yet)",
+                        self.keyfile.path, entry.line, group, key, value)
+        return value
+
+    def tlshd_int(self, group: str, key: str) -> int | None:
+        """tlshd's integers: g_key_file_get_integer() failing counts as 0."""
+        entry = self.get(group, key)
+        if entry is None:
+            return None
+        try:
+            return _int(entry.value)
+        except ValueError as exc:
+            log.warning("%s:%d: [%s] %s: %s; using 0 as tlshd does",
+                        self.keyfile.path, entry.line, group, key, exc)
+            return 0
+
+    def strings(self, group: str, key: str) -> tuple[str, ...] | None:
+        entry = self.get(group, key)
+        if entry is None:
+            return None
+        try:
+            return tuple(split_list(entry.value))
+        except ValueError as exc:
+            raise ConfigError(self.keyfile.path, entry.line, f"[{group}] {key}: {exc}") from None
+
+    def typed(self, group: str, key: str, convert: Any) -> Any:
+        """A [ktlsd] value: bad values are errors (this is our section; be strict)."""
+        text = self.string(group, key)
+        if text is None:
+            return None
+        try:
+            return convert(text)
+        except ValueError as exc:
+            entry = self.get(group, key)
+            assert entry is not None
+            raise ConfigError(self.keyfile.path, entry.line, f"[{group}] {key}: {exc}") from None
+
+    def warn_unknown(self) -> None:
+        for group, keys in self.keyfile.groups.items():
+            line = self.keyfile.group_lines.get(group, 0)
+            if group == "ktlsd":
+                known: Sequence[str] = _KTLSD_KEYS
+            elif group in _TLSHD_KEYS:
+                known = tuple(_TLSHD_KEYS[group])
+            elif group in _TLSHD_GROUPS_IGNORED:
+                log.info("%s:%d: [%s] is a tlshd feature ktlsd ignores",
+                         self.keyfile.path, line, group)
+                continue
+            else:
+                log.warning("%s:%d: unknown group [%s] ignored", self.keyfile.path, line, group)
+                continue
+            for key, entry in keys.items():
+                if key not in known:
+                    log.warning("%s:%d: unknown key %s in [%s] ignored",
+                                self.keyfile.path, entry.line, key, group)
+
+
+def _x509(reader: _Reader, group: str) -> X509Settings:
+    client_auth = None
+    sans: tuple[str, ...] = ()
+    if group == "authenticate.server":
+        client_auth = reader.typed(group, "x509.client_auth", _bool)
+        sans = reader.strings(group, "x509.client_allowed_sans") or ()
+    certificate = reader.path(group, "x509.certificate")
+    private_key = reader.path(group, "x509.private_key")
+    return X509Settings(
+        truststore=reader.path(group, "x509.truststore"),
+        crl=reader.path(group, "x509.crl"),
+        certificate=certificate,
+        private_key=private_key,
+        pq_certificate=reader.path(group, "x509.pq.certificate"),
+        pq_private_key=reader.path(group, "x509.pq.private_key"),
+        client_auth=client_auth,
+        client_allowed_sans=sans,
+    )
+
+
+def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
+    """Build an :class:`AgentConfig` from a parsed key file (pure apart from warnings)."""
+    reader = _Reader(keyfile)
+    reader.warn_unknown()
+
+    def first(*values: int | None) -> int:
+        return next((v for v in values if v is not None), 0)
+
+    keyrings = reader.strings("authenticate", "keyrings")
+    if keyrings is None:
+        keyrings = reader.strings("main", "keyrings")
+    k = "ktlsd"
+    socket_path = reader.string(k, "service_socket")
+    service_socket: str | None = DEFAULT_SERVICE_SOCKET
+    if socket_path is not None:
+        service_socket = None if socket_path.strip().lower() in ("", "none", "off") \
+            else socket_path.strip()
+    defaults = AgentConfig()
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    config = AgentConfig(
+        path=keyfile.path,
+        debug_loglevel=first(reader.tlshd_int("debug", "loglevel"),
+                             reader.tlshd_int("main", "debug")),
+        debug_tls=first(reader.tlshd_int("debug", "tls"), reader.tlshd_int("main", "tlsdebug")),
+        debug_nl=first(reader.tlshd_int("debug", "nl"), reader.tlshd_int("main", "nl_debug")),
+        delay_done=max(0, first(reader.tlshd_int("debug", "delay_done"))),
+        keyrings=keyrings or (),
+        client=_x509(reader, "authenticate.client"),
+        server=_x509(reader, "authenticate.server"),
+        service_socket=service_socket,
+        service_mode=pick(
+            reader.typed(k, "service_mode", lambda t: _int(t, minimum=0, maximum=0o777, base=8)),
+            defaults.service_mode),
+        service_group=reader.string(k, "service_group") or None,
+        kernel=pick(reader.typed(k, "kernel", lambda t: _kernel_mode(t)), defaults.kernel),
+        max_concurrent=pick(
+            reader.typed(k, "max_concurrent", lambda t: _int(t, minimum=0, maximum=100_000)),
+            defaults.max_concurrent),
+        pending_limit=pick(
+            reader.typed(k, "pending_limit", lambda t: _int(t, minimum=0, maximum=100_000)),
+            defaults.pending_limit),
+        default_timeout_ms=pick(
+            reader.typed(k, "default_timeout_ms",
+                         lambda t: _int(t, minimum=1, maximum=3_600_000)),
+            defaults.default_timeout_ms),
+        session_lifetime=pick(
+            reader.typed(k, "session_lifetime", lambda t: _int(t, minimum=0)),
+            defaults.session_lifetime),
+        record_layer=pick(reader.typed(k, "record_layer", lambda t: _choice(t, RECORD_LAYERS)),
+                          defaults.record_layer),
+        log_level=reader.typed(k, "log_level", lambda t: _choice(t, LOG_LEVELS)),
+        groups=reader.string(k, "groups") or None,
+    )
+    _check_pairs(keyfile, config)
+    return config
+
+
+def _kernel_mode(text: str) -> str:
+    lowered = text.strip().lower()
+    if lowered == "auto":
+        return "auto"
+    try:
+        return "yes" if _bool(lowered) else "no"
+    except ValueError:
+        raise ValueError(f"{text!r} is not one of auto, yes, no") from None
+
+
+def _check_pairs(keyfile: KeyFile, config: AgentConfig) -> None:
+    """A certificate without its private key (or the reverse) cannot work: say so now."""
+    for group, x509 in (("authenticate.client", config.client),
+                        ("authenticate.server", config.server)):
+        for cert, key, cert_name, key_name in (
+            (x509.certificate, x509.private_key, "x509.certificate", "x509.private_key"),
+            (x509.pq_certificate, x509.pq_private_key, "x509.pq.certificate",
+             "x509.pq.private_key"),
+        ):
+            if bool(cert) != bool(key):
+                present = cert_name if cert else key_name
+                missing = key_name if cert else cert_name
+                entry = keyfile.groups[group][present]
+                raise ConfigError(keyfile.path, entry.line,
+                                  f"[{group}] {present} is set but {missing} is not")
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def find_config(path: str | None = None,
+                search: Sequence[str] = SEARCH_PATHS) -> str | None:
+    """The file to read: ``path``, else ``$KTLSD_CONFIG``, else the first of ``search`` that
+    exists, else None (no file: built-in defaults)."""
+    if path:
+        return path
+    from_env = os.environ.get(ENV_CONFIG)
+    if from_env:
+        return from_env
+    for candidate in search:
+        if os.path.exists(candidate):
+            if candidate == LEGACY_CONFIG_PATH:
+                log.info("reading the legacy %s (tlshd now uses %s)",
+                         LEGACY_CONFIG_PATH, CONFIG_PATH)
+            return candidate
+    return None
+
+
+def load_config(path: str | None = None, *,
+                search: Sequence[str] = SEARCH_PATHS) -> AgentConfig:
+    """Read the configuration (see :func:`find_config` for which file).
+
+    An explicitly named file (argument or ``$KTLSD_CONFIG``) must exist; when no file is
+    found by the search, the built-in defaults apply. Raises :class:`ConfigError`.
+    """
+    chosen = find_config(path, search)
+    if chosen is None:
+        log.debug("no configuration file found; using built-in defaults")
+        return AgentConfig()
+    try:
+        with open(chosen, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(chosen, None, f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(chosen, None, f"larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(chosen, line, "not valid UTF-8") from None
+    return config_from_keyfile(parse_key_file(text, chosen))

@@ -1,0 +1,312 @@
+"""Configuration: tlshd's files read unchanged, the [ktlsd] section, errors with file:line."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from ktlsd.config import (
+    CONFIG_PATH,
+    DEFAULT_SERVICE_SOCKET,
+    LEGACY_CONFIG_PATH,
+    AgentConfig,
+    ConfigError,
+    find_config,
+    load_config,
+    parse_key_file,
+    split_list,
+    unescape,
+)
+
+# ktls-utils' shipped /etc/tlshd/config (etc/tlshd/config), typed in verbatim, licence header
+# included, comments and all.
+SHIPPED_CONFIG = """\
+#
+# Copyright (c) 2022 Oracle and/or its affiliates.
+#
+# This file is part of ktls-utils.
+#
+# ktls-utils is free software; you can redistribute it and/or
+# modify it under the terms of the GNU General Public License as
+# published by the Free Software Foundation; version 2.
+#
+# This program is distributed in the hope that it will be useful,
+# but WITHOUT ANY WARRANTY; without even the implied warranty of
+# MERCHANTABILITY or FITNESS FOR A PARTICULAR PURPOSE. See the GNU
+# General Public License for more details.
+#
+# You should have received a copy of the GNU General Public License
+# along with this program; if not, write to the Free Software
+# Foundation, Inc., 51 Franklin Street, Fifth Floor, Boston, MA
+# 02110-1301, USA.
+#
+# See tlshd.conf(5) for details.
+#
+
+[debug]
+loglevel=0
+tls=0
+nl=0
+
+[authenticate]
+#keyrings= <keyring>;<keyring>;<keyring>
+
+[authenticate.client]
+#x509.truststore= <pathname>
+#x509.crl= <pathname>
+#x509.certificate= <pathname>
+#x509.private_key= <pathname>
+#x509.pq.certificate= <pathname>
+#x509.pq.private_key= <pathname>
+
+[authenticate.server]
+#x509.truststore= <pathname>
+#x509.crl= <pathname>
+#x509.certificate= <pathname>
+#x509.private_key= <pathname>
+#x509.client_auth= <0|1>
+#x509.client_allowed_sans= <client1.example.com;client2.example.com>
+#x509.pq.certificate= <pathname>
+#x509.pq.private_key= <pathname>
+"""
+
+# The first tlshd.conf ktls-utils shipped (src/tlshd/tlshd.conf), with its [main] section.
+LEGACY_MAIN_CONFIG = """\
+#
+# See tlshd.conf(5) for details.
+#
+
+[main]
+debug=0
+tlsdebug=0
+nl_debug=0
+
+#keyrings= <keyring>;<keyring>;<keyring>
+
+[authenticate.client]
+#x509.certificate= <pathname>
+#x509.private_key= <pathname>
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "config") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_shipped_default_config_reads_unchanged(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="ktlsd.config")
+    config = load_config(write(tmp_path, SHIPPED_CONFIG))
+    assert config.path and config.path.endswith("config")
+    assert (config.debug_loglevel, config.debug_tls, config.debug_nl) == (0, 0, 0)
+    assert config.keyrings == ()
+    assert config.client.certificate is None and config.server.truststore is None
+    # ktlsd's own settings take their defaults
+    assert config.service_socket == DEFAULT_SERVICE_SOCKET
+    assert config.default_timeout_ms == 10_000 and config.record_layer == "auto"
+    assert config.effective_log_level == "info"
+    assert caplog.records == []  # nothing unknown, nothing to warn about
+
+
+def test_man_page_settings_uncommented(tmp_path: Path) -> None:
+    """Every option tlshd.conf(5) documents, filled in as the man page describes them."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("ca.pem", "crl.pem", "client.pem", "client.key", "server.pem", "server.key"):
+        (certs / name).write_text("placeholder\n")
+    text = (
+        SHIPPED_CONFIG.replace("loglevel=0", "loglevel=2")
+        .replace("#keyrings= <keyring>;<keyring>;<keyring>", "keyrings= .nvme;nfs-keys;12345")
+        .replace("[authenticate.client]\n#x509.truststore= <pathname>\n#x509.crl= <pathname>\n"
+                 "#x509.certificate= <pathname>\n#x509.private_key= <pathname>",
+                 f"[authenticate.client]\nx509.truststore= {certs}/ca.pem\n"
+                 f"x509.crl= {certs}/crl.pem\nx509.certificate= {certs}/client.pem\n"
+                 f"x509.private_key= {certs}/client.key")
+        .replace("[authenticate.server]\n#x509.truststore= <pathname>\n#x509.crl= <pathname>\n"
+                 "#x509.certificate= <pathname>\n#x509.private_key= <pathname>\n"
+                 "#x509.client_auth= <0|1>\n"
+                 "#x509.client_allowed_sans= <client1.example.com;client2.example.com>",
+                 f"[authenticate.server]\nx509.truststore= {certs}/ca.pem\n"
+                 f"x509.certificate= {certs}/server.pem\nx509.private_key= {certs}/server.key\n"
+                 "x509.client_auth= 1\n"
+                 "x509.client_allowed_sans= client1.example.com;client2.example.com")
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.debug_loglevel == 2 and config.effective_log_level == "debug"
+    assert config.keyrings == (".nvme", "nfs-keys", "12345")
+    assert config.client.truststore == f"{certs}/ca.pem"
+    assert config.client.crl == f"{certs}/crl.pem"
+    assert config.client.certificate == f"{certs}/client.pem"
+    assert config.client.private_key == f"{certs}/client.key"
+    assert config.server.certificate == f"{certs}/server.pem"
+    assert config.server.crl is None
+    assert config.server.client_auth is True
+    assert config.server.client_allowed_sans == ("client1.example.com", "client2.example.com")
+
+
+def test_legacy_main_section(tmp_path: Path) -> None:
+    text = LEGACY_MAIN_CONFIG.replace("debug=0", "debug=1").replace(
+        "#keyrings= <keyring>;<keyring>;<keyring>", "keyrings=.nfs;.nfsd;"
+    )
+    config = load_config(write(tmp_path, text, "tlshd.conf"))
+    assert config.debug_loglevel == 1
+    assert config.keyrings == (".nfs", ".nfsd")
+
+
+def test_search_order_prefers_the_legacy_file_like_tlshd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KTLSD_CONFIG", raising=False)
+    legacy = write(tmp_path, "[debug]\nloglevel=3\n", "tlshd.conf")
+    current = write(tmp_path, "[debug]\nloglevel=4\n", "config")
+    assert load_config(search=(legacy, current)).debug_loglevel == 3
+    os.unlink(legacy)
+    assert load_config(search=(legacy, current)).debug_loglevel == 4
+    os.unlink(current)
+    assert load_config(search=(legacy, current)) == AgentConfig()  # no file: defaults
+    # the environment names a file; an explicit argument beats it
+    monkeypatch.setenv("KTLSD_CONFIG", write(tmp_path, "[debug]\nloglevel=5\n", "env"))
+    assert load_config(search=()).debug_loglevel == 5
+    explicit = write(tmp_path, "[debug]\nloglevel=6\n", "explicit")
+    assert load_config(explicit).debug_loglevel == 6
+    assert find_config(explicit) == explicit
+
+
+def test_default_search_paths_are_tlshds() -> None:
+    from ktlsd.config import SEARCH_PATHS
+
+    assert SEARCH_PATHS == (LEGACY_CONFIG_PATH, CONFIG_PATH)
+    assert CONFIG_PATH == "/etc/tlshd/config" and LEGACY_CONFIG_PATH == "/etc/tlshd.conf"
+
+
+def test_ktlsd_section(tmp_path: Path) -> None:
+    text = SHIPPED_CONFIG + (
+        "\n[ktlsd]\nservice_socket = /run/test/hs.sock\nservice_mode = 0600\n"
+        "service_group = nvme\nkernel = no\nmax_concurrent = 16\npending_limit = 7\n"
+        "default_timeout_ms = 2500\nsession_lifetime = 600\nrecord_layer = user\n"
+        "log_level = WARNING\ngroups = X25519:P-256\n"
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.service_socket == "/run/test/hs.sock"
+    assert config.service_mode == 0o600 and config.service_group == "nvme"
+    assert config.kernel == "no" and config.max_concurrent == 16 and config.pending_limit == 7
+    assert config.default_timeout_ms == 2500 and config.session_lifetime == 600
+    assert config.record_layer == "user" and config.effective_log_level == "warning"
+    assert config.groups == "X25519:P-256"
+    off = load_config(write(tmp_path, "[ktlsd]\nservice_socket = none\n", "off"))
+    assert off.service_socket is None
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "needle"),
+    [
+        ("[debug]\nloglevel\n", 2, "not a key=value pair"),
+        ("loglevel=1\n[debug]\n", 1, "before any [group]"),
+        ("[debug\nloglevel=1\n", 1, "unterminated group"),
+        ("[]\n", 1, "invalid group name"),
+        ("[debug]\n=1\n", 2, "empty key name"),
+        ("[ktlsd]\nmax_concurrent = many\n", 2, "max_concurrent: 'many' is not an integer"),
+        ("[ktlsd]\n\npending_limit = -1\n", 3, "below the minimum 0"),
+        ("[ktlsd]\nrecord_layer = fast\n", 2, "not one of auto, kernel, user"),
+        ("[ktlsd]\nkernel = maybe\n", 2, "not one of auto, yes, no"),
+        ("[ktlsd]\nservice_mode = 999\n", 2, "not an integer"),
+        ("[ktlsd]\ndefault_timeout_ms = 0\n", 2, "below the minimum 1"),
+        ("[authenticate.server]\nx509.client_auth = perhaps\n", 2, "not a boolean"),
+        ("[authenticate]\nkeyrings = a\\qb\n", 2, "invalid escape"),
+        ("[authenticate.client]\nx509.certificate = /nonexistent/c.pem\n", 2,
+         "x509.certificate is set but x509.private_key is not"),
+    ],
+)
+def test_errors_are_one_line_with_file_and_line(tmp_path: Path, text: str, line: int,
+                                                needle: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}:{line}: ")
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_unreadable_and_non_utf8_files(tmp_path: Path) -> None:
+    missing = str(tmp_path / "absent")
+    with pytest.raises(ConfigError, match=f"^{missing}: cannot read: No such file"):
+        load_config(missing)
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"[debug]\nloglevel=1\n# \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r":3: not valid UTF-8$"):
+        load_config(str(binary))
+
+
+def test_unknown_groups_and_keys_warn_but_load(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ktlsd.config")
+    text = (
+        "[debug]\nloglevel=1\nverbose=yes\n[future]\nthing=1\n[tags]\nx=1\n"
+        "[ktlsd]\nturbo=1\n"
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.debug_loglevel == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("unknown key verbose in [debug]" in m and ":3:" in m for m in messages)
+    assert any("unknown group [future]" in m for m in messages)
+    assert any("unknown key turbo in [ktlsd]" in m for m in messages)
+    assert any("[tags] is a tlshd feature ktlsd ignores" in m for m in messages)
+
+
+def test_tlshd_integers_follow_tlshd_and_duplicates_last_wins(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ktlsd.config")
+    config = load_config(write(tmp_path, "[debug]\nloglevel=lots\ntls=1\ntls=2\n"))
+    assert config.debug_loglevel == 0 and config.debug_tls == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("loglevel" in m and "using 0 as tlshd does" in m for m in messages)
+    assert any("set again" in m for m in messages)
+
+
+def test_key_file_details() -> None:
+    keyfile = parse_key_file(
+        "  # indented comment\n[a]\n  key = value with spaces  \r\nname[de] = ignored\n"
+        "[b]\nx=1\n[a]\ny=2\n"
+    )
+    assert {k: v.value for k, v in keyfile.groups["a"].items()} == {
+        "key": "value with spaces", "y": "2",
+    }
+    assert keyfile.groups["a"]["y"].line == 8
+    assert unescape(r"a\sb\tc\\d\;e") == "a b\tc\\d;e"
+    with pytest.raises(ValueError, match="lone backslash"):
+        unescape("abc\\")
+    assert split_list(r"one;two\;three; four ;;") == ["one", "two;three", "four"]
+
+
+def test_paths_that_do_not_exist_are_warned_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ktlsd.config")
+    config = load_config(write(tmp_path, "[authenticate.server]\nx509.truststore=/nope/ca.pem\n"))
+    assert config.server.truststore == "/nope/ca.pem"
+    assert any("does not exist" in r.getMessage() for r in caplog.records)
+
+
+def test_agent_settings_bridge(tmp_path: Path) -> None:
+    pytest.importorskip("ktlsd.agent")
+    key = tmp_path / "k.pem"
+    cert = tmp_path / "c.pem"
+    key.write_text("x")
+    cert.write_text("x")
+    config = load_config(write(
+        tmp_path,
+        f"[authenticate]\nkeyrings=.nvme\n[authenticate.server]\nx509.certificate={cert}\n"
+        f"x509.private_key={key}\n[ktlsd]\nmax_concurrent=3\ngroups=X25519\n",
+    ))
+    settings = config.agent_settings()
+    assert settings.server_x509.certificate == str(cert)
+    assert settings.server_x509.private_key == str(key)
+    assert settings.keyrings == (".nvme",) and settings.concurrency == 3
+    assert settings.groups == "X25519"
