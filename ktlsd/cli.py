@@ -16,6 +16,7 @@ from ktlsd import __version__
 COMMAND_MODULES: tuple[str, ...] = (
     "ktlsd.tools",  # connect, listen
     "ktlsd.nvme.cli",  # nvme gen-tls-key, check-tls-key, gen-dhchap-key
+    "ktlsd.doctor",  # doctor
 )
 
 

@@ -1,0 +1,256 @@
+"""``ktlsd doctor``: what this machine offers ktlsd, and what is missing, one line each.
+
+Every check prints ``OK``, ``MISSING`` or ``INFO`` and a one-line reason, and no check can
+stop the others: a check that fails unexpectedly reports MISSING with the error. Nothing
+here changes the system (the kTLS probe uses a throwaway loopback connection and a random
+throwaway key; the keyring checks only look keys up). The exit code is 0 unless
+``--strict`` is given, in which case anything MISSING makes it 1 -- handy in provisioning
+scripts that must fail on a machine that cannot serve kernel consumers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import enum
+import importlib
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+NVME_MIN_KERNEL = (6, 5)
+
+
+class Status(enum.Enum):
+    OK = "OK"
+    MISSING = "MISSING"
+    INFO = "INFO"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report."""
+
+    name: str
+    status: Status
+    detail: str
+
+    def line(self) -> str:
+        detail = " ".join(self.detail.split())
+        return f"{self.status.value:<8}{self.name}: {detail}"
+
+
+def _ok(name: str, detail: str) -> Check:
+    return Check(name, Status.OK, detail)
+
+
+def _missing(name: str, detail: str) -> Check:
+    return Check(name, Status.MISSING, detail)
+
+
+def _info(name: str, detail: str) -> Check:
+    return Check(name, Status.INFO, detail)
+
+
+# --- individual checks ---------------------------------------------------------------------
+
+
+def parse_kernel_release(release: str) -> tuple[int, int]:
+    """``6.18.44-fc-v769`` -> (6, 18); unparsable parts count as 0."""
+    parts = release.split("-")[0].split(".")
+    numbers: list[int] = []
+    for part in parts[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        numbers.append(int(digits) if digits else 0)
+    while len(numbers) < 2:
+        numbers.append(0)
+    return numbers[0], numbers[1]
+
+
+def check_kernel() -> list[Check]:
+    release = platform.release()
+    version = parse_kernel_release(release)
+    detail = f"Linux {release} ({platform.machine()})"
+    if version < NVME_MIN_KERNEL:
+        return [_missing("kernel", f"{detail}: the handshake upcall needs Linux >= 6.5")]
+    return [_ok("kernel", detail)]
+
+
+def check_ktls(import_module: Callable[[str], Any] = importlib.import_module) -> list[Check]:
+    """kTLS, kTLS rekey and the kTLS counters, from ``ktlsd.ktls.probe()`` when available."""
+    try:
+        ktls = import_module("ktlsd.ktls")
+        support = ktls.probe()
+    except Exception as exc:  # the module is being written in parallel; degrade
+        reason = f"cannot probe ({type(exc).__name__}: {exc})"
+        return [_missing("kTLS", reason), _missing("kTLS rekey", reason)]
+    reasons: dict[str, str] = dict(getattr(support, "reasons", {}) or {})
+    checks = []
+    if support.ulp:
+        checks.append(_ok("kTLS", "the tls ULP attaches and TX/RX keys install"))
+    else:
+        checks.append(_missing("kTLS", reasons.get("ulp", "the tls ULP is unusable")))
+    if support.rekey:
+        checks.append(_ok("kTLS rekey", "a second TLS_TX key installs (KeyUpdate in kernel)"))
+    elif not support.ulp:
+        checks.append(_missing("kTLS rekey", "needs kTLS first"))
+    else:
+        checks.append(_missing("kTLS rekey", reasons.get("rekey", "needs Linux >= 6.14")))
+    if getattr(support, "tls_stat", False):
+        checks.append(_ok("kTLS counters", "/proc/net/tls_stat readable"))
+    else:
+        checks.append(_missing("kTLS counters",
+                               reasons.get("tls_stat", "/proc/net/tls_stat unreadable")))
+    return checks
+
+
+def check_handshake_family() -> list[Check]:
+    """The ``handshake`` netlink family and the optional DONE attributes it declares."""
+    from ktlsd.kernel_source import KernelSourceError, probe_kernel_policy
+    from ktlsd.netlink import DoneAttr4
+
+    optional = ("DONE remote-auth", "DONE session-id (KeyUpdate)", "DONE tag")
+    try:
+        caps = probe_kernel_policy()
+    except KernelSourceError as exc:
+        checks = [_missing("handshake family", str(exc))]
+        checks.extend(_missing(name, "no handshake family") for name in optional)
+        return checks
+    except OSError as exc:
+        reason = f"cannot query generic netlink: {exc.strerror or exc}"
+        return [_missing("handshake family", reason)]
+    family = caps.family
+    groups = ", ".join(f"{n}={i}" for n, i in sorted(family.mcast_groups.items())) or "-"
+    checks = [_ok("handshake family",
+                  f"id {family.family_id}, version {family.version}, groups {groups}")]
+    if "tlshd" not in family.mcast_groups:
+        checks.append(_missing("handshake group", "no 'tlshd' multicast group"))
+    if not caps.policy_known:
+        checks.extend(
+            _info(name, "policy dump unavailable; DONE sends status, sockfd, remote-auth")
+            for name in optional
+        )
+        return checks
+    attr4 = caps.done_attr4
+    if caps.done_remote_auth:
+        checks.append(_ok(optional[0], "peer identity serials reach the consumer"))
+    else:
+        checks.append(_missing(optional[0], "not declared by the DONE policy"))
+    if attr4 is DoneAttr4.SESSION_ID:
+        checks.append(_ok(optional[1], "DONE attribute 4 is a u32 session id"))
+    else:
+        checks.append(_missing(optional[1], "the KeyUpdate series is not in this kernel"))
+    if attr4 is DoneAttr4.TAG:
+        checks.append(_ok(optional[2], "DONE attribute 4 is a string tag"))
+    else:
+        checks.append(_missing(optional[2], "TLS session tags are not in this kernel"))
+    checks.append(_info(
+        "ACCEPT reply attributes",
+        "peername, keyring, key-update-request, session-id are parsed when the kernel "
+        "sends them (reply attributes are not in any policy dump)",
+    ))
+    return checks
+
+
+def check_net_admin() -> list[Check]:
+    from ktlsd.kernel_source import _has_net_admin
+
+    if _has_net_admin():
+        return [_ok("CAP_NET_ADMIN", "ACCEPT on the handshake family is allowed")]
+    return [_missing("CAP_NET_ADMIN", "ACCEPT needs it: run ktlsd as root")]
+
+
+def check_keyrings() -> list[Check]:
+    try:
+        from ktlsd import keyring
+    except Exception as exc:
+        return [_missing("keyrings", f"cannot load the keyring module: {exc}")]
+    try:
+        serial = keyring.get_keyring_id(keyring.KEY_SPEC_SESSION_KEYRING)
+    except Exception as exc:
+        return [_missing("keyctl", f"key management syscalls unusable: {exc}")]
+    checks = [_ok("keyctl", f"session keyring {serial}")]
+    for name, who in ((".nvme", "NVMe/TCP (nvme_tcp, nvmet_tcp)"), (".nfs", "the NFS client"),
+                      (".nfsd", "the NFS server")):
+        try:
+            found = keyring.find_keyring(name)
+        except Exception:
+            checks.append(_missing(f"keyring {name}", f"absent until {who} is loaded"))
+            continue
+        checks.append(_ok(f"keyring {name}", f"serial {found}"))
+    return checks
+
+
+def openssl_version(library: str = "libssl.so.3") -> str:
+    """``OpenSSL_version(OPENSSL_VERSION)`` from the system libssl (OSError if absent)."""
+    lib = ctypes.CDLL(library)
+    version = lib.OpenSSL_version
+    version.restype = ctypes.c_char_p
+    version.argtypes = [ctypes.c_int]
+    text = version(0)
+    return text.decode("ascii", "replace") if text else "unknown"
+
+
+def check_libssl() -> list[Check]:
+    try:
+        return [_ok("libssl", openssl_version())]
+    except (OSError, AttributeError) as exc:
+        return [_missing("libssl", f"libssl.so.3 not usable: {exc}")]
+
+
+def check_config(path: str | None = None) -> list[Check]:
+    from ktlsd.config import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return [_missing("configuration", str(exc))]
+    if config.path is None:
+        return [_info("configuration", "no file (/etc/tlshd.conf, /etc/tlshd/config): defaults")]
+    return [_ok("configuration", config.path)]
+
+
+CHECKS: tuple[Callable[[], list[Check]], ...] = (
+    check_kernel,
+    check_ktls,
+    check_handshake_family,
+    check_net_admin,
+    check_keyrings,
+    check_libssl,
+)
+
+
+def run_checks(config_path: str | None = None) -> list[Check]:
+    """Run every check; an unexpected failure in one becomes its MISSING line."""
+    results: list[Check] = []
+    for check in (*CHECKS, lambda: check_config(config_path)):
+        try:
+            results.extend(check())
+        except Exception as exc:
+            name = getattr(check, "__name__", "check").removeprefix("check_")
+            results.append(_missing(name, f"check failed: {type(exc).__name__}: {exc}"))
+    return results
+
+
+def main(args: argparse.Namespace) -> int:
+    checks = run_checks(getattr(args, "config", None))
+    for check in checks:
+        print(check.line())
+    missing = sum(1 for c in checks if c.status is Status.MISSING)
+    print(f"{len(checks)} checks, {missing} missing")
+    return 1 if args.strict and missing else 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "doctor",
+        help="report what this machine supports (kTLS, handshake family, keyrings, libssl)",
+        description="Report, one line each, what this machine offers ktlsd and what is "
+        "missing. Exit code 0 unless --strict and something is missing.",
+    )
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when anything is MISSING")
+    parser.add_argument("--config", metavar="PATH",
+                        help="configuration file to check (default: the search order)")
+    parser.set_defaults(func=main)
