@@ -154,9 +154,9 @@ def check_handshake_family() -> list[Check]:
 
 
 def check_net_admin() -> list[Check]:
-    from ktlsd.kernel_source import _has_net_admin
+    from ktlsd.kernel_source import has_net_admin
 
-    if _has_net_admin():
+    if has_net_admin():
         return [_ok("CAP_NET_ADMIN", "ACCEPT on the handshake family is allowed")]
     return [_missing("CAP_NET_ADMIN", "ACCEPT needs it: run ktlsd as root")]
 

@@ -501,7 +501,8 @@ def has_capability(capability: int, proc_status: str) -> bool:
     return False
 
 
-def _has_net_admin() -> bool:
+def has_net_admin() -> bool:
+    """Whether this process may ACCEPT (the ACCEPT command is GENL_ADMIN_PERM)."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             return has_capability(CAP_NET_ADMIN, status.read())
@@ -561,13 +562,18 @@ class NetlinkChannel:
     def read_available(self) -> list[RawMessage]:
         """Everything queued now (non-blocking); malformed datagrams are logged and dropped."""
         out: list[RawMessage] = []
+        netlink = self.sock.family == socket.AF_NETLINK
         while True:
             try:
-                data = self.sock.recv(_RECV_SIZE)
+                data, sender = self.sock.recvfrom(_RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 return out
             if not data:
                 return out
+            if netlink and sender and sender[0] != 0:
+                # Only the kernel (port 0) speaks for the handshake family.
+                log.debug("dropped a netlink datagram from user port %d", sender[0])
+                continue
             try:
                 out.extend(split_messages(data))
             except NetlinkFormatError as exc:
@@ -784,7 +790,7 @@ class KernelSource:
         notify_channel: NetlinkChannel | None = None
         try:
             capabilities = _probe_with(requests_channel)
-            if not _has_net_admin():
+            if not has_net_admin():
                 raise KernelSourceError(
                     "the handshake family's ACCEPT needs CAP_NET_ADMIN (run ktlsd as root)"
                 )
@@ -914,8 +920,14 @@ class KernelSource:
 
     async def _send_done(self, sockfd: int, answer: HandshakeDone) -> None:
         caps = self.capabilities
+        status = answer.status
+        if status < 0:  # a negative errno slipped through: the kernel wants it positive
+            log.warning("DONE for fd %d: negative status %d sent as %d", sockfd, status,
+                        -status)
+            status = -status
         answer = replace(
             answer,
+            status=status,
             sockfd=sockfd,
             remote_auth=answer.remote_auth if answer.status == 0 and caps.done_remote_auth
             else (),

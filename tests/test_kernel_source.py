@@ -489,9 +489,11 @@ def test_source_close_ends_iteration_and_keeps_done_working() -> None:
         await source.close()
         with pytest.raises(StopAsyncIteration):
             await asyncio.wait_for(waiter, 5)
-        # In-flight requests still get their DONE after close().
-        await pending.done(HandshakeDone(status=0, sockfd=fd))
-        assert len(kernel.dones) == 1 and not _fd_open(fd)
+        # In-flight requests still get their DONE after close(); a negative errno from a
+        # careless caller goes out positive, as the kernel expects.
+        await pending.done(HandshakeDone(status=-errno.ETIMEDOUT, sockfd=fd))
+        assert kernel.dones == [(nla(1, U32(errno.ETIMEDOUT)) + nla(2, S32(fd)), True)]
+        assert not _fd_open(fd)
         assert source._requests.sock.fileno() == -1  # closed once nothing is owed
         loop.remove_reader(kernel.requests_far.fileno())
         kernel.close()
