@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_parameters
@@ -412,6 +413,12 @@ def test_newtlspsk_then_replacetlspsk_three_times(ring: int, hash_fn: HashFuncti
         assert h_psk.serial is not None
         assert keyring.read_key(h_psk.serial) == h_psk.tls_psk
         assert keyring.describe_key(h_psk.serial).description == h_psk.identity
+        line = next(
+            ln
+            for ln in Path("/proc/keys").read_text().splitlines()
+            if int(ln.split()[0], 16) == h_psk.serial
+        )
+        assert line.split()[3] in ("1h", "59m")  # the 3600 s timeout the kernel host uses
         serials.append(h_psk.serial)
     assert host_store.revoked == serials[:-1]
     for old in serials[:-1]:
