@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zlib
+from collections.abc import Callable
 
 from ktlsd import keyring
 from ktlsd.nvme import dhchap
@@ -195,8 +197,6 @@ def cmd_check_dhchap_key(args: argparse.Namespace) -> int:
         secret = dhchap.DhchapSecret.parse(args.key)
     except nvme_keys.KeyFormatError as exc:
         raise CommandError(f"Invalid key: {exc}") from None
-    import zlib
-
     crc = zlib.crc32(secret.key) & 0xFFFFFFFF
     print(f"Key is valid (HMAC {secret.hash_id}, length {len(secret.key)}, CRC {crc:08x})")
     return 0
@@ -235,7 +235,9 @@ def cmd_revoke_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wrap(func):  # type: ignore[no-untyped-def]
+def _wrap(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn the one-line errors of a command into stderr output and exit status 1."""
+
     def run(args: argparse.Namespace) -> int:
         try:
             return int(func(args))
