@@ -3,7 +3,8 @@
 Three layers, each with real parts where this machine has them:
 
 * the pure parsers (netlink framing, NLMSG_ERROR, GETPOLICY dumps) against byte vectors
-  written out by hand from include/uapi/linux/netlink.h and genetlink.h;
+  written out by hand from include/uapi/linux/netlink.h and genetlink.h, and against bytes
+  captured from Linux 7.3.4's handshake family in the VM test bed;
 * the control-family request path against the running kernel (nlctrl answers GETPOLICY
   about itself), and the clean failure when the ``handshake`` family is absent;
 * the READY -> ACCEPT drain -> DONE logic of :class:`KernelSource` on a real asyncio loop,
@@ -207,6 +208,61 @@ def test_has_capability_reads_capeff() -> None:
     assert has_capability(12, status)
     assert not has_capability(21, status)
     assert not has_capability(12, "CapEff:\t0000000000000000\n")
+
+
+# --- vectors captured from a real kernel ------------------------------------------------------
+# Linux 7.3.4 (Debian trixie-backports) in the VM test bed, handshake family id 0x23: the
+# GETPOLICY dumps for ACCEPT (cmd 2) and DONE (cmd 3) as they came off the socket (attributes
+# after the genl header), a READY, and the ACCEPT reply for an NVMe/TCP host's TLS PSK request.
+LINUX_7_3_ACCEPT_POLICY = [
+    "0600010023000000100009800c0002800800010000000000",
+    "06000100230000002c00088028000080240002800c00040000000000000000000c0005000200000000000000"
+    "0800010004000000",
+]
+LINUX_7_3_DONE_POLICY = [
+    "0600010023000000100009800c0003800800010000000000",
+    "06000100230000002c00088028000080240001800c00040000000000000000000c000500ff0f000000000000"
+    "0800010004000000",
+    "06000100230000002c00088028000080240002800c00020000000080ffffffff0c000300ffffff7f00000000"
+    "0800010008000000",
+    "06000100230000002c00088028000080240003800c00040000000000000000000c000500ffffffff00000000"
+    "0800010004000000",
+]
+LINUX_7_3_READY = "010100000800020001000000"
+LINUX_7_3_ACCEPT_REPLY = (
+    "080001000a000000080003000100000008000400102700000800090023605f03080005000200000008000600"
+    "e613861b"
+)
+
+
+def test_real_kernel_policy_dump() -> None:
+    accept = parse_policy_dump(bytes.fromhex(m) for m in LINUX_7_3_ACCEPT_POLICY)
+    done = parse_policy_dump(bytes.fromhex(m) for m in LINUX_7_3_DONE_POLICY)
+    assert accept.family_id == done.family_id == 0x23
+    caps = capabilities_from_policies(FamilyInfo("handshake", 0x23, 1), accept, done)
+    assert caps.handler_class_max == 2
+    assert {a: (p.kind, p.min_value, p.max_value) for a, p in caps.done_attrs.items()} == {
+        1: (AttrKind.U32, 0, 4095),  # status: a positive errno
+        2: (AttrKind.S32, -(2**31), 2**31 - 1),  # sockfd
+        3: (AttrKind.U32, 0, 2**32 - 1),  # remote-auth
+    }
+    assert caps.done_remote_auth and caps.done_attr4 is DoneAttr4.ABSENT
+    assert caps.describe() == [
+        "DONE accepts: status, sockfd, remote-auth", "ACCEPT command accepts: handler-class",
+    ]
+
+
+def test_real_kernel_ready_and_accept_reply() -> None:
+    from ktlsd.netlink import decode_accept_reply, decode_ready
+    from ktlsd.request import HandlerClass
+
+    ready = bytes.fromhex(LINUX_7_3_READY)
+    assert ready[0] == 1 and decode_ready(ready[4:]) is HandlerClass.TLSHD
+    request = decode_accept_reply(bytes.fromhex(LINUX_7_3_ACCEPT_REPLY))
+    assert request.sockfd == 10 and request.message_type is MessageType.CLIENTHELLO
+    assert request.auth_mode is AuthMode.PSK and request.timeout_ms == 10_000
+    assert request.peer_identities == (0x1B8613E6,) and request.keyring == 0x035F6023
+    assert request.peername is None
 
 
 # --- the live control family -------------------------------------------------------------
