@@ -323,6 +323,32 @@ def test_live_probe_and_open_without_the_family() -> None:
     assert _open_fds() == before  # nothing leaked on the failure path
 
 
+def test_live_without_cap_net_admin() -> None:
+    """Dropping CAP_NET_ADMIN (setpriv) is seen; on a kernel with the family, open() says why."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("setpriv") is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to drop a capability")
+    code = (
+        "from ktlsd.kernel_source import KernelSource, KernelSourceError, has_net_admin\n"
+        "print(has_net_admin())\n"
+        "try:\n    KernelSource.open()\nexcept KernelSourceError as e:\n    print(e)\n"
+    )
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin",
+         sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0] == "False"
+    if _handshake_family_exists():
+        assert lines[1] == "the handshake family's ACCEPT needs CAP_NET_ADMIN (run ktlsd as root)"
+    else:
+        assert lines[1].startswith("kernel has no 'handshake' netlink family")
+
+
 # --- KernelSource against a stand-in kernel --------------------------------------------------
 
 FAMILY_ID = 0x1D
