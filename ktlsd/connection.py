@@ -135,6 +135,8 @@ class TlsConnection:
     transmit key has protected that many application records / plaintext bytes, and ask the
     peer to update once its key has protected as many towards us. ``None`` disables a limit;
     the default is :data:`DEFAULT_REKEY_AFTER_RECORDS` records and no byte limit.
+    ``rekey_request_peer``: our own automatic KeyUpdates carry ``update_requested`` (what
+    ``ktlsd connect/listen --key-update-every`` does), so both directions move together.
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class TlsConnection:
         *,
         rekey_after_records: int | _Default | None = DEFAULT,
         rekey_after_bytes: int | None = None,
+        rekey_request_peer: bool = False,
     ) -> None:
         if isinstance(rekey_after_records, _Default):
             rekey_after_records = DEFAULT_REKEY_AFTER_RECORDS
@@ -159,6 +162,7 @@ class TlsConnection:
         self._server_generation = session.server_generation
         self._rekey_records = rekey_after_records
         self._rekey_bytes = rekey_after_bytes
+        self._rekey_request_peer = rekey_request_peer
 
         self._tx_lock = threading.RLock()
         self._atx_lock: asyncio.Lock | None = None
@@ -279,7 +283,7 @@ class TlsConnection:
         if self._request_due:
             return self._plan_key_update(True)
         if upcoming_bytes and self._tx_key_worn(upcoming_bytes):
-            return self._plan_key_update(False)
+            return self._plan_key_update(self._rekey_request_peer)
         return []
 
     def _tx_key_worn(self, upcoming_bytes: int) -> bool:

@@ -1,0 +1,421 @@
+"""``ktlsd connect`` and ``ktlsd listen``: openssl s_client/s_server-like tools for TLS to storage.
+
+They run a handshake with ktlsd's engine on a TCP connection, hand the session to a record
+layer (kTLS, or ktlsd's user-space one) exactly as the agent does for the kernel, and relay
+stdin → peer and peer → stdout until end of stream; then they close with close_notify.
+
+Standard error shows what an admin debugging an NVMe/TCP or NFS TLS problem wants to know —
+suite, group, record layer, peer identity, KeyUpdates counted — and one line with the cause
+on failure. Exit status: 0 after an orderly close, 1 on a handshake or I/O failure, 2 on bad
+usage. Secrets are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+
+from ktlsd.credentials import X509Credentials
+from ktlsd.errors import HandshakeError
+from ktlsd.handshake import PskKey, TlsConfig, perform_handshake
+from ktlsd.material import psk_hash_for
+from ktlsd.session import CipherSuite, Role, Session
+
+CHUNK = 16384
+
+
+class UsageError(Exception):
+    """A bad option value; reported in one line with exit status 2."""
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(f"ktlsd: {message}", file=sys.stderr, flush=True)
+
+
+def _fail(message: str) -> None:
+    print(f"ktlsd: {message}", file=sys.stderr, flush=True)
+
+
+# --- options -------------------------------------------------------------------------------
+
+
+def _add_tls_options(p: argparse.ArgumentParser, *, server: bool) -> None:
+    g = p.add_argument_group("PSK")
+    g.add_argument("--psk-identity", metavar="ID", help="PSK identity to offer / accept")
+    g.add_argument(
+        "--psk", metavar="KEY",
+        help="PSK as hex, or an NVMe 'NVMeTLSkey-1:hh:...:' interchange string (then the "
+        "identity and TLS PSK are derived from --hostnqn/--subsysnqn unless --psk-identity "
+        "is given)",
+    )
+    g.add_argument("--psk-hash", choices=("sha256", "sha384"), help="hash the PSK is bound to")
+    g.add_argument("--hostnqn", help="host NQN, for an NVMe interchange PSK")
+    g.add_argument("--subsysnqn", help="subsystem NQN, for an NVMe interchange PSK")
+    g.add_argument(
+        "--identity-version", type=int, choices=(0, 1), default=1,
+        help="NVMe PSK identity version for a derived identity (default 1)",
+    )
+    g.add_argument(
+        "--compat", action="store_true",
+        help="derive NVMe keys like libnvme < 1.16 (nvme-cli < 2.16)",
+    )
+    g = p.add_argument_group("x509")
+    g.add_argument("--cert", help="our certificate chain (PEM, leaf first)")
+    g.add_argument("--key", help="our private key (PEM)")
+    g.add_argument("--ca", help="trusted CA file or directory (default: the system's)")
+    g.add_argument("--crl", help="CRL file (PEM or DER) to check the peer against")
+    g.add_argument(
+        "--peername",
+        help="name (DNS or IP) the peer's certificate must carry"
+        + ("" if server else " (default: HOST)"),
+    )
+    g.add_argument("--no-verify", action="store_true", help="accept any peer certificate")
+    if server:
+        g.add_argument(
+            "--require-client-cert", action="store_true", help="refuse clients without one"
+        )
+        g.add_argument(
+            "--request-client-cert", action="store_true",
+            help="ask for a client certificate but accept clients without one",
+        )
+    g = p.add_argument_group("session")
+    g.add_argument(
+        "--ciphers", metavar="LIST",
+        help="colon-separated TLS 1.3 suites (default: all three kTLS suites)",
+    )
+    g.add_argument("--groups", metavar="LIST", help="key-exchange groups, e.g. X25519:P-256")
+    g.add_argument(
+        "--record-layer", choices=("auto", "kernel", "user"), default="auto",
+        help="kTLS (kernel), ktlsd's user-space record layer, or kTLS when available (auto)",
+    )
+    g.add_argument(
+        "--key-update-every", metavar="BYTES", type=_size,
+        help="send a KeyUpdate (update_requested) after every BYTES sent",
+    )
+    g.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS",
+        help="handshake timeout (default 10)",
+    )
+    g.add_argument("-q", "--quiet", action="store_true", help="no status lines on stderr")
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    try:
+        value = int(t[:-1] if t[-1:] in units else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    c = subparsers.add_parser(
+        "connect", help="TLS 1.3 client: handshake, then relay stdin/stdout",
+        description="Connect to HOST:PORT, run a TLS 1.3 handshake with ktlsd's engine, hand "
+        "the session to a record layer and relay stdin to the peer and the peer to stdout.",
+    )
+    c.add_argument("address", metavar="HOST:PORT")
+    _add_tls_options(c, server=False)
+    c.set_defaults(func=run_connect)
+
+    s = subparsers.add_parser(
+        "listen", help="TLS 1.3 server: accept, handshake, relay stdin/stdout",
+        description="Listen on [HOST:]PORT, serve one connection (or --count N, --forever): "
+        "handshake, hand the session to a record layer, relay stdin/stdout.",
+    )
+    s.add_argument("address", metavar="[HOST:]PORT")
+    _add_tls_options(s, server=True)
+    s.add_argument("--count", type=int, default=1, help="connections to serve (default 1)")
+    s.add_argument("--forever", action="store_true", help="keep serving connections")
+    s.set_defaults(func=run_listen)
+
+
+def parse_address(text: str, *, default_host: str | None = None) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        if default_host is None:
+            raise UsageError(f"address {text!r} needs HOST:PORT")
+        host, port = default_host, text
+    host = host.strip("[]") or (default_host or "")
+    try:
+        number = int(port)
+    except ValueError:
+        raise UsageError(f"bad port in {text!r}") from None
+    if not 0 <= number <= 65535:
+        raise UsageError(f"port {number} out of range")
+    return host, number
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def _psk_key(args: argparse.Namespace) -> PskKey | None:
+    if not args.psk:
+        if args.psk_identity:
+            raise UsageError("--psk-identity needs --psk")
+        return None
+    text = args.psk.strip()
+    if text.startswith("NVMeTLSkey-1:"):
+        from ktlsd.nvme import keys as nvme_keys
+
+        try:
+            parsed = nvme_keys.parse_interchange(text)
+        except nvme_keys.KeyFormatError as exc:
+            raise UsageError(f"--psk: {exc}") from None
+        if args.psk_identity:
+            identity, key = args.psk_identity, parsed.key
+        else:
+            if not (args.hostnqn and args.subsysnqn):
+                raise UsageError(
+                    "an NVMe interchange --psk needs --hostnqn and --subsysnqn "
+                    "(or an explicit --psk-identity)"
+                )
+            variant = nvme_keys.Variant.COMPAT if args.compat else nvme_keys.Variant.SPEC
+            derived = nvme_keys.derive_nvme_tls_key(
+                parsed.key, parsed.hash_id, args.hostnqn, args.subsysnqn,
+                version=args.identity_version, variant=variant,
+            )
+            identity, key = str(derived.identity), derived.tls_psk
+    else:
+        if not args.psk_identity:
+            raise UsageError("--psk needs --psk-identity")
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            raise UsageError("--psk is neither hex nor an NVMeTLSkey-1 string") from None
+        identity = args.psk_identity
+        if not key:
+            raise UsageError("--psk is empty")
+    hash_name = args.psk_hash or psk_hash_for(identity, len(key))
+    return PskKey(identity=identity.encode(), key=key, hash_name=hash_name)
+
+
+def build_config(args: argparse.Namespace, role: Role, host: str | None) -> TlsConfig:
+    suites = tuple(CipherSuite)
+    if args.ciphers:
+        try:
+            suites = tuple(CipherSuite.from_name(n) for n in args.ciphers.split(":") if n)
+        except ValueError as exc:
+            raise UsageError(f"--ciphers: {exc}") from None
+    credentials = None
+    if args.cert or args.key:
+        if not (args.cert and args.key):
+            raise UsageError("--cert and --key go together")
+        credentials = X509Credentials.from_pem_files(args.cert, args.key)
+    psk = _psk_key(args)
+    common: dict[str, object] = {
+        "role": role,
+        "credentials": credentials,
+        "truststore": args.ca,
+        "crl": args.crl,
+        "verify_peer": not args.no_verify,
+        "ciphersuites": suites,
+        "groups": args.groups,
+    }
+    if role is Role.CLIENT:
+        peername = args.peername or (host if not psk else None)
+        return TlsConfig(psk_keys=(psk,) if psk else (), peername=peername, **common)  # type: ignore[arg-type]
+    if psk is None and credentials is None:
+        raise UsageError("listen needs --psk/--psk-identity or --cert/--key")
+    client_auth = (
+        "require" if args.require_client_cert
+        else "request" if args.request_client_cert else "none"
+    )
+
+    def lookup(identity: bytes) -> PskKey | None:
+        import hmac
+
+        if psk is not None and hmac.compare_digest(identity, psk.identity):
+            return psk
+        return None
+
+    return TlsConfig(
+        psk_lookup=lookup if psk else None, client_auth=client_auth,
+        peername=args.peername, **common,  # type: ignore[arg-type]
+    )
+
+
+# --- relay ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RelayResult:
+    sent: int = 0
+    received: int = 0
+    key_updates_sent: int = 0
+    key_updates_received: int = 0
+
+
+def _describe_session(session: Session) -> str:
+    return (
+        f"suite={session.suite.iana_name} group={session.group or '-'} "
+        f"peer={session.peer.describe()}"
+    )
+
+
+async def _stdin_chunks(queue: asyncio.Queue[bytes]) -> None:
+    """Feed stdin into ``queue`` from a thread (stdin may be a file, a pipe or a tty).
+
+    The thread waits for room in the queue, so a fast stdin never outruns the peer.
+    """
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno() if sys.stdin is not None else -1
+
+    def put(data: bytes) -> bool:
+        try:
+            asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
+        except (RuntimeError, concurrent.futures.CancelledError):
+            return False  # the loop is gone: the connection ended
+        return True
+
+    def reader() -> None:
+        while True:
+            try:
+                data = os.read(fd, CHUNK) if fd >= 0 else b""
+            except OSError:
+                data = b""
+            if not put(data) or not data:
+                return
+
+    threading.Thread(target=reader, name="stdin", daemon=True).start()
+
+
+async def relay(sock: socket.socket, session: Session, args: argparse.Namespace) -> RelayResult:
+    """Hand ``session`` to a record layer on ``sock`` and relay stdin/stdout until EOF."""
+    from ktlsd.connection import TlsConnection
+    from ktlsd.record import open_record_layer
+
+    sock.setblocking(False)
+    layer = open_record_layer(sock, session, args.record_layer)
+    conn = TlsConnection(
+        layer, session,
+        rekey_after_bytes=args.key_update_every,
+        rekey_request_peer=args.key_update_every is not None,
+    )
+    _say(args, f"record layer: {layer.kind}")
+    result = RelayResult()
+    out = sys.stdout.buffer
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
+    await _stdin_chunks(queue)
+
+    async def pump_out() -> None:
+        while True:
+            data = await queue.get()
+            if not data:
+                await conn.aclose()  # close_notify; reading goes on
+                return
+            await conn.asend(data)
+            result.sent += len(data)
+
+    sender = asyncio.create_task(pump_out())
+    try:
+        while True:
+            data = await conn.arecv(65536)
+            if not data:
+                break
+            out.write(data)
+            out.flush()
+            result.received += len(data)
+        # The peer's close_notify ends only its direction (RFC 8446 §6.1): keep relaying our
+        # stdin until it ends too — unless a person is typing at a terminal.
+        if not sender.done() and sys.stdin is not None and sys.stdin.isatty():
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+            await conn.aclose()
+        else:
+            await sender  # propagate its errors
+    finally:
+        if not sender.done():
+            sender.cancel()
+        result.key_updates_sent = conn.key_updates_sent
+        result.key_updates_received = conn.key_updates_received
+        with contextlib.suppress(OSError):
+            await conn.aclose()
+    return result
+
+
+async def _serve_one(sock: socket.socket, config: TlsConfig, args: argparse.Namespace) -> int:
+    try:
+        session = await perform_handshake(sock, config, timeout=args.timeout)
+    except HandshakeError as exc:
+        _fail(f"handshake failed: {exc}")
+        return 1
+    _say(args, f"handshake ok: {_describe_session(session)}")
+    try:
+        result = await relay(sock, session, args)
+    except (OSError, HandshakeError) as exc:
+        _fail(f"connection failed: {exc}")
+        return 1
+    _say(
+        args,
+        f"closed: sent={result.sent} received={result.received} "
+        f"key_updates_sent={result.key_updates_sent} "
+        f"key_updates_received={result.key_updates_received}",
+    )
+    return 0
+
+
+def run_connect(args: argparse.Namespace) -> int:
+    try:
+        host, port = parse_address(args.address)
+        config = build_config(args, Role.CLIENT, host)
+    except UsageError as exc:
+        _fail(str(exc))
+        return 2
+    except HandshakeError as exc:
+        _fail(str(exc))
+        return 1
+    try:
+        sock = socket.create_connection((host, port), timeout=args.timeout)
+    except OSError as exc:
+        _fail(f"cannot connect to {host}:{port}: {exc.strerror or exc}")
+        return 1
+    sock.settimeout(None)
+    _say(args, f"connected to {host}:{port}")
+    with sock:
+        return asyncio.run(_serve_one(sock, config, args))
+
+
+def run_listen(args: argparse.Namespace) -> int:
+    try:
+        host, port = parse_address(args.address, default_host="")
+        config = build_config(args, Role.SERVER, None)
+    except UsageError as exc:
+        _fail(str(exc))
+        return 2
+    except HandshakeError as exc:
+        _fail(str(exc))
+        return 1
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(16)
+    except OSError as exc:
+        _fail(f"cannot listen on {args.address}: {exc.strerror or exc}")
+        return 1
+    _say(args, f"listening on {host or '*'}:{listener.getsockname()[1]}")
+    status = 0
+    served = 0
+    with listener:
+        while args.forever or served < args.count:
+            conn, peer = listener.accept()
+            served += 1
+            _say(args, f"connection from {peer[0]}:{peer[1]}")
+            with conn:
+                status = asyncio.run(_serve_one(conn, config, args)) or status
+    return status
