@@ -29,7 +29,10 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ktlsd.agent import AgentSettings
 
 log = logging.getLogger("ktlsd.config")
 
@@ -211,8 +214,9 @@ class AgentConfig:
     ([authenticate.client]/[authenticate.server]).
 
     ktlsd's keys ([ktlsd]): ``service_socket`` (user-space handshake service path; ``None``
-    disables the service), ``service_mode``, ``service_group``, ``kernel`` ("auto": serve
-    the kernel's handshake family when it exists; "yes": failing to is fatal; "no"),
+    disables the service), ``service_mode``, ``service_group`` (name or gid), ``kernel``
+    ("auto": serve the kernel's handshake family when it exists; "yes": failing to is fatal;
+    "no"),
     ``max_concurrent`` (0 = sized to the CPUs by the agent), ``pending_limit`` (0 = the
     kernel's rule), ``default_timeout_ms``, ``session_lifetime`` (seconds kept session state
     lives in the keyring), ``record_layer`` ("auto"/"kernel"/"user"), ``log_level``,
@@ -229,7 +233,7 @@ class AgentConfig:
     server: X509Settings = field(default_factory=X509Settings)
     service_socket: str | None = DEFAULT_SERVICE_SOCKET
     service_mode: int = 0o660
-    service_group: str | None = None
+    service_group: str | int | None = None
     kernel: str = "auto"
     max_concurrent: int = 0
     pending_limit: int = 0
@@ -246,7 +250,7 @@ class AgentConfig:
             return self.log_level
         return "debug" if self.debug_loglevel > 0 else "info"
 
-    def agent_settings(self) -> Any:
+    def agent_settings(self) -> AgentSettings:
         """The :class:`ktlsd.agent.AgentSettings` for this configuration.
 
         Imported lazily: loading a configuration must not pull in the TLS engine.
@@ -461,7 +465,7 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
         service_mode=pick(
             reader.typed(k, "service_mode", lambda t: _int(t, minimum=0, maximum=0o777, base=8)),
             defaults.service_mode),
-        service_group=reader.string(k, "service_group") or None,
+        service_group=_group(reader.string(k, "service_group")),
         kernel=pick(reader.typed(k, "kernel", lambda t: _kernel_mode(t)), defaults.kernel),
         max_concurrent=pick(
             reader.typed(k, "max_concurrent", lambda t: _int(t, minimum=0, maximum=100_000)),
@@ -483,6 +487,13 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
     )
     _check_pairs(keyfile, config)
     return config
+
+
+def _group(text: str | None) -> str | int | None:
+    """A group name, or a numeric gid."""
+    if text is None or not text.strip():
+        return None
+    return int(text) if text.strip().isdigit() else text.strip()
 
 
 def _kernel_mode(text: str) -> str:

@@ -198,8 +198,9 @@ def test_ktlsd_section(tmp_path: Path) -> None:
     assert config.default_timeout_ms == 2500 and config.session_lifetime == 600
     assert config.record_layer == "user" and config.effective_log_level == "warning"
     assert config.groups == "X25519:P-256"
-    off = load_config(write(tmp_path, "[ktlsd]\nservice_socket = none\n", "off"))
-    assert off.service_socket is None
+    off = load_config(write(tmp_path, "[ktlsd]\nservice_socket = none\nservice_group = 1234\n",
+                            "off"))
+    assert off.service_socket is None and off.service_group == 1234
 
 
 @pytest.mark.parametrize(
