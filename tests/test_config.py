@@ -92,6 +92,28 @@ nl_debug=0
 """
 
 
+# /etc/tlshd.conf as Debian 13 ships it (ktls-utils 1.0.0), comments as in the package.
+DEBIAN_13_TLSHD_CONF = SHIPPED_CONFIG.split("[debug]")[0] + """\
+[debug]
+loglevel=0
+tls=0
+nl=0
+
+[authenticate]
+#keyrings= <keyring>;<keyring>;<keyring>
+
+[authenticate.client]
+#x509.truststore= <pathname>
+#x509.certificate= <pathname>
+#x509.private_key= <pathname>
+
+[authenticate.server]
+#x509.truststore= <pathname>
+#x509.certificate= <pathname>
+#x509.private_key= <pathname>
+"""
+
+
 def write(tmp_path: Path, text: str, name: str = "config") -> str:
     path = tmp_path / name
     path.write_text(text)
@@ -147,6 +169,18 @@ def test_man_page_settings_uncommented(tmp_path: Path) -> None:
     assert config.server.crl is None
     assert config.server.client_auth is True
     assert config.server.client_allowed_sans == ("client1.example.com", "client2.example.com")
+
+
+def test_debian_13_legacy_file_at_the_legacy_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("KTLSD_CONFIG", raising=False)
+    caplog.set_level(logging.INFO, logger="ktlsd.config")
+    legacy = write(tmp_path, DEBIAN_13_TLSHD_CONF, "tlshd.conf")
+    config = load_config(search=(legacy, str(tmp_path / "absent-config")))
+    assert config.path == legacy and config.keyrings == ()
+    assert config.client == config.server == AgentConfig().client
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_legacy_main_section(tmp_path: Path) -> None:
