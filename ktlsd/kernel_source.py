@@ -660,6 +660,8 @@ def resolve_family(channel: NetlinkChannel, name: str) -> FamilyInfo:
         if exc.errno == errno.ENOENT:
             raise KernelSourceError(f"kernel has no {name!r} netlink family") from None
         raise KernelSourceError(f"cannot look up netlink family {name!r}: {exc}") from None
+    except (OSError, TimeoutError) as exc:
+        raise KernelSourceError(f"cannot look up netlink family {name!r}: {exc}") from None
     if not answers:
         raise KernelSourceError(f"no answer describing netlink family {name!r}")
     return parse_family_reply(answers[0])
@@ -707,12 +709,21 @@ def _probe_with(channel: NetlinkChannel) -> KernelCapabilities:
     return capabilities_from_policies(family, accept, done)
 
 
+def _open_channel() -> NetlinkChannel:
+    try:
+        return NetlinkChannel.open()
+    except OSError as exc:
+        raise KernelSourceError(
+            f"cannot open a generic netlink socket: {exc.strerror or exc}"
+        ) from None
+
+
 def probe_kernel_policy() -> KernelCapabilities:
     """Learn what the running kernel's ``handshake`` family declares.
 
     Raises :class:`KernelSourceError` (one line) when the family does not exist.
     """
-    channel = NetlinkChannel.open()
+    channel = _open_channel()
     try:
         return _probe_with(channel)
     finally:
@@ -786,7 +797,7 @@ class KernelSource:
         ``handshake`` family, when we lack CAP_NET_ADMIN (ACCEPT requires it) or when the
         multicast group cannot be joined.
         """
-        requests_channel = NetlinkChannel.open()
+        requests_channel = _open_channel()
         notify_channel: NetlinkChannel | None = None
         try:
             capabilities = _probe_with(requests_channel)
@@ -799,7 +810,7 @@ class KernelSource:
                 raise KernelSourceError(
                     f"the handshake family has no {MCGRP_TLSHD!r} multicast group"
                 )
-            notify_channel = NetlinkChannel.open()
+            notify_channel = _open_channel()
             try:
                 notify_channel.join_group(group)
             except OSError as exc:
