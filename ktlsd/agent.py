@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 
 from ktlsd import keyring
@@ -146,6 +146,11 @@ class Agent:
         self.completed = 0
         self.failed = 0
 
+    @property
+    def in_flight(self) -> set[asyncio.Task[None]]:
+        """Requests being served right now."""
+        return self._tasks
+
     def reload(self, settings: AgentSettings) -> None:
         """Use new settings for requests that start from now on (SIGHUP)."""
         self.settings = settings
@@ -238,9 +243,16 @@ class Agent:
             if request.message_type is MessageType.CLIENTHELLO
             else settings.server_x509
         )
-        config = build_tls_config(request, x509_files=files, groups=settings.groups)
+        psk_keyrings = [keyring.KEY_SPEC_SESSION_KEYRING, keyring.KEY_SPEC_PROCESS_KEYRING]
+        if request.keyring:
+            psk_keyrings.insert(0, request.keyring)
+        config = build_tls_config(
+            request, x509_files=files, groups=settings.groups, psk_keyrings=psk_keyrings
+        )
         timeout = request.effective_timeout_ms / 1000
-        session = await perform_handshake(sock, config, timeout=timeout)
+        session = await _unless_cancelled(
+            pending, perform_handshake(sock, config, timeout=timeout)
+        )
         if pending.source_name == "kernel":
             _install_ktls(sock, session)
         session_id = self._keep(session)
@@ -313,6 +325,25 @@ class Agent:
             log.warning("%s reason=%s", line, answer.reason or "-")
         else:
             log.info("%s", line)
+
+
+async def _unless_cancelled(pending: PendingRequest, work: Awaitable[Session]) -> Session:
+    """Run ``work`` but give up as soon as the consumer cancels the request (if it can)."""
+    cancelled: asyncio.Event | None = getattr(pending, "cancelled", None)
+    task = asyncio.ensure_future(work)
+    if cancelled is None:
+        return await task
+    watcher = asyncio.ensure_future(cancelled.wait())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, HandshakeError):
+        await task
+    raise HandshakeError(FailureCause.PEER_CLOSED, "consumer cancelled the request")
 
 
 def _installer_for(pending: PendingRequest, sock: socket.socket, state: Session) -> KeyInstaller:

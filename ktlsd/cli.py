@@ -14,6 +14,7 @@ import sys
 from ktlsd import __version__
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "ktlsd.daemon",  # run
     "ktlsd.tools",  # connect, listen
     "ktlsd.nvme.cli",  # nvme gen-tls-key, check-tls-key, gen-dhchap-key
     "ktlsd.doctor",  # doctor

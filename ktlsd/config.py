@@ -260,7 +260,8 @@ class AgentConfig:
 
         def files(x: X509Settings) -> X509Files:
             return X509Files(truststore=x.truststore, crl=x.crl, certificate=x.certificate,
-                             private_key=x.private_key)
+                             private_key=x.private_key,
+                             require_client_cert=bool(x.client_auth))
 
         return AgentSettings(
             client_x509=files(self.client),
@@ -268,6 +269,8 @@ class AgentConfig:
             keyrings=self.keyrings,
             max_concurrent=self.max_concurrent,
             groups=self.groups,
+            keep_sessions=self.session_lifetime > 0,
+            session_lifetime=self.session_lifetime,
         )
 
 

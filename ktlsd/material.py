@@ -44,6 +44,7 @@ class X509Files:
     crl: str | None = None
     certificate: str | None = None
     private_key: str | None = None
+    require_client_cert: bool = False  # server: tlshd's x509.client_auth
 
 
 def _missing(reason: str) -> HandshakeError:
@@ -211,7 +212,8 @@ def build_tls_config(
             raise _missing("x509 server has no certificate and private key")
         verify = request.auth_mode is AuthMode.X509
         if role is Role.SERVER:
-            client_auth = "require" if inline.require_client_cert else (
+            required = inline.require_client_cert or x509_files.require_client_cert
+            client_auth = "require" if required else (
                 "request" if verify else "none"
             )
             return TlsConfig(
