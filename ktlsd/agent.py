@@ -32,7 +32,7 @@ from ktlsd import keyring
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.handshake import perform_handshake
 from ktlsd.keyupdate import KeyInstaller, KtlsInstaller, apply_key_update, plan_key_update
-from ktlsd.material import X509Files, build_tls_config
+from ktlsd.material import Consumer, X509Files, build_tls_config
 from ktlsd.request import (
     AuthMode,
     HandshakeDone,
@@ -42,7 +42,7 @@ from ktlsd.request import (
     UpcallSource,
 )
 from ktlsd.session import Role, Session
-from ktlsd.session_store import SessionStore
+from ktlsd.session_store import KERNEL_OWNER, SessionStore
 
 log = logging.getLogger("ktlsd")
 
@@ -246,8 +246,11 @@ class Agent:
         psk_keyrings = [keyring.KEY_SPEC_SESSION_KEYRING, keyring.KEY_SPEC_PROCESS_KEYRING]
         if request.keyring:
             psk_keyrings.insert(0, request.keyring)
+        credentials = getattr(pending, "credentials", None)
+        consumer = Consumer(None if credentials is None else credentials.uid)
         config = build_tls_config(
-            request, x509_files=files, groups=settings.groups, psk_keyrings=psk_keyrings
+            request, x509_files=files, groups=settings.groups, psk_keyrings=psk_keyrings,
+            consumer=consumer,
         )
         timeout = request.effective_timeout_ms / 1000
         session = await _unless_cancelled(
@@ -255,7 +258,7 @@ class Agent:
         )
         if pending.source_name == "kernel":
             _install_ktls(sock, session)
-        session_id = self._keep(session)
+        session_id = self._keep(session, _owner(pending))
         return (
             HandshakeDone(
                 status=0,
@@ -267,12 +270,12 @@ class Agent:
             session,
         )
 
-    def _keep(self, session: Session) -> int:
+    def _keep(self, session: Session, owner: int) -> int:
         """Keep the session's secrets for later key updates; 0 when not kept."""
         if not self.settings.keep_sessions:
             return 0
         try:
-            return self.store.save(session)
+            return self.store.save(session, owner)
         except (keyring.KeyringError, ValueError) as exc:
             # The connection works without it; only a later key update will need a reconnect.
             log.warning("session state not kept (key updates will need a reconnect): %s", exc)
@@ -286,13 +289,14 @@ class Agent:
         async with self._session_locks.hold(request.session_id):
             # Updates of one session, in both directions, run one at a time so each
             # secret advances exactly once per update.
-            state = self.store.load(request.session_id)
+            owner = _owner(pending)
+            state = self.store.load(request.session_id, owner)
             plan = plan_key_update(
                 state, request.message_type, request.key_update_type,
                 request_peer=request.request_peer_update,
             )
             new_state = apply_key_update(plan, _installer_for(pending, sock, state))
-            self.store.update(request.session_id, new_state)
+            self.store.update(request.session_id, new_state, owner)
         return (
             HandshakeDone(
                 status=0,
@@ -325,6 +329,12 @@ class Agent:
             log.warning("%s reason=%s", line, answer.reason or "-")
         else:
             log.info("%s", line)
+
+
+def _owner(pending: PendingRequest) -> int:
+    """Who may use a kept session later: the kernel, or the consumer's uid."""
+    credentials = getattr(pending, "credentials", None)
+    return KERNEL_OWNER if credentials is None else int(credentials.uid)
 
 
 async def _unless_cancelled(pending: PendingRequest, work: Awaitable[Session]) -> Session:

@@ -21,7 +21,9 @@ Keyring conventions (the kernel's and nvme-cli's):
 from __future__ import annotations
 
 import errno
+import os
 import re
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ from ktlsd.request import AuthMode, HandshakeRequest, InlineMaterial, MessageTyp
 from ktlsd.session import CipherSuite, Role
 
 PSK_KEY_TYPE = "psk"
+PSK_KEY_TYPES = ("psk", "user")  # kernel consumers use "psk"; programs may use "user" keys
 _NVME_IDENTITY = re.compile(r"^NVMe[01][RG](0[0-2]) ")
 
 
@@ -49,6 +52,47 @@ class X509Files:
 
 def _missing(reason: str) -> HandshakeError:
     return HandshakeError(FailureCause.MISSING_MATERIAL, reason)
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """Who asked: ``uid`` None for the kernel (trusted), else the service consumer's uid.
+
+    The agent runs with more rights than an unprivileged consumer, and the consumer gets the
+    session's traffic secrets back. So an unprivileged consumer may use only material it could
+    use itself: keys it owns, files it owns or that are world-readable, and what it sends
+    inline — never the agent's keyrings or the host's configured certificate and key, which
+    would let it impersonate this host.
+    """
+
+    uid: int | None = None
+
+    @property
+    def privileged(self) -> bool:
+        return self.uid is None or self.uid == 0
+
+    def check_key(self, serial: int, what: str) -> None:
+        if self.privileged:
+            return
+        try:
+            owner = keyring.describe_key(serial).uid
+        except keyring.KeyringError as exc:
+            raise _missing(f"{what} key {serial:#x}: {_key_error(exc)}") from None
+        if owner != self.uid:
+            raise _missing(f"{what} key {serial:#x} does not belong to uid {self.uid}")
+
+    def check_file(self, path: str, what: str) -> None:
+        if self.privileged:
+            return
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise _missing(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        if st.st_uid != self.uid and not st.st_mode & stat.S_IROTH:
+            raise _missing(f"{what} {path} is not readable by uid {self.uid}")
+
+
+TRUSTED = Consumer()
 
 
 def psk_hash_for(identity: str, key_length: int) -> str:
@@ -72,7 +116,7 @@ def psk_from_keyring(serial: int) -> PskKey:
         info = keyring.describe_key(serial)
     except keyring.KeyringError as exc:
         raise _missing(f"PSK key {serial:#x}: {_key_error(exc)}") from None
-    if info.type != PSK_KEY_TYPE:
+    if info.type not in PSK_KEY_TYPES:
         raise _missing(f"key {serial:#x} has type {info.type!r}, not {PSK_KEY_TYPE!r}")
     try:
         payload = keyring.read_key(serial)
@@ -147,19 +191,26 @@ def _suites(names: Sequence[str]) -> tuple[CipherSuite, ...]:
 
 
 def _x509_credentials(
-    request: HandshakeRequest, inline: InlineMaterial, files: X509Files
+    request: HandshakeRequest, inline: InlineMaterial, files: X509Files, consumer: Consumer
 ) -> X509Credentials | None:
     if request.certificate or request.private_key:
         if not (request.certificate and request.private_key):
             raise _missing("certificate and private key serials must be given together")
+        consumer.check_key(request.certificate, "certificate")
+        consumer.check_key(request.private_key, "private")
         return X509Credentials.from_der(
             _blob_from_keyring(request.certificate, "certificate"),
             _blob_from_keyring(request.private_key, "private"),
         )
     if inline.certificate_chain:
         return X509Credentials.from_der(b"".join(inline.certificate_chain), inline.private_key)
-    cert_file = inline.certificate_file or files.certificate
-    key_file = inline.private_key_file or files.private_key
+    if inline.certificate_file or inline.private_key_file or not consumer.privileged:
+        cert_file, key_file = inline.certificate_file, inline.private_key_file
+    else:
+        cert_file, key_file = files.certificate, files.private_key
+    for path, what in ((cert_file, "certificate file"), (key_file, "private key file")):
+        if path:
+            consumer.check_file(path, what)
     if cert_file and key_file:
         return X509Credentials.from_pem_files(cert_file, key_file)
     if cert_file or key_file:
@@ -173,6 +224,7 @@ def build_tls_config(
     x509_files: X509Files,
     psk_keyrings: Sequence[int] = (keyring.KEY_SPEC_SESSION_KEYRING,),
     groups: str | None = None,
+    consumer: Consumer = TRUSTED,
 ) -> TlsConfig:
     """Resolve a request's material into the engine's configuration."""
     if request.message_type is MessageType.CLIENTHELLO:
@@ -187,6 +239,9 @@ def build_tls_config(
     suites = _suites(inline.ciphersuites) if inline.ciphersuites else tuple(CipherSuite)
     truststore = inline.truststore or x509_files.truststore
     crl = inline.crl or x509_files.crl
+    for path, what in ((inline.truststore, "truststore"), (inline.crl, "CRL")):
+        if path:
+            consumer.check_file(path, what)
     common = {
         "role": role,
         "ciphersuites": suites,
@@ -196,6 +251,9 @@ def build_tls_config(
 
     if request.auth_mode is AuthMode.PSK:
         if role is Role.CLIENT:
+            for serial in request.peer_identities:
+                if serial:
+                    consumer.check_key(serial, "PSK")
             keys = tuple(psk_from_keyring(s) for s in request.peer_identities if s)
             keys += tuple(
                 PskKey(identity=p.identity, key=p.key, hash_name=p.hash_name)
@@ -204,10 +262,16 @@ def build_tls_config(
             if not keys:
                 raise _missing("PSK client request carries no PSK")
             return TlsConfig(psk_keys=keys, **common)  # type: ignore[arg-type]
-        return TlsConfig(psk_lookup=_server_lookup(request, inline, psk_keyrings), **common)  # type: ignore[arg-type]
+        for serial in request.peer_identities:
+            if serial:
+                consumer.check_key(serial, "PSK")
+        # An unprivileged consumer never gets a search of the agent's keyrings (.nvme...).
+        rings = psk_keyrings if consumer.privileged else ()
+        lookup = _server_lookup(request, inline, rings)
+        return TlsConfig(psk_lookup=lookup, **common)  # type: ignore[arg-type]
 
     if request.auth_mode in (AuthMode.X509, AuthMode.UNAUTH):
-        credentials = _x509_credentials(request, inline, x509_files)
+        credentials = _x509_credentials(request, inline, x509_files, consumer)
         if role is Role.SERVER and credentials is None:
             raise _missing("x509 server has no certificate and private key")
         verify = request.auth_mode is AuthMode.X509
@@ -242,7 +306,7 @@ def _server_lookup(
     serials = [s for s in request.peer_identities if s]
     fixed = [psk_from_keyring(s) for s in serials]
     candidates = inline_keys + fixed
-    search = make_psk_lookup(psk_keyrings) if not candidates else None
+    search = make_psk_lookup(psk_keyrings) if not candidates and psk_keyrings else None
 
     def lookup(identity: bytes) -> PskKey | None:
         for key in candidates:

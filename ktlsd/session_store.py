@@ -16,8 +16,12 @@ kernel accepts it, and to user-space consumers) and echoed back in key-update re
 
 Payload layout (version 1, big-endian)::
 
-    "KTLSD-S1" | role u8 | suite u16 | client_generation u32 | server_generation u32
-               | len u8 | client_secret | len u8 | server_secret
+    "KTLSD-S1" | owner u32 | role u8 | suite u16 | client_generation u32
+               | server_generation u32 | len u8 | client_secret | len u8 | server_secret
+
+``owner`` is who may use the session later: :data:`KERNEL_OWNER` for kernel consumers, else
+the uid of the user-space consumer. A request from anyone else is told the session does not
+exist (ENOKEY), so session ids cannot be used to fish for another connection's secrets.
 """
 
 from __future__ import annotations
@@ -40,26 +44,29 @@ DEFAULT_LIFETIME = 24 * 3600
 # Possessor: view, read, write, search, setattr. Nobody else: nothing.
 POSSESSOR_ONLY = 0x01_00_00_00 * (0x01 | 0x02 | 0x04 | 0x08 | 0x20)
 
-_HEADER = struct.Struct(">8sBHII")
+KERNEL_OWNER = 0xFFFFFFFF
+
+_HEADER = struct.Struct(">8sIBHII")
 
 
-def encode_state(session: Session) -> bytes:
-    """Serialize what a key update needs (suite, both secrets, generations, role)."""
+def encode_state(session: Session, owner: int = KERNEL_OWNER) -> bytes:
+    """Serialize what a key update needs (suite, both secrets, generations, role, owner)."""
     role = 0 if session.role is Role.CLIENT else 1
     return (
         _HEADER.pack(
-            MAGIC, role, session.suite.code, session.client_generation, session.server_generation
+            MAGIC, owner, role, session.suite.code, session.client_generation,
+            session.server_generation,
         )
         + bytes([len(session.client_secret)]) + session.client_secret
         + bytes([len(session.server_secret)]) + session.server_secret
     )
 
 
-def decode_state(payload: bytes) -> Session:
-    """Parse a kept state; ``ValueError`` (secret-free message) when it is not one of ours."""
+def decode_state(payload: bytes) -> tuple[Session, int]:
+    """Parse a kept state into (session, owner); ``ValueError`` (secret-free) when not ours."""
     if len(payload) < _HEADER.size + 2:
         raise ValueError("session state too short")
-    magic, role, code, client_gen, server_gen = _HEADER.unpack_from(payload)
+    magic, owner, role, code, client_gen, server_gen = _HEADER.unpack_from(payload)
     if magic != MAGIC:
         raise ValueError("not a ktlsd session state")
     suite = CipherSuite.from_code(code)
@@ -74,7 +81,7 @@ def decode_state(payload: bytes) -> Session:
         offset += 1 + length
     if offset != len(payload) or role not in (0, 1):
         raise ValueError("malformed session state")
-    return Session(
+    session = Session(
         role=Role.CLIENT if role == 0 else Role.SERVER,
         suite=suite,
         client_secret=secrets_[0],
@@ -82,6 +89,7 @@ def decode_state(payload: bytes) -> Session:
         client_generation=client_gen,
         server_generation=server_gen,
     )
+    return session, owner
 
 
 @dataclass(frozen=True)
@@ -91,14 +99,14 @@ class SessionStore:
     keyring_id: int = keyring.KEY_SPEC_SESSION_KEYRING
     lifetime: int = DEFAULT_LIFETIME
 
-    def save(self, session: Session) -> int:
+    def save(self, session: Session, owner: int = KERNEL_OWNER) -> int:
         """Keep a new session's state; return its session id (the key's serial)."""
         description = DESCRIPTION_PREFIX + secrets.token_hex(8)
         # Create empty, lock the permissions down, only then write the secrets.
         serial = keyring.add_key(KEY_TYPE, description, b"\0", self.keyring_id)
         try:
             keyring.set_perm(serial, POSSESSOR_ONLY)
-            keyring.add_key(KEY_TYPE, description, encode_state(session), self.keyring_id)
+            keyring.add_key(KEY_TYPE, description, encode_state(session, owner), self.keyring_id)
             if self.lifetime:
                 keyring.set_timeout(serial, self.lifetime)
         except BaseException:
@@ -106,25 +114,29 @@ class SessionStore:
             raise
         return serial
 
-    def load(self, session_id: int) -> Session:
-        """The kept state; ``HandshakeError(MISSING_MATERIAL)`` (ENOKEY) when it is gone."""
+    def load(self, session_id: int, owner: int = KERNEL_OWNER) -> Session:
+        """The kept state; ``HandshakeError(MISSING_MATERIAL)`` (ENOKEY) when it is gone or
+        belongs to someone other than ``owner``."""
         if session_id <= 0:
             raise HandshakeError(FailureCause.MISSING_MATERIAL, "request carries no session id")
         try:
             info = keyring.describe_key(session_id)
             if info.type != KEY_TYPE or not info.description.startswith(DESCRIPTION_PREFIX):
                 raise keyring.KeyringError(errno.ENOKEY, "load session", session_id)
-            return decode_state(keyring.read_key(session_id))
+            session, kept_owner = decode_state(keyring.read_key(session_id))
+            if kept_owner != owner:
+                raise keyring.KeyringError(errno.ENOKEY, "load session", session_id)
+            return session
         except (keyring.KeyringError, ValueError) as exc:
             raise HandshakeError(
                 FailureCause.MISSING_MATERIAL,
                 f"session {session_id:#x} unknown or expired ({_short(exc)})",
             ) from None
 
-    def update(self, session_id: int, session: Session) -> None:
+    def update(self, session_id: int, session: Session, owner: int = KERNEL_OWNER) -> None:
         """Replace the kept state of ``session_id`` (same serial) and renew its lifetime."""
         info = keyring.describe_key(session_id)
-        keyring.add_key(KEY_TYPE, info.description, encode_state(session), self.keyring_id)
+        keyring.add_key(KEY_TYPE, info.description, encode_state(session, owner), self.keyring_id)
         if self.lifetime:
             keyring.set_timeout(session_id, self.lifetime)
 

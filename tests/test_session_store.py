@@ -28,7 +28,8 @@ def _session(suite: CipherSuite = CipherSuite.TLS_AES_256_GCM_SHA384) -> Session
 @pytest.mark.parametrize("suite", list(CipherSuite))
 def test_state_round_trip(suite: CipherSuite) -> None:
     s = _session(suite)
-    back = decode_state(encode_state(s))
+    back, owner = decode_state(encode_state(s, owner=1000))
+    assert owner == 1000
     assert (back.role, back.suite, back.client_generation) == (s.role, s.suite, 3)
     assert back.client_secret == s.client_secret and back.server_secret == s.server_secret
 
@@ -57,6 +58,15 @@ def test_save_load_update_drop(store: SessionStore) -> None:
         store.load(sid)
     assert info2.value.cause is FailureCause.MISSING_MATERIAL
     assert info2.value.errno == errno.ENOKEY
+
+
+def test_a_session_is_only_served_to_its_owner(store: SessionStore) -> None:
+    sid = store.save(_session(), owner=1000)
+    assert store.load(sid, owner=1000).suite is CipherSuite.TLS_AES_256_GCM_SHA384
+    for other in (1001, 0, 0xFFFFFFFF):
+        with pytest.raises(HandshakeError) as info:
+            store.load(sid, owner=other)
+        assert info.value.errno == errno.ENOKEY
 
 
 def test_unknown_or_foreign_ids_give_enokey(store: SessionStore) -> None:
