@@ -805,8 +805,8 @@ def test_hello_retry_request_vs_openssl_server(pki: Pki, tmp_path: Path) -> None
     )
     with openssl_server(*args) as peer:
         session, sock = connect_and_handshake(peer.port, config)
-        sock.close()
-    assert_secrets_match(session, tmp_path / "keys")
+        with sock:
+            assert_secrets_match(session, tmp_path / "keys")  # while s_server is alive
     assert "384" in (session.group or "")
 
 
