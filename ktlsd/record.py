@@ -534,6 +534,11 @@ class KernelRecordLayer(RecordLayer):
     def __init__(self, sock: socket.socket, session: Session) -> None:
         super().__init__(sock, session)
         self._eof = False
+        # Set when a KeyUpdate record was delivered. The kernel then fails reads with
+        # EKEYEXPIRED, but only once recvmsg runs: a socket with a timeout polls first, and
+        # poll reports no input during the pause, so the read would just time out. Raising
+        # here keeps the semantics identical whatever the socket's timeout.
+        self._key_expired = False
         ktls.attach_ulp(sock)
         ktls.install_tx_key(sock, session.suite, session.tx_secret, session.tx_seq)
         ktls.install_rx_key(sock, session.suite, session.rx_secret, session.rx_seq)
@@ -559,7 +564,15 @@ class KernelRecordLayer(RecordLayer):
                 except (BlockingIOError, InterruptedError):
                     await _wait(self._sock, write=True)
 
+    def _check_expired(self) -> None:
+        if self._key_expired:
+            raise ktls.KtlsError(
+                errno.EKEYEXPIRED, "peer updated its traffic keys: install the next receive key"
+            )
+
     def _classify(self, content_type: int, data: bytes) -> Record | None:
+        if content_type == CONTENT_TYPE_HANDSHAKE and data[:1] == bytes((HANDSHAKE_KEY_UPDATE,)):
+            self._key_expired = True
         if content_type == CONTENT_TYPE_APPLICATION_DATA and not data:
             self._eof = True
             return EOF_RECORD
@@ -572,6 +585,7 @@ class KernelRecordLayer(RecordLayer):
 
     def recv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
         while not self._eof:
+            self._check_expired()
             record = self._classify(*ktls.recv_record(self._sock, bufsize))
             if record is not None:
                 return record
@@ -580,6 +594,7 @@ class KernelRecordLayer(RecordLayer):
     async def arecv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
         _require_nonblocking(self._sock)
         while not self._eof:
+            self._check_expired()
             try:
                 received = ktls.recv_record(self._sock, bufsize)
             except (BlockingIOError, InterruptedError):
@@ -595,6 +610,7 @@ class KernelRecordLayer(RecordLayer):
 
     def install_rx_key(self, secret: bytes, seq: int = 0) -> None:
         ktls.install_rx_key(self._sock, self.suite, secret, seq)
+        self._key_expired = False
 
     def sequence_numbers(self) -> tuple[int, int]:
         tx = ktls.read_key_state(self._sock, ktls.TLS_TX).rec_seq

@@ -15,8 +15,10 @@ import hmac
 import os
 import random
 import select
+import shutil
 import socket
 import struct
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from tlslite.api import HandshakeSettings, TLSConnection, X509CertChain, parsePEMKey
 
 from ktlsd.connection import (
     DEFAULT_REKEY_AFTER_RECORDS,
@@ -425,7 +428,9 @@ def test_default_rekey_limit_is_below_the_aes_gcm_limit() -> None:
 
 
 def _nst(size: int) -> bytes:
-    body = os.urandom(size)
+    # No 0x18 byte: a record that continues a ticket must not start like a KeyUpdate (the
+    # kernel's first-byte rule would pause on it).
+    body = os.urandom(size).replace(b"\x18", b"\x19")
     return b"\x04" + len(body).to_bytes(3, "big") + body
 
 
@@ -574,3 +579,147 @@ def test_asyncio_bulk_and_key_updates() -> None:
             assert_lock_step(client, server)
 
     asyncio.run(main())
+
+
+# --- interoperability with OpenSSL (handshake by tlslite-ng, then handed to us) -----------
+
+
+def _make_certificate(tmp_path) -> tuple[str, str]:
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def _tls13_settings() -> HandshakeSettings:
+    settings = HandshakeSettings()
+    settings.minVersion = settings.maxVersion = (3, 4)
+    settings.ticket_count = 0
+    return settings
+
+
+def _session_from_tlslite(tls: TLSConnection, role: Role) -> Session:
+    """What a handshake engine hands over: suite and both application traffic secrets."""
+    return Session(
+        role,
+        CipherSuite.from_code(tls.session.cipherSuite),
+        client_secret=bytes(tls.session.cl_app_secret),
+        server_secret=bytes(tls.session.sr_app_secret),
+    )
+
+
+def _read_line(conn: TlsConnection) -> bytes:
+    out = b""
+    while not out.endswith(b"\n"):
+        chunk = conn.recv()
+        assert chunk, f"EOF after {out!r}"
+        out += chunk
+    return out
+
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+
+
+@needs_openssl
+@pytest.mark.parametrize("suite", [AES256])
+def test_openssl_server_answers_our_key_updates(tmp_path, suite: CipherSuite) -> None:
+    """OpenSSL ``s_server -rev`` echoes lines reversed; we update keys before every line.
+
+    OpenSSL also sends two NewSessionTickets at receive sequence 0 and 1, which we skip, and
+    must answer every update_requested with a KeyUpdate of its own.
+    """
+    cert, key = _make_certificate(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", cert, "-key", key,
+         "-tls1_3", "-rev", "-num_tickets", "2", "-ciphersuites", suite.iana_name],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        while b"ACCEPT" not in (line := server.stdout.readline()):
+            assert line, "openssl s_server did not start"
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        with sock:
+            tls = TLSConnection(sock)
+            tls.handshakeClientCert(settings=_tls13_settings())
+            session = _session_from_tlslite(tls, Role.CLIENT)
+            assert session.suite is suite
+            conn = TlsConnection(UserRecordLayer(sock, session), session)
+            conn.send(b"hello\n")
+            assert _read_line(conn) == b"olleh\n"
+            assert conn.tickets_skipped == 2
+            # s_server -rev sleeps one second after every read that yields no data, which
+            # a KeyUpdate always causes: keep the count small.
+            for i in range(4):
+                conn.key_update(request_peer=i % 2 == 0)
+                conn.send(b"line %d\n" % i)
+                assert _read_line(conn) == (b"line %d" % i)[::-1] + b"\n"
+            assert conn.key_updates_sent == 4
+            assert conn.key_updates_received == 2  # one answer per update_requested
+            assert conn.session.server_generation == 2
+            conn.close()
+            assert conn.recv() == b""  # OpenSSL answers close_notify with its own
+    finally:
+        server.kill()
+        server.wait()
+
+
+@needs_openssl
+@pytest.mark.parametrize("suite", list(CipherSuite))
+def test_openssl_client_key_updates_reach_us(tmp_path, suite: CipherSuite) -> None:
+    """``openssl s_client`` sends KeyUpdates on the "K"/"k" commands; we follow and answer."""
+    cert, key = _make_certificate(tmp_path)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = subprocess.Popen(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{listener.getsockname()[1]}",
+             "-tls1_3", "-ciphersuites", suite.iana_name],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        listener.settimeout(20)
+        sock, _ = listener.accept()
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        with sock:
+            sock.settimeout(20)
+            tls = TLSConnection(sock)
+            chain = X509CertChain()
+            with open(cert) as handle:
+                chain.parsePemList(handle.read())
+            with open(key) as handle:
+                private_key = parsePEMKey(handle.read(), private=True)
+            tls.handshakeServer(certChain=chain, privateKey=private_key, settings=_tls13_settings())
+            session = _session_from_tlslite(tls, Role.SERVER)
+            conn = TlsConnection(UserRecordLayer(sock, session), session)
+
+            def typed(text: bytes) -> None:
+                client.stdin.write(text)
+                client.stdin.flush()
+
+            def client_prints(text: bytes) -> None:
+                while text not in (line := client.stdout.readline()):
+                    assert line, f"s_client ended before printing {text!r}"
+
+            typed(b"hello\n")
+            assert _read_line(conn) == b"hello\n"
+            for i in range(6):
+                typed(b"K\n" if i % 2 == 0 else b"k\n")
+                client_prints(b"KEYUPDATE")  # s_client reads one command per read of stdin
+                typed(b"after %d\n" % i)
+                assert _read_line(conn) == b"after %d\n" % i
+                assert conn.key_updates_received == i + 1
+                conn.send(b"pong %d\n" % i)
+                client_prints(b"pong %d" % i)  # OpenSSL decrypted it under our current key
+            assert conn.key_updates_sent == 3  # answers to the three "K" requests
+            client.stdin.close()
+            assert conn.recv() == b""
+    finally:
+        client.kill()
+        client.wait()
