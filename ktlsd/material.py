@@ -168,16 +168,14 @@ def make_psk_lookup(
         if not description or "\0" in description:
             return None
         for ring in keyrings:
-            try:
-                serial = keyring.search_keyring(ring, PSK_KEY_TYPE, description)
-            except (keyring.KeyringError, ValueError):
-                continue
-            try:
-                key = psk_from_keyring(serial)
-            except HandshakeError:
-                continue
-            if allowed is None or allowed(key):
-                return key
+            for key_type in PSK_KEY_TYPES:
+                try:
+                    serial = keyring.search_keyring(ring, key_type, description)
+                    key = psk_from_keyring(serial)
+                except (keyring.KeyringError, ValueError, HandshakeError):
+                    continue
+                if allowed is None or allowed(key):
+                    return key
         return None
 
     return lookup

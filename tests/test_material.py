@@ -1,0 +1,159 @@
+"""Resolving a request's material: keyring serials, inline material, configured files, and the
+privilege boundary for unprivileged user-space consumers. Real keyrings, real files."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from ktlsd import keyring
+from ktlsd.errors import HandshakeError
+from ktlsd.material import Consumer, X509Files, build_tls_config, psk_from_keyring, psk_hash_for
+from ktlsd.request import AuthMode, HandshakeRequest, InlineMaterial, InlinePsk, MessageType
+from ktlsd.session import Role
+from tests.pki import Authority
+
+UNPRIVILEGED = Consumer(uid=4242)
+
+
+@pytest.fixture(autouse=True)
+def private_session_keyring() -> None:
+    keyring.join_session_keyring(None)
+
+
+def _request(mt: MessageType, auth: AuthMode, **kw: object) -> HandshakeRequest:
+    return HandshakeRequest(sockfd=0, message_type=mt, auth_mode=auth, **kw)  # type: ignore[arg-type]
+
+
+def _psk_key(identity: str, size: int = 32) -> int:
+    return keyring.add_key("user", identity, os.urandom(size), keyring.KEY_SPEC_SESSION_KEYRING)
+
+
+def _code(exc: pytest.ExceptionInfo[HandshakeError]) -> int:
+    return exc.value.errno
+
+
+def test_psk_hash_follows_nvme_identity_then_length() -> None:
+    assert psk_hash_for("NVMe1R02 host subsys digest", 32) == "sha384"
+    assert psk_hash_for("NVMe0R01 host subsys", 48) == "sha256"
+    assert psk_hash_for("plain", 48) == "sha384"
+    assert psk_hash_for("plain", 32) == "sha256"
+
+
+def test_client_psk_serials_in_order() -> None:
+    a, b = _psk_key("first"), _psk_key("second", 48)
+    config = build_tls_config(
+        _request(MessageType.CLIENTHELLO, AuthMode.PSK, peer_identities=(a, b)),
+        x509_files=X509Files(),
+    )
+    assert config.role is Role.CLIENT
+    assert [(k.identity, k.hash_name, k.serial) for k in config.psk_keys] == [
+        (b"first", "sha256", a), (b"second", "sha384", b),
+    ]
+
+
+@pytest.mark.parametrize("damage", ["missing", "revoked", "wrong-type"])
+def test_bad_psk_serials_are_missing_material(damage: str) -> None:
+    serial = _psk_key("doomed")
+    if damage == "missing":
+        keyring.invalidate_key(serial)
+    elif damage == "revoked":
+        keyring.revoke_key(serial)
+    else:
+        serial = keyring.add_key("keyring", "not-a-psk", None, keyring.KEY_SPEC_SESSION_KEYRING)
+    with pytest.raises(HandshakeError) as info:
+        build_tls_config(
+            _request(MessageType.CLIENTHELLO, AuthMode.PSK, peer_identities=(serial,)),
+            x509_files=X509Files(),
+        )
+    assert _code(info) == errno.ENOKEY
+    assert f"{serial:#x}" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_server_lookup_searches_our_keyrings_for_the_offered_identity() -> None:
+    serial = _psk_key("NVMe0R01 hostnqn subsysnqn")
+    config = build_tls_config(
+        _request(MessageType.SERVERHELLO, AuthMode.PSK, peer_identities=(0,)),
+        x509_files=X509Files(),
+    )
+    assert config.psk_lookup is not None
+    found = config.psk_lookup(b"NVMe0R01 hostnqn subsysnqn")
+    assert found is not None and found.serial == serial
+    assert config.psk_lookup(b"NVMe0R01 someone else") is None
+
+
+def test_unprivileged_consumer_cannot_use_agent_keyrings_or_keys() -> None:
+    serial = _psk_key("NVMe0R01 hostnqn subsysnqn")  # owned by root, the agent's
+    server = build_tls_config(
+        _request(MessageType.SERVERHELLO, AuthMode.PSK), x509_files=X509Files(),
+        consumer=UNPRIVILEGED,
+    )
+    assert server.psk_lookup is not None
+    assert server.psk_lookup(b"NVMe0R01 hostnqn subsysnqn") is None
+    with pytest.raises(HandshakeError) as info:
+        build_tls_config(
+            _request(MessageType.CLIENTHELLO, AuthMode.PSK, peer_identities=(serial,)),
+            x509_files=X509Files(), consumer=UNPRIVILEGED,
+        )
+    assert _code(info) == errno.ENOKEY and "does not belong to uid 4242" in str(info.value)
+    # Inline keys are the consumer's own: fine.
+    inline = InlineMaterial(psk_keys=(InlinePsk(b"mine", os.urandom(32)),))
+    config = build_tls_config(
+        _request(MessageType.CLIENTHELLO, AuthMode.PSK, inline=inline),
+        x509_files=X509Files(), consumer=UNPRIVILEGED,
+    )
+    assert config.psk_keys[0].identity == b"mine"
+
+
+def test_unprivileged_consumer_never_gets_the_host_certificate(tmp_path: Path) -> None:
+    ca = Authority.create(tmp_path, "ecdsa")
+    server = ca.issue_server(dns=("localhost",))
+    files = X509Files(certificate=str(server.cert_path), private_key=str(server.key_path))
+    req = _request(MessageType.SERVERHELLO, AuthMode.X509)
+    assert build_tls_config(req, x509_files=files).credentials is not None
+    with pytest.raises(HandshakeError) as info:
+        build_tls_config(req, x509_files=files, consumer=UNPRIVILEGED)
+    assert _code(info) == errno.ENOKEY
+    # A private key file it does not own is refused even when named inline.
+    os.chmod(server.key_path, 0o600)
+    inline = InlineMaterial(certificate_file=str(server.cert_path),
+                            private_key_file=str(server.key_path))
+    with pytest.raises(HandshakeError) as info:
+        build_tls_config(_request(MessageType.SERVERHELLO, AuthMode.X509, inline=inline),
+                         x509_files=X509Files(), consumer=UNPRIVILEGED)
+    assert "not readable by uid 4242" in str(info.value)
+
+
+def test_x509_problems_are_missing_material(tmp_path: Path) -> None:
+    req = _request(MessageType.SERVERHELLO, AuthMode.X509)
+    with pytest.raises(HandshakeError) as info:
+        build_tls_config(req, x509_files=X509Files())
+    assert _code(info) == errno.ENOKEY
+    with pytest.raises(HandshakeError) as info:
+        build_tls_config(req, x509_files=X509Files(certificate=str(tmp_path / "absent.pem"),
+                                                   private_key=str(tmp_path / "absent.key")))
+    assert _code(info) == errno.ENOKEY and "absent.pem" in str(info.value)
+    with pytest.raises(HandshakeError) as info:
+        build_tls_config(_request(MessageType.SERVERHELLO, AuthMode.X509, certificate=5),
+                         x509_files=X509Files())
+    assert "together" in str(info.value)
+
+
+def test_unsupported_message_type_and_auth_mode() -> None:
+    with pytest.raises(HandshakeError) as info:
+        build_tls_config(_request(MessageType.UNSPEC, AuthMode.PSK), x509_files=X509Files())
+    assert _code(info) == errno.EOPNOTSUPP
+    with pytest.raises(HandshakeError) as info:
+        build_tls_config(_request(MessageType.CLIENTHELLO, AuthMode.UNSPEC),
+                         x509_files=X509Files())
+    assert _code(info) == errno.EINVAL
+
+
+def test_keyring_psk_is_read_from_the_payload() -> None:
+    key = os.urandom(48)
+    serial = keyring.add_key("user", "NVMe1R02 h s d", key, keyring.KEY_SPEC_SESSION_KEYRING)
+    psk = psk_from_keyring(serial)
+    assert psk.key == key and psk.hash_name == "sha384" and "key=" not in repr(psk).lower()
