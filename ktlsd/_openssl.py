@@ -299,8 +299,12 @@ def alert_description(code: int) -> str:
 
 # --- per-connection callback dispatch ------------------------------------------------------------
 class ConnectionHooks:
-    """What the C callbacks of one ``SSL*`` call into. :class:`SslConnection` subclasses nothing;
-    the engine passes an object with these methods (all optional to override)."""
+    """What the C callbacks of one ``SSL*`` call into.
+
+    The engine (:class:`ktlsd.handshake.TlsHandshake`) subclasses this and passes itself to
+    :class:`SslConnection`; the defaults do nothing. Exceptions raised here never unwind into C:
+    they are stored in ``SslConnection.callback_error`` and the callback reports failure.
+    """
 
     def on_keylog(self, line: str) -> None:  # pragma: no cover - default no-op
         pass

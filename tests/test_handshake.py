@@ -991,3 +991,42 @@ def test_psk_client_refuses_certificate_fallback(pki: Pki) -> None:
         config = client_config(psk_keys=(PskKey(b"mine", PSK_KEY),))
         err = expect_failure(lambda: connect_and_handshake(peer.port, config))
     assert_one_line_error(err, FailureCause.PEER_REJECTED, "did not accept PSK 'mine'")
+
+
+def split_records(data: bytes) -> list[bytes]:
+    records = []
+    while data:
+        length = int.from_bytes(data[3:5], "big")
+        records.append(data[: 5 + length])
+        data = data[5 + length :]
+    return records
+
+
+@pytest.mark.parametrize("hash_name", ["sha256", "sha384"])
+def test_sans_io_core_without_sockets(hash_name: str) -> None:
+    """Two engines talking through plain byte strings: the core does no I/O of its own."""
+    psk = PskKey(b"mem", PSK384[: 48 if hash_name == "sha384" else 32], hash_name)  # type: ignore[arg-type]
+    with (
+        TlsHandshake(client_config(psk_keys=(psk,))) as client,
+        TlsHandshake(server_config(psk_lookup={b"mem": psk}.get)) as server,
+    ):
+        to_server = split_records(client.start())
+        assert server.start() == b""
+        to_client: list[bytes] = []
+        last_server_out = None
+        while client.wants_input or server.wants_input:
+            assert to_server or to_client, "nobody has anything to say"
+            for record in to_server:
+                last_server_out = server.receive_record(record)
+                to_client += split_records(last_server_out)
+            to_server = []
+            for record in to_client:
+                to_server += split_records(client.receive_record(record))
+            to_client = []
+        client.check()
+        server.check()
+        cs, ss = client.session(), server.session()
+    assert cs.suite.hash_name == hash_name
+    assert cs.client_secret == ss.client_secret and cs.server_secret == ss.server_secret
+    assert cs.peer.psk_identity == ss.peer.psk_identity == b"mem"
+    assert last_server_out == b""  # nothing after the client's Finished: no tickets
