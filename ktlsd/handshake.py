@@ -301,22 +301,30 @@ class TlsHandshake(ossl.ConnectionHooks):
                 self._conn.set_ciphersuites(
                     _suite_names(self._psk_suites(self._offered_psk.hash_name))
                 )
-            if config.peername and config.verify_peer and not (not server and config.psk_keys):
+            if config.peername:
                 self._set_peername(config.peername, server=server)
         except ossl.OpenSSLError as exc:
             self.close()
             raise HandshakeError(FailureCause.MISSING_MATERIAL, str(exc)) from None
 
     def _set_peername(self, name: str, *, server: bool) -> None:
+        """Client: send ``name`` as SNI when it is a DNS name. Both roles: when the peer's
+        certificate is verified, require ``name`` among its DNS or IP SANs."""
         assert self._conn is not None
         try:
             ipaddress.ip_address(name)
         except ValueError:
-            self._conn.set_expected_host(name)
-            if not server:
-                self._conn.set_server_name(name)
+            is_ip = False
         else:
+            is_ip = True
+        if not server and not is_ip:
+            self._conn.set_server_name(name)
+        if not self.config.verify_peer or (not server and self._offered_psk is not None):
+            return
+        if is_ip:
             self._conn.set_expected_ip(name)
+        else:
+            self._conn.set_expected_host(name)
 
     def _psk_suites(self, hash_name: str) -> tuple[CipherSuite, ...]:
         return tuple(s for s in self.config.ciphersuites if s.hash_name == hash_name)

@@ -1030,3 +1030,25 @@ def test_sans_io_core_without_sockets(hash_name: str) -> None:
     assert cs.client_secret == ss.client_secret and cs.server_secret == ss.server_secret
     assert cs.peer.psk_identity == ss.peer.psk_identity == b"mem"
     assert last_server_out == b""  # nothing after the client's Finished: no tickets
+
+
+def test_client_sends_sni(pki: Pki) -> None:
+    server = pki.server["ecdsa"]
+    config = client_config(peername="localhost", verify_peer=False)
+    args = [
+        "-cert",
+        str(server.cert_path),
+        "-key",
+        str(server.key_path),
+        "-servername",
+        "localhost",
+        "-servername_fatal",
+        "-cert2",
+        str(server.cert_path),
+        "-key2",
+        str(server.key_path),
+    ]
+    with openssl_server(*args) as peer:
+        _, sock = connect_and_handshake(peer.port, config)
+        sock.close()
+        peer.wait_for('Hostname in TLS extension: "localhost"')
