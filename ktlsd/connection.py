@@ -19,8 +19,8 @@ user space — the same code runs on both) and owns the post-handshake protocol:
 Answering a peer's ``update_requested`` (RFC 8446 §4.6.3): we must send a KeyUpdate of our own
 before our next application data record. The answer is *due* from the moment the request is
 read, and whoever next holds the transmit lock sends it: the writer before its next record,
-or the reader right away when no writer is busy. Several requests read before the answer goes
-out get a single answer, as §4.6.3 allows. One more case needs no answer: when our own
+or the reader right away when no writer is busy and the socket has room. Several requests
+read before the answer goes out get a single answer, as §4.6.3 allows. One more case needs no answer: when our own
 KeyUpdate with ``update_requested`` is still unanswered and the peer's request arrives, the
 two crossed on the wire; the peer receives our KeyUpdate after sending its request, which
 fulfils it from the peer's point of view, and the peer's KeyUpdate fulfils ours. Answering
@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import select
 import threading
 from collections.abc import Callable
 from typing import Final
@@ -435,10 +436,24 @@ class TlsConnection:
             self._run(self._plan_key_update(request_peer))
         self._flush_due()
 
-    def _flush_due(self) -> None:
-        # Reader side: send a due KeyUpdate now unless a writer holds the lock (it will send
-        # the KeyUpdate before its next record). Never block the reader on the writer.
+    def _can_flush(self) -> bool:
+        """Whether the reader may send a due KeyUpdate itself, right now.
+
+        Only when no KeyUpdate is due does this cost nothing. Otherwise the reader sends only
+        if the socket has room: a reader blocked in a send stops draining its socket, and two
+        such readers facing each other would wait forever. A KeyUpdate left unsent here goes
+        out before our next application record, which is all RFC 8446 §4.6.3 requires.
+        """
         if not (self._response_due or self._request_due) or self._closed:
+            return False
+        poller = select.poll()
+        poller.register(self._layer.fileno(), select.POLLOUT)
+        return bool(poller.poll(0))
+
+    def _flush_due(self) -> None:
+        # Reader side: never wait for the writer; if one holds the lock, it sends the
+        # KeyUpdate before its next record.
+        if not self._can_flush():
             return
         if self._tx_lock.acquire(blocking=False):
             try:
@@ -525,7 +540,7 @@ class TlsConnection:
         await self._aflush_due()
 
     async def _aflush_due(self) -> None:
-        if not (self._response_due or self._request_due) or self._closed:
+        if not self._can_flush():
             return
         lock = self._alock()
         if not lock.locked():
