@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from ktlsd import keyschedule
+
 __all__ = [
     "HashId",
     "InterchangeKey",
@@ -111,21 +113,6 @@ def hkdf_extract(hash_id: HashId, ikm: bytes, salt: bytes = b"") -> bytes:
     return hmac.new(salt or bytes(hash_id.length), ikm, hash_id.hash_name).digest()
 
 
-def _label_info(label: str, context: bytes, length: int, variant: Variant) -> bytes:
-    full_label = b"tls13 " + label.encode()
-    if variant is Variant.SPEC:
-        if len(full_label) > 255 or len(context) > 255:
-            raise KeyFormatError("HKDF label or context longer than 255 bytes")
-        return (
-            struct.pack(">H", length)
-            + bytes([len(full_label)])
-            + full_label
-            + bytes([len(context)])
-            + context
-        )
-    return struct.pack("<H", length) + full_label + context
-
-
 def hkdf_expand_label(
     hash_id: HashId,
     prk: bytes,
@@ -134,8 +121,20 @@ def hkdf_expand_label(
     length: int,
     variant: Variant = Variant.SPEC,
 ) -> bytes:
-    """TLS 1.3 HKDF-Expand-Label (RFC 8446 §7.1), or libnvme's pre-1.16 rendition of it."""
-    info = _label_info(label, context, length, variant)
+    """TLS 1.3 HKDF-Expand-Label (RFC 8446 §7.1), or libnvme's pre-1.16 rendition of it.
+
+    The spec variant is :func:`ktlsd.keyschedule.hkdf_expand_label`. The compat variant
+    reproduces the old libnvme bug: a little-endian length and no length prefixes before the
+    label and the context.
+    """
+    if variant is Variant.SPEC:
+        try:
+            return keyschedule.hkdf_expand_label(
+                hash_id.hash_name, prk, label.encode(), context, length
+            )
+        except ValueError as exc:
+            raise KeyFormatError(str(exc)) from None
+    info = struct.pack("<H", length) + b"tls13 " + label.encode() + context
     return HKDFExpand(_hash_algorithm(hash_id), length, info).derive(prk)
 
 
