@@ -19,6 +19,7 @@ the :class:`~ktlsd.session.Session` back in DONE and runs a record layer itself.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -125,6 +126,47 @@ class _KeyedLocks:
                 self._locks[key] = (lock, users - 1)
 
 
+class _Slots:
+    """A counting limit whose size can change while it is in use (SIGHUP reload).
+
+    ``asyncio.Semaphore`` cannot be resized; this one wakes waiters in order whenever a slot
+    is released or the limit grows.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self) -> None:
+        while self.used >= self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+        self.used += 1
+
+    def release(self) -> None:
+        self.used -= 1
+        self._wake()
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        free = self.limit - self.used
+        for waiter in list(self._waiters):
+            if free <= 0:
+                break
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+
+
 class Agent:
     """Serve handshake requests from the given sources until :meth:`stop`."""
 
@@ -139,7 +181,7 @@ class Agent:
         self.sources = list(sources)
         self.store = store or SessionStore(lifetime=settings.session_lifetime)
         self._session_locks = _KeyedLocks()
-        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._slots = _Slots(settings.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumers: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -152,9 +194,20 @@ class Agent:
         return self._tasks
 
     def reload(self, settings: AgentSettings) -> None:
-        """Use new settings for requests that start from now on (SIGHUP)."""
-        self.settings = settings
-        log.info("configuration reloaded")
+        """Use new settings for requests that start from now on (SIGHUP).
+
+        Requests in flight keep what they started with. The concurrency bound changes at
+        once: a lower bound lets running handshakes finish and takes new ones only below it.
+        The log line names what changed (settings hold paths and numbers, never secrets).
+        """
+        old, self.settings = self.settings, settings
+        self._slots.resize(settings.concurrency)
+        changes = [
+            f"{name} {getattr(old, name)!r} -> {getattr(settings, name)!r}"
+            for name in AgentSettings.__dataclass_fields__
+            if getattr(old, name) != getattr(settings, name)
+        ]
+        log.info("configuration reloaded: %s", "; ".join(changes) if changes else "no changes")
 
     async def run(self) -> None:
         """Consume every source until all of them end (after :meth:`stop`)."""
@@ -204,6 +257,11 @@ class Agent:
         """Run one request to its DONE. Never raises."""
         request = pending.request
         started = time.monotonic()
+        log.debug(
+            "request taken: source=%s role=%s auth=%s type=%s timeout=%dms in_flight=%d",
+            pending.source_name, _role(request), _auth_name(request.auth_mode),
+            request.message_type.name.lower(), request.effective_timeout_ms, len(self._tasks),
+        )
         sock: socket.socket | None = None
         session: Session | None = None
         try:
@@ -320,15 +378,41 @@ class Agent:
         suite = session.suite.iana_name if session is not None else "-"
         status = "ok" if answer.status == 0 else errno.errorcode.get(answer.status, "?")
         line = (
-            f"handshake source={pending.source_name} peer={peer} "
-            f"peername={request.peername or '-'} role={_role(request)} "
-            f"auth={_auth_name(request.auth_mode)} identity={identity} suite={suite} "
+            f"handshake source={pending.source_name} peer={_field(peer)} "
+            f"peername={_field(request.peername or '-')} role={_role(request)} "
+            f"auth={_auth_name(request.auth_mode)} identity={_field(identity)} suite={suite} "
             f"duration={duration * 1000:.1f}ms status={answer.status} ({status})"
         )
         if answer.status:
-            log.warning("%s reason=%s", line, answer.reason or "-")
+            log.warning("%s reason=%s", line, _field(answer.reason or "-"))
         else:
             log.info("%s", line)
+
+
+_PLAIN_FIELD = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.:-_/[]@,+=()*<>"
+)
+
+
+def _field(value: str) -> str:
+    """One ``key=value`` field of the handshake log line, parseable and single-line.
+
+    Identities, peer names and reasons come partly from consumers and peers (a certificate
+    subject in unauthenticated mode, a peer name): values with spaces, quotes or control
+    characters are double-quoted with backslash escapes, so no value can split the line,
+    forge another field or start a forged log line.
+    """
+    if value and all(c in _PLAIN_FIELD for c in value):
+        return value
+    out = []
+    for char in value:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char.isprintable() and char.isascii():
+            out.append(char)
+        else:
+            out.append(char.encode("unicode_escape").decode("ascii"))
+    return '"' + "".join(out) + '"'
 
 
 def _owner(pending: PendingRequest) -> int:

@@ -1,0 +1,284 @@
+"""Helpers for the agent-level tests: the real ``ktlsd run`` process, an in-process agent,
+TCP pairs, a gated relay (a deliberately slow network) and a secret scanner for logs.
+
+Everything here drives real components: a child ``python -m ktlsd run`` whose stderr is
+collected line by line, the real :class:`~ktlsd.agent.Agent` over the real
+:class:`~ktlsd.service.HandshakeService`, loopback TCP sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+from ktlsd.agent import Agent, AgentSettings
+from ktlsd.service import HandshakeService
+
+REPO = Path(__file__).resolve().parent.parent
+HANDSHAKE_LINE = re.compile(r"ktlsd: \w+ handshake (?P<fields>.*)$")
+FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected loopback TCP pair (client end, server end)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
+def parse_handshake_line(line: str) -> dict[str, str]:
+    """The ``key=value`` fields of one agent ``handshake ...`` log line (status as a number)."""
+    match = HANDSHAKE_LINE.search(line)
+    if match is None:
+        raise ValueError(f"not a handshake log line: {line!r}")
+    fields = {}
+    for key, value in FIELD.findall(match.group("fields")):
+        if value.startswith('"'):
+            value = value[1:-1].encode("ascii").decode("unicode_escape")
+        fields[key] = value
+    return fields
+
+
+class AgentProcess:
+    """``python -m ktlsd run`` as a child process, its stderr collected by a thread.
+
+    :meth:`wait_for` blocks until a line matching a pattern has been printed (readiness by
+    the agent's own log, never by sleeping). :meth:`stop` sends SIGTERM and reaps.
+    """
+
+    def __init__(self, tmp: Path, config: str = "", *, extra: Iterable[str] = ()) -> None:
+        self.socket_path = str(tmp / "handshake.sock")
+        self.config_path = tmp / "ktlsd.conf"
+        self.config_path.write_text(config)
+        argv = [sys.executable, "-m", "ktlsd", "run", "--socket", self.socket_path,
+                "-c", str(self.config_path), "--kernel", "no", *extra]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=env, cwd=str(tmp))
+        self.lines: list[str] = []
+        self.stdout = b""
+        self._cond = threading.Condition()
+        self._done = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._out_reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self._out_reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            with self._cond:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        self.stdout = self.proc.stdout.read()
+
+    @property
+    def text(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def matching(self, pattern: str) -> list[str]:
+        with self._cond:
+            return [line for line in self.lines if re.search(pattern, line)]
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 20.0) -> list[str]:
+        """Wait until ``count`` lines match ``pattern``; return them."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        with self._cond:
+            while True:
+                found = [line for line in self.lines if regex.search(line)]
+                if len(found) >= count:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._done:
+                    raise AssertionError(
+                        f"agent printed {len(found)} of {count} lines matching {pattern!r}; "
+                        f"log:\n" + "\n".join(self.lines))
+                self._cond.wait(min(remaining, 0.5))
+
+    async def await_for(self, pattern: str, count: int = 1, timeout: float = 20.0) -> list[str]:
+        return await asyncio.to_thread(self.wait_for, pattern, count, timeout)
+
+    def wait_ready(self) -> None:
+        self.wait_for(r"ktlsd agent running")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        rc = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        self._out_reader.join(timeout)
+        return rc
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.wait_exit(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.wait_exit(10)
+
+    def __enter__(self) -> AgentProcess:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_agent(path: str, settings: AgentSettings | None = None,
+                        **service_args: Any) -> AsyncIterator[Agent]:
+    """The real agent serving the real handshake service at ``path``, in this process."""
+    service = HandshakeService(path, **service_args)
+    await service.start()
+    agent = Agent(settings or AgentSettings(), [service])
+    task = asyncio.create_task(agent.run())
+    try:
+        yield agent
+    finally:
+        await agent.stop()
+        await asyncio.wait_for(task, 30)
+
+
+class GatedRelay:
+    """A TCP relay that holds every byte until :meth:`open` — a peer that answers late.
+
+    ``connect()`` returns (client end, server end) like :func:`tcp_pair`, but the bytes each
+    end sends reach the other only after the gate is opened, so handshakes on them start,
+    send their first flight and then wait, deterministically, for as long as the test wants.
+    """
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._keep: list[socket.socket] = []
+
+    async def connect(self) -> tuple[socket.socket, socket.socket]:
+        client, relay_a = tcp_pair()
+        relay_b, server = tcp_pair()
+        for sock in (relay_a, relay_b):
+            sock.setblocking(False)
+            self._keep.append(sock)
+        self._tasks.append(asyncio.create_task(self._pump(relay_a, relay_b)))
+        self._tasks.append(asyncio.create_task(self._pump(relay_b, relay_a)))
+        return client, server
+
+    async def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        held = b""
+        reading = asyncio.ensure_future(loop.sock_recv(source, 65536))
+        gate = asyncio.ensure_future(self.gate.wait())
+        try:
+            while True:
+                await asyncio.wait({reading, gate}, return_when=asyncio.FIRST_COMPLETED)
+                if reading.done():
+                    try:
+                        data = reading.result()
+                    except OSError:
+                        data = b""
+                    if not data:
+                        await self.gate.wait()
+                        await loop.sock_sendall(sink, held)
+                        with contextlib.suppress(OSError):
+                            sink.shutdown(socket.SHUT_WR)
+                        return
+                    held += data
+                    reading = asyncio.ensure_future(loop.sock_recv(source, 65536))
+                if self.gate.is_set() and held:
+                    await loop.sock_sendall(sink, held)
+                    held = b""
+        finally:
+            reading.cancel()
+            gate.cancel()
+
+    def open(self) -> None:
+        self.gate.set()
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        for sock in self._keep:
+            sock.close()
+
+
+def secret_forms(secret: bytes) -> set[str]:
+    """Every spelling of ``secret`` a log could carry: hex (both cases) and base64.
+
+    Base64 of the secret embedded in a longer blob depends on its alignment, so the secret is
+    encoded from each of the three byte offsets, keeping only the characters that do not
+    depend on the neighbouring bytes.
+    """
+    forms = {secret.hex(), secret.hex().upper()}
+    for shift in range(3):
+        part = secret[shift:]
+        usable = len(part) - len(part) % 3
+        if usable >= 12:
+            forms.add(base64.b64encode(part[:usable]).decode())
+            forms.add(base64.urlsafe_b64encode(part[:usable]).decode())
+    return forms
+
+
+def find_secrets(text: str, secrets: dict[str, bytes]) -> list[str]:
+    """Names of the secrets that appear in ``text`` in any of their spellings."""
+    found = []
+    for name, secret in secrets.items():
+        if any(form in text for form in secret_forms(secret)):
+            found.append(name)
+    return found
+
+
+class LogLines(logging.Handler):
+    """Collects the ``ktlsd`` logger's records (with ``propagate`` untouched)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def handshake_lines(self) -> list[str]:
+        return [m for m in self.messages if m.startswith("handshake ")]
+
+    @contextlib.contextmanager
+    def attached(self, logger: str = "ktlsd") -> Any:
+        log = logging.getLogger(logger)
+        previous = log.level
+        log.addHandler(self)
+        log.setLevel(logging.DEBUG)
+        try:
+            yield self
+        finally:
+            log.removeHandler(self)
+            log.setLevel(previous)
