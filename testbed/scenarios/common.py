@@ -42,6 +42,7 @@ class Scenario:
         self.checks: list[dict[str, object]] = []
         self.agent = os.environ.get("AGENT", "tlshd")
         self._cleanups: list[tuple[str, object]] = []
+        self.agents: list[Agent] = []
 
     # -- recording -------------------------------------------------------------------------
     def figure(self, name: str, value: object) -> None:
@@ -85,7 +86,9 @@ class Scenario:
         )
         out = (proc.stdout + proc.stderr).rstrip()
         if secret_output:
-            out = f"(output withheld: may contain key material; exit {proc.returncode})"
+            # stdout is where key material goes; stderr only carries diagnostics.
+            err = proc.stderr.strip() if proc.returncode != 0 else ""
+            out = f"(stdout withheld: may contain key material; exit {proc.returncode}) {err}"
         if out:
             print(out, flush=True)
         if check and proc.returncode != 0:
@@ -112,6 +115,10 @@ class Scenario:
                 import traceback
 
                 traceback.print_exception(exc)
+        if not passed:
+            for agent in self.agents:
+                print(f"--- {agent.name} log ({agent.log.name}) tail ---", flush=True)
+                print("\n".join(agent.output().splitlines()[-25:]), flush=True)
         for label, fn in reversed(self._cleanups):
             try:
                 fn()  # type: ignore[operator]
@@ -140,6 +147,11 @@ class Agent:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def successful_handshakes(self) -> list[str]:
+        """Log lines reporting a completed handshake, in each agent's own wording."""
+        marker = "was successful" if self.name == "tlshd" else "status=0 (ok)"
+        return [ln for ln in self.output().splitlines() if marker in ln]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -183,31 +195,89 @@ def agent_command(agent: str, config: Path) -> list[str]:
     if agent == "tlshd":
         return ["tlshd", "-s", "-c", str(config)]
     if agent == "ktlsd":
-        return [sys.executable, "-m", "ktlsd", "run", "--config", str(config)]
+        # Kernel upcalls only (fail loudly if the family is missing), no user-space service.
+        return [
+            sys.executable, "-m", "ktlsd", "run", "--config", str(config),
+            "--kernel", "yes", "--socket", "none", "--verbose",
+        ]  # fmt: skip
     raise ValueError(f"unknown agent {agent!r} (expected tlshd or ktlsd)")
 
 
 def start_agent(sc: Scenario, agent: str, config: Path, tag: str = "") -> Agent:
-    """Start ``agent`` with ``config``; wait until it has joined the handshake multicast group.
+    """Start ``agent`` with ``config``; return once it listens on the handshake family.
 
-    The agent is stopped when the scenario ends. Readiness is checked by the process still
-    running after a short settle time; a kernel consumer with no listener fails with ESRCH,
-    which the scenarios would report clearly anyway.
+    Readiness is observed, not guessed: the agent is ready when some generic netlink socket
+    has joined the family's ``tlshd`` multicast group (/proc/net/netlink). Until then the
+    kernel's upcall has no listener and consumers fail with ESRCH. The agent is stopped when
+    the scenario ends; its log is shown if the scenario fails.
     """
     log = Path(f"/tmp/agent-{agent}{'-' + tag if tag else ''}.log")
     env = dict(os.environ, PYTHONPATH=str(PROJECT))
+    group = handshake_group_id()
+    before = netlink_group_members(group)
     out = open(log, "wb")  # noqa: SIM115 - owned by the child's lifetime
+    started = time.monotonic()
     proc = subprocess.Popen(
         agent_command(agent, config), stdout=out, stderr=subprocess.STDOUT, env=env, cwd="/tmp"
     )
     handle = Agent(agent, proc, log)
     sc.cleanup(handle.stop, f"stop {agent}")
-    time.sleep(0.5)
-    if proc.poll() is not None:
-        raise ScenarioFailed(
-            f"{agent} exited at start ({proc.returncode}): {handle.output().strip()[-300:]}"
-        )
+    sc.agents.append(handle)
+    deadline = started + 60
+    while netlink_group_members(group) <= before:
+        if proc.poll() is not None:
+            raise ScenarioFailed(
+                f"{agent} exited at start ({proc.returncode}): {handle.output().strip()[-300:]}"
+            )
+        if time.monotonic() > deadline:
+            raise ScenarioFailed(f"{agent} did not join the handshake multicast group in 60 s")
+        time.sleep(0.05)
+    sc.figure(f"agent_ready_seconds_{tag or agent}", round(time.monotonic() - started, 2))
     return handle
+
+
+def genl_family(name: str) -> dict[str, object]:
+    """Look a generic netlink family up through the controller (pyroute2)."""
+    from pyroute2.netlink import CTRL_CMD_GETFAMILY, GENL_ID_CTRL, NLM_F_REQUEST, ctrlmsg
+    from pyroute2.netlink.generic import GenericNetlinkSocket
+
+    sock = GenericNetlinkSocket()
+    try:
+        sock.marshal.msg_map[GENL_ID_CTRL] = ctrlmsg
+        msg = ctrlmsg()
+        msg["cmd"] = CTRL_CMD_GETFAMILY
+        msg["version"] = 1
+        msg["attrs"].append(["CTRL_ATTR_FAMILY_NAME", name])
+        replies = list(sock.nlm_request(msg, msg_type=GENL_ID_CTRL, msg_flags=NLM_F_REQUEST))
+        reply = replies[0]
+        groups = reply.get_attr("CTRL_ATTR_MCAST_GROUPS") or []
+        ops = reply.get_attr("CTRL_ATTR_OPS") or []
+        return {
+            "id": reply.get_attr("CTRL_ATTR_FAMILY_ID"),
+            "version": reply.get_attr("CTRL_ATTR_VERSION"),
+            "mcast_groups": {
+                g.get_attr("CTRL_ATTR_MCAST_GRP_NAME"): g.get_attr("CTRL_ATTR_MCAST_GRP_ID")
+                for g in groups
+            },
+            "commands": sorted(o.get_attr("CTRL_ATTR_OP_ID") for o in ops),
+        }
+    finally:
+        sock.close()
+
+
+def handshake_group_id() -> int:
+    """The id of the handshake family's ``tlshd`` multicast group (dynamic, per boot)."""
+    return int(genl_family("handshake")["mcast_groups"]["tlshd"])  # type: ignore[index]
+
+
+def netlink_group_members(group: int) -> int:
+    """How many generic netlink sockets have joined ``group`` (ids <= 32 are visible)."""
+    count = 0
+    for line in Path("/proc/net/netlink").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[1] == "16" and int(fields[3], 16) & (1 << (group - 1)):
+            count += 1
+    return count
 
 
 def tls_stat() -> dict[str, int]:

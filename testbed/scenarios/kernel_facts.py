@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from testbed.scenarios.common import Scenario, modprobe, tls_stat
+from testbed.scenarios.common import Scenario, genl_family, modprobe, tls_stat
 
 SOL_TLS = 282
 TCP_ULP = 31
@@ -36,35 +36,6 @@ def crypto_info_aes128(key: bytes, iv12: bytes) -> bytes:
     return struct.pack("=HH", TLS_1_3_VERSION, TLS_CIPHER_AES_GCM_128) + (
         iv12[4:] + key + iv12[:4] + bytes(8)
     )
-
-
-def genl_family(name: str) -> dict[str, object]:
-    """Look a generic netlink family up through the controller (pyroute2)."""
-    from pyroute2.netlink import CTRL_CMD_GETFAMILY, GENL_ID_CTRL, NLM_F_REQUEST, ctrlmsg
-    from pyroute2.netlink.generic import GenericNetlinkSocket
-
-    sock = GenericNetlinkSocket()
-    try:
-        sock.marshal.msg_map[GENL_ID_CTRL] = ctrlmsg
-        msg = ctrlmsg()
-        msg["cmd"] = CTRL_CMD_GETFAMILY
-        msg["version"] = 1
-        msg["attrs"].append(["CTRL_ATTR_FAMILY_NAME", name])
-        replies = list(sock.nlm_request(msg, msg_type=GENL_ID_CTRL, msg_flags=NLM_F_REQUEST))
-        reply = replies[0]
-        groups = reply.get_attr("CTRL_ATTR_MCAST_GROUPS") or []
-        ops = reply.get_attr("CTRL_ATTR_OPS") or []
-        return {
-            "id": reply.get_attr("CTRL_ATTR_FAMILY_ID"),
-            "version": reply.get_attr("CTRL_ATTR_VERSION"),
-            "mcast_groups": {
-                g.get_attr("CTRL_ATTR_MCAST_GRP_NAME"): g.get_attr("CTRL_ATTR_MCAST_GRP_ID")
-                for g in groups
-            },
-            "commands": sorted(o.get_attr("CTRL_ATTR_OP_ID") for o in ops),
-        }
-    finally:
-        sock.close()
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
