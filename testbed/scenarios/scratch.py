@@ -1,6 +1,0 @@
-import subprocess
-import sys
-
-subprocess.run(["bash", "-x", "/results/debug.sh"])
-with open(sys.argv[1], "w") as f:
-    f.write('{"passed": true}')
