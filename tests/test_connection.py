@@ -723,3 +723,18 @@ def test_openssl_client_key_updates_reach_us(tmp_path, suite: CipherSuite) -> No
     finally:
         client.kill()
         client.wait()
+
+
+def test_automatic_rekey_can_request_the_peer(tap: Tap) -> None:
+    client, server, _, _ = connect(tap, rekey_after_records=3)
+    client = TlsConnection(client.layer, client.session, rekey_after_records=3,
+                           rekey_request_peer=True)  # fmt: skip
+    for i in range(7):
+        client.send(bytes([i]))
+    assert read_exact(server, 7) == bytes(range(7))
+    assert client.key_updates_sent == 2  # before records 4 and 7, both update_requested
+    assert server.key_updates_sent == 2  # one answer each
+    server.send(b"x")
+    assert read_exact(client, 1) == b"x"
+    assert client.key_updates_received == 2
+    assert_lock_step(client, server)
