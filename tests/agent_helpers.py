@@ -26,6 +26,7 @@ from typing import Any
 
 from ktlsd.agent import Agent, AgentSettings
 from ktlsd.service import HandshakeService
+from ktlsd.session_store import SessionStore
 
 REPO = Path(__file__).resolve().parent.parent
 HANDSHAKE_LINE = re.compile(r"ktlsd: \w+ handshake (?P<fields>.*)$")
@@ -154,12 +155,13 @@ class AgentProcess:
 
 
 @contextlib.asynccontextmanager
-async def running_agent(path: str, settings: AgentSettings | None = None,
+async def running_agent(path: str, settings: AgentSettings | None = None, *,
+                        store: SessionStore | None = None,
                         **service_args: Any) -> AsyncIterator[Agent]:
     """The real agent serving the real handshake service at ``path``, in this process."""
     service = HandshakeService(path, **service_args)
     await service.start()
-    agent = Agent(settings or AgentSettings(), [service])
+    agent = Agent(settings or AgentSettings(), [service], store=store)
     task = asyncio.create_task(agent.run())
     try:
         yield agent
@@ -176,22 +178,30 @@ class GatedRelay:
     send their first flight and then wait, deterministically, for as long as the test wants.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, opened: bool = False) -> None:
         self.gate = asyncio.Event()
+        if opened:
+            self.gate.set()
+        # Every byte that went through, per direction ("c2s": client end to server end).
+        self.captured: dict[str, bytearray] = {"c2s": bytearray(), "s2c": bytearray()}
         self._tasks: list[asyncio.Task[None]] = []
         self._keep: list[socket.socket] = []
 
     async def connect(self) -> tuple[socket.socket, socket.socket]:
         client, relay_a = tcp_pair()
         relay_b, server = tcp_pair()
+        for sock in (client, server):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for sock in (relay_a, relay_b):
+            # Forward at once: with Nagle, a small segment waits for the peer's delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setblocking(False)
             self._keep.append(sock)
-        self._tasks.append(asyncio.create_task(self._pump(relay_a, relay_b)))
-        self._tasks.append(asyncio.create_task(self._pump(relay_b, relay_a)))
+        self._tasks.append(asyncio.create_task(self._pump(relay_a, relay_b, "c2s")))
+        self._tasks.append(asyncio.create_task(self._pump(relay_b, relay_a, "s2c")))
         return client, server
 
-    async def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    async def _pump(self, source: socket.socket, sink: socket.socket, direction: str) -> None:
         loop = asyncio.get_running_loop()
         held = b""
         reading = asyncio.ensure_future(loop.sock_recv(source, 65536))
@@ -211,6 +221,7 @@ class GatedRelay:
                             sink.shutdown(socket.SHUT_WR)
                         return
                     held += data
+                    self.captured[direction] += data
                     reading = asyncio.ensure_future(loop.sock_recv(source, 65536))
                 if self.gate.is_set() and held:
                     await loop.sock_sendall(sink, held)
