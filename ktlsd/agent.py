@@ -77,13 +77,26 @@ def link_keyrings(names: Sequence[str], into: int = keyring.KEY_SPEC_SESSION_KEY
     linked: list[str] = []
     for name in names:
         try:
-            serial = keyring.find_keyring(name)
+            # tlshd's configuration names keyrings; a number is taken as a keyring serial.
+            serial = _keyring_serial(name)
+            if serial is None:
+                serial = keyring.find_keyring(name)
             keyring.link_key(serial, into)
         except keyring.KeyringError as exc:
             log.debug("keyring %s not linked: %s", name, exc)
             continue
         linked.append(name)
     return linked
+
+
+def _keyring_serial(name: str) -> int | None:
+    """``123`` or ``0x7b`` as a serial; None for a name."""
+    text = name.strip()
+    try:
+        value = int(text, 16) if text.lower().startswith("0x") else int(text, 10)
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 def _peer_address(sock: socket.socket) -> str:

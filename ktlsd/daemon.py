@@ -115,6 +115,16 @@ async def open_sources(config: AgentConfig) -> list[UpcallSource]:
 def prepare_keyrings(config: AgentConfig) -> None:
     """A private session keyring with the consumers' keyrings linked in (as tlshd does)."""
     keyring.join_session_keyring(None)
+    relink_keyrings(config)
+
+
+def relink_keyrings(config: AgentConfig) -> None:
+    """Link ``.nvme``, ``.nfs``, ``.nfsd`` and the configured keyrings into our session keyring.
+
+    Linking again is harmless, so SIGHUP calls this too: keyrings added to the configuration,
+    and kernel keyrings that appeared after start-up (nvme or nfsd loaded later), become
+    searchable without a restart.
+    """
     names = list(DEFAULT_LINKED_KEYRINGS) + [k for k in config.keyrings if k]
     linked = link_keyrings(names)
     log.info("keyrings linked: %s", ", ".join(linked) if linked else "none")
@@ -141,6 +151,7 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
             log.error("SIGHUP: configuration not reloaded: %s", exc)
             return
         setup_logging(fresh.effective_log_level)
+        relink_keyrings(fresh)
         agent.reload(fresh.agent_settings())
 
     for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):

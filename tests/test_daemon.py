@@ -14,12 +14,14 @@ import os
 import signal
 import socket
 import struct
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ktlsd import keyring
 from ktlsd.client import connection_from_done, key_update, submit
 from ktlsd.netlink import AcceptAttr
 from ktlsd.nlattr import encode_attr, encode_genl, u32
@@ -135,13 +137,44 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(tmp_path: Path
         assert len(agent.matching(r"handshake source=service .* status=0 \(ok\)")) == 2 * pairs
 
 
-def test_sighup_reloads_the_configuration(tmp_path: Path) -> None:
+@pytest.fixture
+def shared_ring() -> Any:
+    """A named keyring another process (the agent) may find, link and search, with one PSK."""
+    name = f"ktlsd-hup-{os.getpid()}-{time.monotonic_ns()}"
+    ring = keyring.add_key("keyring", name, None, keyring.KEY_SPEC_SESSION_KEYRING)
+    keyring.set_perm(ring, 0x3F3F0000)  # possessor and owner: everything
+    keyring.add_key("user", "hup-identity", PSK_256, ring)
+    try:
+        yield name
+    finally:
+        keyring.revoke_key(ring)
+        keyring.unlink_key(ring, keyring.KEY_SPEC_SESSION_KEYRING)
+
+
+async def lookup_pair(path: str) -> tuple[int, int]:
+    """A server with no key of its own looks the client's identity up in its keyrings."""
+    a, b = tcp_pair()
+    with a, b:
+        da, db = await asyncio.gather(
+            submit(a, role="client", auth="psk", psk=[("hup-identity", PSK_256)],
+                   service_path=path, timeout=5),
+            submit(b, role="server", auth="psk", service_path=path, timeout=5),
+        )
+    return da.status, db.status
+
+
+def test_sighup_reloads_the_configuration(tmp_path: Path, shared_ring: str) -> None:
     with AgentProcess(tmp_path, "[ktlsd]\nmax_concurrent = 8\n") as agent:
         assert agent.matching(r"max 8 handshakes at once")
-        agent.config_path.write_text("[ktlsd]\nmax_concurrent = 3\nsession_lifetime = 600\n")
+        assert run(lookup_pair(agent.socket_path)) == (errno.EKEYREJECTED, errno.EKEYREJECTED)
+        agent.config_path.write_text(f"[authenticate]\nkeyrings = {shared_ring}\n"
+                                     "[ktlsd]\nmax_concurrent = 3\nsession_lifetime = 600\n")
         agent.signal(signal.SIGHUP)
         line = agent.wait_for(r"configuration reloaded")[0]
         assert "max_concurrent 8 -> 3" in line and "session_lifetime 86400 -> 600" in line
+        assert agent.matching(rf"keyrings linked: {shared_ring}$")
+        # The keyring named in the reloaded configuration is now searched.
+        assert run(lookup_pair(agent.socket_path)) == (0, 0)
         # A broken file is refused with file:line and the agent keeps its settings.
         agent.config_path.write_text("[ktlsd]\nmax_concurrent = many\n")
         agent.signal(signal.SIGHUP)
