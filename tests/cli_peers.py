@@ -1,0 +1,317 @@
+"""Helpers for the ``ktlsd connect`` / ``ktlsd listen`` tests: processes with separate streams.
+
+:mod:`tests.peers` merges a peer's stdout and stderr, which is right for waiting on status
+lines but wrong for relay tests, where stdout carries the application data that must come
+out byte-exact. :class:`Proc` keeps the two apart, lets a test wait until stdout has N bytes
+or stderr contains a line, and writes stdin from a thread so that a full pipe never blocks
+the test while the other side's output is waiting to be read.
+
+:func:`ktlsd` builds the argv for ``python -m ktlsd ...`` (the tools as a user runs them).
+:func:`exchange` is the shape of every relay test: both ends get 1 MiB on stdin, each must
+print exactly what the other was given, then the sides close and must exit 0.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+TIMEOUT = 30.0
+MIB = 1 << 20
+
+
+def text_data(size: int = MIB) -> bytes:
+    """At least ``size`` bytes of random base64 text in 76-character lines.
+
+    For peers that handle lines rather than bytes (gnutls-serv --echo) or that read commands
+    from stdin (openssl without -quiet).
+    """
+    return base64.encodebytes(os.urandom(size * 3 // 4 + 3))
+
+
+def ktlsd(*args: str) -> list[str]:
+    """argv running the installed ktlsd package with this interpreter."""
+    return [sys.executable, "-m", "ktlsd", *args]
+
+
+class Proc:
+    """A child process whose stdout and stderr are collected separately in the background."""
+
+    def __init__(self, argv: Sequence[str], *, name: str | None = None, stdin: bool = True):
+        self.argv = list(argv)
+        self.name = name or os.path.basename(self.argv[0])
+        self.out = bytearray()
+        self.err = bytearray()
+        self._cond = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, stream, buf: bytearray) -> None:  # type: ignore[no-untyped-def]
+        while True:
+            try:
+                chunk = stream.read1(65536)
+            except (OSError, ValueError):
+                chunk = b""
+            with self._cond:
+                if chunk:
+                    buf += chunk
+                self._cond.notify_all()
+            if not chunk:
+                return
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def _wait(self, done, what: str, timeout: float) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not done():
+                remaining = deadline - time.monotonic()
+                ended = self.proc.poll() is not None and not any(
+                    t.is_alive() for t in self._readers
+                )
+                if remaining <= 0 or ended:
+                    raise AssertionError(
+                        f"{self.name} never {what}; rc={self.proc.poll()} "
+                        f"stdout={len(self.out)} bytes, stderr:\n{self.stderr_text}"
+                    )
+                self._cond.wait(min(remaining, 0.1))
+
+    def wait_stdout_bytes(self, count: int, timeout: float = TIMEOUT) -> None:
+        self._wait(lambda: len(self.out) >= count, f"printed {count} bytes", timeout)
+
+    def wait_stdout(self, text: bytes, timeout: float = TIMEOUT) -> None:
+        self._wait(lambda: text in self.out, f"printed {text!r} on stdout", timeout)
+
+    def wait_stderr(self, pattern: str, timeout: float = TIMEOUT) -> re.Match[str]:
+        """Wait until stderr matches the regular expression ``pattern``; return the match."""
+        found: list[re.Match[str]] = []
+
+        def done() -> bool:
+            m = re.search(pattern, self.err.decode("utf-8", "replace"))
+            if m:
+                found.append(m)
+            return m is not None
+
+        self._wait(done, f"matched {pattern!r} on stderr", timeout)
+        return found[0]
+
+    @property
+    def stderr_text(self) -> str:
+        return self.err.decode("utf-8", "replace")
+
+    # -- stdin -----------------------------------------------------------------------------
+
+    def feed(self, data: bytes, *, close: bool = False) -> None:
+        """Write ``data`` to stdin from a thread (a full pipe must not block the test)."""
+        self.join_feed()
+
+        def write() -> None:
+            assert self.proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError, ValueError, OSError):
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
+                if close:
+                    self.proc.stdin.close()
+
+        self._writer = threading.Thread(target=write, daemon=True)
+        self._writer.start()
+
+    def type(self, data: bytes) -> None:
+        """Write a little to stdin right now (an interactive command)."""
+        self.join_feed()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def join_feed(self, timeout: float = TIMEOUT) -> None:
+        if self._writer is not None:
+            self._writer.join(timeout)
+            assert not self._writer.is_alive(), f"{self.name} stopped reading its stdin"
+            self._writer = None
+
+    def close_stdin(self) -> None:
+        self.join_feed()
+        with contextlib.suppress(BrokenPipeError, OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+
+    # -- ending ----------------------------------------------------------------------------
+
+    def wait_exit(self, timeout: float = TIMEOUT) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{self.name} did not exit within {timeout}s; stderr:\n{self.stderr_text}"
+            ) from None
+        for t in self._readers:
+            t.join(timeout)
+        return rc
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        for t in self._readers:
+            t.join(3)
+
+    def __enter__(self) -> Proc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_ktlsd_listen(*args: str, name: str = "ktlsd-listen") -> tuple[Proc, int]:
+    """``ktlsd listen 127.0.0.1:0 ...``; returns the process and the port it printed."""
+    proc = Proc(ktlsd("listen", "127.0.0.1:0", *args), name=name)
+    try:
+        m = proc.wait_stderr(r"listening on \S+:(\d+)")
+    except BaseException:
+        proc.close()
+        raise
+    return proc, int(m.group(1))
+
+
+def is_listening(port: int) -> bool:
+    """Whether a socket listens on TCP ``port`` (read from /proc, no connection made).
+
+    Probing with a connection would use up the only accept of ``s_server -naccept 1``, and
+    ``-quiet``/``-brief`` servers print no "ACCEPT" line to wait for.
+    """
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+def wait_listening(port: int, timeout: float = 10.0, proc: Proc | None = None) -> None:
+    """Wait until something listens on ``port`` (a peer server process starting up)."""
+    deadline = time.monotonic() + timeout
+    while not is_listening(port):
+        if proc is not None and proc.proc.poll() is not None:
+            raise AssertionError(f"{proc.name} exited: {proc.stderr_text}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing listens on port {port}")
+        time.sleep(0.01)
+
+
+@dataclass
+class Exchange:
+    """What :func:`exchange` checked, for further assertions by the test."""
+
+    to_ktlsd: bytes
+    to_peer: bytes
+
+
+def exchange(
+    ktlsd_proc: Proc,
+    peer: Proc,
+    *,
+    size: int = MIB,
+    peer_data: bytes | None = None,
+    ktlsd_data: bytes | None = None,
+    echo: bool = False,
+    ktlsd_closes: bool = True,
+) -> Exchange:
+    """Relay ``size`` bytes each way between ``ktlsd_proc`` and ``peer`` and check them.
+
+    Both stdins are written at the same time (from threads), both stdouts are collected; the
+    sides are closed only after each received everything, so no data races the close. Then
+    ktlsd's stdin is closed (close_notify; or the peer's with ``ktlsd_closes=False``) and the
+    other side must follow. With ``echo`` the peer sends back what it receives (gnutls-serv
+    --echo): ktlsd must then print exactly its own input, which proves both directions.
+    """
+    to_peer = ktlsd_data if ktlsd_data is not None else os.urandom(size)
+    to_ktlsd = to_peer if echo else (peer_data if peer_data is not None else os.urandom(size))
+    ktlsd_proc.feed(to_peer)
+    if not echo:
+        peer.feed(to_ktlsd)
+    ktlsd_proc.wait_stdout_bytes(len(to_ktlsd))
+    if not echo:
+        peer.wait_stdout_bytes(len(to_peer))
+    assert bytes(ktlsd_proc.out[: len(to_ktlsd)]) == to_ktlsd, "ktlsd printed other bytes"
+    if not echo:
+        assert bytes(peer.out[: len(to_peer)]) == to_peer, f"{peer.name} printed other bytes"
+    if ktlsd_closes:
+        ktlsd_proc.close_stdin()
+    else:
+        peer.close_stdin()
+    return Exchange(to_ktlsd=to_ktlsd, to_peer=to_peer)
+
+
+def tlslite_echo(mode: str, port: int, identity: bytes, key: bytes, hash_name: str) -> Proc:
+    """tlslite-ng as a TLS 1.3 external-PSK echo peer (``mode`` "server" or "client").
+
+    It sends back every application record it reads until the peer's close_notify, then
+    closes in turn and exits 0. Being pure Python, it is an implementation independent of
+    OpenSSL and GnuTLS, and the one here that does SHA-384 PSKs. The key travels on argv
+    (hex): it is a throwaway made by the test.
+    """
+    argv = [sys.executable, __file__, "tlslite-echo", mode, str(port), identity.hex(),
+            key.hex(), hash_name]  # fmt: skip
+    return Proc(argv, name=f"tlslite-{mode}")
+
+
+def _tlslite_echo_main(mode: str, port: str, identity: str, key: str, hash_name: str) -> int:
+    from tlslite.api import HandshakeSettings, TLSConnection
+
+    settings = HandshakeSettings()
+    settings.minVersion = settings.maxVersion = (3, 4)
+    settings.pskConfigs = [(bytes.fromhex(identity), bytes.fromhex(key), hash_name)]
+    settings.ticket_count = 0
+    if mode == "server":
+        with socket.socket() as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", int(port)))
+            listener.listen(1)
+            sock, _ = listener.accept()
+        conn = TLSConnection(sock)
+        conn.handshakeServer(settings=settings)
+    else:
+        conn = TLSConnection(socket.create_connection(("127.0.0.1", int(port))))
+        conn.handshakeClientCert(settings=settings)
+    print("handshake", conn.getCipherName(), file=sys.stderr, flush=True)
+    total = 0
+    while data := conn.read(max=65536):
+        conn.write(bytes(data))
+        total += len(data)
+    print("echoed", total, file=sys.stderr, flush=True)
+    conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["tlslite-echo"]:
+        sys.exit(_tlslite_echo_main(*sys.argv[2:]))
+    sys.exit(f"unknown mode {sys.argv[1:2]}")
