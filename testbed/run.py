@@ -131,6 +131,7 @@ def run(
             rec["console_tail"] = boot.console_tail()
         per.append(rec)
     return {
+        "comparison": compare_agents(per),
         "kernel": runner.get("kernel") or image.kernel_release,
         "kernel_package": f"{image.kernel_package} {image.kernel_package_version}",
         "accel": boot.accel,
@@ -147,6 +148,22 @@ def run(
     }
 
 
+def compare_agents(per: list[dict[str, object]]) -> dict[str, dict[str, object]]:
+    """Side-by-side timing figures of the ``BASE-tlshd`` and ``BASE-ktlsd`` runs of a scenario."""
+    by_name = {str(r["name"]): r for r in per}
+    out: dict[str, dict[str, object]] = {}
+    for name, rec in by_name.items():
+        if not name.endswith("-tlshd") or name.replace("-tlshd", "-ktlsd") not in by_name:
+            continue
+        base = name.removesuffix("-tlshd")
+        other = by_name[f"{base}-ktlsd"]
+        for key, value in (rec.get("figures") or {}).items():  # type: ignore[union-attr]
+            if "seconds" in key and key != "scenario_seconds":
+                theirs = (other.get("figures") or {}).get(key)  # type: ignore[union-attr]
+                out[f"{base}:{key}"] = {"tlshd": value, "ktlsd": theirs}
+    return out
+
+
 def format_report(report: dict[str, object]) -> str:
     lines = [
         f"kernel {report['kernel']} ({report['kernel_package']}), accel {report['accel']}, "
@@ -157,6 +174,10 @@ def format_report(report: dict[str, object]) -> str:
         if b.get("problem") or b.get("kernel_crash"):
             lines.append(f"boot {i + 1}: {b.get('problem')} (crash: {b.get('kernel_crash')}), "
                          f"console {b.get('console')}")  # fmt: skip
+    if report.get("comparison"):
+        lines.append("tlshd vs ktlsd (same boot):")
+        for key, pair in report["comparison"].items():  # type: ignore[union-attr]
+            lines.append(f"    {key}: tlshd {pair['tlshd']} s, ktlsd {pair['ktlsd']} s")
     if report.get("guest_problem"):
         lines.append(f"GUEST PROBLEM: {report['guest_problem']}")
     for rec in report["scenarios"]:  # type: ignore[union-attr]

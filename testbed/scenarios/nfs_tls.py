@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from testbed.scenarios.common import (
     Scenario,
+    ScenarioFailed,
     modprobe,
     start_agent,
     write_tlshd_conf,
@@ -123,6 +124,25 @@ def mount_and_check(sc: Scenario, mode: str, export: str, label: str) -> int:
     return 2 * DATA_BYTES
 
 
+def explain_tls_refusal(sc: Scenario, agent_log: str) -> None:
+    """Name the usual cause of EPERM on an xprtsec=tls mount whose handshakes succeeded.
+
+    The NFS client asks for an anonymous (``unauth``) client handshake with xprtsec=tls. If
+    the agent presents a client certificate anyway, nfsd marks the transport as
+    peer-authenticated, and an export that allows only ``xprtsec=tls`` (not mtls) refuses it.
+    """
+    server_saw_cert = [
+        ln for ln in agent_log.splitlines()
+        if "role=server" in ln and "identity=x509:" in ln and "status=0" in ln
+    ]  # fmt: skip
+    if server_saw_cert:
+        sc.detail(
+            "likely cause: the client side presented a certificate on an anonymous (unauth) "
+            "request, so nfsd saw a peer-authenticated transport, which an xprtsec=tls-only "
+            f"export refuses; server-side log: {server_saw_cert[-1][:200]}"
+        )
+
+
 def main() -> None:
     with Scenario() as sc:
         agent = sc.agent
@@ -149,7 +169,12 @@ def main() -> None:
         handle = start_agent(sc, agent, conf, "nfs")
         verified = 0
         for mode in ("tls", "mtls"):
-            verified += mount_and_check(sc, mode, f"/srv/nfs-{agent}-{mode}", f"{agent}-{mode}")
+            try:
+                verified += mount_and_check(sc, mode, f"/srv/nfs-{agent}-{mode}", f"{agent}-{mode}")
+            except ScenarioFailed:
+                if mode == "tls":
+                    explain_tls_refusal(sc, handle.output())
+                raise
         sc.figure("bytes_verified", verified)
         # A TLS-only export must refuse a mount without TLS (proves TLS was not optional).
         mnt = Path(f"/mnt/{agent}-plain")

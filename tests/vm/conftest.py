@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# testbed/ is not part of the installed package: import it from the repository itself.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from testbed import build, run
 

@@ -1,8 +1,8 @@
 """Real-kernel scenarios, asserted from the results the guest sent back.
 
 Each test reads one scenario's record from the session's single boot (see conftest.py) and
-fails with the scenario's own reason, its log tail and the console tail. Figures are
-printed so a CI log carries them (run with ``-s`` or look at the captured output).
+fails with the scenario's own reason, its log tail (including the agent's log) and the
+console tail. Figures are printed, so a CI log run with ``-s`` carries them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from testbed import run
+AGENTS = ["tlshd", "ktlsd"]
 
 
 def explain(rec: dict[str, object]) -> str:
@@ -24,50 +24,71 @@ def explain(rec: dict[str, object]) -> str:
     return "\n".join(parts)
 
 
-def assert_passed(rec: dict[str, object]) -> None:
+def assert_passed(rec: dict[str, object]) -> dict[str, object]:
     print(f"\n{rec['name']}: {json.dumps(rec.get('figures'), sort_keys=True)}")
     if not rec.get("passed"):
         pytest.fail(explain(rec), pytrace=False)
+    return rec["figures"]  # type: ignore[return-value]
 
 
-def test_guest_booted_the_expected_kernel(vm_report: dict[str, object]) -> None:
+def test_guest_booted_a_rekey_capable_kernel(vm_report: dict[str, object]) -> None:
     assert vm_report["guest_problem"] is None, vm_report["guest_problem"]
     major, minor = (int(x) for x in str(vm_report["kernel"]).split("-")[0].split(".")[:2])
     assert (major, minor) >= (6, 14), f"kernel {vm_report['kernel']} has no kTLS rekey"
     print(
-        f"\nkernel {vm_report['kernel']}, accel {vm_report['accel']}, "
-        f"boot {vm_report['boot_seconds']} s, wall {vm_report['wall_seconds']} s"
+        f"\nkernel {vm_report['kernel']} ({vm_report['kernel_package']}), "
+        f"accel {vm_report['accel']}, boot {vm_report['boot_seconds']} s, "
+        f"wall {vm_report['wall_seconds']} s"
     )
 
 
 def test_kernel_facts(scenario) -> None:
-    rec = scenario("kernel-facts")
-    assert_passed(rec)
-    figures = rec["figures"]
+    figures = assert_passed(scenario("kernel-facts"))
     assert figures["ktls_tx_rekey"] == "ok"
+    assert figures["ktls_rx_after_keyupdate"] == "EKEYEXPIRED"
     assert figures["tls_stat_rekey_delta"]["TlsRxRekeyOk"] == 1
     assert "tlshd" in figures["handshake_family"]["mcast_groups"]
 
 
-@pytest.mark.parametrize("agent", ["tlshd"])
+def test_ktls_python_kernel_vs_user_record_layer(scenario) -> None:
+    figures = assert_passed(scenario("ktls-python"))
+    rekeys = figures["rekeys_per_direction"]
+    assert rekeys > 0
+    assert figures["tls_stat_rekey_delta"]["TlsTxRekeyOk"] == rekeys
+    assert figures["tls_stat_rekey_delta"]["TlsRxRekeyOk"] == rekeys
+
+
+def test_ktls_cli_kernel_vs_user_end_to_end(scenario) -> None:
+    figures = assert_passed(scenario("ktls-cli"))
+    updates = figures["kernel_end_key_updates"]
+    assert updates["sent"] > 0 and updates["received"] > 0
+    assert figures["tls_stat_rekey_delta"]["TlsTxRekeyOk"] == updates["sent"]
+    assert figures["bytes_verified"] == 3 * 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize("agent", AGENTS)
 def test_nvme_tls(scenario, agent: str) -> None:
-    rec = scenario(f"nvme-tls-{agent}")
-    assert_passed(rec)
-    figures = rec["figures"]
+    figures = assert_passed(scenario(f"nvme-tls-{agent}"))
     assert figures["bytes_verified"] == 2 * 2 * 16 * 1024 * 1024
     assert figures["connect_seconds_sha256"] > 0 and figures["connect_seconds_sha384"] > 0
 
 
-@pytest.mark.parametrize("agent", ["tlshd"])
+@pytest.mark.parametrize("agent", AGENTS)
+def test_nvme_failure_paths(scenario, agent: str) -> None:
+    figures = assert_passed(scenario(f"nvme-failures-{agent}"))
+    assert figures["wrong_psk_done_status"], "no DONE status seen for the wrong PSK"
+    assert "hung" not in figures["storm_exit_codes"]
+
+
+@pytest.mark.parametrize("agent", AGENTS)
 def test_nfs_tls(scenario, agent: str) -> None:
-    rec = scenario(f"nfs-tls-{agent}")
-    assert_passed(rec)
-    assert rec["figures"]["bytes_verified"] == 2 * 2 * 4 * 1024 * 1024
+    figures = assert_passed(scenario(f"nfs-tls-{agent}"))
+    assert figures["bytes_verified"] == 2 * 2 * 4 * 1024 * 1024
 
 
-@pytest.mark.skipif(
-    "ktls-python" not in run.default_scenarios(),
-    reason="ktlsd/ktls.py not in the tree yet (scenario ktls-python needs it)",
-)
-def test_ktls_python(scenario) -> None:
-    assert_passed(scenario("ktls-python"))
+def test_connect_times_side_by_side(vm_report: dict[str, object]) -> None:
+    """Not a speed assertion: both agents' figures must exist so CI logs can compare them."""
+    comparison = vm_report["comparison"]
+    print("\n" + "\n".join(f"{k}: {v}" for k, v in comparison.items()))  # type: ignore[union-attr]
+    for key in ("nvme-tls:connect_seconds_sha256", "nvme-tls:connect_seconds_sha384"):
+        assert key in comparison, f"{key} missing: both nvme-tls runs must report it"
