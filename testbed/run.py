@@ -70,8 +70,8 @@ def agent_run_available() -> bool:
 def run(
     scenarios: list[str],
     *,
-    timeout: float = 480.0,
-    scenario_timeout: float = 240.0,
+    timeout: float = 720.0,
+    scenario_timeout: float = 180.0,
     results_dir: Path | None = None,
 ) -> dict[str, object]:
     """Build (if needed), boot once, return the report dict (see module docstring)."""
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         help="scenario to run (repeatable); default: " + ", ".join(default_scenarios()),
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the full report here")
-    parser.add_argument("--timeout", type=float, default=480.0, help="QEMU wall-clock limit")
+    parser.add_argument("--timeout", type=float, default=720.0, help="QEMU wall-clock limit")
     parser.add_argument("--results-dir", type=Path, help="keep guest results and logs here")
     args = parser.parse_args(argv)
     try:
