@@ -258,9 +258,28 @@ class Agent:
                 self._slots.release()
                 log.error("upcall source %s failed: %s", source.name, exc)
                 return
+            if self._slots.used > self._slots.limit:
+                # The bound shrank (SIGHUP) while this slot was waiting for a request: start
+                # the request only once the running ones are below the new bound.
+                self._slots.release()
+                try:
+                    await self._slots.acquire()
+                except asyncio.CancelledError:
+                    await self._refuse(pending, "the agent is shutting down")
+                    return
             task = asyncio.create_task(self.serve(pending))
             self._tasks.add(task)
             task.add_done_callback(self._finished)
+
+    async def _refuse(self, pending: PendingRequest, reason: str) -> None:
+        """Answer a request taken but never started: ESRCH, as for one still queued."""
+        answer = HandshakeDone(status=errno.ESRCH, sockfd=pending.request.sockfd, reason=reason)
+        try:
+            await pending.done(answer)
+        except Exception as exc:
+            log.error("DONE for fd %d failed: %s", pending.request.sockfd, exc)
+        self.failed += 1
+        self._log(pending, answer, None, "-", 0.0)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

@@ -536,3 +536,71 @@ def test_sessions_are_kept_for_key_updates_only_when_configured(
                 await asyncio.wait_for(task, 30)
 
     run(main())
+
+
+# --- reload changes the concurrency bound at once -----------------------------------------
+
+
+def test_reload_resizes_the_concurrency_bound(sock_path: str) -> None:
+    """A request is taken exactly when its (silent) peer receives a ClientHello. With one
+    slot the second request waits in the service; growing the bound lets it start at once;
+    shrinking it keeps a third waiting until the running ones are below the new bound."""
+
+    async def main() -> None:
+        logs = LogLines()
+        loop = asyncio.get_running_loop()
+        async with running_agent(sock_path, AgentSettings(keep_sessions=False,
+                                                          max_concurrent=1)) as agent:
+            service = agent.sources[0]
+            pairs = [tcp_pair() for _ in range(3)]
+            for _, peer in pairs:
+                peer.setblocking(False)
+
+            def start(i: int) -> asyncio.Task[HandshakeDone]:
+                return asyncio.create_task(submit(
+                    pairs[i][0], role="client", auth="psk", psk=[(f"r{i}", PSK)], timeout=30,
+                    service_path=sock_path))
+
+            async def queued(count: int) -> None:
+                """Wait until the service has admitted ``count`` requests in all."""
+                while sum("submitted" in m for m in logs.messages) < count:
+                    await asyncio.sleep(0.005)
+
+            async def taken(i: int) -> None:
+                assert (await loop.sock_recv(pairs[i][1], 1)) == b"\x16"
+
+            with logs.attached():
+                first = start(0)
+                await taken(0)
+                second = start(1)
+                await asyncio.wait_for(queued(2), 10)
+                assert len(agent.in_flight) == 1 and service.pending == 1  # type: ignore[attr-defined]
+                agent.reload(AgentSettings(keep_sessions=False, max_concurrent=3))
+                await asyncio.wait_for(taken(1), 10)
+                agent.reload(AgentSettings(keep_sessions=False, max_concurrent=1))
+                third = start(2)
+                await asyncio.wait_for(queued(3), 10)
+                first.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await first
+                while len(agent.in_flight) > 1:
+                    await asyncio.sleep(0.005)
+                with pytest.raises(BlockingIOError):  # one running, bound 1: not started
+                    pairs[2][1].recv(1)
+                second.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await second
+                await asyncio.wait_for(taken(2), 10)
+                third.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await third
+            for a, b in pairs:
+                a.close()
+                b.close()
+            reloads = [m for m in logs.messages if m.startswith("configuration reloaded")]
+            assert reloads == ["configuration reloaded: max_concurrent 1 -> 3",
+                               "configuration reloaded: max_concurrent 3 -> 1"]
+            agent.reload(AgentSettings(keep_sessions=False, max_concurrent=2))
+            await good_pair(sock_path)  # both ends at once: needs the two slots
+
+    run(main())
