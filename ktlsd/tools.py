@@ -310,14 +310,22 @@ async def relay(sock: socket.socket, session: Session, args: argparse.Namespace)
     queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
     await _stdin_chunks(queue)
 
+    every = args.key_update_every
+
     async def pump_out() -> None:
         while True:
             data = await queue.get()
             if not data:
                 await conn.aclose()  # close_notify; reading goes on
                 return
-            await conn.asend(data)
-            result.sent += len(data)
+            while data:
+                # Cut at multiples of --key-update-every so that each key protects exactly
+                # BYTES, whatever sizes the reads from stdin happen to return; the
+                # connection then sends its KeyUpdate before the first byte past the mark.
+                piece = data[: every - result.sent % every] if every else data
+                await conn.asend(piece)
+                result.sent += len(piece)
+                data = data[len(piece) :]
 
     sender = asyncio.create_task(pump_out())
     try:

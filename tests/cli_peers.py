@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 TIMEOUT = 30.0
@@ -38,6 +38,18 @@ def text_data(size: int = MIB) -> bytes:
     return base64.encodebytes(os.urandom(size * 3 // 4 + 3))
 
 
+def digit_data(size: int) -> bytes:
+    """``size`` bytes of random decimal digits in 76-character lines.
+
+    Safe to type into an interactive ``openssl s_client``/``s_server``: OpenSSL 3.0 takes the
+    first byte of every read from stdin as a possible command (Q, R, k, K, c, ...), and reads
+    split the stream anywhere; a digit is never a command.
+    """
+    digits = bytes(48 + b % 10 for b in os.urandom(size))
+    lines = [digits[i : i + 75] + b"\n" for i in range(0, size, 75)]
+    return b"".join(lines)[:size]
+
+
 def ktlsd(*args: str) -> list[str]:
     """argv running the installed ktlsd package with this interpreter."""
     return [sys.executable, "-m", "ktlsd", *args]
@@ -48,7 +60,8 @@ class Proc:
 
     def __init__(self, argv: Sequence[str], *, name: str | None = None, stdin: bool = True):
         self.argv = list(argv)
-        self.name = name or os.path.basename(self.argv[0])
+        is_ktlsd = self.argv[1:3] == ["-m", "ktlsd"]
+        self.name = name or ("ktlsd" if is_ktlsd else os.path.basename(self.argv[0]))
         self.out = bytearray()
         self.err = bytearray()
         self._cond = threading.Condition()
@@ -80,6 +93,10 @@ class Proc:
                 return
 
     # -- waiting ---------------------------------------------------------------------------
+
+    def wait_for(self, done: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+        """Wait until ``done()`` (called with the output lock held) is true."""
+        self._wait(done, what, timeout)
 
     def _wait(self, done, what: str, timeout: float) -> None:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + timeout
@@ -242,6 +259,7 @@ def exchange(
     peer_data: bytes | None = None,
     ktlsd_data: bytes | None = None,
     echo: bool = False,
+    rounds: int = 1,
     ktlsd_closes: bool = True,
 ) -> Exchange:
     """Relay ``size`` bytes each way between ``ktlsd_proc`` and ``peer`` and check them.
@@ -251,16 +269,24 @@ def exchange(
     ktlsd's stdin is closed (close_notify; or the peer's with ``ktlsd_closes=False``) and the
     other side must follow. With ``echo`` the peer sends back what it receives (gnutls-serv
     --echo): ktlsd must then print exactly its own input, which proves both directions.
+
+    ``rounds`` > 1 sends the data in that many steps, each waiting until both sides received
+    the previous one. Loopback buffers hold megabytes, so in one step a peer may write all
+    its data before it reads anything; in steps, each side writes again only after reading
+    what the other sent — including any KeyUpdate request, which it must then answer.
     """
     to_peer = ktlsd_data if ktlsd_data is not None else os.urandom(size)
     to_ktlsd = to_peer if echo else (peer_data if peer_data is not None else os.urandom(size))
-    ktlsd_proc.feed(to_peer)
-    if not echo:
-        peer.feed(to_ktlsd)
-    ktlsd_proc.wait_stdout_bytes(len(to_ktlsd))
-    if not echo:
-        peer.wait_stdout_bytes(len(to_peer))
-    assert bytes(ktlsd_proc.out[: len(to_ktlsd)]) == to_ktlsd, "ktlsd printed other bytes"
+    step_out = -(-len(to_peer) // rounds)
+    step_in = -(-len(to_ktlsd) // rounds)
+    for r in range(rounds):
+        ktlsd_proc.feed(to_peer[r * step_out : (r + 1) * step_out])
+        if not echo:
+            peer.feed(to_ktlsd[r * step_in : (r + 1) * step_in])
+        ktlsd_proc.wait_stdout_bytes(min(len(to_ktlsd), (r + 1) * step_in))
+        if not echo:
+            peer.wait_stdout_bytes(min(len(to_peer), (r + 1) * step_out))
+    assert bytes(ktlsd_proc.out) == to_ktlsd, "ktlsd printed other bytes"
     if not echo:
         assert bytes(peer.out[: len(to_peer)]) == to_peer, f"{peer.name} printed other bytes"
     if ktlsd_closes:

@@ -39,6 +39,7 @@ import pytest
 from tests.cli_peers import (
     Exchange,
     Proc,
+    digit_data,
     exchange,
     ktlsd,
     start_ktlsd_listen,
@@ -289,3 +290,156 @@ def test_psk_sha384_listen_for_tlslite() -> None:
         ex = exchange(k, peer, echo=True)
         check_ktlsd_done(k, ex, suite="TLS_AES_256_GCM_SHA384", peer=f"psk:{SHA384_IDENTITY}")
         assert peer.wait_exit() == 0, peer.stderr_text
+
+
+# --- KeyUpdate -----------------------------------------------------------------------------
+
+KEY_UPDATE_EVERY = 64 * 1024
+
+
+def key_update_counts(proc: Proc) -> tuple[int, int]:
+    s = stats(proc)
+    return int(s["key_updates_sent"]), int(s["key_updates_received"])
+
+
+def check_key_update_counts(proc: Proc, *, at_least: int) -> None:
+    """ktlsd sent at least ``at_least`` KeyUpdates (all update_requested); the peer answered.
+
+    Each side of a 1 MiB exchange counts: our own updates every N bytes sent, plus requests
+    when the peer's key has carried more than N bytes to us; the peer may answer several
+    requests read together with one KeyUpdate. So: at_least <= sent, and 1 <= received <= sent.
+    """
+    sent, received = key_update_counts(proc)
+    assert sent >= at_least, proc.stderr_text
+    assert 1 <= received <= sent, proc.stderr_text
+
+
+def test_key_updates_by_ktlsd_client_with_openssl_server(pkis: dict[str, Pki]) -> None:
+    """ktlsd sends a KeyUpdate with update_requested after every 64 KiB; s_server answers each.
+
+    1 MiB in 64 KiB steps is at least 15 updates (none before the first byte). ktlsd also asks
+    the peer to update once the peer's key has protected more than 64 KiB towards it, so the
+    exact count depends on how the two 1 MiB streams interleave; never below 15, and every
+    KeyUpdate we send requests one back. OpenSSL answers (several requests read before it
+    writes get one answer, as RFC 8446 §4.6.3 allows), so it sent between 1 and as many as we
+    did, and both directions stay byte-exact across all those keys.
+    """
+    pki = pkis["rsa-server-only"]
+    port = free_port()
+    argv = ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3", "-quiet",
+            "-naccept", "1", "-cert", str(pki.server.cert_path),
+            "-key", str(pki.server.key_path)]  # fmt: skip
+    with Proc(argv, name="s_server") as peer:
+        wait_listening(port, proc=peer)
+        args = _ktlsd_x509_client_args(pki, "TLS_AES_256_GCM_SHA384")
+        args += ["--key-update-every", "64k"]
+        with Proc(ktlsd("connect", f"127.0.0.1:{port}", *args)) as k:
+            ex = exchange(k, peer, rounds=8)
+            check_ktlsd_done(k, ex, suite="TLS_AES_256_GCM_SHA384",
+                             peer="x509:CN=server,O=ktlsd tests")  # fmt: skip
+            check_key_update_counts(k, at_least=15)
+            assert peer.wait_exit() == 0, peer.stderr_text
+
+
+def test_key_updates_by_ktlsd_server_with_gnutls_client(pkis: dict[str, Pki], tmp_path) -> None:
+    """ktlsd as server updates every 256 KiB it sends; GnuTLS follows and answers.
+
+    Not more often: GnuTLS (3.7 and later, lib/tls13/key_update.c) fails the connection with
+    "Too many handshake packets have been received" when it receives more than 8 KeyUpdates
+    within one second — found here with 64 KiB steps, which gave up after 512 KiB.
+    """
+    pki = pkis["rsa-server-only"]
+    k, port = start_ktlsd_listen(
+        *_ktlsd_x509_server_args(pki, "TLS_CHACHA20_POLY1305_SHA256"),
+        "--key-update-every", "256k",
+    )
+    argv = ["gnutls-cli", "-p", str(port), "--priority", gnutls_priority(),
+            "--x509cafile", str(pki.ca), "--logfile", str(tmp_path / "gnutls.log"),
+            "127.0.0.1"]  # fmt: skip
+    with k, Proc(argv, name="gnutls-cli") as peer:
+        ex = exchange(k, peer, rounds=4)
+        check_ktlsd_done(k, ex, suite="TLS_CHACHA20_POLY1305_SHA256", peer="anonymous")
+        check_key_update_counts(k, at_least=3)
+        assert peer.wait_exit() == 0, peer.stderr_text
+
+
+def test_key_updates_by_ktlsd_with_tlslite(tmp_path) -> None:
+    """tlslite-ng (independent) follows ktlsd's SHA-384 KeyUpdates and answers the requests."""
+    args = ["--psk-identity", SHA384_IDENTITY, "--psk", SHA384_KEY.hex(), "--psk-hash",
+            "sha384", "--record-layer", "user", "--key-update-every", "256k"]  # fmt: skip
+    k, port = start_ktlsd_listen(*args)
+    with k, tlslite_echo("client", port, SHA384_IDENTITY.encode(), SHA384_KEY, "sha384") as peer:
+        ex = exchange(k, peer, echo=True, rounds=4)
+        check_ktlsd_done(k, ex, suite="TLS_AES_256_GCM_SHA384", peer=f"psk:{SHA384_IDENTITY}")
+        check_key_update_counts(k, at_least=3)
+        assert peer.wait_exit() == 0, peer.stderr_text
+
+
+def _key_update_reports(peer: Proc) -> int:
+    """How often s_client ("KEYUPDATE" on stderr) or s_server (its printf) did a KeyUpdate."""
+    both = peer.out + peer.err
+    return both.count(b"KEYUPDATE") + both.count(b"SSL_do_handshake -> 1")
+
+
+def _typed_key_updates(k: Proc, peer: Proc, rounds: str) -> tuple[bytes, bytes]:
+    """Alternate 64 KiB of data each way with s_client/s_server commands typed on stdin.
+
+    ``rounds`` is a string of command letters ("K": KeyUpdate with update_requested, "k":
+    without). Each command is typed alone once the peer has sent everything before it, so
+    that it starts a read of its own (OpenSSL looks at the first byte of each read); the peer
+    reports when it acts on it (see :func:`_key_update_reports`). Returns all bytes sent each way.
+    """
+    to_ktlsd = to_peer = b""
+    for letter in rounds:
+        a, b = digit_data(64 * 1024), digit_data(64 * 1024)
+        to_ktlsd += a
+        to_peer += b
+        k.feed(b)
+        peer.type(a)
+        k.wait_stdout_bytes(len(to_ktlsd))
+        peer.wait_stdout(b)  # s_client's stdout also holds its status output
+        before = _key_update_reports(peer)
+        peer.type(letter.encode() + b"\n")
+        peer.wait_for(lambda n=before: _key_update_reports(peer) > n, "did a KeyUpdate")
+    a = digit_data(64 * 1024)  # and data after the last update, under the newest keys
+    to_ktlsd += a
+    peer.type(a)
+    k.wait_stdout_bytes(len(to_ktlsd))
+    k.feed(b"last words\n")
+    peer.wait_stdout(b"last words\n")
+    assert bytes(k.out) == to_ktlsd
+    return to_ktlsd, to_peer + b"last words\n"
+
+
+def test_key_updates_typed_into_openssl_client(pkis: dict[str, Pki]) -> None:
+    """``s_client`` sends KeyUpdates on typed "K"/"k"; ktlsd follows, and answers each "K"."""
+    pki = pkis["rsa-server-only"]
+    k, port = start_ktlsd_listen(*_ktlsd_x509_server_args(pki, "TLS_AES_128_GCM_SHA256"))
+    argv = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3",
+            "-CAfile", str(pki.ca), "-verify_return_error"]  # fmt: skip
+    with k, Proc(argv, name="s_client") as peer:
+        _typed_key_updates(k, peer, "KkKkK")
+        peer.close_stdin()  # s_client closes the connection at the end of its stdin
+        k.close_stdin()
+        assert k.wait_exit() == 0, k.stderr_text
+        assert key_update_counts(k) == (3, 5)  # three answers, five updates followed
+
+
+def test_key_updates_typed_into_openssl_server(pkis: dict[str, Pki]) -> None:
+    """``s_server`` does the same on typed "K"/"k", after its NewSessionTickets."""
+    pki = pkis["ecdsa-mutual"]
+    port = free_port()
+    # s_server reports a typed command with printf(): stdbuf makes that line-buffered, or it
+    # would sit in stdio's pipe buffer until exit and the test could not wait for it.
+    argv = ["stdbuf", "-oL", "openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3",
+            "-naccept", "1", "-cert", str(pki.server.cert_path),
+            "-key", str(pki.server.key_path)]  # fmt: skip
+    with Proc(argv, name="s_server") as peer:
+        wait_listening(port, proc=peer)
+        args = _ktlsd_x509_client_args(pki, "TLS_CHACHA20_POLY1305_SHA256")
+        with Proc(ktlsd("connect", f"127.0.0.1:{port}", *args)) as k:
+            peer.wait_stdout(b"CIPHER is")  # handshake done: typed data goes to the client
+            _typed_key_updates(k, peer, "kKKk")
+            k.close_stdin()  # close_notify: s_server ends the connection and answers in kind
+            assert k.wait_exit() == 0, k.stderr_text
+            assert key_update_counts(k) == (2, 4)
