@@ -269,22 +269,25 @@ def build_tls_config(
         return TlsConfig(psk_lookup=lookup, **common)  # type: ignore[arg-type]
 
     if request.auth_mode in (AuthMode.X509, AuthMode.UNAUTH):
-        credentials = _x509_credentials(request, inline, x509_files, consumer)
-        if role is Role.SERVER and credentials is None:
-            raise _missing("x509 server has no certificate and private key")
-        verify = request.auth_mode is AuthMode.X509
-        if role is Role.SERVER:
-            required = inline.require_client_cert or x509_files.require_client_cert
-            client_auth = "require" if required else (
-                "request" if verify else "none"
+        mutual = request.auth_mode is AuthMode.X509
+        if role is Role.CLIENT:
+            # unauth (NFS xprtsec=tls): we stay anonymous but still verify the server, as tlshd
+            # does; presenting a certificate would make nfsd treat us as peer-authenticated.
+            credentials = (
+                _x509_credentials(request, inline, x509_files, consumer) if mutual else None
             )
             return TlsConfig(
                 credentials=credentials, truststore=truststore, crl=crl,
-                client_auth=client_auth, verify_peer=verify, **common,  # type: ignore[arg-type]
+                **common,  # type: ignore[arg-type]
             )
+        credentials = _x509_credentials(request, inline, x509_files, consumer)
+        if credentials is None:
+            raise _missing("x509 server has no certificate and private key")
+        required = inline.require_client_cert or x509_files.require_client_cert
+        client_auth = "require" if mutual and required else ("request" if mutual else "none")
         return TlsConfig(
             credentials=credentials, truststore=truststore, crl=crl,
-            verify_peer=verify, **common,  # type: ignore[arg-type]
+            client_auth=client_auth, **common,  # type: ignore[arg-type]
         )
 
     raise HandshakeError(

@@ -157,3 +157,43 @@ def test_keyring_psk_is_read_from_the_payload() -> None:
     serial = keyring.add_key("user", "NVMe1R02 h s d", key, keyring.KEY_SPEC_SESSION_KEYRING)
     psk = psk_from_keyring(serial)
     assert psk.key == key and psk.hash_name == "sha384" and "key=" not in repr(psk).lower()
+
+
+def test_unauth_client_is_anonymous_but_verifies_the_server(tmp_path: Path) -> None:
+    """NFS xprtsec=tls: no client certificate even when one is configured (nfsd would treat the
+    transport as peer-authenticated and refuse a tls-only export), server still verified."""
+    ca = Authority.create(tmp_path, "ecdsa")
+    client = ca.issue_client("host1")
+    files = X509Files(truststore=str(ca.cert_path), certificate=str(client.cert_path),
+                      private_key=str(client.key_path))
+    unauth = build_tls_config(
+        _request(MessageType.CLIENTHELLO, AuthMode.UNAUTH, peername="nfs.example"),
+        x509_files=files,
+    )
+    assert unauth.credentials is None
+    assert unauth.verify_peer and unauth.truststore == str(ca.cert_path)
+    assert unauth.peername == "nfs.example"
+    mutual = build_tls_config(
+        _request(MessageType.CLIENTHELLO, AuthMode.X509, peername="nfs.example"),
+        x509_files=files,
+    )
+    assert mutual.credentials is not None
+
+
+def test_server_asks_for_client_certificates_only_for_x509(tmp_path: Path) -> None:
+    ca = Authority.create(tmp_path, "ecdsa")
+    server = ca.issue_server(dns=("localhost",))
+    files = X509Files(certificate=str(server.cert_path), private_key=str(server.key_path),
+                      truststore=str(ca.cert_path))
+    modes = {
+        mode: build_tls_config(_request(MessageType.SERVERHELLO, mode), x509_files=files)
+        for mode in (AuthMode.UNAUTH, AuthMode.X509)
+    }
+    assert modes[AuthMode.UNAUTH].client_auth == "none"
+    assert modes[AuthMode.X509].client_auth == "request"
+    required = build_tls_config(
+        _request(MessageType.SERVERHELLO, AuthMode.X509),
+        x509_files=X509Files(certificate=str(server.cert_path),
+                             private_key=str(server.key_path), require_client_cert=True),
+    )
+    assert required.client_auth == "require"
