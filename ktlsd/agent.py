@@ -75,7 +75,7 @@ def link_keyrings(names: Sequence[str], into: int = keyring.KEY_SPEC_SESSION_KEY
     Returns the names that were linked; absent keyrings are normal (no nvme module loaded).
     """
     linked: list[str] = []
-    for name in names:
+    for name in dict.fromkeys(n.strip() for n in names if n.strip()):  # once each, in order
         try:
             # tlshd's configuration names keyrings; a number is taken as a keyring serial.
             serial = _keyring_serial(name)
