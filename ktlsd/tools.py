@@ -23,12 +23,18 @@ import threading
 from dataclasses import dataclass
 
 from ktlsd.credentials import X509Credentials
-from ktlsd.errors import HandshakeError
+from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.handshake import PskKey, TlsConfig, perform_handshake
 from ktlsd.material import psk_hash_for
+from ktlsd.record import AlertReceived
 from ktlsd.session import CipherSuite, Role, Session
 
 CHUNK = 16384
+
+#: Alerts by which a TLS 1.3 server refuses a client's certificate (RFC 8446 §6.2):
+#: handshake_failure, bad/unsupported/revoked/expired/unknown certificate, unknown_ca,
+#: access_denied, decrypt_error, certificate_required.
+_REFUSAL_ALERTS = frozenset((40, 42, 43, 44, 45, 46, 48, 49, 51, 116))
 
 
 class UsageError(Exception):
@@ -364,6 +370,17 @@ async def _serve_one(sock: socket.socket, config: TlsConfig, args: argparse.Name
     _say(args, f"handshake ok: {_describe_session(session)}")
     try:
         result = await relay(sock, session, args)
+    except AlertReceived as exc:
+        if session.role is Role.CLIENT and exc.description in _REFUSAL_ALERTS:
+            # TLS 1.3: the client finishes its handshake before the server has checked the
+            # client's certificate, so a refusal of it arrives as the first record after.
+            _fail(
+                f"handshake failed: {FailureCause.PEER_REJECTED.label}: the server refused "
+                f"our credentials after the handshake ({exc})"
+            )
+        else:
+            _fail(f"connection failed: {exc}")
+        return 1
     except (OSError, HandshakeError) as exc:
         _fail(f"connection failed: {exc}")
         return 1
