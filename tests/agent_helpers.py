@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ktlsd.agent import Agent, AgentSettings
-from ktlsd.service import HandshakeService
+from ktlsd.request import HandshakeDone, HandshakeRequest
+from ktlsd.service import HandshakeService, PeerCredentials
 from ktlsd.session_store import SessionStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,6 +132,9 @@ class AgentProcess:
         rc = self.proc.wait(timeout)
         self._reader.join(timeout)
         self._out_reader.join(timeout)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
         return rc
 
     def stop(self) -> int:
@@ -293,3 +297,21 @@ class LogLines(logging.Handler):
         finally:
             log.removeHandler(self)
             log.setLevel(previous)
+
+
+class DirectRequest:
+    """A pending request handed to ``Agent.serve`` directly, as another upcall source would
+    (the kernel's family and the service both feed one agent). ``credentials`` None is the
+    kernel (trusted); ``source_name`` "kernel" also means kTLS would be installed."""
+
+    def __init__(self, request: HandshakeRequest, *, source_name: str = "service",
+                 credentials: PeerCredentials | None = None) -> None:
+        self.request = request
+        self.source_name = source_name
+        if credentials is not None:
+            self.credentials = credentials
+        self.answers: list[HandshakeDone] = []
+
+    async def done(self, answer: HandshakeDone) -> None:
+        self.answers.append(answer)
+        os.close(self.request.sockfd)

@@ -24,11 +24,19 @@ from typing import Any
 import pytest
 
 from ktlsd import keyring
-from ktlsd.agent import AgentSettings
+from ktlsd.agent import Agent, AgentSettings
 from ktlsd.client import submit
-from ktlsd.request import HandshakeDone
+from ktlsd.request import AuthMode, HandshakeDone, HandshakeRequest, KeyUpdateType, MessageType
+from ktlsd.service import HandshakeService
 from ktlsd.session_store import POSSESSOR_ONLY, SessionStore
-from tests.agent_helpers import REPO, LogLines, parse_handshake_line, running_agent, tcp_pair
+from tests.agent_helpers import (
+    REPO,
+    DirectRequest,
+    LogLines,
+    parse_handshake_line,
+    running_agent,
+    tcp_pair,
+)
 from tests.pki import Authority, Issued
 
 PSK = bytes.fromhex("a1b2c3d4" * 8)
@@ -602,5 +610,94 @@ def test_reload_resizes_the_concurrency_bound(sock_path: str) -> None:
                                "configuration reloaded: max_concurrent 3 -> 1"]
             agent.reload(AgentSettings(keep_sessions=False, max_concurrent=2))
             await good_pair(sock_path)  # both ends at once: needs the two slots
+
+    run(main())
+
+
+# --- requests as the kernel sends them (serials only, no consumer credentials) ----------------
+
+
+KERNEL_BAD = [
+    ("no auth mode", dict(message_type=MessageType.CLIENTHELLO, auth_mode=AuthMode.UNSPEC),
+     errno.EINVAL, "auth mode unspec"),
+    ("no message type", dict(message_type=MessageType.UNSPEC, auth_mode=AuthMode.PSK),
+     errno.EOPNOTSUPP, "message type unspec"),
+    ("psk without identities", dict(message_type=MessageType.CLIENTHELLO,
+                                     auth_mode=AuthMode.PSK), errno.ENOKEY, "no PSK"),
+    ("absent psk serial", dict(message_type=MessageType.CLIENTHELLO, auth_mode=AuthMode.PSK,
+                               peer_identities=(0x7FFF_FFF1,)), errno.ENOKEY, "no such key"),
+    ("key update without session", dict(message_type=MessageType.SERVERKEYUPDATE,
+                                        auth_mode=AuthMode.UNSPEC,
+                                        key_update_type=KeyUpdateType.SEND),
+     errno.ENOKEY, "no session id"),
+    ("key update of unknown session", dict(message_type=MessageType.CLIENTKEYUPDATE,
+                                           auth_mode=AuthMode.UNSPEC, session_id=0x7FFF_FFF2,
+                                           key_update_type=KeyUpdateType.RECEIVED),
+     errno.ENOKEY, "unknown or expired"),
+]
+
+
+@pytest.mark.parametrize(("fields", "status", "words"), [c[1:] for c in KERNEL_BAD],
+                         ids=[c[0] for c in KERNEL_BAD])
+def test_kernel_requests_with_bad_parameters(fields: dict[str, Any], status: int,
+                                             words: str) -> None:
+    """The kernel path's own checks (the service's decoder never sees these requests)."""
+
+    async def main() -> None:
+        logs = LogLines()
+        agent = Agent(AgentSettings(keep_sessions=False), [])
+        a, b = tcp_pair()
+        with a, b, logs.attached():
+            pending = DirectRequest(HandshakeRequest(sockfd=os.dup(a.fileno()), **fields),
+                                    source_name="kernel")
+            answer = await agent.serve(pending)
+            assert pending.answers == [answer]
+            check_failure(logs, answer, status, words)
+            assert "source=kernel" in logs.handshake_lines()[0]
+            assert (agent.completed, agent.failed) == (0, 1)
+
+    run(main())
+
+
+def test_a_request_taken_after_the_bound_shrank_gets_esrch_when_the_agent_stops(
+    sock_path: str
+) -> None:
+    async def main() -> None:
+        logs = LogLines()
+        loop = asyncio.get_running_loop()
+        service = HandshakeService(sock_path)
+        await service.start()
+        # Three slots, two running: the agent already holds the third slot while it waits
+        # for the next request, which arrives only after the bound shrank to one.
+        agent = Agent(AgentSettings(keep_sessions=False, max_concurrent=3), [service])
+        running = asyncio.create_task(agent.run())
+        pairs = [tcp_pair() for _ in range(3)]
+        try:
+            with logs.attached():
+                waiting = []
+                for i in range(2):
+                    pairs[i][1].setblocking(False)
+                    waiting.append(asyncio.create_task(submit(
+                        pairs[i][0], role="client", auth="psk", psk=[("x", PSK)], timeout=2,
+                        service_path=sock_path)))
+                    assert await loop.sock_recv(pairs[i][1], 1) == b"\x16"
+                agent.reload(AgentSettings(keep_sessions=False, max_concurrent=1))
+                third = asyncio.create_task(submit(
+                    pairs[2][0], role="client", auth="psk", psk=[("x", PSK)], timeout=2,
+                    service_path=sock_path))
+                while service.pending or sum("submitted" in m for m in logs.messages) < 3:
+                    await asyncio.sleep(0.005)
+                await agent.stop()
+                done = await asyncio.wait_for(third, 10)
+                assert done.status == errno.ESRCH and "shutting down" in done.reason
+                # The two that were running finish in their own time (their timeout).
+                assert [d.status for d in await asyncio.gather(*waiting)] == [errno.ETIMEDOUT] * 2
+            await asyncio.wait_for(running, 10)
+            assert (agent.completed, agent.failed) == (0, 3)
+            assert sum("(ESRCH)" in line for line in logs.handshake_lines()) == 1
+        finally:
+            for a, b in pairs:
+                a.close()
+                b.close()
 
     run(main())

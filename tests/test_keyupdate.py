@@ -40,7 +40,7 @@ from ktlsd.request import AuthMode, HandshakeDone, HandshakeRequest, KeyUpdateTy
 from ktlsd.service import PeerCredentials
 from ktlsd.session import Session
 from ktlsd.session_store import SessionStore
-from tests.agent_helpers import GatedRelay, LogLines, running_agent, tcp_pair
+from tests.agent_helpers import DirectRequest, GatedRelay, LogLines, running_agent, tcp_pair
 
 PSK_256 = bytes.fromhex("7e" * 32)
 PSK_384 = bytes.fromhex("e7" * 48)
@@ -622,21 +622,6 @@ def test_concurrent_send_and_received_through_the_service_both_take_effect(
     run(main())
 
 
-@dataclass
-class DirectRequest:
-    """A pending request handed to ``Agent.serve`` directly, as a second upcall source (the
-    kernel and the service may both carry requests for one agent) would."""
-
-    request: HandshakeRequest
-    credentials: PeerCredentials
-    source_name: str = "service"
-    answer: HandshakeDone | None = None
-
-    async def done(self, answer: HandshakeDone) -> None:
-        self.answer = answer
-        os.close(self.request.sockfd)
-
-
 def test_updates_of_one_session_arriving_at_once_are_serialised_by_the_agent(
     sock_path: str, store: SessionStore
 ) -> None:
@@ -659,11 +644,11 @@ def test_updates_of_one_session_arriving_at_once_are_serialised_by_the_agent(
                             sockfd=os.dup(a.fileno()), message_type=MessageType.CLIENTKEYUPDATE,
                             auth_mode=AuthMode.PSK, key_update_type=kind,
                             session_id=me.session_id,
-                            record_seqs=me.layer.sequence_numbers()), creds)
+                            record_seqs=me.layer.sequence_numbers()), credentials=creds)
                         for kind in (KeyUpdateType.SEND, KeyUpdateType.RECEIVED)
                     ]
                     answers = await asyncio.gather(*(agent.serve(r) for r in requests))
-                    assert [r.answer for r in requests] == answers
+                    assert [r.answers for r in requests] == [[x] for x in answers]
                     assert [x.status for x in answers] == [0, 0], [x.reason for x in answers]
                     last = check_both_took_effect(answers[0], answers[1], rounds)
                     me.layer.install_tx_key(last.client_secret, 0)
