@@ -104,7 +104,10 @@ def run(
             guest_problem = "the guest never reached the scenario runner"
         elif "KTLSD-GUEST-DONE" not in text:
             guest_problem = "the guest died while running scenarios"
-        crashed = any(m in text for m in ("Kernel panic", "Oops:", "BUG:"))
+        # Only a crash before the deliberate power-off counts: once sysrq has powered the
+        # machine down, PID 1 can no longer exec and its exit panics harmlessly.
+        before_poweroff = text.split("sysrq: Power Off", 1)[0]
+        crashed = any(m in before_poweroff for m in ("Kernel panic", "Oops:", "BUG:"))
         boots.append(
             {"accel": boot.accel, "seconds": round(boot.seconds, 1), "problem": guest_problem,
              "kernel_crash": crashed, "console": str(log), "scenarios": pending}
