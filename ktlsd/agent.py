@@ -32,7 +32,13 @@ from dataclasses import dataclass, field
 from ktlsd import keyring
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.handshake import perform_handshake
-from ktlsd.keyupdate import KeyInstaller, KtlsInstaller, apply_key_update, plan_key_update
+from ktlsd.keyupdate import (
+    KeyInstaller,
+    KtlsInstaller,
+    UserLayerInstaller,
+    apply_key_update,
+    plan_key_update,
+)
 from ktlsd.material import Consumer, X509Files, build_tls_config
 from ktlsd.request import (
     AuthMode,
@@ -385,7 +391,10 @@ class Agent:
                 state, request.message_type, request.key_update_type,
                 request_peer=request.request_peer_update,
             )
-            new_state = apply_key_update(plan, _installer_for(pending, sock, state))
+            new_state = await apply_key_update(
+                plan, _installer_for(pending, sock, state),
+                timeout=request.effective_timeout_ms / 1000,
+            )
             self.store.update(request.session_id, new_state, owner)
         return (
             HandshakeDone(
@@ -474,33 +483,10 @@ async def _unless_cancelled(pending: PendingRequest, work: Awaitable[Session]) -
 
 def _installer_for(pending: PendingRequest, sock: socket.socket, state: Session) -> KeyInstaller:
     """kTLS when the socket has it; else the consumer's user-space record layer state."""
-    from dataclasses import replace
-
-    from ktlsd.record import UserRecordLayer
-
     seqs = pending.request.record_seqs
     if pending.source_name == "kernel" or seqs is None:
         return KtlsInstaller(sock, state.suite)
-    layer = UserRecordLayer(sock, replace(state, tx_seq=seqs[0], rx_seq=seqs[1]))
-    return _UserLayerInstaller(layer)
-
-
-class _UserLayerInstaller:
-    """Emulates kTLS for a service consumer with a user-space record layer: the agent sends the
-    KeyUpdate record with the consumer's current TX state; the consumer installs the new
-    secrets it gets back in DONE."""
-
-    def __init__(self, layer: object) -> None:
-        self.layer = layer
-
-    def send_handshake(self, message: bytes) -> None:
-        self.layer.send(message, 22)  # type: ignore[attr-defined]
-
-    def install_tx_key(self, secret: bytes) -> None:
-        pass
-
-    def install_rx_key(self, secret: bytes) -> None:
-        pass
+    return UserLayerInstaller(sock, state, seqs)
 
 
 def _auth_name(mode: AuthMode) -> str:

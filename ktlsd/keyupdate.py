@@ -23,8 +23,9 @@ and the consumer can reconnect cleanly.
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from ktlsd import ktls
@@ -77,9 +78,22 @@ def plan_key_update(
 
 
 class KeyInstaller(Protocol):
-    """Where the keys live: a kTLS socket, or a user-space record layer."""
+    """Where the keys live: a kTLS socket, or a consumer's user-space record layer.
 
-    def send_handshake(self, message: bytes) -> None: ...
+    Sending never blocks: :meth:`send_some` makes one ``MSG_DONTWAIT`` attempt and raises
+    ``BlockingIOError`` when the socket cannot take anything, and :func:`apply_key_update`
+    waits for writability on the event loop. The consumer's socket may be in blocking mode
+    (its ``O_NONBLOCK`` is shared with the agent's descriptor and must not be changed), and a
+    consumer whose peer stopped reading must not stall every other request of the agent.
+    """
+
+    def fileno(self) -> int: ...
+
+    def wire_bytes(self, message: bytes) -> bytes:
+        """What goes on the socket for a handshake ``message`` (kTLS frames it itself)."""
+        ...
+
+    def send_some(self, data: memoryview) -> int: ...
 
     def install_tx_key(self, secret: bytes) -> None: ...
 
@@ -93,8 +107,17 @@ class KtlsInstaller:
         self.sock = sock
         self.suite = suite
 
-    def send_handshake(self, message: bytes) -> None:
-        ktls.send_record(self.sock, CONTENT_TYPE_HANDSHAKE, message)
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def wire_bytes(self, message: bytes) -> bytes:
+        return message
+
+    def send_some(self, data: memoryview) -> int:
+        # The record-type control message makes kTLS emit one handshake record; a partial
+        # send is continued by the next call, as ktls.send_record does.
+        record_type = [(ktls.SOL_TLS, ktls.TLS_SET_RECORD_TYPE, bytes((CONTENT_TYPE_HANDSHAKE,)))]
+        return self.sock.sendmsg([data], record_type, socket.MSG_DONTWAIT)
 
     def install_tx_key(self, secret: bytes) -> None:
         ktls.install_tx_key(self.sock, self.suite, secret, 0)
@@ -103,14 +126,88 @@ class KtlsInstaller:
         ktls.install_rx_key(self.sock, self.suite, secret, 0)
 
 
-def apply_key_update(plan: KeyUpdatePlan, installer: KeyInstaller) -> Session:
-    """Carry out ``plan``: RX first (reads resume), then KeyUpdate under the old key, then TX."""
+class UserLayerInstaller:
+    """A service consumer that runs the user-space record layer (emulating kTLS).
+
+    The agent protects the KeyUpdate record with the consumer's current TX secret at the
+    record number the consumer sent (``record_seqs``); installing keys is the consumer's own
+    business once DONE has brought it the new secrets, so the install calls do nothing here.
+    """
+
+    def __init__(self, sock: socket.socket, state: Session, record_seqs: tuple[int, int]) -> None:
+        from ktlsd.record import UserRecordLayer
+
+        self.sock = sock
+        self._layer = UserRecordLayer(
+            sock, replace(state, tx_seq=record_seqs[0], rx_seq=record_seqs[1])
+        )
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def wire_bytes(self, message: bytes) -> bytes:
+        sealed = self._layer._seal(message, CONTENT_TYPE_HANDSHAKE)  # one record, not sent
+        assert sealed is not None
+        return sealed
+
+    def send_some(self, data: memoryview) -> int:
+        return self.sock.send(data, socket.MSG_DONTWAIT)
+
+    def install_tx_key(self, secret: bytes) -> None:
+        pass
+
+    def install_rx_key(self, secret: bytes) -> None:
+        pass
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _send_all(installer: KeyInstaller, wire: bytes, deadline: float) -> None:
+    """Write ``wire`` completely without blocking the event loop, by ``deadline``."""
+    loop = asyncio.get_running_loop()
+    view = memoryview(wire)
+    while view:
+        try:
+            view = view[installer.send_some(view) :]
+            continue
+        except (BlockingIOError, InterruptedError):
+            pass
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            sent = len(wire) - len(view)
+            raise HandshakeError(
+                FailureCause.TIMEOUT,
+                "KeyUpdate not sent in time: the peer is not reading"
+                + (f" ({sent} of {len(wire)} bytes written; drop the connection)" if sent else ""),
+            )
+        writable = loop.create_future()
+        fd = installer.fileno()
+        loop.add_writer(fd, _wake, writable)
+        try:
+            await asyncio.wait_for(writable, remaining)
+        except TimeoutError:
+            pass
+        finally:
+            loop.remove_writer(fd)
+
+
+async def apply_key_update(
+    plan: KeyUpdatePlan, installer: KeyInstaller, *, timeout: float = 10.0
+) -> Session:
+    """Carry out ``plan``: RX first (reads resume), then KeyUpdate under the old key, then TX.
+
+    ``timeout`` bounds the wait for the socket to take the KeyUpdate record (ETIMEDOUT).
+    """
     new = plan.new_state
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
         if plan.install_rx:
             installer.install_rx_key(new.rx_secret)
         if plan.send_message is not None:
-            installer.send_handshake(plan.send_message)
+            await _send_all(installer, installer.wire_bytes(plan.send_message), deadline)
         if plan.install_tx:
             installer.install_tx_key(new.tx_secret)
     except OSError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import select
 import signal
 import socket
 import struct
@@ -457,3 +458,49 @@ def test_encode_genl_frame_is_what_the_service_expects() -> None:
     _, request = decode_submit(_frame(attrs), sockfd=3)
     assert request.sockfd == 3
     assert struct.unpack_from("=I", _frame(attrs))[0] == len(_frame(attrs))
+
+
+def test_a_key_update_whose_peer_stopped_reading_times_out_without_stalling_others(
+    tmp_path: Path,
+) -> None:
+    """The consumer's socket is in blocking mode and its send buffer is full (the peer stopped
+    reading). SEND must not block the agent: other handshakes complete meanwhile, and the
+    update ends with ETIMEDOUT within its own timeout."""
+    with AgentProcess(tmp_path) as agent:
+        path = agent.socket_path
+
+        async def main() -> None:
+            a, b = tcp_pair()
+            with a, b:
+                da, db = await psk_pair(path, a, b, "stalled")
+                assert (da.status, db.status) == (0, 0)
+                # Fixed small buffers (no autotuning), then fill them to the last byte.
+                b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                a.setblocking(False)
+                filled = quiet = 0
+                while quiet < 10:  # until the zero window holds: nothing fits any more
+                    try:
+                        filled += a.send(b"\0" * 4096)
+                        quiet = 0
+                    except BlockingIOError:
+                        quiet += 1
+                        select.select([], [], [], 0.02)
+                a.setblocking(True)  # O_NONBLOCK off, shared with the agent's descriptor
+                assert filled > 0
+                update = asyncio.create_task(key_update(
+                    a, role="client", session_id=da.session_id, record_seqs=(0, 0),
+                    timeout=2, service_path=path))
+                for i in range(3):  # served while the update waits
+                    c, d = tcp_pair()
+                    with c, d:
+                        dc, dd = await asyncio.wait_for(psk_pair(path, c, d, f"other-{i}"), 10)
+                        assert (dc.status, dd.status) == (0, 0)
+                    assert not update.done()
+                done = await asyncio.wait_for(update, 10)
+                assert done.status == errno.ETIMEDOUT, done.reason
+                assert "not reading" in done.reason
+
+        run(main())
+        line = agent.wait_for(r"handshake source=service .*\(ETIMEDOUT\)")[0]
+        assert "role=client" in line and "not reading" in line
