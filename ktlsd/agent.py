@@ -395,12 +395,20 @@ class Agent:
                 plan, _installer_for(pending, sock, state),
                 timeout=request.effective_timeout_ms / 1000,
             )
-            self.store.update(request.session_id, new_state, owner)
+            session_id = request.session_id
+            try:
+                self.store.update(session_id, new_state, owner)
+            except (keyring.KeyringError, ValueError) as exc:
+                # The keys moved on the wire (and in kTLS) already, so the update succeeded;
+                # only the next one will need a reconnect. Session id 0 says "not kept".
+                log.warning("session %#x: new state not kept (it expired or was dropped "
+                            "meanwhile): %s", session_id, exc)
+                session_id = 0
         return (
             HandshakeDone(
                 status=0,
                 sockfd=request.sockfd,
-                session_id=request.session_id,
+                session_id=session_id,
                 session=None if pending.source_name == "kernel" else new_state,
             ),
             new_state,

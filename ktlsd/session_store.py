@@ -136,7 +136,14 @@ class SessionStore:
     def update(self, session_id: int, session: Session, owner: int = KERNEL_OWNER) -> None:
         """Replace the kept state of ``session_id`` (same serial) and renew its lifetime."""
         info = keyring.describe_key(session_id)
-        keyring.add_key(KEY_TYPE, info.description, encode_state(session, owner), self.keyring_id)
+        serial = keyring.add_key(
+            KEY_TYPE, info.description, encode_state(session, owner), self.keyring_id
+        )
+        if serial != session_id:
+            # The kept key expired or was dropped between describe and add: add_key made a
+            # fresh key, without our permissions or lifetime. Never leave secrets in it.
+            self.drop(serial)
+            raise keyring.KeyringError(errno.ENOKEY, "update session", session_id)
         if self.lifetime:
             keyring.set_timeout(session_id, self.lifetime)
 

@@ -659,3 +659,65 @@ def test_updates_of_one_session_arriving_at_once_are_serialised_by_the_agent(
                     assert generations(peer.session) == (rounds, rounds)
 
     run(main())
+
+
+def test_a_session_dropped_while_its_update_waits_still_gets_the_new_secrets(
+    sock_path: str, store: SessionStore
+) -> None:
+    """The KeyUpdate record waits for room on the socket; meanwhile the kept state is
+    dropped. The update still succeeds (the record went out, the consumer needs its new key),
+    DONE's session id is 0 ("not kept"), no stray key with the new secrets is left behind,
+    and the next update gets ENOKEY."""
+
+    async def main() -> None:
+        logs = LogLines()
+        async with running_agent(sock_path, store=store) as agent:
+            a, b = tcp_pair()
+            with a, b, logs.attached():
+                pair = await kernel_style_pair(sock_path, a, b)
+                me, peer = pair.consumer, pair.peer
+                b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                filled = bytearray()
+                quiet = 0
+                while quiet < 10:  # until the zero window holds
+                    try:
+                        filled += b"\0" * a.send(b"\0" * 4096)
+                        quiet = 0
+                    except BlockingIOError:
+                        quiet += 1
+                        await asyncio.sleep(0.02)
+                seqs = me.layer.sequence_numbers()
+                request = DirectRequest(HandshakeRequest(
+                    sockfd=os.dup(a.fileno()), message_type=MessageType.CLIENTKEYUPDATE,
+                    auth_mode=AuthMode.PSK, key_update_type=KeyUpdateType.SEND,
+                    session_id=me.session_id, record_seqs=seqs),
+                    credentials=PeerCredentials(os.getpid(), os.getuid(), os.getgid()))
+                def taken() -> int:
+                    return sum(m.startswith("request taken") for m in logs.messages)
+
+                earlier = taken()  # the handshakes'
+                serving = asyncio.create_task(agent.serve(request))
+                while taken() == earlier:  # serve() runs to its first real wait at once
+                    await asyncio.sleep(0)
+                assert not serving.done()  # parked: the socket has no room
+                before = set(keyring.list_keyring(store.keyring_id))
+                store.drop(me.session_id)
+                drained = 0
+                b.setblocking(False)
+                loop = asyncio.get_running_loop()
+                while drained < len(filled):
+                    drained += len(await loop.sock_recv(b, 65536))
+                done = await asyncio.wait_for(serving, 10)
+                assert done.status == 0 and done.session_id == 0, done.reason
+                assert done.session is not None and generations(done.session) == (1, 0)
+                assert set(keyring.list_keyring(store.keyring_id)) <= before - {me.session_id}
+                assert any("not kept" in m for m in logs.messages)
+                me.install(KeyUpdateType.SEND, done)
+                await me.layer.asend(b"after")
+                assert await peer.arecv() == b"after"  # the KeyUpdate reached the peer
+                assert peer.key_updates_received == 1
+                again = await me.update(KeyUpdateType.SEND)
+                assert again.status == errno.ENOKEY
+
+    run(main())
