@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
+import collections
 import contextlib
 import os
 import socket
@@ -271,31 +271,76 @@ def _describe_session(session: Session) -> str:
     )
 
 
-async def _stdin_chunks(queue: asyncio.Queue[bytes]) -> None:
-    """Feed stdin into ``queue`` from a thread (stdin may be a file, a pipe or a tty).
+class StdinPump:
+    """The one reader of standard input for the whole process, shared by its connections.
 
-    The thread waits for room in the queue, so a fast stdin never outruns the peer.
+    stdin may be a file, a pipe or a terminal, none of which asyncio can wait on portably,
+    so a thread reads it. One thread for the process, not one per connection: with
+    ``listen --count/--forever`` a per-connection thread left blocked in ``read`` when its
+    connection ended would swallow the first line typed for the next connection. Chunks wait
+    here until a connection takes them; at most :data:`STDIN_BACKLOG` chunks are read ahead,
+    so a fast stdin never outruns the peer. End of input is sticky: every later ``get``
+    returns ``b""`` at once.
     """
-    loop = asyncio.get_running_loop()
-    fd = sys.stdin.fileno() if sys.stdin is not None else -1
 
-    def put(data: bytes) -> bool:
-        try:
-            asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
-        except (RuntimeError, concurrent.futures.CancelledError):
-            return False  # the loop is gone: the connection ended
-        return True
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._room = threading.Semaphore(STDIN_BACKLOG)
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        self._thread: threading.Thread | None = None
 
-    def reader() -> None:
+    def _read_loop(self) -> None:
         while True:
+            self._room.acquire()
             try:
-                data = os.read(fd, CHUNK) if fd >= 0 else b""
+                data = os.read(self._fd, CHUNK) if self._fd >= 0 else b""
             except OSError:
                 data = b""
-            if not put(data) or not data:
+            with self._lock:
+                self._chunks.append(data)
+                waiter, self._waiter = self._waiter, None
+            if waiter is not None:
+                loop, future = waiter
+                # The loop may be gone (its connection ended): the chunk stays for the next.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_wake, future)
+            if not data:
                 return
 
-    threading.Thread(target=reader, name="stdin", daemon=True).start()
+    async def get(self) -> bytes:
+        """The next chunk of stdin, ``b""`` at (and after) its end."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._read_loop, name="stdin", daemon=True)
+            self._thread.start()
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                if self._chunks:
+                    if not self._chunks[0]:
+                        return b""  # end of input stays queued for whoever comes next
+                    self._room.release()
+                    return self._chunks.popleft()
+                future: asyncio.Future[None] = loop.create_future()
+                self._waiter = (loop, future)
+            await future
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+STDIN_BACKLOG = 64
+_stdin_pump: StdinPump | None = None
+
+
+def _stdin() -> StdinPump:
+    global _stdin_pump
+    if _stdin_pump is None:
+        _stdin_pump = StdinPump(sys.stdin.fileno() if sys.stdin is not None else -1)
+    return _stdin_pump
 
 
 async def relay(sock: socket.socket, session: Session, args: argparse.Namespace) -> RelayResult:
@@ -313,14 +358,13 @@ async def relay(sock: socket.socket, session: Session, args: argparse.Namespace)
     _say(args, f"record layer: {layer.kind}")
     result = RelayResult()
     out = sys.stdout.buffer
-    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
-    await _stdin_chunks(queue)
+    stdin = _stdin()
 
     every = args.key_update_every
 
     async def pump_out() -> None:
         while True:
-            data = await queue.get()
+            data = await stdin.get()
             if not data:
                 await conn.aclose()  # close_notify; reading goes on
                 return

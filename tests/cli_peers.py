@@ -55,10 +55,16 @@ def ktlsd(*args: str) -> list[str]:
     return [sys.executable, "-m", "ktlsd", *args]
 
 
+_STDIN_MODES = {True: subprocess.PIPE, False: subprocess.DEVNULL}
+
+
 class Proc:
     """A child process whose stdout and stderr are collected separately in the background."""
 
-    def __init__(self, argv: Sequence[str], *, name: str | None = None, stdin: bool = True):
+    def __init__(
+        self, argv: Sequence[str], *, name: str | None = None, stdin: bool | int = True
+    ) -> None:
+        """``stdin``: True for a pipe (:meth:`feed`), False for /dev/null, or an fd to pass."""
         self.argv = list(argv)
         is_ktlsd = self.argv[1:3] == ["-m", "ktlsd"]
         self.name = name or ("ktlsd" if is_ktlsd else os.path.basename(self.argv[0]))
@@ -68,7 +74,7 @@ class Proc:
         self._writer: threading.Thread | None = None
         self.proc = subprocess.Popen(
             self.argv,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdin=_STDIN_MODES.get(stdin, stdin) if isinstance(stdin, bool) else stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )

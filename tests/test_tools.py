@@ -9,6 +9,8 @@ names the cause, without a traceback; every stderr line of the tools starts with
 
 from __future__ import annotations
 
+import os
+import pty
 import re
 import socket
 import threading
@@ -195,6 +197,39 @@ def test_listen_count_two(certs: Certs) -> None:
         assert bytes(server.out) == b"hello 1\nhello 2\n"
         assert server.stderr_text.count("handshake ok") == 2
         assert server.stderr_text.count("closed: sent=0 received=8") == 2
+
+
+def test_listen_count_two_typing_at_a_terminal(certs: Certs) -> None:
+    """With a terminal as stdin, what is typed during the second connection reaches it.
+
+    When a peer closes, ``listen`` closes too if stdin is a terminal, while the read of the
+    terminal is still pending. That read must serve the next connection: a reader per
+    connection once swallowed the first line typed for the second client.
+    """
+    master, slave = pty.openpty()
+    try:
+        server = Proc(ktlsd("listen", "127.0.0.1:0", *cert_args(certs.server), "--record-layer",
+                            "user", "--count", "2"), name="listen", stdin=slave)  # fmt: skip
+        os.close(slave)
+        slave = -1
+        with server:
+            port = int(server.wait_stderr(r"listening on \S+:(\d+)").group(1))
+            for n in (1, 2):
+                args = ["--ca", str(certs.ca.cert_path), "--record-layer", "user"]
+                with Proc(ktlsd("connect", f"127.0.0.1:{port}", *args)) as client:
+                    client.wait_stderr("record layer")
+                    server.wait_for(lambda n=n: server.err.count(b"record layer") == n,
+                                    f"handed connection {n} over")  # fmt: skip
+                    os.write(master, b"typed for client %d\n" % n)
+                    client.wait_stdout(b"typed for client %d\n" % n, timeout=10)
+                    client.close_stdin()
+                    assert client.wait_exit() == 0, client.stderr_text
+                    assert bytes(client.out) == b"typed for client %d\n" % n
+            assert server.wait_exit() == 0, server.stderr_text
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
 
 
 # --- refusals ------------------------------------------------------------------------------
