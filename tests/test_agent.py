@@ -244,18 +244,14 @@ def test_unprivileged_consumer_cannot_use_a_file_it_cannot_read(
         "asyncio.run(main())\n"
     )
 
-    def as_nobody() -> None:
-        os.setgid(65534)
-        os.setuid(65534)
-
     async def main() -> None:
         logs = LogLines()
         async with running_agent(sock_path, no_keeping(), mode=0o666):
             with logs.attached():
                 proc = await asyncio.create_subprocess_exec(
                     SYSTEM_PYTHON, "-c", consumer, sock_path, str(server.cert_path),
-                    str(server.key_path), stdout=subprocess.PIPE, preexec_fn=as_nobody,
-                    cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)},
+                    str(server.key_path), stdout=subprocess.PIPE, user=65534, group=65534,
+                    extra_groups=[], cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)},
                 )
                 out, _ = await proc.communicate()
             status, _, reason = out.decode().strip().partition(" ")
