@@ -126,6 +126,16 @@ def _size(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c = subparsers.add_parser(
         "connect", help="TLS 1.3 client: handshake, then relay stdin/stdout",
@@ -143,7 +153,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     s.add_argument("address", metavar="[HOST:]PORT")
     _add_tls_options(s, server=True)
-    s.add_argument("--count", type=int, default=1, help="connections to serve (default 1)")
+    s.add_argument(
+        "--count", type=_count, default=1, help="connections to serve (default 1)"
+    )
     s.add_argument("--forever", action="store_true", help="keep serving connections")
     s.set_defaults(func=run_listen)
 

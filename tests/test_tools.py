@@ -373,6 +373,27 @@ def test_usage_errors(argv: list[str], message: str) -> None:
         assert_clean_failure(proc, message, rc=2)
 
 
+def test_count_must_be_positive() -> None:
+    with Proc(ktlsd("listen", "0", "--psk-identity", "a", "--psk", PSK_HEX, "--count", "0")) as p:
+        assert p.wait_exit() == 2
+        assert "--count: must be at least 1" in p.stderr_text
+
+
+def test_listen_forever(certs: Certs) -> None:
+    """``--forever`` keeps serving after connections end, failed ones included."""
+    server, port = start_ktlsd_listen(*cert_args(certs.server), "--forever")
+    with server:
+        server.close_stdin()
+        for n in range(3):
+            args = ["--ca", str((certs.other_ca if n == 1 else certs.ca).cert_path)]
+            with Proc(ktlsd("connect", f"127.0.0.1:{port}", *args)) as client:
+                client.close_stdin()
+                assert client.wait_exit() == (1 if n == 1 else 0), client.stderr_text
+        server.wait_for(lambda: server.err.count(b"closed:") == 2, "served two clients")
+        assert server.stderr_text.count("connection from") == 3
+        assert server.proc.poll() is None  # still serving
+
+
 def test_bad_size_is_an_argparse_error() -> None:
     with Proc(ktlsd("connect", "127.0.0.1:9", "--key-update-every", "lots")) as proc:
         assert proc.wait_exit() == 2
