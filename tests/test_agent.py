@@ -674,12 +674,12 @@ def test_a_request_taken_after_the_bound_shrank_gets_esrch_when_the_agent_stops(
                 for i in range(2):
                     pairs[i][1].setblocking(False)
                     waiting.append(asyncio.create_task(submit(
-                        pairs[i][0], role="client", auth="psk", psk=[("x", PSK)], timeout=2,
+                        pairs[i][0], role="client", auth="psk", psk=[("x", PSK)], timeout=1,
                         service_path=sock_path)))
                     assert await loop.sock_recv(pairs[i][1], 1) == b"\x16"
                 agent.reload(AgentSettings(keep_sessions=False, max_concurrent=1))
                 third = asyncio.create_task(submit(
-                    pairs[2][0], role="client", auth="psk", psk=[("x", PSK)], timeout=2,
+                    pairs[2][0], role="client", auth="psk", psk=[("x", PSK)], timeout=1,
                     service_path=sock_path))
                 while service.pending or sum("submitted" in m for m in logs.messages) < 3:
                     await asyncio.sleep(0.005)
