@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hmac
 import os
 import shutil
 import socket
@@ -469,7 +470,7 @@ def test_psk_by_serial_and_server_lookup_by_identity(sock_path: str, ring: int) 
             assert da.session.suite.iana_name == "TLS_AES_256_GCM_SHA384"  # NVMe hash 02
             assert da.remote_auth == db.remote_auth == (serial,)
             assert db.session.peer.psk_identity == identity.encode()
-            assert da.session.client_secret == db.session.client_secret
+            assert hmac.compare_digest(da.session.client_secret, db.session.client_secret)
             assert all("status=0 (ok)" in line and "NVMe0R02" in line
                        for line in logs.handshake_lines())
 
@@ -531,7 +532,8 @@ def test_sessions_are_kept_for_key_updates_only_when_configured(
                 info = keyring.describe_key(da.session_id)
                 assert info.perm == POSSESSOR_ONLY
                 kept = store.load(da.session_id, owner=os.getuid())
-                assert kept.client_secret == da.session.client_secret  # type: ignore[union-attr]
+                assert hmac.compare_digest(kept.client_secret,
+                                           da.session.client_secret)  # type: ignore[union-attr]
                 with pytest.raises(Exception) as info_exc:
                     store.load(da.session_id, owner=12345)
                 assert getattr(info_exc.value, "errno", None) == errno.ENOKEY

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hmac
 import os
 import socket
 import time
@@ -87,6 +88,11 @@ def expand_label(suite: str, secret: bytes, label: str, length: int) -> bytes:
 
 def next_secret(suite: str, secret: bytes) -> bytes:
     return expand_label(suite, secret, "traffic upd", len(secret))
+
+
+def same(a: bytes, b: bytes) -> bool:
+    """Secrets compared in constant time; a failing assert never prints them."""
+    return hmac.compare_digest(a, b)
 
 
 def secret_at(suite: str, secret: bytes, generation: int) -> bytes:
@@ -186,7 +192,7 @@ def assert_lock_step(a: TlsConnection, b: TlsConnection) -> None:
     sa, sb = a.session, b.session
     assert (sa.client_generation, sa.server_generation) == (
         sb.client_generation, sb.server_generation)
-    assert sa.client_secret == sb.client_secret and sa.server_secret == sb.server_secret
+    assert same(sa.client_secret, sb.client_secret) and same(sa.server_secret, sb.server_secret)
 
 
 @pytest.mark.parametrize(
@@ -263,10 +269,10 @@ def test_key_updates_interleaved_with_data_through_the_service(
                 requested = sum(1 for r in range(1, rounds + 1) if r % 3 == 0 or r % 11 == 0)
                 assert total() > rounds + requested // 2  # the requested ones were answered
                 # Independent derivation of the final secrets from the handshake's.
-                assert final.client_secret == secret_at(
-                    suite, first.client_secret, final.client_generation)
-                assert final.server_secret == secret_at(
-                    suite, first.server_secret, final.server_generation)
+                assert same(final.client_secret, secret_at(  # type: ignore[union-attr]
+                    suite, first.client_secret, final.client_generation))
+                assert same(final.server_secret, secret_at(  # type: ignore[union-attr]
+                    suite, first.server_secret, final.server_generation))
                 # Decrypt what went over the wire, both directions, with our own keys.
                 c2s = decrypt_stream(suite, first.client_secret, bytes(relay.captured["c2s"]))
                 s2c = decrypt_stream(suite, first.server_secret, bytes(relay.captured["s2c"]))
@@ -380,13 +386,13 @@ def test_send_emits_a_key_update_the_peer_processes(
                 assert done.status == 0, done.reason
                 assert done.session_id == me.session_id
                 assert generations(me.state) == (1, 0)
-                assert me.state.client_secret == secret_at(  # type: ignore[union-attr]
-                    pair.suite, pair.first.client_secret, 1)
-                assert me.state.server_secret == pair.first.server_secret  # type: ignore[union-attr]
+                assert same(me.state.client_secret, secret_at(  # type: ignore[union-attr]
+                    pair.suite, pair.first.client_secret, 1))
+                assert same(me.state.server_secret, pair.first.server_secret)  # type: ignore[union-attr]
                 await me.layer.asend(b"under generation 1")
                 assert await peer.arecv() == b"under generation 1"
                 assert peer.key_updates_received == 1
-                assert peer.session.client_secret == me.state.client_secret  # type: ignore[union-attr]
+                assert same(peer.session.client_secret, me.state.client_secret)  # type: ignore[union-attr]
                 await peer.asend(b"reply")
                 if request_peer:
                     # The peer answered the request with its own update_not_requested update.
@@ -421,8 +427,8 @@ def test_received_installs_the_next_rx_key_and_reads_resume(
                 assert done.status == 0, done.reason
                 # The consumer is the server here: the client's (peer's) secret advanced.
                 assert generations(me.state) == (1, 0)
-                assert me.state.client_secret == secret_at(  # type: ignore[union-attr]
-                    pair.suite, pair.first.client_secret, 1)
+                assert same(me.state.client_secret, secret_at(  # type: ignore[union-attr]
+                    pair.suite, pair.first.client_secret, 1))
                 assert (await me.layer.arecv()).data == b"after the peer's update"
                 await me.layer.asend(b"tx key unchanged")
                 assert await peer.arecv() == b"tx key unchanged"
@@ -456,8 +462,8 @@ def test_received_request_update_moves_both_directions(
                 assert (record.content_type, record.data) == (23, b"no second update")
                 assert peer.key_updates_sent == 1
                 assert generations(peer.session) == (1, 1)
-                assert peer.session.client_secret == me.state.client_secret  # type: ignore[union-attr]
-                assert peer.session.server_secret == me.state.server_secret  # type: ignore[union-attr]
+                assert same(peer.session.client_secret, me.state.client_secret)  # type: ignore[union-attr]
+                assert same(peer.session.server_secret, me.state.server_secret)  # type: ignore[union-attr]
 
     run(main())
 
@@ -503,10 +509,10 @@ def test_a_hundred_kernel_style_updates_each_advance_exactly_once(
                     assert list(generations(me.state)) == expected
                     state = me.state
                     assert state is not None
-                    assert state.client_secret == secret_at(
-                        pair.suite, pair.first.client_secret, expected[0])
-                    assert state.server_secret == secret_at(
-                        pair.suite, pair.first.server_secret, expected[1])
+                    assert same(state.client_secret, secret_at(  # type: ignore[union-attr]
+                        pair.suite, pair.first.client_secret, expected[0]))
+                    assert same(state.server_secret, secret_at(  # type: ignore[union-attr]
+                        pair.suite, pair.first.server_secret, expected[1]))
                     assert generations(peer.session) == tuple(expected)
                 assert expected == [75, 75]
 
@@ -616,8 +622,8 @@ def test_concurrent_send_and_received_through_the_service_both_take_effect(
                     await me.layer.asend(b"me %d" % rounds)
                     assert await peer.arecv() == b"me %d" % rounds
                     assert generations(peer.session) == (rounds, rounds)
-                    assert peer.session.client_secret == secret_at(
-                        pair.suite, pair.first.client_secret, rounds)
+                    assert same(peer.session.client_secret, secret_at(  # type: ignore[union-attr]
+                        pair.suite, pair.first.client_secret, rounds))
 
     run(main())
 
