@@ -56,6 +56,17 @@ def default_scenarios() -> list[str]:
     return names
 
 
+def scenario_exists(name: str) -> bool:
+    """True if the guest runner can map ``name`` to a script (same rule as in the guest)."""
+    from testbed.guest_runner import resolve
+
+    try:
+        resolve(name)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def agent_run_available() -> bool:
     """True if ``ktlsd run`` exists (some command module registers a ``run`` sub-command)."""
     import re
@@ -75,6 +86,9 @@ def run(
     results_dir: Path | None = None,
 ) -> dict[str, object]:
     """Build (if needed), boot once, return the report dict (see module docstring)."""
+    unknown = [n for n in scenarios if not scenario_exists(n)]
+    if unknown:
+        raise ValueError(f"unknown scenario(s): {', '.join(unknown)} (see testbed/scenarios/)")
     wall = time.monotonic()
     t0 = time.monotonic()
     image = build_mod.build()
@@ -219,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                      results_dir=args.results_dir)  # fmt: skip
     except build_mod.BuildError as exc:
         print(f"testbed.run: cannot build the guest: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"testbed.run: {exc}", file=sys.stderr)
         return 2
     print(format_report(report))
     if args.json:

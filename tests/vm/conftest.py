@@ -29,10 +29,15 @@ SCENARIOS = [
 ]
 
 
+#: Host-only tests of the test bed's own plumbing: fast, no guest, part of the default suite.
+HOST_ONLY = {"test_testbed_host.py"}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:
-        if here in Path(item.fspath).parents:
+        path = Path(item.fspath)
+        if here in path.parents and path.name not in HOST_ONLY:
             item.add_marker(pytest.mark.vm)
 
 

@@ -1,0 +1,131 @@
+"""The test bed's host-side plumbing, checked without building or booting anything.
+
+These run in the default suite (they are not marked ``vm``): they guard the parts whose
+mistakes would otherwise only show up as a confusing failed boot in CI.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from testbed import build, guest_runner, run, vm
+from testbed.scenarios import common
+
+
+def fake_image(tmp_path: Path) -> build.GuestImage:
+    meta = {"kernel_release": "7.3.4+deb13-amd64", "kernel_package": "linux-image-x",
+            "kernel_package_version": "1"}  # fmt: skip
+    (tmp_path / "build.json").write_text(json.dumps(meta))
+    return build.GuestImage.load(tmp_path)
+
+
+def test_recipe_hash_is_stable_and_follows_the_mirror(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = build.recipe_hash()
+    assert first == build.recipe_hash() and len(first) == 16
+    monkeypatch.setattr(build, "MIRROR", "http://mirror.example/debian")
+    assert build.recipe_hash() != first
+
+
+def test_cache_dir_honours_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KTLSD_VM_CACHE", str(tmp_path))
+    assert build.cache_dir() == tmp_path / build.recipe_hash()
+
+
+def test_modules_dep_resolution_orders_dependencies_first(tmp_path: Path) -> None:
+    moddir = tmp_path / "usr/lib/modules/7.3.4+deb13-amd64"
+    moddir.mkdir(parents=True)
+    (moddir / "modules.dep").write_text(
+        "kernel/fs/ext4/ext4.ko.xz: kernel/fs/jbd2/jbd2.ko.xz kernel/fs/mbcache.ko.xz\n"
+        "kernel/fs/jbd2/jbd2.ko.xz:\n"
+        "kernel/fs/mbcache.ko.xz:\n"
+        "kernel/drivers/block/virtio_blk.ko.xz:\n"
+    )
+    deps = build._modules_dep(tmp_path, "7.3.4+deb13-amd64")
+    assert deps["ext4"] == (
+        "kernel/fs/ext4/ext4.ko.xz",
+        ["kernel/fs/jbd2/jbd2.ko.xz", "kernel/fs/mbcache.ko.xz"],
+    )
+    assert deps["virtio_blk"][1] == []
+
+
+def test_qemu_command_is_snapshot_readonly_share_and_no_network(tmp_path: Path) -> None:
+    image = fake_image(tmp_path)
+    cmd = vm.qemu_command(image, "tcg", tmp_path / "console.log",
+                          project_dir=Path("/src"), results_dir=tmp_path)  # fmt: skip
+    text = " ".join(cmd)
+    assert "snapshot=on" in text
+    assert "path=/src,mount_tag=ktlsd,security_model=none,readonly=on" in text
+    assert f"path={tmp_path},mount_tag=results" in text
+    assert "tcg,thread=multi" in text and "-nic none" in text
+    assert "kvm" not in text
+    assert "-cpu host" in " ".join(vm.qemu_command(image, "kvm", tmp_path / "c.log"))
+
+
+def test_scenario_names_map_to_scripts_and_agents() -> None:
+    script, env = guest_runner.resolve("nvme-tls-ktlsd")
+    assert script.name == "nvme_tls.py" and env == {"AGENT": "ktlsd"}
+    script, env = guest_runner.resolve("kernel-facts")
+    assert script.name == "kernel_facts.py" and env == {}
+    with pytest.raises(FileNotFoundError):
+        guest_runner.resolve("nvme-tls-openssl")
+    assert all(run.scenario_exists(n) for n in run.default_scenarios())
+    with pytest.raises(ValueError, match="unknown scenario"):
+        run.run(["no-such-scenario"])
+
+
+def test_compare_agents_pairs_timing_figures() -> None:
+    per = [
+        {"name": "nvme-tls-tlshd", "figures": {"connect_seconds_sha256": 0.4, "bytes": 1,
+                                               "scenario_seconds": 9}},
+        {"name": "nvme-tls-ktlsd", "figures": {"connect_seconds_sha256": 0.5}},
+        {"name": "kernel-facts", "figures": {"x_seconds": 1}},
+    ]  # fmt: skip
+    assert run.compare_agents(per) == {
+        "nvme-tls:connect_seconds_sha256": {"tlshd": 0.4, "ktlsd": 0.5}
+    }
+
+
+def test_format_report_shows_failure_reasons_and_console() -> None:
+    report = {
+        "kernel": "7.3.4", "kernel_package": "p 1", "accel": "tcg", "build_seconds": 0,
+        "boot_seconds": 8, "qemu_seconds": 20, "wall_seconds": 21, "passed": False,
+        "guest_problem": None, "boots": [], "comparison": {},
+        "scenarios": [{"name": "nfs-tls-ktlsd", "passed": False, "seconds": 3,
+                       "figures": {}, "details": ["FAILED: mount refused"],
+                       "log_tail": "mount.nfs: Operation not permitted",
+                       "console_tail": "KTLSD-GUEST-DONE rc=1"}],
+    }  # fmt: skip
+    text = run.format_report(report)
+    assert "FAIL nfs-tls-ktlsd" in text
+    assert "! FAILED: mount refused" in text
+    assert "Operation not permitted" in text and "KTLSD-GUEST-DONE" in text
+
+
+def test_netlink_group_membership_parser(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    table = tmp_path / "netlink"
+    table.write_text(
+        "sk               Eth Pid        Groups   Rmem     Wmem     Dump  Locks    Drops    Inode\n"
+        "ffff000000000001 16  100        00004000 0        0        0     2        0        11\n"
+        "ffff000000000002 16  101        00000000 0        0        0     2        0        12\n"
+        "ffff000000000003 0   102        00004000 0        0        0     2        0        13\n"
+    )
+    real_path = Path
+
+    def fake_path(p: str) -> Path:
+        return table if p == "/proc/net/netlink" else real_path(p)
+
+    monkeypatch.setattr(common, "Path", fake_path)
+    assert common.netlink_group_members(15) == 1  # bit 14 set, generic netlink only
+    assert common.netlink_group_members(14) == 0
+
+
+def test_secret_output_is_withheld(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    secret_file = tmp_path / "key.txt"  # a throwaway secret, made by the test
+    secret_file.write_text("NVMeTLSkey-1:01:c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0:\n")
+    sc = common.Scenario(str(tmp_path / "r.json"))
+    proc = sc.sh(["cat", str(secret_file)], secret_output=True)
+    assert "NVMeTLSkey-1" in proc.stdout  # the caller still gets it ...
+    assert "NVMeTLSkey-1" not in capsys.readouterr().out  # ... the log never does
