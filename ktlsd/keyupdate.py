@@ -14,11 +14,14 @@ and a ``session-id``) asks the agent, long after the handshake, to do one of:
     ``update_not_requested`` and install the next TX key.
 
 :func:`plan_key_update` decides, purely, what to send and which secrets advance (each exactly
-once per update); :func:`apply_key_update` carries the plan out on a :class:`KeyInstaller` —
-a kTLS socket for kernel consumers, or the user-space record layer of a consumer that emulates
-the kernel through the handshake service. The kept state (:mod:`ktlsd.session_store`) is
-updated only after the keys are in place, so a failed update leaves the old generation kept
-and the consumer can reconnect cleanly.
+once per update); :func:`apply_key_update` (a coroutine) carries the plan out on a
+:class:`KeyInstaller` — a kTLS socket for kernel consumers, or the user-space record layer of a
+consumer that emulates the kernel through the handshake service. The KeyUpdate record is
+written without ever blocking the agent's event loop: a consumer whose peer stopped reading
+gets ETIMEDOUT after the request's timeout, and every other request keeps being served.
+
+The kept state (:mod:`ktlsd.session_store`) is updated only after the keys are in place, so a
+failed update leaves the old generation kept and the consumer can reconnect cleanly.
 """
 
 from __future__ import annotations
