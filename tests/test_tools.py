@@ -232,6 +232,31 @@ def test_listen_count_two_typing_at_a_terminal(certs: Certs) -> None:
             os.close(slave)
 
 
+@pytest.mark.skipif(ktls.cached_probe().usable, reason="this kernel has kTLS")
+def test_auto_record_layer_is_user_space_without_ktls(certs: Certs) -> None:
+    """The default ``--record-layer auto`` falls back to user space here, and says so."""
+    server, client = run_pair(cert_args(certs.server), ["--ca", str(certs.ca.cert_path)])
+    with server, client:
+        for proc in (server, client):
+            assert proc.wait_exit() == 0, proc.stderr_text
+            assert status(proc)["record_layer"] == "user"
+
+
+def test_ipv6_loopback(certs: Certs) -> None:
+    """``[::1]:PORT`` on both ends; the client checks the server's IP SAN ::1."""
+    server = Proc(ktlsd("listen", "[::1]:0", *cert_args(certs.server), "--record-layer", "user"))
+    with server:
+        port = int(server.wait_stderr(r"listening on \S+:(\d+)").group(1))
+        args = ["--ca", str(certs.ca.cert_path), "--record-layer", "user"]
+        with Proc(ktlsd("connect", f"[::1]:{port}", *args)) as client:
+            client.feed(b"over v6\n", close=True)
+            server.wait_stdout(b"over v6\n")
+            server.close_stdin()
+            assert client.wait_exit() == 0, client.stderr_text
+            assert server.wait_exit() == 0, server.stderr_text
+            assert status(client)["peer"] == "x509:CN=server,O=ktlsd tests"
+
+
 # --- refusals ------------------------------------------------------------------------------
 
 
@@ -280,6 +305,16 @@ def test_expired_certificate(certs: Certs) -> None:
     )
     with server, client:
         assert "expired" in assert_clean_failure(client, "untrusted certificate")
+        assert_clean_failure(server, "handshake failed")
+
+
+def test_revoked_certificate(certs: Certs, tmp_path: Path) -> None:
+    crl = certs.ca.write_crl([certs.server], name="revoked-server.crl")
+    server, client = run_pair(
+        cert_args(certs.server), ["--ca", str(certs.ca.cert_path), "--crl", str(crl)]
+    )
+    with server, client:
+        assert "revoked" in assert_clean_failure(client, "untrusted certificate")
         assert_clean_failure(server, "handshake failed")
 
 
