@@ -82,14 +82,31 @@ class Consumer:
             raise _missing(f"{what} key {serial:#x} does not belong to uid {self.uid}")
 
     def check_file(self, path: str, what: str) -> None:
+        """The consumer could read ``path`` itself: every directory on the way is searchable
+        by it and the file is readable by it (owner bits if it owns them, else the "other"
+        bits; group membership is not consulted, so group-only access is refused)."""
         if self.privileged:
             return
+        real = os.path.realpath(path)
         try:
-            st = os.stat(path)
+            st = os.stat(real)
         except OSError as exc:
             raise _missing(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-        if st.st_uid != self.uid and not st.st_mode & stat.S_IROTH:
+        if not self._allowed(st, stat.S_IRUSR, stat.S_IROTH):
             raise _missing(f"{what} {path} is not readable by uid {self.uid}")
+        parent = os.path.dirname(real)
+        while True:
+            if not self._allowed(os.stat(parent), stat.S_IXUSR, stat.S_IXOTH):
+                raise _missing(
+                    f"{what} {path} is not readable by uid {self.uid} "
+                    f"(directory {parent} is closed to it)"
+                )
+            if parent == os.path.dirname(parent):
+                return
+            parent = os.path.dirname(parent)
+
+    def _allowed(self, st: os.stat_result, owner_bit: int, other_bit: int) -> bool:
+        return bool(st.st_mode & (owner_bit if st.st_uid == self.uid else other_bit))
 
 
 TRUSTED = Consumer()

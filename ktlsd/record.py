@@ -628,15 +628,22 @@ def open_record_layer(sock: socket.socket, session: Session, kind: str = "auto")
     none), ``"user"`` never uses it, ``"auto"`` uses kTLS when :func:`ktlsd.ktls.probe`
     (cached per process) says it works on this kernel and the socket is TCP. With "auto" on
     a kernel that has kTLS but no rekey (< 6.14), a later KeyUpdate fails with a clear error.
+    On a TCP socket, TCP_NODELAY is set (see the comment below).
     """
+    is_tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == (
+        socket.SOCK_STREAM
+    )
+    if is_tcp and kind in ("user", "kernel", "auto"):
+        # A KeyUpdate is a small record followed at once by data: with Nagle on, the data
+        # waits for the peer's delayed ACK (~40 ms per KeyUpdate). Records are whole writes
+        # already, so nothing is gained by coalescing.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if kind == "user":
         return UserRecordLayer(sock, session)
     if kind == "kernel":
         return KernelRecordLayer(sock, session)
     if kind == "auto":
-        is_tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == (
-            socket.SOCK_STREAM
-        )
         if is_tcp and ktls.cached_probe().usable:
             return KernelRecordLayer(sock, session)
         return UserRecordLayer(sock, session)

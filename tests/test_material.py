@@ -197,3 +197,28 @@ def test_server_asks_for_client_certificates_only_for_x509(tmp_path: Path) -> No
                              private_key=str(server.key_path), require_client_cert=True),
     )
     assert required.client_auth == "require"
+
+
+def test_unprivileged_consumer_path_must_be_reachable() -> None:
+    """A world-readable file inside a root-only directory is still out of the consumer's reach."""
+    import shutil
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="ktlsd-reach-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        private = top / "private"
+        private.mkdir(mode=0o700)
+        secret = private / "cert.pem"
+        secret.write_text("not really a cert")
+        secret.chmod(0o644)
+        with pytest.raises(HandshakeError) as info:
+            UNPRIVILEGED.check_file(str(secret), "certificate file")
+        assert f"directory {private} is closed to it" in str(info.value)
+        private.chmod(0o755)
+        UNPRIVILEGED.check_file(str(secret), "certificate file")  # it could read it itself now
+        secret.chmod(0o600)
+        with pytest.raises(HandshakeError):
+            UNPRIVILEGED.check_file(str(secret), "certificate file")
+    finally:
+        shutil.rmtree(top)
