@@ -50,10 +50,8 @@ from tests.cli_peers import (
 from tests.peers import free_port
 from tests.pki import Authority, Issued
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl"),
-    pytest.mark.skipif(shutil.which("gnutls-cli") is None, reason="needs gnutls-bin"),
-]
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+needs_gnutls = pytest.mark.skipif(shutil.which("gnutls-cli") is None, reason="needs gnutls-bin")
 
 SUITES = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
 GNUTLS_CIPHER = {
@@ -175,6 +173,7 @@ def test_listen_for_openssl_client(pkis: dict[str, Pki], suite: str, auth: str) 
         assert peer.wait_exit() == 0, peer.stderr_text
 
 
+@needs_gnutls
 @pytest.mark.parametrize(("suite", "auth"), MATRIX)
 def test_connect_to_gnutls_server(pkis: dict[str, Pki], suite: str, auth: str) -> None:
     pki = pkis[auth]
@@ -193,6 +192,7 @@ def test_connect_to_gnutls_server(pkis: dict[str, Pki], suite: str, auth: str) -
             check_ktlsd_done(k, ex, suite=suite, peer="x509:CN=server,O=ktlsd tests")
 
 
+@needs_gnutls
 @pytest.mark.parametrize(("suite", "auth"), MATRIX)
 def test_listen_for_gnutls_client(
     pkis: dict[str, Pki], suite: str, auth: str, tmp_path: Path
@@ -240,6 +240,7 @@ def test_psk_listen_for_openssl_client() -> None:
         assert peer.wait_exit() == 0, peer.stderr_text
 
 
+@needs_gnutls
 def test_psk_connect_to_gnutls_server(tmp_path: Path) -> None:
     passwd = tmp_path / "psk.passwd"
     passwd.write_text(f"{PSK_IDENTITY}:{PSK_HEX}\n")
@@ -254,6 +255,7 @@ def test_psk_connect_to_gnutls_server(tmp_path: Path) -> None:
             assert s["suite"] in ("TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256")
 
 
+@needs_gnutls
 def test_psk_listen_for_gnutls_client(tmp_path: Path) -> None:
     k, port = start_ktlsd_listen(*PSK_ARGS, "--ciphers", "TLS_AES_128_GCM_SHA256")
     argv = ["gnutls-cli", "-p", str(port), "--priority", gnutls_priority(psk=True),
@@ -341,7 +343,10 @@ def test_key_updates_by_ktlsd_client_with_openssl_server(pkis: dict[str, Pki]) -
             assert peer.wait_exit() == 0, peer.stderr_text
 
 
-def test_key_updates_by_ktlsd_server_with_gnutls_client(pkis: dict[str, Pki], tmp_path) -> None:
+@needs_gnutls
+def test_key_updates_by_ktlsd_server_with_gnutls_client(
+    pkis: dict[str, Pki], tmp_path: Path
+) -> None:
     """ktlsd as server updates every 256 KiB it sends; GnuTLS follows and answers.
 
     Not more often: GnuTLS (3.7 and later, lib/tls13/key_update.c) fails the connection with
@@ -363,7 +368,7 @@ def test_key_updates_by_ktlsd_server_with_gnutls_client(pkis: dict[str, Pki], tm
         assert peer.wait_exit() == 0, peer.stderr_text
 
 
-def test_key_updates_by_ktlsd_with_tlslite(tmp_path) -> None:
+def test_key_updates_by_ktlsd_with_tlslite() -> None:
     """tlslite-ng (independent) follows ktlsd's SHA-384 KeyUpdates and answers the requests."""
     args = ["--psk-identity", SHA384_IDENTITY, "--psk", SHA384_KEY.hex(), "--psk-hash",
             "sha384", "--record-layer", "user", "--key-update-every", "256k"]  # fmt: skip
