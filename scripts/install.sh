@@ -13,7 +13,7 @@ want_test=0
 pkgs=(libssl3 openssl keyutils python3-venv)
 if [ "$want_test" = 1 ]; then
     pkgs+=(gnutls-bin)
-    pkgs+=(qemu-system-x86 qemu-utils debootstrap busybox-static e2fsprogs cpio xz-utils zstd)
+    bash testbed/install-host-deps.sh  # QEMU, debootstrap, busybox-static ... for the VM tests
 fi
 
 missing=()

@@ -51,7 +51,18 @@ def vm_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         pytest.fail(f"cannot build the test-bed guest: {exc}", pytrace=False)
     (results / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n" + run.format_report(report))
+    _REPORTS.append(run.format_report(report))
     return report
+
+
+_REPORTS: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Show the test bed's table (kernel, per-scenario results and figures) even without -s."""
+    for text in _REPORTS:
+        terminalreporter.section("real-kernel test bed report")
+        terminalreporter.write_line(text)
 
 
 @pytest.fixture
