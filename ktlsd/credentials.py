@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dh, dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from ktlsd.errors import FailureCause, HandshakeError
 
@@ -124,8 +124,6 @@ class X509Credentials:
 
     @classmethod
     def _checked(cls, chain: tuple[bytes, ...], key: object, where: str) -> X509Credentials:
-        if isinstance(key, (dh.DHPrivateKey, dsa.DSAPrivateKey)):
-            raise _missing(f"{where}: key type cannot sign TLS 1.3 handshakes")
         if not isinstance(
             key,
             (
@@ -135,7 +133,7 @@ class X509Credentials:
                 ed448.Ed448PrivateKey,
             ),
         ):
-            raise _missing(f"{where}: unsupported private key type")
+            raise _missing(f"{where}: key type cannot sign TLS 1.3 handshakes")
         leaf = x509.load_der_x509_certificate(chain[0])
         if _public_bytes(leaf.public_key()) != _public_bytes(key.public_key()):
             raise _missing(f"{where}: private key does not match the certificate")

@@ -36,14 +36,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import enum
 import hashlib
 import hmac
 import os
 import secrets
 import struct
+import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import ClassVar, Protocol
@@ -185,10 +187,22 @@ def ffdhe_prime(group: DhGroup) -> int:
     return 2**b - 2 ** (b - 64) + (_e_fixed_point(b - 130) + _FFDHE_X[b]) * 2**64 - 1
 
 
+@contextlib.contextmanager
+def _ffdh_allowed() -> Iterator[None]:
+    """DH-HMAC-CHAP is defined over the RFC 7919 finite-field groups, which `cryptography`
+    (50+) marks as deprecated; silence exactly that warning around our use of them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*Diffie-Hellman over finite fields.*", category=Warning
+        )
+        yield
+
+
 @cache
 def _dh_parameters(group: DhGroup) -> dh.DHParameters:
     p = ffdhe_prime(group)
-    return dh.DHParameterNumbers(p, 2, (p - 1) // 2).parameters()
+    with _ffdh_allowed():
+        return dh.DHParameterNumbers(p, 2, (p - 1) // 2).parameters()
 
 
 class _DhExchange:
@@ -196,8 +210,9 @@ class _DhExchange:
 
     def __init__(self, group: DhGroup) -> None:
         self.group = group
-        self._private = _dh_parameters(group).generate_private_key()
-        y = self._private.public_key().public_numbers().y
+        with _ffdh_allowed():
+            self._private = _dh_parameters(group).generate_private_key()
+            y = self._private.public_key().public_numbers().y
         self.public_value = y.to_bytes(group.size, "big")
 
     def session_key(self, peer_value: bytes) -> bytes:
@@ -208,8 +223,9 @@ class _DhExchange:
         y = int.from_bytes(peer_value, "big")
         if not 1 < y < p - 1:
             raise ValueError("DH public value out of range")
-        numbers = dh.DHPublicNumbers(y, _dh_parameters(self.group).parameter_numbers())
-        shared = self._private.exchange(numbers.public_key())
+        with _ffdh_allowed():
+            numbers = dh.DHPublicNumbers(y, _dh_parameters(self.group).parameter_numbers())
+            shared = self._private.exchange(numbers.public_key())
         return shared.rjust(self.group.size, b"\0")
 
     def __repr__(self) -> str:
