@@ -18,14 +18,14 @@ user space — the same code runs on both) and owns the post-handshake protocol:
 
 Answering a peer's ``update_requested`` (RFC 8446 §4.6.3): we must send a KeyUpdate of our own
 before our next application data record. The answer is *due* from the moment the request is
-read, and whoever next holds the transmit lock sends it: the writer before its next record,
-or the reader right away when no writer is busy and the socket has room. Several requests
-read before the answer goes out get a single answer, as §4.6.3 allows. One more case needs no
+read, and whoever next holds the transmit lock sends it: the writer before its next record, or
+the reader right away when no writer is busy and the socket has room. Several requests read
+before the answer goes out get a single answer, as §4.6.3 allows. One more case needs no
 answer: when our own KeyUpdate with ``update_requested`` is still unanswered and the peer's
-request arrives, the two crossed on the wire; the peer receives our KeyUpdate after sending its request, which
-fulfils it from the peer's point of view, and the peer's KeyUpdate fulfils ours. Answering
-anyway would be harmless, merely one more update. Lock-step is never at risk: each side
-moves its receive secret exactly once per KeyUpdate message it reads, whatever the timing.
+request arrives, the two crossed on the wire; the peer receives our KeyUpdate after sending its
+request, which fulfils it from the peer's point of view, and the peer's KeyUpdate fulfils ours.
+Answering anyway would be harmless, merely one more update. Lock-step is never at risk: each
+side moves its receive secret exactly once per KeyUpdate message it reads, whatever the timing.
 
 Structure: the protocol logic is a small sans-I/O core that turns events into a list of
 actions (``("send", content_type, bytes)`` or ``("call", fn)``); the blocking methods run the
