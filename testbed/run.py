@@ -53,6 +53,11 @@ def default_scenarios() -> list[str]:
         names.append("ktls-cli")
     if agent_run_available():
         names += ["nvme-tls-ktlsd", "nvme-failures-ktlsd", "nfs-tls-ktlsd"]
+        if (pkg / "keyupdate.py").exists() and (pkg / "client.py").exists():
+            names.append("keyupdate-agent")
+    for probe in ("dhchap", "host", "cli"):
+        if (PROJECT / "tests" / "nvme" / f"kernel_{probe}_probe.py").exists():
+            names.append(f"{probe}-probe")
     return names
 
 

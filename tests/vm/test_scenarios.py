@@ -92,3 +92,21 @@ def test_connect_times_side_by_side(vm_report: dict[str, object]) -> None:
     print("\n" + "\n".join(f"{k}: {v}" for k, v in comparison.items()))  # type: ignore[union-attr]
     for key in ("nvme-tls:connect_seconds_sha256", "nvme-tls:connect_seconds_sha384"):
         assert key in comparison, f"{key} missing: both nvme-tls runs must report it"
+
+
+def test_keyupdate_through_the_agent_on_ktls(scenario) -> None:
+    figures = assert_passed(scenario("keyupdate-agent"))
+    counts = figures["consumer_counts"]
+    assert counts["tx_rekeys"] > 0 and counts["rx_rekeys"] > 0
+    delta = figures["tls_stat_rekey_delta"]
+    assert delta["TlsTxRekeyOk"] == counts["tx_rekeys"]
+    assert delta["TlsRxRekeyOk"] == counts["rx_rekeys"]
+    assert delta["TlsRxRekeyReceived"] == counts["keyupdates_read"]
+    assert figures["unknown_session_status"] == "ENOKEY"
+
+
+@pytest.mark.parametrize("probe", ["dhchap", "host", "cli"])
+def test_nvme_toolkit_probe(scenario, probe: str) -> None:
+    figures = assert_passed(scenario(f"{probe}-probe"))
+    done, total = (int(x) for x in str(figures["cases_passed"]).split("/"))
+    assert total > 0 and done == total

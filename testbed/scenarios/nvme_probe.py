@@ -1,0 +1,51 @@
+"""Shared runner for the NVMe toolkit's guest-side probes (tests/nvme/kernel_*_probe.py).
+
+Each probe is a standalone script written for the test bed: it takes an output path, writes a
+JSON report (``passed`` and per-case entries) there and exits non-zero on failure. The
+``dhchap-probe``, ``host-probe`` and ``cli-probe`` scenarios run one each through
+:func:`run_probe`, which turns the probe's report into scenario figures and checks: the
+scenario passes only if the probe exited 0 *and* its report says passed, and every case
+shows up as a check so a failure names the case.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from testbed.scenarios.common import PROJECT, Scenario
+
+
+def run_probe(probe: str) -> None:
+    """Run ``tests/nvme/kernel_<probe>_probe.py`` and report its result as this scenario's."""
+    with Scenario() as sc:
+        script = PROJECT / "tests" / "nvme" / f"kernel_{probe}_probe.py"
+        out = sc.result_path.with_suffix(".out")
+        out.unlink(missing_ok=True)
+        started = time.monotonic()
+        # Output withheld from the log: the probes' reports may hold generated secrets (they
+        # stay in the guest's results directory, thrown away with the run).
+        proc = sc.sh(
+            [sys.executable, str(script), str(out)], check=False, timeout=170, secret_output=True
+        )
+        sc.figure("probe_seconds", round(time.monotonic() - started, 2))
+        sc.figure("probe_exit", proc.returncode)
+        sc.check(out.exists(), f"{script.name} wrote its report")
+        report = json.loads(out.read_text())
+        entries = report.get("cases") or report.get("checks") or []
+        passed = [e for e in entries if e.get("passed")]
+        sc.figure("cases_passed", f"{len(passed)}/{len(entries)}")
+        for key, value in (report.get("info") or {}).items():
+            if key in ("nvme_cli", "ktlsd_variant_used"):
+                sc.figure(key, value)
+        for e in entries:
+            name = e.get("case") or e.get("check")
+            sc.check(bool(e.get("passed")), f"probe case {name}", fatal=False)
+        sc.check(bool(entries), "the probe reported at least one case")
+        sc.check(
+            report.get("passed") is True and proc.returncode == 0,
+            f"{script.name}: report passed and exit 0 (exit {proc.returncode})",
+        )
