@@ -55,6 +55,8 @@ def default_scenarios() -> list[str]:
         names += ["nvme-tls-ktlsd", "nvme-failures-ktlsd", "nfs-tls-ktlsd"]
         if (pkg / "keyupdate.py").exists() and (pkg / "client.py").exists():
             names.append("keyupdate-agent")
+        if (pkg / "nvme" / "cli.py").exists():
+            names += ["nvme-keys", "nvme-concat"]
     for probe in ("dhchap", "host", "cli"):
         if (PROJECT / "tests" / "nvme" / f"kernel_{probe}_probe.py").exists():
             names.append(f"{probe}-probe")

@@ -40,7 +40,7 @@ def run_probe(probe: str) -> None:
         sc.figure("cases_passed", f"{len(passed)}/{len(entries)}")
         for key, value in (report.get("info") or {}).items():
             if key in ("nvme_cli", "ktlsd_variant_used"):
-                sc.figure(key, value)
+                sc.figure(key, " / ".join(str(value).splitlines()))
         for e in entries:
             name = e.get("case") or e.get("check")
             sc.check(bool(e.get("passed")), f"probe case {name}", fatal=False)

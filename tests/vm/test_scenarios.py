@@ -110,3 +110,18 @@ def test_nvme_toolkit_probe(scenario, probe: str) -> None:
     figures = assert_passed(scenario(f"{probe}-probe"))
     done, total = (int(x) for x in str(figures["cases_passed"]).split("/"))
     assert total > 0 and done == total
+
+
+def test_nvme_keys_made_by_ktlsd_work_with_the_kernel(scenario) -> None:
+    figures = assert_passed(scenario("nvme-keys"))
+    assert len(figures["connect_seconds"]) == 4
+    assert figures["bytes_verified"] == 4 * 2 * 1024 * 1024
+    comparison = figures["nvme_cli_comparison"]
+    assert all("compat same" in v for k, v in comparison.items() if k.endswith("identity"))
+    assert all("DIFFERENT" not in v for k, v in comparison.items() if k.endswith("insert"))
+
+
+def test_nvme_concat_with_ktlsd(scenario) -> None:
+    figures = assert_passed(scenario("nvme-concat"))
+    assert figures["agent_nvme1g_handshakes_first"] >= 2
+    assert figures["agent_nvme1g_handshakes_reconnect"] >= 2
