@@ -216,7 +216,7 @@ def start_ktlsd_listen(*args: str, name: str = "ktlsd-listen") -> tuple[Proc, in
     """``ktlsd listen 127.0.0.1:0 ...``; returns the process and the port it printed."""
     proc = Proc(ktlsd("listen", "127.0.0.1:0", *args), name=name)
     try:
-        m = proc.wait_stderr(r"listening on \S+:(\d+)")
+        m = proc.wait_stderr(r"listening on \S+:(\d+)\n")
     except BaseException:
         proc.close()
         raise

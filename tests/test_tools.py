@@ -213,7 +213,7 @@ def test_listen_count_two_typing_at_a_terminal(certs: Certs) -> None:
         os.close(slave)
         slave = -1
         with server:
-            port = int(server.wait_stderr(r"listening on \S+:(\d+)").group(1))
+            port = int(server.wait_stderr(r"listening on \S+:(\d+)\n").group(1))
             for n in (1, 2):
                 args = ["--ca", str(certs.ca.cert_path), "--record-layer", "user"]
                 with Proc(ktlsd("connect", f"127.0.0.1:{port}", *args)) as client:
@@ -246,7 +246,7 @@ def test_ipv6_loopback(certs: Certs) -> None:
     """``[::1]:PORT`` on both ends; the client checks the server's IP SAN ::1."""
     server = Proc(ktlsd("listen", "[::1]:0", *cert_args(certs.server), "--record-layer", "user"))
     with server:
-        port = int(server.wait_stderr(r"listening on \S+:(\d+)").group(1))
+        port = int(server.wait_stderr(r"listening on \S+:(\d+)\n").group(1))
         args = ["--ca", str(certs.ca.cert_path), "--record-layer", "user"]
         with Proc(ktlsd("connect", f"[::1]:{port}", *args)) as client:
             client.feed(b"over v6\n", close=True)
