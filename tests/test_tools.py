@@ -257,6 +257,26 @@ def test_ipv6_loopback(certs: Certs) -> None:
             assert status(client)["peer"] == "x509:CN=server,O=ktlsd tests"
 
 
+def test_dns_name_checked_by_default(certs: Certs) -> None:
+    """``connect localhost:PORT`` checks the server certificate's DNS SAN "localhost"."""
+    server, port = start_ktlsd_listen(*cert_args(certs.server))
+    with server:
+        server.close_stdin()
+        with Proc(ktlsd("connect", f"localhost:{port}", "--ca", str(certs.ca.cert_path))) as c:
+            c.close_stdin()
+            assert c.wait_exit() == 0, c.stderr_text
+            assert "peer=x509:CN=server" in c.stderr_text
+
+
+def test_quiet_hides_status_but_not_failures(certs: Certs) -> None:
+    server, client = run_pair(
+        cert_args(certs.server), ["--ca", str(certs.other_ca.cert_path), "-q"]
+    )
+    with server, client:
+        line = assert_clean_failure(client, "untrusted certificate")
+        assert client.stderr_text == line + "\n"  # nothing but the failure
+
+
 # --- refusals ------------------------------------------------------------------------------
 
 
