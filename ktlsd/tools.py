@@ -62,6 +62,11 @@ def _add_tls_options(p: argparse.ArgumentParser, *, server: bool) -> None:
         "identity and TLS PSK are derived from --hostnqn/--subsysnqn unless --psk-identity "
         "is given)",
     )
+    g.add_argument(
+        "--psk-file", metavar="PATH",
+        help="read the PSK (hex or an NVMe interchange string) from PATH instead of the command "
+        "line, where `ps` and shell history would show it",
+    )
     g.add_argument("--psk-hash", choices=("sha256", "sha384"), help="hash the PSK is bound to")
     g.add_argument("--hostnqn", help="host NQN, for an NVMe interchange PSK")
     g.add_argument("--subsysnqn", help="subsystem NQN, for an NVMe interchange PSK")
@@ -179,12 +184,26 @@ def parse_address(text: str, *, default_host: str | None = None) -> tuple[str, i
 # --- configuration -------------------------------------------------------------------------
 
 
+def _psk_text(args: argparse.Namespace) -> str | None:
+    if args.psk and args.psk_file:
+        raise UsageError("--psk and --psk-file exclude each other")
+    if args.psk_file:
+        try:
+            with open(args.psk_file, encoding="ascii") as f:
+                return f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
+            raise UsageError(f"--psk-file {args.psk_file}: {reason}") from None
+    return args.psk
+
+
 def _psk_key(args: argparse.Namespace) -> PskKey | None:
-    if not args.psk:
+    psk_text = _psk_text(args)
+    if not psk_text:
         if args.psk_identity:
-            raise UsageError("--psk-identity needs --psk")
+            raise UsageError("--psk-identity needs --psk or --psk-file")
         return None
-    text = args.psk.strip()
+    text = psk_text.strip()
     if text.startswith("NVMeTLSkey-1:"):
         from ktlsd.nvme import keys as nvme_keys
 

@@ -387,13 +387,35 @@ def test_unreadable_certificate_file(tmp_path: Path, certs: Certs) -> None:
     [
         ("xyz", "neither hex nor an NVMeTLSkey-1 string"),
         ("NVMeTLSkey-1:01:AAAA:", "--psk:"),
-        ("", "--psk-identity needs --psk"),
+        ("", "--psk-identity needs --psk or --psk-file"),
     ],
 )
 def test_bad_psk_string(psk: str, message: str) -> None:
     args = ["--psk-identity", "host1"] + (["--psk", psk] if psk else [])
     with Proc(ktlsd("connect", "127.0.0.1:9", *args), name="connect") as proc:
         assert_clean_failure(proc, message, rc=2)
+
+
+def test_psk_from_a_file(tmp_path: Path) -> None:
+    """--psk-file keeps the key off the command line (ps, shell history); hex or NVMe string."""
+    hexfile = tmp_path / "psk.hex"
+    hexfile.write_text(PSK_HEX + "\n")
+    nvmefile = tmp_path / "psk.nvme"
+    nvmefile.write_text(nvme_keys.format_interchange(bytes.fromhex(PSK_HEX), 1) + "\n")
+    nvme = ["--hostnqn", HOSTNQN, "--subsysnqn", SUBSYSNQN]
+    for key_args in (["--psk-identity", "host1", "--psk-file", str(hexfile)],
+                     ["--psk-file", str(nvmefile), *nvme]):
+        server, client = run_pair(key_args, key_args, data=True)
+        with server, client:
+            assert client.wait_exit() == 0, client.stderr_text
+            assert server.wait_exit() == 0, server.stderr_text
+            assert int(status(client)["received"]) == MIB
+    with Proc(ktlsd("connect", "127.0.0.1:9", "--psk-file", str(tmp_path / "absent")),
+              name="connect") as proc:
+        assert_clean_failure(proc, "--psk-file", rc=2)
+    with Proc(ktlsd("connect", "127.0.0.1:9", "--psk", PSK_HEX, "--psk-file", str(hexfile)),
+              name="connect") as proc:
+        assert_clean_failure(proc, "exclude each other", rc=2)
 
 
 def test_nvme_psk_without_nqns() -> None:
