@@ -149,7 +149,7 @@ class UserLayerInstaller:
         return self.sock.fileno()
 
     def wire_bytes(self, message: bytes) -> bytes:
-        sealed = self._layer._seal(message, CONTENT_TYPE_HANDSHAKE)  # one record, not sent
+        sealed = self._layer.seal(message, CONTENT_TYPE_HANDSHAKE)  # one record, not sent
         assert sealed is not None
         return sealed
 

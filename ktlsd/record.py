@@ -410,7 +410,13 @@ class UserRecordLayer(RecordLayer):
 
     # -- TX ------------------------------------------------------------------------------
 
-    def _seal(self, data: bytes, content_type: int) -> bytes | None:
+    def seal(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> bytes | None:
+        """Protect ``data`` as the next record and return its wire bytes without sending them
+        (the TX sequence number advances); None for empty data, which kTLS would not send.
+
+        For callers that must write the record themselves, e.g. the agent sending a KeyUpdate
+        on a consumer's socket without blocking its event loop.
+        """
         self._check_writable()
         _check_send(data, content_type)
         if not data:
@@ -418,14 +424,14 @@ class UserRecordLayer(RecordLayer):
         return self._tx.seal(content_type, data)
 
     def send(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> None:
-        wire = self._seal(data, content_type)
+        wire = self.seal(data, content_type)
         if wire is not None:
             self._sock.sendall(wire)
 
     async def asend(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> None:
         _require_nonblocking(self._sock)
         async with self._lock():
-            wire = self._seal(data, content_type)
+            wire = self.seal(data, content_type)
             if wire is not None:
                 await asyncio.get_running_loop().sock_sendall(self._sock, wire)
 
