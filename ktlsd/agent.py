@@ -391,6 +391,11 @@ class Agent:
             # secret advances exactly once per update.
             owner = _owner(pending)
             state = self.store.load(request.session_id, owner)
+            if request.forget_session:  # the consumer's connection ended
+                self.store.drop(request.session_id)
+                # The answer carries the last kept state (the owner's own secrets), as every
+                # successful service DONE does; session id 0: nothing is kept any more.
+                return HandshakeDone(status=0, sockfd=request.sockfd, session=state), None
             plan = plan_key_update(
                 state, request.message_type, request.key_update_type,
                 request_peer=request.request_peer_update,

@@ -384,11 +384,39 @@ async def key_update(
     return await submit_request(sock, request, service_path=service_path)
 
 
+async def forget_session(
+    sock: socket.socket | int,
+    *,
+    role: RoleName | Role,
+    session_id: int,
+    timeout: float | None = None,
+    service_path: PathLike | None = None,
+) -> HandshakeDone:
+    """Tell the agent the connection of ``session_id`` is ending: it drops the session's kept
+    secrets at once instead of at the end of their lifetime. Call it before closing ``sock``
+    (the request travels with the socket, like every request). Status 0, or ENOKEY when the
+    session was already gone."""
+    which = _role(role)
+    if session_id <= 0:
+        raise ValueError("session_id must be the positive id returned by the handshake")
+    request = HandshakeRequest(
+        sockfd=-1,
+        message_type=(MessageType.CLIENTKEYUPDATE if which is Role.CLIENT
+                      else MessageType.SERVERKEYUPDATE),
+        auth_mode=AuthMode.PSK,
+        timeout_ms=round(timeout * 1000) if timeout is not None else DEFAULT_TIMEOUT_MS,
+        session_id=session_id,
+        forget_session=True,
+    )
+    return await submit_request(sock, request, service_path=service_path)
+
+
 __all__ = [
     "HandshakeFailed",
     "build_request",
     "connection_from_done",
     "default_service_path",
+    "forget_session",
     "handshake",
     "key_update",
     "submit",

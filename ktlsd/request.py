@@ -117,6 +117,9 @@ class HandshakeRequest:
     # consumer's current record numbers (tx, rx) so the agent can protect the KeyUpdate.
     request_peer_update: bool = False
     record_seqs: tuple[int, int] | None = None
+    # The consumer's connection ended: forget the kept session ``session_id`` (service only;
+    # the kernel has no teardown upcall, so kernel sessions end with their lifetime).
+    forget_session: bool = False
 
     @property
     def effective_timeout_ms(self) -> int:

@@ -48,6 +48,8 @@ numbers >= 100) carry the :class:`~ktlsd.request.InlineMaterial`:
 109    REQUEST_PEER_UPDATE    u32 0/1 (KeyUpdate requests: ask the peer to update too)
 110    RECORD_SEQS            u64 tx, u64 rx: the consumer's user-space record layer's next
                               record numbers (KeyUpdate requests)
+111    FORGET_SESSION         u32 0/1 (with a KeyUpdate message type and session-id: the
+                              connection ended, drop the kept session)
 =====  =====================  ==========================================================
 
 DONE (service → consumer) carries the kernel's DONE attributes
@@ -180,6 +182,7 @@ class SubmitAttr(enum.IntEnum):
     REQUIRE_CLIENT_CERT = 108
     REQUEST_PEER_UPDATE = 109
     RECORD_SEQS = 110
+    FORGET_SESSION = 111
 
 
 class PskAttr(enum.IntEnum):
@@ -268,6 +271,8 @@ def encode_submit(request: HandshakeRequest, *, seq: int = 0) -> bytes:
     if request.record_seqs is not None:
         tx, rx = request.record_seqs
         extra.append((SubmitAttr.RECORD_SEQS, struct.pack("=QQ", tx, rx)))
+    if request.forget_session:
+        extra.append((SubmitAttr.FORGET_SESSION, u32(1)))
     attrs += encode_attrs(extra)
     message = _frame(ServiceCommand.SUBMIT, attrs, seq)
     if len(message) > MAX_MESSAGE_SIZE:
@@ -330,6 +335,8 @@ def decode_submit(data: bytes, sockfd: int) -> tuple[int, HandshakeRequest]:
                     raise NetlinkFormatError(f"record-seqs: expected 16 bytes, got {len(payload)}")
                 tx, rx = struct.unpack("=QQ", payload)
                 request.record_seqs = (tx, rx)
+            elif attr_type == SubmitAttr.FORGET_SESSION:
+                request.forget_session = as_u32(payload, "forget-session") != 0
     except NetlinkFormatError as exc:
         raise ServiceFormatError(f"bad attribute: {exc}") from None
     if request.message_type is MessageType.UNSPEC:
@@ -343,7 +350,7 @@ def decode_submit(data: bytes, sockfd: int) -> tuple[int, HandshakeRequest]:
     return seq, request
 
 
-_REQUEST_ATTRS = (SubmitAttr.REQUEST_PEER_UPDATE, SubmitAttr.RECORD_SEQS)
+_REQUEST_ATTRS = (SubmitAttr.REQUEST_PEER_UPDATE, SubmitAttr.RECORD_SEQS, SubmitAttr.FORGET_SESSION)
 
 
 def _decode_inline(parsed: list[Attribute]) -> InlineMaterial | None:

@@ -728,3 +728,31 @@ def test_a_session_dropped_while_its_update_waits_still_gets_the_new_secrets(
                 assert again.status == errno.ENOKEY
 
     run(main())
+
+
+def test_a_consumer_can_forget_its_session_when_the_connection_ends(
+    sock_path: str, store: SessionStore
+) -> None:
+    """forget_session drops the kept secrets at once (not after the lifetime); only the
+    session's owner may do it, and afterwards the id is unknown (ENOKEY)."""
+    from ktlsd.client import forget_session
+
+    async def main() -> None:
+        async with running_agent(sock_path, store=store):
+            a, b = tcp_pair()
+            with a, b:
+                pair = await kernel_style_pair(sock_path, a, b)
+                sid = pair.consumer.session_id
+                assert keyring.describe_key(sid).description.startswith("ktlsd:session:")
+                done = await forget_session(a, role="client", session_id=sid,
+                                            service_path=sock_path)
+                assert done.status == 0, done.reason
+                with pytest.raises(keyring.KeyringError):
+                    keyring.describe_key(sid)
+                again = await forget_session(a, role="client", session_id=sid,
+                                             service_path=sock_path)
+                assert again.status == errno.ENOKEY
+                done = await pair.consumer.update(KeyUpdateType.SEND)
+                assert done.status == errno.ENOKEY, done.reason
+
+    run(main())
