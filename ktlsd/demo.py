@@ -202,10 +202,14 @@ async def _pair(
 
 
 async def _run(args: argparse.Namespace, workdir: Path) -> list[Outcome]:
+    from ktlsd import keyring
     from ktlsd.agent import Agent, AgentSettings
     from ktlsd.nvme import keys as nvme_keys
     from ktlsd.service import HandshakeService
 
+    # A private session keyring, as `ktlsd run` uses: the kept session states live there and
+    # vanish with this process instead of lingering in the caller's keyring.
+    keyring.join_session_keyring(None)
     pki = _write_pki(workdir)
     service_path = str(workdir / "handshake.sock")
     service = HandshakeService(service_path, mode=0o600)
