@@ -32,7 +32,7 @@ import errno
 import os
 import socket
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ktlsd.request import (
     DEFAULT_TIMEOUT_MS,
@@ -352,6 +352,24 @@ def connection_from_done(
     return TlsConnection(layer, done.session)
 
 
+def _session_request(
+    role: RoleName | Role, session_id: int, timeout: float | None, **fields: Any
+) -> HandshakeRequest:
+    """A request about a kept session (key update or forget), as the proposed kernel
+    ``clientkeyupdate``/``serverkeyupdate`` upcall carries it."""
+    if session_id <= 0:
+        raise ValueError("session_id must be the positive id returned by the handshake")
+    return HandshakeRequest(
+        sockfd=-1,
+        message_type=(MessageType.CLIENTKEYUPDATE if _role(role) is Role.CLIENT
+                      else MessageType.SERVERKEYUPDATE),
+        auth_mode=AuthMode.PSK,
+        timeout_ms=round(timeout * 1000) if timeout is not None else DEFAULT_TIMEOUT_MS,
+        session_id=session_id,
+        **fields,
+    )
+
+
 async def key_update(
     sock: socket.socket | int,
     *,
@@ -367,19 +385,9 @@ async def key_update(
     handshake), as the proposed kernel key-update upcall does. For a user-space record layer
     pass its ``record_seqs`` (next tx, rx record numbers); the DONE's session carries the
     new secrets to install."""
-    which = _role(role)
-    if session_id <= 0:
-        raise ValueError("session_id must be the positive id returned by the handshake")
-    request = HandshakeRequest(
-        sockfd=-1,
-        message_type=(MessageType.CLIENTKEYUPDATE if which is Role.CLIENT
-                      else MessageType.SERVERKEYUPDATE),
-        auth_mode=AuthMode.PSK,
-        timeout_ms=round(timeout * 1000) if timeout is not None else DEFAULT_TIMEOUT_MS,
-        key_update_type=key_update_type,
-        session_id=session_id,
-        request_peer_update=request_peer_update,
-        record_seqs=record_seqs,
+    request = _session_request(
+        role, session_id, timeout, key_update_type=key_update_type,
+        request_peer_update=request_peer_update, record_seqs=record_seqs,
     )
     return await submit_request(sock, request, service_path=service_path)
 
@@ -396,18 +404,7 @@ async def forget_session(
     secrets at once instead of at the end of their lifetime. Call it before closing ``sock``
     (the request travels with the socket, like every request). Status 0, or ENOKEY when the
     session was already gone."""
-    which = _role(role)
-    if session_id <= 0:
-        raise ValueError("session_id must be the positive id returned by the handshake")
-    request = HandshakeRequest(
-        sockfd=-1,
-        message_type=(MessageType.CLIENTKEYUPDATE if which is Role.CLIENT
-                      else MessageType.SERVERKEYUPDATE),
-        auth_mode=AuthMode.PSK,
-        timeout_ms=round(timeout * 1000) if timeout is not None else DEFAULT_TIMEOUT_MS,
-        session_id=session_id,
-        forget_session=True,
-    )
+    request = _session_request(role, session_id, timeout, forget_session=True)
     return await submit_request(sock, request, service_path=service_path)
 
 
