@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from pki import Authority
 
 from ktlsd.credentials import X509Credentials
-from ktlsd.handshake import PskKey, TlsConfig, perform_handshake
-from ktlsd.session import Role
+from ktlsd.tls.handshake import PskKey, TlsConfig, perform_handshake
+from ktlsd.tls.session import Role
 
 
 def tcp_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:

@@ -20,9 +20,9 @@ import time
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from ktlsd.connection import TlsConnection
-from ktlsd.record import UserRecordLayer
-from ktlsd.session import CipherSuite, Role, Session
+from ktlsd.tls.connection import TlsConnection
+from ktlsd.tls.record import UserRecordLayer
+from ktlsd.tls.session import CipherSuite, Role, Session
 
 BLOB = 1 << 20
 RECORD = 1 << 14

@@ -2,9 +2,9 @@
 
 The flow of one request reads off the module list:
 
-upcall source (:mod:`ktlsd.netlink`, :mod:`ktlsd.service`) → :mod:`ktlsd.request` →
-:mod:`ktlsd.handshake` (over :mod:`ktlsd._openssl`) → :mod:`ktlsd.session` →
-record layer (:mod:`ktlsd.ktls`, :mod:`ktlsd.record`, :mod:`ktlsd.connection`) → DONE.
+upcall source (:mod:`ktlsd.upcall.netlink`, :mod:`ktlsd.upcall.service`) → :mod:`ktlsd.request` →
+:mod:`ktlsd.tls.handshake` (over :mod:`ktlsd.tls._openssl`) → :mod:`ktlsd.tls.session` →
+record layer (:mod:`ktlsd.tls.ktls`, :mod:`ktlsd.tls.record`, :mod:`ktlsd.tls.connection`) → DONE.
 """
 
 __version__ = "0.1.0"

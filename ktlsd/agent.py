@@ -13,7 +13,7 @@ kernel's ``handshake`` family, the user-space handshake service) on one asyncio 
 
 After a successful handshake a kernel consumer's socket gets the session keys installed into
 kTLS before DONE (the kernel then owns the encrypted connection); a user-space consumer gets
-the :class:`~ktlsd.session.Session` back in DONE and runs a record layer itself.
+the :class:`~ktlsd.tls.session.Session` back in DONE and runs a record layer itself.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 from ktlsd import keyring
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.handshake import perform_handshake
 from ktlsd.keyupdate import (
     KeyInstaller,
     KtlsInstaller,
@@ -48,8 +47,9 @@ from ktlsd.request import (
     PendingRequest,
     UpcallSource,
 )
-from ktlsd.session import Role, Session
 from ktlsd.session_store import KERNEL_OWNER, SessionStore
+from ktlsd.tls.handshake import perform_handshake
+from ktlsd.tls.session import Role, Session
 
 log = logging.getLogger("ktlsd")
 
@@ -529,7 +529,7 @@ def _remote_auth(session: Session) -> tuple[int, ...]:
 
 def _install_ktls(sock: socket.socket, session: Session) -> None:
     """Hand the connection to kTLS: attach the ULP and install both directions' keys."""
-    from ktlsd import ktls
+    from ktlsd.tls import ktls
 
     try:
         ktls.attach_ulp(sock)

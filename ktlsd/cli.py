@@ -15,10 +15,10 @@ from ktlsd import __version__
 
 COMMAND_MODULES: tuple[str, ...] = (
     "ktlsd.daemon",  # run
-    "ktlsd.demo",  # demo
-    "ktlsd.tools",  # connect, listen
+    "ktlsd.commands.demo",  # demo
+    "ktlsd.commands.tools",  # connect, listen
     "ktlsd.nvme.cli",  # nvme gen-tls-key, check-tls-key, gen-dhchap-key
-    "ktlsd.doctor",  # doctor
+    "ktlsd.commands.doctor",  # doctor
 )
 
 

@@ -8,11 +8,11 @@ back a connection ready for application data::
     await conn.asend(b"hello")
 
 This is the user-space twin of what the kernel's ``tls_client_hello_x509()`` and friends do:
-the socket is lent to the agent (passed over the service socket, see :mod:`ktlsd.service`
+the socket is lent to the agent (passed over the service socket, see :mod:`ktlsd.upcall.service`
 for the wire protocol), the agent runs the handshake on it, and the answer comes back as a
 :class:`~ktlsd.request.HandshakeDone` with the status the kernel would report (``EAGAIN``,
 ``EBUSY``, ``ESRCH``, ``EACCES``, ``EKEYREJECTED``, ``ETIMEDOUT``, ``EIO``, ``ENOKEY``, ...).
-On success the DONE carries the :class:`~ktlsd.session.Session`, from which
+On success the DONE carries the :class:`~ktlsd.tls.session.Session`, from which
 :func:`handshake` builds the record layer (kTLS where it works, else the user-space one).
 
 While a request is outstanding the caller must not touch the socket. Cancelling the
@@ -44,7 +44,8 @@ from ktlsd.request import (
     KeyUpdateType,
     MessageType,
 )
-from ktlsd.service import (
+from ktlsd.tls.session import Role
+from ktlsd.upcall.service import (
     DEFAULT_SERVICE_PATH,
     ServiceFormatError,
     connect_service,
@@ -53,10 +54,9 @@ from ktlsd.service import (
     recv_message,
     send_message,
 )
-from ktlsd.session import Role
 
 if TYPE_CHECKING:
-    from ktlsd.connection import TlsConnection
+    from ktlsd.tls.connection import TlsConnection
 
 ANSWER_GRACE_SECONDS = 5.0
 """How much longer than the handshake timeout the consumer waits for DONE (queueing,
@@ -93,7 +93,7 @@ class HandshakeFailed(OSError):
 
 
 def default_service_path() -> str:
-    """``$KTLSD_SERVICE_PATH`` if set, else :data:`~ktlsd.service.DEFAULT_SERVICE_PATH`."""
+    """``$KTLSD_SERVICE_PATH`` if set, else :data:`~ktlsd.upcall.service.DEFAULT_SERVICE_PATH`."""
     return os.environ.get("KTLSD_SERVICE_PATH") or DEFAULT_SERVICE_PATH
 
 
@@ -344,8 +344,8 @@ def connection_from_done(
         raise HandshakeFailed(done.status, done.reason)
     if done.session is None:
         raise HandshakeFailed(errno.EIO, "the handshake service sent no session")
-    from ktlsd.connection import TlsConnection
-    from ktlsd.record import open_record_layer
+    from ktlsd.tls.connection import TlsConnection
+    from ktlsd.tls.record import open_record_layer
 
     sock.setblocking(False)
     layer = open_record_layer(sock, done.session, record_layer)

@@ -4,7 +4,7 @@ The material arrives in two shapes: PEM files named in the configuration (like t
 ``x509.certificate`` / ``x509.private_key``), or DER blobs as the Linux keyrings hold them (the
 kernel passes key serials of an ``asymmetric``/``x509`` certificate and its private key). Both
 are normalised here to DER certificates, leaf first, and a PKCS#8 DER private key, so the
-OpenSSL edge (:mod:`ktlsd._openssl`) only ever parses one format.
+OpenSSL edge (:mod:`ktlsd.tls._openssl`) only ever parses one format.
 
 Every problem with the material is reported as ``HandshakeError(MISSING_MATERIAL, ...)``: from
 the consumer's point of view the handshake cannot start because a key or certificate is absent

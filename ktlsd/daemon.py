@@ -81,7 +81,7 @@ async def open_sources(config: AgentConfig) -> list[UpcallSource]:
     """The upcall sources the configuration asks for; a clear error when a required one fails."""
     sources: list[UpcallSource] = []
     if config.kernel != "no":
-        from ktlsd.kernel_source import KernelSource, KernelSourceError
+        from ktlsd.upcall.kernel import KernelSource, KernelSourceError
 
         try:
             sources.append(KernelSource.open())
@@ -91,7 +91,7 @@ async def open_sources(config: AgentConfig) -> list[UpcallSource]:
                 raise SystemExit(f"ktlsd: {exc}") from None
             log.info("kernel upcalls not served: %s", exc)
     if config.service_socket:
-        from ktlsd.service import HandshakeService
+        from ktlsd.upcall.service import HandshakeService
 
         service = HandshakeService(
             config.service_socket,

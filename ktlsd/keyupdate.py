@@ -31,12 +31,12 @@ import socket
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from ktlsd import ktls
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.keyschedule import encode_key_update
 from ktlsd.request import KeyUpdateType, MessageType
-from ktlsd.session import CipherSuite, Role, Session
 from ktlsd.session_store import advanced
+from ktlsd.tls import ktls
+from ktlsd.tls.keyschedule import encode_key_update
+from ktlsd.tls.session import CipherSuite, Role, Session
 
 CONTENT_TYPE_HANDSHAKE = 22
 
@@ -138,7 +138,7 @@ class UserLayerInstaller:
     """
 
     def __init__(self, sock: socket.socket, state: Session, record_seqs: tuple[int, int]) -> None:
-        from ktlsd.record import UserRecordLayer
+        from ktlsd.tls.record import UserRecordLayer
 
         self.sock = sock
         self._layer = UserRecordLayer(

@@ -3,7 +3,7 @@
 A :class:`~ktlsd.request.HandshakeRequest` names its material indirectly: PSK key serials,
 certificate/private-key serials, or nothing (then the configured files apply, as in tlshd).
 User-space consumers may pass keys and certificates inline instead. :func:`build_tls_config`
-resolves all of that into the engine's :class:`~ktlsd.handshake.TlsConfig`, raising
+resolves all of that into the engine's :class:`~ktlsd.tls.handshake.TlsConfig`, raising
 :class:`~ktlsd.errors.HandshakeError` with ``MISSING_MATERIAL`` (ENOKEY) or
 ``INVALID_REQUEST`` (EINVAL) when something is absent or unusable.
 
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from ktlsd import keyring
 from ktlsd.credentials import X509Credentials
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.handshake import PskKey, TlsConfig
 from ktlsd.request import AuthMode, HandshakeRequest, InlineMaterial, MessageType
-from ktlsd.session import CipherSuite, Role
+from ktlsd.tls.handshake import PskKey, TlsConfig
+from ktlsd.tls.session import CipherSuite, Role
 
 PSK_KEY_TYPE = "psk"
 PSK_KEY_TYPES = ("psk", "user")  # kernel consumers use "psk"; programs may use "user" keys

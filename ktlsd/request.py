@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ktlsd.session import Session
+from ktlsd.tls.session import Session
 
 
 class HandlerClass(enum.IntEnum):

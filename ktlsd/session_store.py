@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 from ktlsd import keyring
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.session import CipherSuite, Role, Session
+from ktlsd.tls.session import CipherSuite, Role, Session
 
 KEY_TYPE = "user"
 DESCRIPTION_PREFIX = "ktlsd:session:"
@@ -164,7 +164,7 @@ def _short(exc: Exception) -> str:
 
 def advanced(session: Session, *, client: bool = False, server: bool = False) -> Session:
     """``session`` with the chosen directions moved to their next traffic secret."""
-    from ktlsd.keyschedule import next_traffic_secret
+    from ktlsd.tls.keyschedule import next_traffic_secret
 
     out = session
     if client:

@@ -25,42 +25,33 @@ from testbed import vm
 PROJECT = Path(__file__).resolve().parent.parent
 SCENARIO_DIR = PROJECT / "testbed" / "scenarios"
 
-#: The default list: everything that can run today. ``ktls-python`` joins when ktlsd/ktls.py
-#: exists; the ``-ktlsd`` variants when ``ktlsd run`` exists (see docs/testbed.md).
 #: Extra boots allowed after a guest kernel crash (reported in the report's ``boots``).
 BOOT_RETRIES = 1
 
-BASE_SCENARIOS: tuple[str, ...] = (
+#: Every scenario, in run order. The list is fixed: a scenario is never dropped because a
+#: file moved (an earlier version sniffed the tree for modules and would have).
+DEFAULT_SCENARIOS: tuple[str, ...] = (
     "kernel-facts",
     "nvme-tls-tlshd",
     "nvme-failures-tlshd",
     "nfs-tls-tlshd",
+    "ktls-python",
+    "ktls-cli",
+    "nvme-tls-ktlsd",
+    "nvme-failures-ktlsd",
+    "nfs-tls-ktlsd",
+    "keyupdate-agent",
+    "nvme-keys",
+    "nvme-concat",
+    "dhchap-probe",
+    "host-probe",
+    "cli-probe",
 )
 
 
 def default_scenarios() -> list[str]:
-    """The scenarios that can run with the tree as it is.
-
-    ``ktls-python`` needs ktlsd/record.py and ktlsd/ktls.py, ``ktls-cli`` ktlsd/tools.py;
-    the ``-ktlsd`` variants of the agent scenarios need ``ktlsd run`` (the agent's command
-    line), which is detected by ktlsd/cli.py mentioning a module that registers ``run``.
-    """
-    names = list(BASE_SCENARIOS)
-    pkg = PROJECT / "ktlsd"
-    if (pkg / "ktls.py").exists() and (pkg / "record.py").exists():
-        names.append("ktls-python")
-    if (pkg / "tools.py").exists():
-        names.append("ktls-cli")
-    if agent_run_available():
-        names += ["nvme-tls-ktlsd", "nvme-failures-ktlsd", "nfs-tls-ktlsd"]
-        if (pkg / "keyupdate.py").exists() and (pkg / "client.py").exists():
-            names.append("keyupdate-agent")
-        if (pkg / "nvme" / "cli.py").exists():
-            names += ["nvme-keys", "nvme-concat"]
-    for probe in ("dhchap", "host", "cli"):
-        if (PROJECT / "tests" / "nvme" / f"kernel_{probe}_probe.py").exists():
-            names.append(f"{probe}-probe")
-    return names
+    """The scenarios a plain run boots for (all of them)."""
+    return list(DEFAULT_SCENARIOS)
 
 
 def scenario_exists(name: str) -> bool:
@@ -72,17 +63,6 @@ def scenario_exists(name: str) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def agent_run_available() -> bool:
-    """True if ``ktlsd run`` exists (some command module registers a ``run`` sub-command)."""
-    import re
-
-    for path in (PROJECT / "ktlsd").rglob("*.py"):
-        text = path.read_text(errors="replace")
-        if re.search(r"add_parser\(\s*[\"']run[\"']", text):
-            return True
-    return False
 
 
 def run(

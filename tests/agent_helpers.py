@@ -3,7 +3,7 @@ TCP pairs, a gated relay (a deliberately slow network) and a secret scanner for 
 
 Everything here drives real components: a child ``python -m ktlsd run`` whose stderr is
 collected line by line, the real :class:`~ktlsd.agent.Agent` over the real
-:class:`~ktlsd.service.HandshakeService`, loopback TCP sockets.
+:class:`~ktlsd.upcall.service.HandshakeService`, loopback TCP sockets.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 
 from ktlsd.agent import Agent, AgentSettings
 from ktlsd.request import HandshakeDone, HandshakeRequest
-from ktlsd.service import HandshakeService, PeerCredentials
 from ktlsd.session_store import SessionStore
+from ktlsd.upcall.service import HandshakeService, PeerCredentials
 
 REPO = Path(__file__).resolve().parent.parent
 HANDSHAKE_LINE = re.compile(r"ktlsd: \w+ handshake (?P<fields>.*)$")

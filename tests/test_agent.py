@@ -28,8 +28,8 @@ from ktlsd import keyring
 from ktlsd.agent import Agent, AgentSettings
 from ktlsd.client import submit
 from ktlsd.request import AuthMode, HandshakeDone, HandshakeRequest, KeyUpdateType, MessageType
-from ktlsd.service import HandshakeService
 from ktlsd.session_store import POSSESSOR_ONLY, SessionStore
+from ktlsd.upcall.service import HandshakeService
 from tests.agent_helpers import (
     REPO,
     DirectRequest,
@@ -510,7 +510,7 @@ def test_sessions_are_kept_for_key_updates_only_when_configured(
             settings = AgentSettings(keep_sessions=keep, session_lifetime=60)
             service_path = f"{sock_path}.{keep}"
             from ktlsd.agent import Agent
-            from ktlsd.service import HandshakeService
+            from ktlsd.upcall.service import HandshakeService
 
             service = HandshakeService(service_path)
             await service.start()

@@ -30,11 +30,11 @@ from ktlsd.client import (
     submit,
     submit_request,
 )
-from ktlsd.connection import TlsConnection
-from ktlsd.record import open_record_layer
 from ktlsd.request import AuthMode, HandshakeDone, MessageType
-from ktlsd.service import HandshakeService
-from ktlsd.session import CipherSuite, Role
+from ktlsd.tls.connection import TlsConnection
+from ktlsd.tls.record import open_record_layer
+from ktlsd.tls.session import CipherSuite, Role
+from ktlsd.upcall.service import HandshakeService
 from tests.peers import openssl_server
 from tests.pki import Authority
 

@@ -3,7 +3,7 @@
 Two connections talk through a real TCP loopback relay (or a socket pair) that records every
 byte each way; the lock-step tests decrypt that capture with keys the test derives itself
 from the initial secrets (its own HKDF-Expand-Label on ``cryptography``), independently of
-:mod:`ktlsd.keyschedule`, following each KeyUpdate it sees in the plaintext.
+:mod:`ktlsd.tls.keyschedule`, following each KeyUpdate it sees in the plaintext.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from tlslite.api import HandshakeSettings, TLSConnection, X509CertChain, parsePEMKey
 
-from ktlsd.connection import (
+from ktlsd.tls.connection import (
     DEFAULT_REKEY_AFTER_RECORDS,
     TlsConnection,
     TlsProtocolError,
 )
-from ktlsd.record import AlertReceived, UserRecordLayer
-from ktlsd.session import CipherSuite, Role, Session
+from ktlsd.tls.record import AlertReceived, UserRecordLayer
+from ktlsd.tls.session import CipherSuite, Role, Session
 
 AES128 = CipherSuite.TLS_AES_128_GCM_SHA256
 AES256 = CipherSuite.TLS_AES_256_GCM_SHA384

@@ -24,17 +24,17 @@ import pytest
 
 from ktlsd import keyring
 from ktlsd.client import connection_from_done, key_update, submit
-from ktlsd.netlink import AcceptAttr
-from ktlsd.nlattr import encode_attr, encode_genl, u32
 from ktlsd.request import KeyUpdateType
-from ktlsd.service import (
+from ktlsd.tls.session import Session
+from ktlsd.upcall.netlink import AcceptAttr
+from ktlsd.upcall.nlattr import encode_attr, encode_genl, u32
+from ktlsd.upcall.service import (
     MAX_MESSAGE_SIZE,
     connect_service,
     decode_done_message,
     recv_message,
     send_message,
 )
-from ktlsd.session import Session
 from tests.agent_helpers import (
     AgentProcess,
     GatedRelay,
@@ -364,7 +364,7 @@ def test_no_secret_reaches_the_debug_log_of_a_full_run(tmp_path: Path) -> None:
                               db: Any) -> None:
             """The client asks the agent for SEND, RECEIVED and RECEIVED_REQUEST_UPDATE
             updates (kernel-style); the server end is a plain connection."""
-            from ktlsd.record import UserRecordLayer
+            from ktlsd.tls.record import UserRecordLayer
 
             a.setblocking(False)
             layer = UserRecordLayer(a, da.session)
@@ -451,7 +451,7 @@ def test_no_secret_reaches_the_debug_log_of_a_full_run(tmp_path: Path) -> None:
 def test_encode_genl_frame_is_what_the_service_expects() -> None:
     """The raw frames above are built right: a well-formed SUBMIT parses (guards the
     bad-message test against passing for the wrong reason)."""
-    from ktlsd.service import decode_submit
+    from ktlsd.upcall.service import decode_submit
 
     attrs = encode_attr(AcceptAttr.MESSAGE_TYPE, u32(1)) + encode_attr(AcceptAttr.AUTH_MODE,
                                                                        u32(2))

@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from ktlsd import doctor
-from ktlsd.doctor import Status, check_config, check_ktls, openssl_version, parse_kernel_release
+from ktlsd.commands import doctor
+from ktlsd.commands.doctor import (
+    Status,
+    check_config,
+    check_ktls,
+    openssl_version,
+    parse_kernel_release,
+)
 
 LINE = re.compile(r"^(OK|MISSING|INFO) +[^:]+: \S.*$")
 
@@ -24,7 +30,7 @@ def run_doctor(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _family_present() -> bool:
-    from ktlsd.kernel_source import KernelSourceError, probe_kernel_policy
+    from ktlsd.upcall.kernel import KernelSourceError, probe_kernel_policy
 
     try:
         probe_kernel_policy()
@@ -91,7 +97,7 @@ def test_ktls_check_degrades_without_the_module() -> None:
 
 
 def test_ktls_check_reports_partial_support() -> None:
-    ktls = pytest.importorskip("ktlsd.ktls")
+    ktls = pytest.importorskip("ktlsd.tls.ktls")
     support = ktls.KtlsSupport(
         ulp=True, rekey=False, tls_stat=True,
         reasons={"rekey": "kernel cannot rekey kTLS (needs Linux >= 6.14)"},

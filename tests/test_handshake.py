@@ -39,14 +39,14 @@ from tls13_records import NEW_SESSION_TICKET, read_application_data, recv_record
 
 from ktlsd.credentials import X509Credentials
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.handshake import (
+from ktlsd.tls.handshake import (
     PskKey,
     TlsConfig,
     TlsHandshake,
     handshake_blocking,
     perform_handshake,
 )
-from ktlsd.session import CipherSuite, Role, Session
+from ktlsd.tls.session import CipherSuite, Role, Session
 
 SUITES = list(CipherSuite)
 KEY_TYPES = ["ecdsa", "rsa"]
@@ -896,7 +896,7 @@ class ThreadResult:
 
 
 def test_error_queue_is_left_empty_after_failures() -> None:
-    from ktlsd import _openssl
+    from ktlsd.tls import _openssl
 
     keys = {b"known": PskKey(b"known", PSK_KEY)}
     cs, ss, csock, ssock = pair(

@@ -23,7 +23,8 @@ import struct
 
 import pytest
 
-from ktlsd.kernel_source import (
+from ktlsd.request import AuthMode, HandshakeDone, MessageType
+from ktlsd.upcall.kernel import (
     AttrKind,
     FamilyInfo,
     KernelCapabilities,
@@ -41,8 +42,7 @@ from ktlsd.kernel_source import (
     resolve_family,
     split_messages,
 )
-from ktlsd.netlink import DoneAttr4, decode_done
-from ktlsd.request import AuthMode, HandshakeDone, MessageType
+from ktlsd.upcall.netlink import DoneAttr4, decode_done
 
 # --- byte-vector helpers, written longhand ------------------------------------------------
 
@@ -124,7 +124,7 @@ def test_split_messages_and_alignment() -> None:
     [b"\x10\0\0", struct.pack("<IHHII", 40, 0x1D, 0, 1, 0), struct.pack("<IHHII", 8, 2, 0, 1, 0)],
 )
 def test_split_messages_rejects_bad_lengths(data: bytes) -> None:
-    from ktlsd.nlattr import NetlinkFormatError
+    from ktlsd.upcall.nlattr import NetlinkFormatError
 
     with pytest.raises(NetlinkFormatError):
         split_messages(data)
@@ -190,7 +190,7 @@ def test_policy_dump_unknown_kind_and_ops_without_policy() -> None:
 
 
 def test_policy_dump_rejects_a_policy_without_type() -> None:
-    from ktlsd.nlattr import NetlinkFormatError
+    from ktlsd.upcall.nlattr import NetlinkFormatError
 
     body = nla(1, U16(0x1D)) + nla(8, nla(0, nla(1, nla(7, U32(4)), True), True), True)
     with pytest.raises(NetlinkFormatError, match="no type"):
@@ -253,8 +253,8 @@ def test_real_kernel_policy_dump() -> None:
 
 
 def test_real_kernel_ready_and_accept_reply() -> None:
-    from ktlsd.netlink import decode_accept_reply, decode_ready
     from ktlsd.request import HandlerClass
+    from ktlsd.upcall.netlink import decode_accept_reply, decode_ready
 
     ready = bytes.fromhex(LINUX_7_3_READY)
     assert ready[0] == 1 and decode_ready(ready[4:]) is HandlerClass.TLSHD
@@ -332,7 +332,7 @@ def test_live_without_cap_net_admin() -> None:
     if shutil.which("setpriv") is None or os.geteuid() != 0:
         pytest.skip("needs root and setpriv to drop a capability")
     code = (
-        "from ktlsd.kernel_source import KernelSource, KernelSourceError, has_net_admin\n"
+        "from ktlsd.upcall.kernel import KernelSource, KernelSourceError, has_net_admin\n"
         "print(has_net_admin())\n"
         "try:\n    KernelSource.open()\nexcept KernelSourceError as e:\n    print(e)\n"
     )

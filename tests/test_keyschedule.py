@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tlslite.utils.cryptomath import HKDF_expand_label as tlslite_expand_label
 
-from ktlsd.keyschedule import (
+from ktlsd.tls.keyschedule import (
     TrafficKeys,
     decode_key_update,
     encode_key_update,
@@ -22,7 +22,7 @@ from ktlsd.keyschedule import (
     record_nonce,
     traffic_keys,
 )
-from ktlsd.session import CipherSuite
+from ktlsd.tls.session import CipherSuite
 
 
 def h(text: str) -> bytes:

@@ -35,12 +35,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from ktlsd import keyring
 from ktlsd.agent import AgentSettings
 from ktlsd.client import connection_from_done, key_update, submit
-from ktlsd.connection import TlsConnection
-from ktlsd.record import UserRecordLayer
 from ktlsd.request import AuthMode, HandshakeDone, HandshakeRequest, KeyUpdateType, MessageType
-from ktlsd.service import PeerCredentials
-from ktlsd.session import Session
 from ktlsd.session_store import SessionStore
+from ktlsd.tls.connection import TlsConnection
+from ktlsd.tls.record import UserRecordLayer
+from ktlsd.tls.session import Session
+from ktlsd.upcall.service import PeerCredentials
 from tests.agent_helpers import DirectRequest, GatedRelay, LogLines, running_agent, tcp_pair
 
 PSK_256 = bytes.fromhex("7e" * 32)

@@ -2,7 +2,7 @@
 
 tlslite-ng is the client (SHA-384 external PSK, which only it does among our peers); ktlsd's
 engine is the server and hands the session to its user-space record layer and
-:class:`~ktlsd.connection.TlsConnection`, which echoes everything back. tlslite-ng sends
+:class:`~ktlsd.tls.connection.TlsConnection`, which echoes everything back. tlslite-ng sends
 KeyUpdates with both ``request_update`` values between data; ktlsd must follow each one, answer
 exactly the ones that asked, and end with the same traffic secrets as tlslite-ng.
 """
@@ -17,10 +17,10 @@ import threading
 from tlslite.api import HandshakeSettings, TLSConnection
 from tlslite.constants import KeyUpdateMessageType
 
-from ktlsd.connection import TlsConnection
-from ktlsd.handshake import PskKey, TlsConfig, handshake_blocking
-from ktlsd.record import UserRecordLayer
-from ktlsd.session import CipherSuite, Role
+from ktlsd.tls.connection import TlsConnection
+from ktlsd.tls.handshake import PskKey, TlsConfig, handshake_blocking
+from ktlsd.tls.record import UserRecordLayer
+from ktlsd.tls.session import CipherSuite, Role
 
 IDENTITY = b"ktlsd-tlslite-keyupdate"
 REQUESTS = [

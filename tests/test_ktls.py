@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from ktlsd import ktls
-from ktlsd.keyschedule import traffic_keys
-from ktlsd.session import CipherSuite
+from ktlsd.tls import ktls
+from ktlsd.tls.keyschedule import traffic_keys
+from ktlsd.tls.session import CipherSuite
 
 AES128 = CipherSuite.TLS_AES_128_GCM_SHA256
 AES256 = CipherSuite.TLS_AES_256_GCM_SHA384

@@ -13,7 +13,7 @@ from ktlsd import keyring
 from ktlsd.errors import HandshakeError
 from ktlsd.material import Consumer, X509Files, build_tls_config, psk_from_keyring, psk_hash_for
 from ktlsd.request import AuthMode, HandshakeRequest, InlineMaterial, InlinePsk, MessageType
-from ktlsd.session import Role
+from ktlsd.tls.session import Role
 from tests.pki import Authority
 
 UNPRIVILEGED = Consumer(uid=4242)

@@ -6,7 +6,15 @@ import struct
 
 import pytest
 
-from ktlsd.netlink import (
+from ktlsd.request import (
+    AuthMode,
+    HandlerClass,
+    HandshakeDone,
+    HandshakeRequest,
+    KeyUpdateType,
+    MessageType,
+)
+from ktlsd.upcall.netlink import (
     DoneAttr4,
     DoneAttributes,
     decode_accept_reply,
@@ -16,15 +24,7 @@ from ktlsd.netlink import (
     encode_accept_reply,
     encode_done,
 )
-from ktlsd.nlattr import NetlinkFormatError, decode_genl, encode_genl
-from ktlsd.request import (
-    AuthMode,
-    HandlerClass,
-    HandshakeDone,
-    HandshakeRequest,
-    KeyUpdateType,
-    MessageType,
-)
+from ktlsd.upcall.nlattr import NetlinkFormatError, decode_genl, encode_genl
 
 
 def nla(attr_type: int, payload: bytes) -> bytes:

@@ -16,16 +16,16 @@ import socket
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ktlsd import ktls
-from ktlsd.keyschedule import encode_key_update, next_traffic_secret, record_nonce, traffic_keys
-from ktlsd.record import (
+from ktlsd.tls import ktls
+from ktlsd.tls.keyschedule import encode_key_update, next_traffic_secret, record_nonce, traffic_keys
+from ktlsd.tls.record import (
     AlertReceived,
     KernelRecordLayer,
     Record,
     UserRecordLayer,
     open_record_layer,
 )
-from ktlsd.session import CipherSuite, Role, Session
+from ktlsd.tls.session import CipherSuite, Role, Session
 
 AES128 = CipherSuite.TLS_AES_128_GCM_SHA256
 

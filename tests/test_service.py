@@ -23,8 +23,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ktlsd.netlink import AcceptAttr, DoneAttr, decode_accept_reply
-from ktlsd.nlattr import as_u32, decode_attrs, decode_genl, encode_attr, encode_genl, s32, u32
 from ktlsd.request import (
     AuthMode,
     HandshakeDone,
@@ -34,7 +32,18 @@ from ktlsd.request import (
     KeyUpdateType,
     MessageType,
 )
-from ktlsd.service import (
+from ktlsd.tls.session import CipherSuite, PeerIdentity, Role, Session
+from ktlsd.upcall.netlink import AcceptAttr, DoneAttr, decode_accept_reply
+from ktlsd.upcall.nlattr import (
+    as_u32,
+    decode_attrs,
+    decode_genl,
+    encode_attr,
+    encode_genl,
+    s32,
+    u32,
+)
+from ktlsd.upcall.service import (
     MAX_MESSAGE_SIZE,
     SERVICE_MSG_TYPE,
     DoneExtAttr,
@@ -49,7 +58,6 @@ from ktlsd.service import (
     encode_done_message,
     encode_submit,
 )
-from ktlsd.session import CipherSuite, PeerIdentity, Role, Session
 
 CLIENT_SECRET = bytes(range(0x40, 0x70))  # 48 bytes: a SHA-384 suite
 SERVER_SECRET = bytes(range(0x90, 0xC0))

@@ -9,9 +9,9 @@ import pytest
 
 from ktlsd import keyring
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.keyschedule import next_traffic_secret
-from ktlsd.session import CipherSuite, Role, Session
 from ktlsd.session_store import POSSESSOR_ONLY, SessionStore, advanced, decode_state, encode_state
+from ktlsd.tls.keyschedule import next_traffic_secret
+from ktlsd.tls.session import CipherSuite, Role, Session
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from ktlsd import ktls
 from ktlsd.nvme import keys as nvme_keys
+from ktlsd.tls import ktls
 from tests.cli_peers import MIB, Proc, exchange, ktlsd, start_ktlsd_listen
 from tests.pki import Authority, Issued
 

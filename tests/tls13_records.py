@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from ktlsd.session import CipherSuite
+from ktlsd.tls.session import CipherSuite
 
 APPLICATION_DATA = 23
 HANDSHAKE = 22

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from ktlsd import keyschedule
+from ktlsd.tls import keyschedule
 
 __all__ = [
     "HashId",
@@ -123,7 +123,7 @@ def hkdf_expand_label(
 ) -> bytes:
     """TLS 1.3 HKDF-Expand-Label (RFC 8446 §7.1), or libnvme's pre-1.16 rendition of it.
 
-    The spec variant is :func:`ktlsd.keyschedule.hkdf_expand_label`. The compat variant
+    The spec variant is :func:`ktlsd.tls.keyschedule.hkdf_expand_label`. The compat variant
     reproduces the old libnvme bug: a little-endian length and no length prefixes before the
     label and the context.
     """

@@ -3,11 +3,11 @@
 ``ktlsd run --kernel no --socket /run/ktlsd.sock`` serves user-space consumers. Consumer A
 behaves as a kernel consumer would with the *proposed* key-update upcall: it gets a
 handshake through the service, puts kTLS on its own socket from the DONE's session (raw
-``ktlsd.ktls`` calls, as the kernel would), and from then on never rekeys by itself. It asks
+``ktlsd.tls.ktls`` calls, as the kernel would), and from then on never rekeys by itself. It asks
 the agent with ``ktlsd.client.key_update(..., record_seqs=None)``, so the agent takes its
 kTLS path (``ktlsd.keyupdate.KtlsInstaller``): send the KeyUpdate record through kTLS on the
 lent socket, install the next TX and/or RX key with setsockopt. Peer B got its half of the
-same handshake through the service too and runs a plain :class:`ktlsd.connection.TlsConnection`
+same handshake through the service too and runs a plain :class:`ktlsd.tls.connection.TlsConnection`
 on the user-space record layer, answering KeyUpdates as any TLS 1.3 peer does.
 
 A's socket is blocking without a timeout: after a KeyUpdate record the kernel then fails the
@@ -132,15 +132,15 @@ class ConsumerA:
         return done, time.monotonic() - started
 
     def send(self, data: bytes) -> None:
-        from ktlsd import ktls
+        from ktlsd.tls import ktls
 
         for off in range(0, len(data), CHUNK):
             ktls.send_record(self.sock, APPLICATION, data[off : off + CHUNK])
 
     def recv(self, nbytes: int, label: str) -> bytes:
         """Read ``nbytes`` of application data; follow the peer's KeyUpdates via the agent."""
-        from ktlsd import ktls
         from ktlsd.request import KeyUpdateType
+        from ktlsd.tls import ktls
 
         got = bytearray()
         while len(got) < nbytes:
@@ -232,10 +232,10 @@ async def handshake_pair(a_sock: socket.socket, b_sock: socket.socket, psk: byte
 
 def main() -> None:
     with Scenario() as sc:
-        from ktlsd import ktls
-        from ktlsd.connection import TlsConnection
-        from ktlsd.record import UserRecordLayer
         from ktlsd.request import KeyUpdateType
+        from ktlsd.tls import ktls
+        from ktlsd.tls.connection import TlsConnection
+        from ktlsd.tls.record import UserRecordLayer
 
         modprobe(sc, "tls")
         agent = start_service(sc)

@@ -132,7 +132,7 @@ def run_pair(sc: Scenario, suite_name: str, hash_name: str, hash_len: int, kerne
 
 def main() -> None:
     with Scenario() as sc:
-        from ktlsd.session import CipherSuite
+        from ktlsd.tls.session import CipherSuite
 
         modprobe(sc, "tls")
         before = tls_stat()

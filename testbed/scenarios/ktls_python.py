@@ -1,7 +1,7 @@
 """ktls-python: ktlsd's kernel record layer (kTLS) against its user-space record layer.
 
-Proves, on a real kTLS kernel, that :class:`ktlsd.record.KernelRecordLayer` and
-:class:`ktlsd.record.UserRecordLayer` interoperate byte-exact for each of the three TLS 1.3
+Proves, on a real kTLS kernel, that :class:`ktlsd.tls.record.KernelRecordLayer` and
+:class:`ktlsd.tls.record.UserRecordLayer` interoperate byte-exact for each of the three TLS 1.3
 suites: 1 MiB each way over a loopback TCP pair (kernel on one end, user layer on the
 other), then KeyUpdates in both directions (KeyUpdate record under the old key, new key
 via ``install_tx_key``/``install_rx_key`` -- on the kernel side that is kTLS rekey), with
@@ -80,7 +80,7 @@ def key_update(
     suite,
 ) -> None:  # type: ignore[no-untyped-def]
     """One KeyUpdate from ``sender`` to ``receiver`` and data under the new generation."""
-    from ktlsd.keyschedule import decode_key_update, encode_key_update, next_traffic_secret
+    from ktlsd.tls.keyschedule import decode_key_update, encode_key_update, next_traffic_secret
 
     sender.send(encode_key_update(False), 22)
     secrets[direction] = next_traffic_secret(suite, secrets[direction])
@@ -100,8 +100,8 @@ def key_update(
 
 def main() -> None:
     with Scenario() as sc:
-        from ktlsd.record import KernelRecordLayer, UserRecordLayer
-        from ktlsd.session import CipherSuite, Role, Session
+        from ktlsd.tls.record import KernelRecordLayer, UserRecordLayer
+        from ktlsd.tls.session import CipherSuite, Role, Session
 
         modprobe(sc, "tls")
         before = tls_stat()

@@ -1,7 +1,7 @@
 """A TLS 1.3 connection after the handshake: application data plus KeyUpdate, on any record layer.
 
 :class:`TlsConnection` is what programs and the CLI hold once a handshake has produced a
-:class:`~ktlsd.session.Session`. It sits on a :class:`~ktlsd.record.RecordLayer` (kTLS or
+:class:`~ktlsd.tls.session.Session`. It sits on a :class:`~ktlsd.tls.record.RecordLayer` (kTLS or
 user space — the same code runs on both) and owns the post-handshake protocol:
 
 * ``send`` splits data into records of at most 16 KiB; ``recv`` returns application data and
@@ -49,7 +49,7 @@ import threading
 from collections.abc import Callable
 from typing import Final
 
-from ktlsd.keyschedule import (
+from ktlsd.tls.keyschedule import (
     HANDSHAKE_KEY_UPDATE,
     HANDSHAKE_NEW_SESSION_TICKET,
     KEY_UPDATE_LENGTH,
@@ -57,7 +57,7 @@ from ktlsd.keyschedule import (
     encode_key_update,
     next_traffic_secret,
 )
-from ktlsd.record import (
+from ktlsd.tls.record import (
     CONTENT_TYPE_ALERT,
     CONTENT_TYPE_APPLICATION_DATA,
     CONTENT_TYPE_HANDSHAKE,
@@ -66,7 +66,7 @@ from ktlsd.record import (
     RecordLayer,
     alert_name,
 )
-from ktlsd.session import Role, Session
+from ktlsd.tls.session import Role, Session
 
 __all__ = [
     "DEFAULT",

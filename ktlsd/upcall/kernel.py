@@ -35,7 +35,7 @@ family's GETFAMILY reply (:class:`pyroute2.netlink.ctrlmsg`). Its socket classes
 used: pyroute2 0.9's synchronous sockets drive an event loop of their own and fail inside a
 running asyncio loop, and its asynchronous sockets own the descriptor and its reader. A plain
 non-blocking ``AF_NETLINK`` socket on ``loop.add_reader`` with the handshake codec of
-:mod:`ktlsd.netlink` keeps this edge thin and every byte visible.
+:mod:`ktlsd.upcall.netlink` keeps this edge thin and every byte visible.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ from pyroute2.netlink import (
     ctrlmsg,
 )
 
-from ktlsd.netlink import (
+from ktlsd.request import HandlerClass, HandshakeDone, HandshakeRequest
+from ktlsd.upcall.netlink import (
     FAMILY_NAME,
     MCGRP_TLSHD,
     AcceptAttr,
@@ -82,7 +83,7 @@ from ktlsd.netlink import (
     encode_accept_command,
     encode_done,
 )
-from ktlsd.nlattr import (
+from ktlsd.upcall.nlattr import (
     GENL_HDRLEN,
     NLMSG_HDRLEN,
     NetlinkFormatError,
@@ -97,9 +98,8 @@ from ktlsd.nlattr import (
     u16,
     u32,
 )
-from ktlsd.request import HandlerClass, HandshakeDone, HandshakeRequest
 
-log = logging.getLogger("ktlsd.kernel_source")
+log = logging.getLogger("ktlsd.upcall.kernel")
 
 NETLINK_CAP_ACK = 10  # not exported by pyroute2: error messages omit the echoed request
 NLM_F_CAPPED = 0x100

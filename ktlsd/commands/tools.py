@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 from ktlsd.credentials import X509Credentials
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.handshake import PskKey, TlsConfig, perform_handshake
 from ktlsd.material import psk_hash_for
-from ktlsd.record import AlertReceived
-from ktlsd.session import CipherSuite, Role, Session
+from ktlsd.tls.handshake import PskKey, TlsConfig, perform_handshake
+from ktlsd.tls.record import AlertReceived
+from ktlsd.tls.session import CipherSuite, Role, Session
 
 CHUNK = 16384
 
@@ -376,8 +376,8 @@ def _stdin() -> StdinPump:
 
 async def relay(sock: socket.socket, session: Session, args: argparse.Namespace) -> RelayResult:
     """Hand ``session`` to a record layer on ``sock`` and relay stdin/stdout until EOF."""
-    from ktlsd.connection import TlsConnection
-    from ktlsd.record import open_record_layer
+    from ktlsd.tls.connection import TlsConnection
+    from ktlsd.tls.record import open_record_layer
 
     sock.setblocking(False)
     layer = open_record_layer(sock, session, args.record_layer)

@@ -34,8 +34,8 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from ktlsd.keyschedule import traffic_keys
-from ktlsd.session import CipherSuite
+from ktlsd.tls.keyschedule import traffic_keys
+from ktlsd.tls.session import CipherSuite
 
 __all__ = [
     "CONTENT_TYPE_ALERT",
@@ -163,7 +163,7 @@ class CryptoInfo:
     """A parsed ``struct tls12_crypto_info_*``: what the kernel holds for one direction.
 
     ``iv`` is reassembled into the 12-byte TLS 1.3 write IV (salt + explicit part) so it
-    compares directly with :func:`ktlsd.keyschedule.traffic_keys`. ``key`` and ``iv`` are
+    compares directly with :func:`ktlsd.tls.keyschedule.traffic_keys`. ``key`` and ``iv`` are
     hidden from ``repr``.
     """
 

@@ -16,7 +16,7 @@ Rules this module keeps, because breaking them caused real failures before:
   show up in another's report.
 
 The wrappers are deliberately thin; policy (which suites, what a failure means) lives in
-:mod:`ktlsd.handshake`.
+:mod:`ktlsd.tls.handshake`.
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def alert_description(code: int) -> str:
 class ConnectionHooks:
     """What the C callbacks of one ``SSL*`` call into.
 
-    The engine (:class:`ktlsd.handshake.TlsHandshake`) subclasses this and passes itself to
+    The engine (:class:`ktlsd.tls.handshake.TlsHandshake`) subclasses this and passes itself to
     :class:`SslConnection`; the defaults do nothing. Exceptions raised here never unwind into C:
     they are stored in ``SslConnection.callback_error`` and the callback reports failure.
     """

@@ -40,10 +40,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ktlsd import _openssl as ossl
 from ktlsd.credentials import X509Credentials, check_truststore, load_crls
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.session import CipherSuite, PeerIdentity, Role, Session
+from ktlsd.tls import _openssl as ossl
+from ktlsd.tls.session import CipherSuite, PeerIdentity, Role, Session
 
 __all__ = [
     "PskKey",

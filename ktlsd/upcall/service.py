@@ -17,7 +17,7 @@ cancels the request (like a kernel consumer cancelling its handshake). Any furth
 from the consumer after SUBMIT is a protocol violation and also cancels the request.
 
 Every message is framed like a generic netlink message, so the kernel path's codecs
-(:mod:`ktlsd.nlattr`, :mod:`ktlsd.netlink`) parse its attributes::
+(:mod:`ktlsd.upcall.nlattr`, :mod:`ktlsd.upcall.netlink`) parse its attributes::
 
     nlmsghdr   { u32 len = whole message; u16 type = 0x4b54 ("KT"); u16 flags = 0;
                  u32 seq (echoed in DONE); u32 pid = 0 }
@@ -28,7 +28,7 @@ Every message is framed like a generic netlink message, so the kernel path's cod
 :data:`MAX_MESSAGE_SIZE` (64 KiB).
 
 SUBMIT (consumer → service) carries the attributes of the kernel's ACCEPT reply
-(:class:`~ktlsd.netlink.AcceptAttr`: message-type, timeout, auth-mode, peer-identity,
+(:class:`~ktlsd.upcall.netlink.AcceptAttr`: message-type, timeout, auth-mode, peer-identity,
 certificate (nested cert/privkey serials), peername, keyring, key-update-request,
 session-id) **except sockfd**: the socket travels as the single ``SCM_RIGHTS`` descriptor and
 a SUBMIT that names a sockfd is rejected. Extension attributes (:class:`SubmitAttr`,
@@ -53,7 +53,7 @@ numbers >= 100) carry the :class:`~ktlsd.request.InlineMaterial`:
 =====  =====================  ==========================================================
 
 DONE (service → consumer) carries the kernel's DONE attributes
-(:class:`~ktlsd.netlink.DoneAttr`: status (positive errno, 0 = success), remote-auth
+(:class:`~ktlsd.upcall.netlink.DoneAttr`: status (positive errno, 0 = success), remote-auth
 (repeated), session-id (attribute 4 is always session-id here)) plus :class:`DoneExtAttr`:
 
 =====  =====================  ==========================================================
@@ -110,7 +110,16 @@ import struct
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
-from ktlsd.netlink import (
+from ktlsd.request import (
+    AuthMode,
+    HandshakeDone,
+    HandshakeRequest,
+    InlineMaterial,
+    InlinePsk,
+    MessageType,
+)
+from ktlsd.tls.session import CipherSuite, PeerIdentity, Role, Session
+from ktlsd.upcall.netlink import (
     AcceptAttr,
     DoneAttr,
     DoneAttr4,
@@ -120,7 +129,7 @@ from ktlsd.netlink import (
     encode_accept_reply,
     encode_done,
 )
-from ktlsd.nlattr import (
+from ktlsd.upcall.nlattr import (
     Attribute,
     NetlinkFormatError,
     as_string,
@@ -134,17 +143,8 @@ from ktlsd.nlattr import (
     string,
     u32,
 )
-from ktlsd.request import (
-    AuthMode,
-    HandshakeDone,
-    HandshakeRequest,
-    InlineMaterial,
-    InlinePsk,
-    MessageType,
-)
-from ktlsd.session import CipherSuite, PeerIdentity, Role, Session
 
-log = logging.getLogger("ktlsd.service")
+log = logging.getLogger("ktlsd.upcall.service")
 
 DEFAULT_SERVICE_PATH = "/run/ktlsd/handshake.sock"
 """Where the agent listens unless configured otherwise (clients: ``$KTLSD_SERVICE_PATH``)."""

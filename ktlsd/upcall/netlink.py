@@ -4,8 +4,8 @@ Facts from ``Documentation/netlink/specs/handshake.yaml`` (Linux 6.5+; ``peernam
 ``keyring`` 6.17+) and the proposed KeyUpdate series (``key-update-request``,
 ``session-id``). This module turns attribute bytes into a :class:`~ktlsd.request.HandshakeRequest`
 and a :class:`~ktlsd.request.HandshakeDone` into attribute bytes; it does no I/O. The
-kernel transport lives in :mod:`ktlsd.kernel_source`; the user-space handshake service
-(:mod:`ktlsd.service`) uses the same codecs for its messages.
+kernel transport lives in :mod:`ktlsd.upcall.kernel`; the user-space handshake service
+(:mod:`ktlsd.upcall.service`) uses the same codecs for its messages.
 
 DONE attribute 4 is claimed twice: ``session-id`` (u32, KeyUpdate series) and ``tag``
 (string, "TLS session tags" in the nfsd tree). :class:`DoneAttributes` records which one
@@ -18,7 +18,17 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from ktlsd.nlattr import (
+from ktlsd.request import (
+    MAX_PEER_IDENTITIES,
+    MAX_REMOTE_AUTH,
+    AuthMode,
+    HandlerClass,
+    HandshakeDone,
+    HandshakeRequest,
+    KeyUpdateType,
+    MessageType,
+)
+from ktlsd.upcall.nlattr import (
     Attribute,
     NetlinkFormatError,
     as_s32,
@@ -30,16 +40,6 @@ from ktlsd.nlattr import (
     s32,
     string,
     u32,
-)
-from ktlsd.request import (
-    MAX_PEER_IDENTITIES,
-    MAX_REMOTE_AUTH,
-    AuthMode,
-    HandlerClass,
-    HandshakeDone,
-    HandshakeRequest,
-    KeyUpdateType,
-    MessageType,
 )
 
 FAMILY_NAME = "handshake"

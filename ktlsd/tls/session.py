@@ -1,7 +1,7 @@
 """What a completed TLS 1.3 handshake leaves behind: the :class:`Session`.
 
 A :class:`Session` is the hand-off value between the handshake engine
-(:mod:`ktlsd.handshake`) and a record layer (:mod:`ktlsd.record`, :mod:`ktlsd.ktls`):
+(:mod:`ktlsd.tls.handshake`) and a record layer (:mod:`ktlsd.tls.record`, :mod:`ktlsd.tls.ktls`):
 the negotiated cipher suite, both application traffic secrets, the record sequence
 numbers at hand-off and who the peer turned out to be.
 

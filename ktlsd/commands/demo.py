@@ -135,7 +135,7 @@ async def _consumer(
     **params: object,
 ) -> None:
     from ktlsd import client
-    from ktlsd.connection import TlsConnection
+    from ktlsd.tls.connection import TlsConnection
 
     done = await client.submit(sock, role=role, service_path=service, **params)  # type: ignore[arg-type]
     conn: TlsConnection = client.connection_from_done(sock, done, record_layer=record_layer)
@@ -205,7 +205,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> list[Outcome]:
     from ktlsd import keyring
     from ktlsd.agent import Agent, AgentSettings
     from ktlsd.nvme import keys as nvme_keys
-    from ktlsd.service import HandshakeService
+    from ktlsd.upcall.service import HandshakeService
 
     # A private session keyring, as `ktlsd run` uses: the kept session states live there and
     # vanish with this process instead of lingering in the caller's keyring.

@@ -4,7 +4,7 @@ The handshake engine hands over *traffic secrets*; everything a record layer doe
 pure function of those: the AEAD key and write IV for a secret (§7.3), the per-record nonce
 (§5.3), and the next-generation secret a KeyUpdate moves to (§7.2). The KeyUpdate handshake
 message itself (§4.6.3) is five bytes and lives here too, so that the kernel path
-(:mod:`ktlsd.ktls`) and the user-space path (:mod:`ktlsd.record`) share one encoder and one
+(:mod:`ktlsd.tls.ktls`) and the user-space path (:mod:`ktlsd.tls.record`) share one encoder and one
 strict decoder.
 
 Everything here is pure and built on ``cryptography``'s HKDF-Expand; nothing touches a socket.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from ktlsd.session import CipherSuite
+from ktlsd.tls.session import CipherSuite
 
 __all__ = [
     "HANDSHAKE_KEY_UPDATE",

@@ -78,9 +78,9 @@ def check_kernel() -> list[Check]:
 
 
 def check_ktls(import_module: Callable[[str], Any] = importlib.import_module) -> list[Check]:
-    """kTLS, kTLS rekey and the kTLS counters, from ``ktlsd.ktls.probe()`` when available."""
+    """kTLS, kTLS rekey and the kTLS counters, from ``ktlsd.tls.ktls.probe()`` when available."""
     try:
-        ktls = import_module("ktlsd.ktls")
+        ktls = import_module("ktlsd.tls.ktls")
         support = ktls.probe()
     except Exception as exc:  # the module is being written in parallel; degrade
         reason = f"cannot probe ({type(exc).__name__}: {exc})"
@@ -107,8 +107,8 @@ def check_ktls(import_module: Callable[[str], Any] = importlib.import_module) ->
 
 def check_handshake_family() -> list[Check]:
     """The ``handshake`` netlink family and the optional DONE attributes it declares."""
-    from ktlsd.kernel_source import KernelSourceError, probe_kernel_policy
-    from ktlsd.netlink import DoneAttr4
+    from ktlsd.upcall.kernel import KernelSourceError, probe_kernel_policy
+    from ktlsd.upcall.netlink import DoneAttr4
 
     optional = ("DONE remote-auth", "DONE session-id (KeyUpdate)", "DONE tag")
     try:
@@ -154,7 +154,7 @@ def check_handshake_family() -> list[Check]:
 
 
 def check_net_admin() -> list[Check]:
-    from ktlsd.kernel_source import has_net_admin
+    from ktlsd.upcall.kernel import has_net_admin
 
     if has_net_admin():
         return [_ok("CAP_NET_ADMIN", "ACCEPT on the handshake family is allowed")]

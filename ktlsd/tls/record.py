@@ -1,14 +1,14 @@
 """The TLS 1.3 record layer after the handshake, with the kernel's kTLS semantics.
 
 A :class:`RecordLayer` protects records on a connected stream socket with the traffic keys of
-a :class:`~ktlsd.session.Session`. Two implementations share one API and one behaviour:
+a :class:`~ktlsd.tls.session.Session`. Two implementations share one API and one behaviour:
 
-* :class:`KernelRecordLayer` hands the keys to kTLS (:mod:`ktlsd.ktls`): the kernel encrypts
+* :class:`KernelRecordLayer` hands the keys to kTLS (:mod:`ktlsd.tls.ktls`): the kernel encrypts
   and decrypts, we only label non-data records.
 * :class:`UserRecordLayer` does the same work in user space with ``cryptography``'s AEADs,
   for kernels without kTLS (or without kTLS rekey), for tests, and as a reference.
 
-The semantics follow what Linux kTLS does, so code above (:mod:`ktlsd.connection`) cannot
+The semantics follow what Linux kTLS does, so code above (:mod:`ktlsd.tls.connection`) cannot
 tell the two apart:
 
 * ``send(data, content_type)`` emits one record per call (at most 2^14 bytes); TX never pauses.
@@ -48,9 +48,9 @@ from typing import Literal
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from ktlsd import ktls
-from ktlsd.keyschedule import HANDSHAKE_KEY_UPDATE, record_nonce, traffic_keys
-from ktlsd.session import CipherSuite, Session
+from ktlsd.tls import ktls
+from ktlsd.tls.keyschedule import HANDSHAKE_KEY_UPDATE, record_nonce, traffic_keys
+from ktlsd.tls.session import CipherSuite, Session
 
 __all__ = [
     "ALERT_NAMES",
@@ -630,8 +630,8 @@ LayerKind = Literal["auto", "kernel", "user"]
 def open_record_layer(sock: socket.socket, session: Session, kind: str = "auto") -> RecordLayer:
     """Put a record layer on ``sock`` for ``session``.
 
-    ``"kernel"`` insists on kTLS (a clear :class:`ktlsd.ktls.KtlsError` when the kernel has
-    none), ``"user"`` never uses it, ``"auto"`` uses kTLS when :func:`ktlsd.ktls.probe`
+    ``"kernel"`` insists on kTLS (a clear :class:`ktlsd.tls.ktls.KtlsError` when the kernel has
+    none), ``"user"`` never uses it, ``"auto"`` uses kTLS when :func:`ktlsd.tls.ktls.probe`
     (cached per process) says it works on this kernel and the socket is TCP. With "auto" on
     a kernel that has kTLS but no rekey (< 6.14), a later KeyUpdate fails with a clear error.
     On a TCP socket, TCP_NODELAY is set (see the comment below).

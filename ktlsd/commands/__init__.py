@@ -1,0 +1,1 @@
+"""The commands other than ``ktlsd run``: ``demo``, ``doctor``, ``connect``/``listen``."""
