@@ -2,7 +2,8 @@
 
 Why ctypes over the system library: it is the only engine on these machines that does TLS 1.3
 external PSKs of both hashes, lets session tickets be switched off, and hands out per-connection
-traffic secrets (see ``docs/tls-engine.md``). Only the public OpenSSL 3.0 API is used.
+traffic secrets (see the handshake row and the design decisions in ``docs/architecture.md``).
+Only the public OpenSSL 3.0 API is used.
 
 Rules this module keeps, because breaking them caused real failures before:
 
@@ -26,6 +27,7 @@ import ctypes.util
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 c_void_p = ctypes.c_void_p
 c_int = ctypes.c_int
@@ -53,11 +55,12 @@ _ssl = _load("libssl.so.3", "ssl")
 _crypto = _load("libcrypto.so.3", "crypto")
 
 
-def _bind(lib: ctypes.CDLL, name: str, restype: object, *argtypes: object) -> Callable:
-    fn = getattr(lib, name)
+def _bind(lib: ctypes.CDLL, name: str, restype: object, *argtypes: object) -> Callable[..., Any]:
+    fn: Any = getattr(lib, name)
     fn.restype = restype
     fn.argtypes = list(argtypes)
-    return fn
+    bound: Callable[..., Any] = fn
+    return bound
 
 
 # --- constants (include/openssl/ssl.h, tls1.h, x509_vfy.h) -----------------------------------
@@ -274,7 +277,7 @@ def x509_from_der(der: bytes) -> int:
     x509 = d2i_X509(None, ctypes.byref(ptr), len(der))
     if not x509:
         raise _fail("cannot parse certificate")
-    return x509
+    return int(x509)
 
 
 def x509_to_der(x509: int) -> bytes:
@@ -349,7 +352,7 @@ def _make_psk_session(ssl: int, key: bytes, cipher_code: int) -> int:
     ):
         SSL_SESSION_free(sess)
         return 0
-    return sess
+    return int(sess)
 
 
 def _keylog_cb(ssl: int | None, line: bytes | None) -> None:
@@ -452,7 +455,7 @@ def _client_hello_cb(ssl, alert_out, _arg) -> int:  # type: ignore[no-untyped-de
         if SSL_client_hello_get0_ext(
             ssl, TLSEXT_TYPE_pre_shared_key, ctypes.byref(out), ctypes.byref(outlen)
         ):
-            identities = _parse_psk_identities(ctypes.string_at(out.value, outlen.value)) or []
+            identities = _parse_psk_identities(ctypes.string_at(out, outlen.value)) or []
         alert = conn.hooks.on_client_hello(identities)
         if alert:
             alert_out[0] = alert
