@@ -18,6 +18,7 @@ import errno as errno_mod
 import os
 import platform
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "KEY_SPEC_PROCESS_KEYRING",
@@ -114,7 +115,10 @@ _LIBC, (_NR_ADD_KEY, _NR_REQUEST_KEY, _NR_KEYCTL) = _load()
 
 
 def _keyctl(
-    operation: str, serial: int | None, *args: int | bytes | ctypes.Array | None, detail: str = ""
+    operation: str,
+    serial: int | None,
+    *args: int | bytes | ctypes.Array[Any] | None,
+    detail: str = "",
 ) -> int:
     cargs = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
     res = _LIBC.syscall(ctypes.c_long(_NR_KEYCTL), *cargs)

@@ -224,7 +224,8 @@ CHECKS: tuple[Callable[[], list[Check]], ...] = (
 def run_checks(config_path: str | None = None) -> list[Check]:
     """Run every check; an unexpected failure in one becomes its MISSING line."""
     results: list[Check] = []
-    for check in (*CHECKS, lambda: check_config(config_path)):
+    checks: tuple[Callable[[], list[Check]], ...] = (*CHECKS, lambda: check_config(config_path))
+    for check in checks:
         try:
             results.extend(check())
         except Exception as exc:

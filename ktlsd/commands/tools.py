@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ktlsd.credentials import X509Credentials
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.material import psk_hash_for
-from ktlsd.tls.handshake import PskKey, TlsConfig, perform_handshake
+from ktlsd.tls.handshake import ClientAuth, HashName, PskKey, TlsConfig, perform_handshake
 from ktlsd.tls.record import AlertReceived
 from ktlsd.tls.session import CipherSuite, Role, Session
 
@@ -194,7 +194,8 @@ def _psk_text(args: argparse.Namespace) -> str | None:
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
             raise UsageError(f"--psk-file {args.psk_file}: {reason}") from None
-    return args.psk
+    psk: str | None = args.psk
+    return psk
 
 
 def _psk_key(args: argparse.Namespace) -> PskKey | None:
@@ -235,7 +236,8 @@ def _psk_key(args: argparse.Namespace) -> PskKey | None:
         identity = args.psk_identity
         if not key:
             raise UsageError("--psk is empty")
-    hash_name = args.psk_hash or psk_hash_for(identity, len(key))
+    bound_to = args.psk_hash or psk_hash_for(identity, len(key))  # "sha256" or "sha384"
+    hash_name: HashName = "sha384" if bound_to == "sha384" else "sha256"
     return PskKey(identity=identity.encode(), key=key, hash_name=hash_name)
 
 
@@ -266,7 +268,7 @@ def build_config(args: argparse.Namespace, role: Role, host: str | None) -> TlsC
         return TlsConfig(psk_keys=(psk,) if psk else (), peername=peername, **common)  # type: ignore[arg-type]
     if psk is None and credentials is None:
         raise UsageError("listen needs --psk/--psk-identity or --cert/--key")
-    client_auth = (
+    client_auth: ClientAuth = (
         "require" if args.require_client_cert
         else "request" if args.request_client_cert else "none"
     )

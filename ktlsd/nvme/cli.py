@@ -271,10 +271,15 @@ def _tls_opts(p: argparse.ArgumentParser) -> None:
     )
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     nvme = subparsers.add_parser("nvme", help="NVMe/TCP TLS PSK and DH-HMAC-CHAP key tools")
     sub = nvme.add_subparsers(dest="nvme_command", metavar="SUBCOMMAND")
-    nvme.set_defaults(func=lambda args: (nvme.print_help(sys.stderr), 2)[1])
+
+    def usage(_args: argparse.Namespace) -> int:
+        nvme.print_help(sys.stderr)
+        return 2
+
+    nvme.set_defaults(func=usage)
 
     p = sub.add_parser("gen-tls-key", help="generate a TLS key in NVMe PSK interchange format")
     _tls_opts(p)

@@ -184,7 +184,8 @@ def ffdhe_prime(group: DhGroup) -> int:
     b = group.bits
     if b == 0:
         raise ValueError("the NULL DH group has no prime")
-    return 2**b - 2 ** (b - 64) + (_e_fixed_point(b - 130) + _FFDHE_X[b]) * 2**64 - 1
+    # int(): typeshed types int ** int as Any (a negative exponent would give a float)
+    return int(2**b - 2 ** (b - 64) + (_e_fixed_point(b - 130) + _FFDHE_X[b]) * 2**64 - 1)
 
 
 @contextlib.contextmanager

@@ -171,11 +171,11 @@ def _suite_names(suites: tuple[CipherSuite, ...]) -> str:
 # so contexts are shared between handshakes with the same non-PSK settings. PSK keys never enter
 # the context or the cache key: they are handed out per connection by callbacks.
 _CTX_CACHE_SIZE = 32
-_ctx_cache: OrderedDict[tuple, ossl.SslContext] = OrderedDict()
+_ctx_cache: OrderedDict[tuple[object, ...], ossl.SslContext] = OrderedDict()
 _ctx_lock = threading.Lock()
 
 
-def _context_key(config: TlsConfig) -> tuple:
+def _context_key(config: TlsConfig) -> tuple[object, ...]:
     return (
         config.role,
         config.credentials,

@@ -425,6 +425,8 @@ def probe() -> KtlsSupport:
     reasons: dict[str, str] = {}
     ulp = rekey = False
     suite = CipherSuite.TLS_AES_128_GCM_SHA256
+    client: socket.socket | None
+    server: socket.socket | None
     try:
         client, server = _loopback_pair()
     except OSError as exc:
