@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from pki import Authority
+from waiting import wait_listening
 
 from ktlsd.credentials import X509Credentials
 from ktlsd.tls.handshake import PskKey, TlsConfig, perform_handshake
@@ -112,13 +113,7 @@ def s_time_rate(cert: Path, key: Path, seconds: int) -> tuple[float, float]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_listening(port)
         out = subprocess.run(
             [
                 "openssl",

@@ -14,12 +14,9 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from ktlsd.agent import Agent, AgentSettings
 from ktlsd.request import HandshakeDone, HandshakeRequest
 from ktlsd.session_store import SessionStore
 from ktlsd.upcall.service import HandshakeService, PeerCredentials
+from tests.processes import ChildProcess
 
 REPO = Path(__file__).resolve().parent.parent
 HANDSHAKE_LINE = re.compile(r"ktlsd: \w+ handshake (?P<fields>.*)$")
@@ -55,8 +53,8 @@ def parse_handshake_line(line: str) -> dict[str, str]:
     return fields
 
 
-class AgentProcess:
-    """``python -m ktlsd run`` as a child process, its stderr collected by a thread.
+class AgentProcess(ChildProcess):
+    """``python -m ktlsd run`` as a child process, its stderr collected line by line.
 
     :meth:`wait_for` blocks until a line matching a pattern has been printed (readiness by
     the agent's own log, never by sleeping). :meth:`stop` sends SIGTERM and reaps.
@@ -66,33 +64,27 @@ class AgentProcess:
         self.socket_path = str(tmp / "handshake.sock")
         self.config_path = tmp / "ktlsd.conf"
         self.config_path.write_text(config)
+        self.lines: list[str] = []
+        self._partial = b""
         argv = [sys.executable, "-m", "ktlsd", "run", "--socket", self.socket_path,
                 "-c", str(self.config_path), "--kernel", "no", *extra]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=env, cwd=str(tmp))
-        self.lines: list[str] = []
-        self.stdout = b""
-        self._cond = threading.Condition()
-        self._done = False
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._out_reader = threading.Thread(target=self._read_stdout, daemon=True)
-        self._out_reader.start()
+        super().__init__(argv, name="agent", stdin=subprocess.DEVNULL, env=env, cwd=str(tmp))
 
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            with self._cond:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self._cond.notify_all()
+    def _received(self, buf: bytearray, chunk: bytes) -> None:
+        super()._received(buf, chunk)
+        if buf is not self.err:
+            return
+        *complete, self._partial = (self._partial + chunk).split(b"\n")
+        if not chunk and self._partial:  # end of stream: the last line had no newline
+            complete.append(self._partial)
+            self._partial = b""
+        self.lines += [raw.decode("utf-8", "replace") for raw in complete]
+
+    @property
+    def stdout(self) -> bytes:
         with self._cond:
-            self._done = True
-            self._cond.notify_all()
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        self.stdout = self.proc.stdout.read()
+            return bytes(self.out)
 
     @property
     def text(self) -> str:
@@ -105,19 +97,20 @@ class AgentProcess:
 
     def wait_for(self, pattern: str, count: int = 1, timeout: float = 20.0) -> list[str]:
         """Wait until ``count`` lines match ``pattern``; return them."""
-        deadline = time.monotonic() + timeout
         regex = re.compile(pattern)
-        with self._cond:
-            while True:
-                found = [line for line in self.lines if regex.search(line)]
-                if len(found) >= count:
-                    return found
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._done:
-                    raise AssertionError(
-                        f"agent printed {len(found)} of {count} lines matching {pattern!r}; "
-                        f"log:\n" + "\n".join(self.lines))
-                self._cond.wait(min(remaining, 0.5))
+        found: list[str] = []
+
+        def enough() -> bool:
+            found[:] = [line for line in self.lines if regex.search(line)]
+            return len(found) >= count
+
+        self.wait_output(
+            enough,
+            lambda: (f"agent printed {len(found)} of {count} lines matching {pattern!r}; "
+                     f"log:\n" + "\n".join(self.lines)),
+            timeout,
+        )
+        return list(found)
 
     async def await_for(self, pattern: str, count: int = 1, timeout: float = 20.0) -> list[str]:
         return await asyncio.to_thread(self.wait_for, pattern, count, timeout)
@@ -129,22 +122,11 @@ class AgentProcess:
         self.proc.send_signal(sig)
 
     def wait_exit(self, timeout: float = 30.0) -> int:
-        rc = self.proc.wait(timeout)
-        self._reader.join(timeout)
-        self._out_reader.join(timeout)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
-        return rc
+        return super().wait_exit(timeout)
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.wait_exit(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.wait_exit(10)
+    def stop(self, grace: float = 30.0) -> int:
+        """SIGTERM; the agent drains its requests in flight (up to ``grace`` s), then exits."""
+        return super().stop(grace)
 
     def __enter__(self) -> AgentProcess:
         try:
@@ -153,9 +135,6 @@ class AgentProcess:
             self.stop()
             raise
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @contextlib.asynccontextmanager

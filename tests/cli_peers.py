@@ -17,13 +17,14 @@ import base64
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from tests.peers import TLSLITE_SCRIPT
+from tests.processes import ChildProcess
 
 TIMEOUT = 30.0
 MIB = 1 << 20
@@ -58,72 +59,40 @@ def ktlsd(*args: str) -> list[str]:
 _STDIN_MODES = {True: subprocess.PIPE, False: subprocess.DEVNULL}
 
 
-class Proc:
+class Proc(ChildProcess):
     """A child process whose stdout and stderr are collected separately in the background."""
 
     def __init__(
         self, argv: Sequence[str], *, name: str | None = None, stdin: bool | int = True
     ) -> None:
         """``stdin``: True for a pipe (:meth:`feed`), False for /dev/null, or an fd to pass."""
-        self.argv = list(argv)
-        is_ktlsd = self.argv[1:3] == ["-m", "ktlsd"]
-        self.name = name or ("ktlsd" if is_ktlsd else os.path.basename(self.argv[0]))
-        self.out = bytearray()
-        self.err = bytearray()
-        self._cond = threading.Condition()
-        self._writer: threading.Thread | None = None
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdin=_STDIN_MODES.get(stdin, stdin) if isinstance(stdin, bool) else stdin,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        argv = list(argv)
+        is_ktlsd = argv[1:3] == ["-m", "ktlsd"]
+        super().__init__(
+            argv,
+            name=name or ("ktlsd" if is_ktlsd else os.path.basename(argv[0])),
+            stdin=_STDIN_MODES[stdin] if isinstance(stdin, bool) else stdin,
         )
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True),
-            threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True),
-        ]
-        for t in self._readers:
-            t.start()
-
-    def _read(self, stream, buf: bytearray) -> None:  # type: ignore[no-untyped-def]
-        while True:
-            try:
-                chunk = stream.read1(65536)
-            except (OSError, ValueError):
-                chunk = b""
-            with self._cond:
-                if chunk:
-                    buf += chunk
-                self._cond.notify_all()
-            if not chunk:
-                return
+        self._writer: threading.Thread | None = None
 
     # -- waiting ---------------------------------------------------------------------------
 
     def wait_for(self, done: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
         """Wait until ``done()`` (called with the output lock held) is true."""
-        self._wait(done, what, timeout)
-
-    def _wait(self, done, what: str, timeout: float) -> None:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not done():
-                remaining = deadline - time.monotonic()
-                ended = self.proc.poll() is not None and not any(
-                    t.is_alive() for t in self._readers
-                )
-                if remaining <= 0 or ended:
-                    raise AssertionError(
-                        f"{self.name} never {what}; rc={self.proc.poll()} "
-                        f"stdout={len(self.out)} bytes, stderr:\n{self.stderr_text}"
-                    )
-                self._cond.wait(min(remaining, 0.1))
+        self.wait_output(
+            done,
+            lambda: (
+                f"{self.name} never {what}; rc={self.proc.poll()} "
+                f"stdout={len(self.out)} bytes, stderr:\n{self.stderr_text}"
+            ),
+            timeout,
+        )
 
     def wait_stdout_bytes(self, count: int, timeout: float = TIMEOUT) -> None:
-        self._wait(lambda: len(self.out) >= count, f"printed {count} bytes", timeout)
+        self.wait_for(lambda: len(self.out) >= count, f"printed {count} bytes", timeout)
 
     def wait_stdout(self, text: bytes, timeout: float = TIMEOUT) -> None:
-        self._wait(lambda: text in self.out, f"printed {text!r} on stdout", timeout)
+        self.wait_for(lambda: text in self.out, f"printed {text!r} on stdout", timeout)
 
     def wait_stderr(self, pattern: str, timeout: float = TIMEOUT) -> re.Match[str]:
         """Wait until stderr matches the regular expression ``pattern``; return the match."""
@@ -135,12 +104,12 @@ class Proc:
                 found.append(m)
             return m is not None
 
-        self._wait(done, f"matched {pattern!r} on stderr", timeout)
+        self.wait_for(done, f"matched {pattern!r} on stderr", timeout)
         return found[0]
 
     @property
     def stderr_text(self) -> str:
-        return self.err.decode("utf-8", "replace")
+        return self.snapshot(self.err)
 
     # -- stdin -----------------------------------------------------------------------------
 
@@ -182,34 +151,11 @@ class Proc:
 
     def wait_exit(self, timeout: float = TIMEOUT) -> int:
         try:
-            rc = self.proc.wait(timeout)
+            return super().wait_exit(timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(
                 f"{self.name} did not exit within {timeout}s; stderr:\n{self.stderr_text}"
             ) from None
-        for t in self._readers:
-            t.join(timeout)
-        return rc
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        with contextlib.suppress(OSError):
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-        for t in self._readers:
-            t.join(3)
-
-    def __enter__(self) -> Proc:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def start_ktlsd_listen(*args: str, name: str = "ktlsd-listen") -> tuple[Proc, int]:
@@ -221,32 +167,6 @@ def start_ktlsd_listen(*args: str, name: str = "ktlsd-listen") -> tuple[Proc, in
         proc.close()
         raise
     return proc, int(m.group(1))
-
-
-def is_listening(port: int) -> bool:
-    """Whether a socket listens on TCP ``port`` (read from /proc, no connection made).
-
-    Probing with a connection would use up the only accept of ``s_server -naccept 1``, and
-    ``-quiet``/``-brief`` servers print no "ACCEPT" line to wait for.
-    """
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    return True
-    return False
-
-
-def wait_listening(port: int, timeout: float = 10.0, proc: Proc | None = None) -> None:
-    """Wait until something listens on ``port`` (a peer server process starting up)."""
-    deadline = time.monotonic() + timeout
-    while not is_listening(port):
-        if proc is not None and proc.proc.poll() is not None:
-            raise AssertionError(f"{proc.name} exited: {proc.stderr_text}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"nothing listens on port {port}")
-        time.sleep(0.01)
 
 
 @dataclass
@@ -310,40 +230,6 @@ def tlslite_echo(mode: str, port: int, identity: bytes, key: bytes, hash_name: s
     OpenSSL and GnuTLS, and the one here that does SHA-384 PSKs. The key travels on argv
     (hex): it is a throwaway made by the test.
     """
-    argv = [sys.executable, __file__, "tlslite-echo", mode, str(port), identity.hex(),
+    argv = [sys.executable, TLSLITE_SCRIPT, "tlslite-echo", mode, str(port), identity.hex(),
             key.hex(), hash_name]  # fmt: skip
     return Proc(argv, name=f"tlslite-{mode}")
-
-
-def _tlslite_echo_main(mode: str, port: str, identity: str, key: str, hash_name: str) -> int:
-    from tlslite.api import HandshakeSettings, TLSConnection
-
-    settings = HandshakeSettings()
-    settings.minVersion = settings.maxVersion = (3, 4)
-    settings.pskConfigs = [(bytes.fromhex(identity), bytes.fromhex(key), hash_name)]
-    settings.ticket_count = 0
-    if mode == "server":
-        with socket.socket() as listener:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(("127.0.0.1", int(port)))
-            listener.listen(1)
-            sock, _ = listener.accept()
-        conn = TLSConnection(sock)
-        conn.handshakeServer(settings=settings)
-    else:
-        conn = TLSConnection(socket.create_connection(("127.0.0.1", int(port))))
-        conn.handshakeClientCert(settings=settings)
-    print("handshake", conn.getCipherName(), file=sys.stderr, flush=True)
-    total = 0
-    while data := conn.read(max=65536):
-        conn.write(bytes(data))
-        total += len(data)
-    print("echoed", total, file=sys.stderr, flush=True)
-    conn.close()
-    return 0
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["tlslite-echo"]:
-        sys.exit(_tlslite_echo_main(*sys.argv[2:]))
-    sys.exit(f"unknown mode {sys.argv[1:2]}")

@@ -4,9 +4,9 @@ Every peer is a child process whose output is collected by a thread, so a test c
 line (:meth:`Peer.wait_for`) or read everything it printed. Servers are started on a free
 loopback port and returned only once they print their "listening" line. Peers are always reaped:
 use them as context managers (``with openssl_server(...) as peer:``); :meth:`Peer.close`
-terminates, then kills.
+terminates, then kills (:class:`tests.processes.ChildProcess`).
 
-The tlslite-ng peer is this file run as a script (``python tests/peers.py tlslite-server ...``):
+The tlslite-ng peer is ``tests/tlslite_peers.py`` run as a script (``tlslite-server ...``):
 a small independent TLS 1.3 implementation that does external PSKs with SHA-384, which neither
 GnuTLS 3.7 nor the openssl CLI can do. After its handshake it echoes back one application record
 (upper-cased), which lets a test prove that ktlsd's traffic secrets are right.
@@ -14,17 +14,16 @@ GnuTLS 3.7 nor the openssl CLI can do. After its handshake it echoes back one ap
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.processes import ChildProcess
+
 READY_TIMEOUT = 10.0
+TLSLITE_SCRIPT = str(Path(__file__).with_name("tlslite_peers.py"))
 
 
 def free_port() -> int:
@@ -34,52 +33,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Peer:
+class Peer(ChildProcess):
     """A child process with its combined stdout/stderr collected in the background."""
 
     def __init__(
         self, argv: Sequence[str], *, env: dict[str, str] | None = None, name: str | None = None
     ) -> None:
-        self.argv = list(argv)
-        self.name = name or Path(argv[0]).name
-        self._buf = bytearray()
-        self._cond = threading.Condition()
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+        super().__init__(
+            argv,
+            name=name or Path(argv[0]).name,
+            merge_stderr=True,
             env={**os.environ, **(env or {})},
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while True:
-            chunk = self.proc.stdout.read1(65536)
-            with self._cond:
-                if not chunk:
-                    self._cond.notify_all()
-                    return
-                self._buf += chunk
-                self._cond.notify_all()
 
     def output(self) -> str:
-        with self._cond:
-            return self._buf.decode("utf-8", "replace")
+        return self.snapshot(self.out)
 
     def wait_for(self, text: str, timeout: float = READY_TIMEOUT) -> str:
         """Wait until the output contains ``text``; return the output so far."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while text.encode() not in self._buf:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    out = self._buf.decode("utf-8", "replace")
-                    raise AssertionError(f"{self.name} never printed {text!r}; output:\n{out}")
-                self._cond.wait(min(remaining, 0.1))
-            return self._buf.decode("utf-8", "replace")
+        self.wait_output(
+            lambda: text.encode() in self.out,
+            lambda: f"{self.name} never printed {text!r}; output:\n{self.output()}",
+            timeout,
+        )
+        return self.output()
 
     def send(self, data: bytes) -> None:
         """Write to the peer's stdin (openssl/gnutls send it as application data)."""
@@ -88,30 +65,7 @@ class Peer:
         self.proc.stdin.flush()
 
     def wait_exit(self, timeout: float = READY_TIMEOUT) -> int:
-        rc = self.proc.wait(timeout)
-        self._reader.join(timeout)
-        return rc
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        with contextlib.suppress(OSError):
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-        self._reader.join(3)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def __enter__(self) -> Peer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return super().wait_exit(timeout)
 
 
 class ServerPeer(Peer):
@@ -168,7 +122,7 @@ def tlslite_server(
     port = port or free_port()
     argv = [
         sys.executable,
-        __file__,
+        TLSLITE_SCRIPT,
         "tlslite-server",
         str(port),
         identity.hex(),
@@ -182,7 +136,7 @@ def tlslite_client(port: int, identity: bytes, key: bytes, hash_name: str) -> Pe
     """A tlslite-ng TLS 1.3 client with one external PSK; echoes one record upper-cased."""
     argv = [
         sys.executable,
-        __file__,
+        TLSLITE_SCRIPT,
         "tlslite-client",
         str(port),
         identity.hex(),
@@ -190,40 +144,3 @@ def tlslite_client(port: int, identity: bytes, key: bytes, hash_name: str) -> Pe
         hash_name,
     ]
     return Peer(argv, name="tlslite-client")
-
-
-def _tlslite_main(argv: list[str]) -> int:
-    """Entry point of the tlslite-ng peer process."""
-    from tlslite.api import HandshakeSettings, TLSConnection
-
-    mode, port_text, identity_hex, key_hex, hash_name = argv
-    settings = HandshakeSettings()
-    settings.minVersion = (3, 4)
-    settings.maxVersion = (3, 4)
-    settings.pskConfigs = [(bytes.fromhex(identity_hex), bytes.fromhex(key_hex), hash_name)]
-    settings.ticket_count = 0
-    if mode == "tlslite-server":
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", int(port_text)))
-        listener.listen(1)
-        print("READY", flush=True)
-        sock, _ = listener.accept()
-        listener.close()
-        conn = TLSConnection(sock)
-        conn.handshakeServer(settings=settings)
-    else:
-        sock = socket.create_connection(("127.0.0.1", int(port_text)))
-        conn = TLSConnection(sock)
-        conn.handshakeClientCert(settings=settings)
-    print("HANDSHAKE-OK", conn.getCipherName(), flush=True)
-    data = conn.read(max=16384)
-    print("GOT", bytes(data).hex(), flush=True)
-    conn.write(bytes(data).upper())
-    with contextlib.suppress(Exception):
-        conn.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_tlslite_main(sys.argv[1:]))

@@ -17,7 +17,6 @@ import re
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from peers import (
 )
 from pki import Authority, Issued
 from tls13_records import NEW_SESSION_TICKET, read_application_data, recv_record, seal
+from waiting import wait_until
 
 from ktlsd.credentials import X509Credentials
 from ktlsd.errors import FailureCause, HandshakeError
@@ -130,18 +130,18 @@ def serve_one(config: TlsConfig, start_client: Callable[[int], Peer]):
 
 def keylog_secrets(path: Path) -> dict[str, bytes]:
     """CLIENT/SERVER_TRAFFIC_SECRET_0 from an NSS key log file (waiting for it to appear)."""
-    deadline = time.monotonic() + TIMEOUT
     found: dict[str, bytes] = {}
-    while time.monotonic() < deadline:
+
+    def both_logged() -> bool:
         if path.exists():
             for line in path.read_text().splitlines():
                 parts = line.split()
                 if len(parts) == 3 and parts[0].endswith("TRAFFIC_SECRET_0"):
                     found[parts[0]] = bytes.fromhex(parts[2])
-            if len(found) == 2:
-                return found
-        time.sleep(0.02)
-    raise AssertionError(f"no traffic secrets in {path}")
+        return len(found) == 2
+
+    wait_until(both_logged, lambda: f"no traffic secrets in {path}", TIMEOUT)
+    return found
 
 
 def assert_secrets_match(session: Session, path: Path) -> None:

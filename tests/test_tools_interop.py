@@ -45,10 +45,10 @@ from tests.cli_peers import (
     start_ktlsd_listen,
     text_data,
     tlslite_echo,
-    wait_listening,
 )
 from tests.peers import free_port
 from tests.pki import Authority, Issued
+from tests.waiting import wait_listening
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 needs_gnutls = pytest.mark.skipif(shutil.which("gnutls-cli") is None, reason="needs gnutls-bin")
