@@ -271,6 +271,7 @@ SHA384_IDENTITY = "NVMe1R02 nqn.2014-08.org.nvmexpress:uuid:host nqn.2014-08.org
 SHA384_KEY = bytes(range(48))  # throwaway, tests only
 
 
+@pytest.mark.slow
 def test_psk_sha384_connect_to_tlslite() -> None:
     """tlslite-ng (independent, pure Python) as an echo server with a SHA-384 external PSK."""
     port = free_port()
@@ -284,6 +285,7 @@ def test_psk_sha384_connect_to_tlslite() -> None:
             assert peer.wait_exit() == 0, peer.stderr_text
 
 
+@pytest.mark.slow
 def test_psk_sha384_listen_for_tlslite() -> None:
     args = ["--psk-identity", SHA384_IDENTITY, "--psk", SHA384_KEY.hex(),
             "--psk-hash", "sha384", "--record-layer", "user"]  # fmt: skip
