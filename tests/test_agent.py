@@ -18,7 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,30 +39,10 @@ from tests.agent_helpers import (
     tcp_pair,
 )
 from tests.pki import Authority, Issued
+from tests.waiting import run
 
 PSK = bytes.fromhex("a1b2c3d4" * 8)
 PSK_384 = bytes.fromhex("0f1e2d" * 16)
-
-
-def run(coro: Coroutine[Any, Any, Any], limit: float = 60.0) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, limit))
-
-
-@pytest.fixture
-def sock_path(tmp_path: Path) -> str:
-    return str(tmp_path / "handshake.sock")
-
-
-@pytest.fixture
-def ring() -> Iterator[int]:
-    """A fresh keyring linked into our session keyring (so the agent here possesses it)."""
-    serial = keyring.add_key("keyring", f"ktlsd-test-{os.getpid()}-{time.monotonic_ns()}",
-                             None, keyring.KEY_SPEC_SESSION_KEYRING)
-    try:
-        yield serial
-    finally:
-        keyring.revoke_key(serial)
-        keyring.unlink_key(serial, keyring.KEY_SPEC_SESSION_KEYRING)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -35,27 +34,13 @@ from ktlsd.tls.connection import TlsConnection
 from ktlsd.tls.record import open_record_layer
 from ktlsd.tls.session import CipherSuite, Role
 from ktlsd.upcall.service import HandshakeService
+from tests.agent_helpers import tcp_pair
 from tests.peers import openssl_server
 from tests.pki import Authority
+from tests.waiting import run
 
 PSK_256 = bytes.fromhex("0b" * 32)
 PSK_384 = bytes.fromhex("3c" * 48)
-
-
-def run(coro: Coroutine[Any, Any, Any], limit: float = 60.0) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, limit))
-
-
-@pytest.fixture
-def sock_path(tmp_path: Path) -> str:
-    return str(tmp_path / "handshake.sock")
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    return client, server
 
 
 @contextlib.asynccontextmanager

@@ -15,8 +15,6 @@ import select
 import signal
 import socket
 import struct
-import time
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +41,10 @@ from tests.agent_helpers import (
     tcp_pair,
 )
 from tests.pki import Authority
+from tests.waiting import run
 
 PSK_256 = bytes.fromhex("5a17" * 16)
 PSK_384 = bytes.fromhex("c3a9e1" * 16)
-
-
-def run(coro: Coroutine[Any, Any, Any], limit: float = 60.0) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, limit))
 
 
 async def psk_pair(path: str, a: socket.socket, b: socket.socket, identity: str,
@@ -139,17 +134,11 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(tmp_path: Path
 
 
 @pytest.fixture
-def shared_ring() -> Any:
+def shared_ring(ring: int) -> str:
     """A named keyring another process (the agent) may find, link and search, with one PSK."""
-    name = f"ktlsd-hup-{os.getpid()}-{time.monotonic_ns()}"
-    ring = keyring.add_key("keyring", name, None, keyring.KEY_SPEC_SESSION_KEYRING)
     keyring.set_perm(ring, 0x3F3F0000)  # possessor and owner: everything
     keyring.add_key("user", "hup-identity", PSK_256, ring)
-    try:
-        yield name
-    finally:
-        keyring.revoke_key(ring)
-        keyring.unlink_key(ring, keyring.KEY_SPEC_SESSION_KEYRING)
+    return keyring.describe_key(ring).description
 
 
 async def lookup_pair(path: str) -> tuple[int, int]:

@@ -16,13 +16,6 @@ import pytest
 from ktlsd import keyring
 
 
-@pytest.fixture
-def ring() -> int:
-    keyring.join_session_keyring(None)
-    name = f"ktlsd-test-{uuid.uuid4().hex[:12]}"
-    return keyring.add_key("keyring", name, None, keyring.KEY_SPEC_SESSION_KEYRING)
-
-
 def test_add_read_describe(ring: int) -> None:
     payload = os.urandom(32)
     serial = keyring.add_key("user", "NVMe0R01 host subsys", payload, ring)

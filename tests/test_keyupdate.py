@@ -20,10 +20,7 @@ import errno
 import hmac
 import os
 import socket
-import time
-from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,30 +39,16 @@ from ktlsd.tls.record import UserRecordLayer
 from ktlsd.tls.session import Session
 from ktlsd.upcall.service import PeerCredentials
 from tests.agent_helpers import DirectRequest, GatedRelay, LogLines, running_agent, tcp_pair
+from tests.waiting import run
 
 PSK_256 = bytes.fromhex("7e" * 32)
 PSK_384 = bytes.fromhex("e7" * 48)
 
 
-def run(coro: Coroutine[Any, Any, Any], limit: float = 60.0) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, limit))
-
-
 @pytest.fixture
-def sock_path(tmp_path: Path) -> str:
-    return str(tmp_path / "handshake.sock")
-
-
-@pytest.fixture
-def store() -> Iterator[SessionStore]:
-    """Kept sessions in a keyring of the test's own, revoked afterwards."""
-    ring = keyring.add_key("keyring", f"ktlsd-ku-test-{os.getpid()}-{time.monotonic_ns()}",
-                           None, keyring.KEY_SPEC_SESSION_KEYRING)
-    try:
-        yield SessionStore(keyring_id=ring, lifetime=120)
-    finally:
-        keyring.revoke_key(ring)
-        keyring.unlink_key(ring, keyring.KEY_SPEC_SESSION_KEYRING)
+def store(ring: int) -> SessionStore:
+    """Kept sessions in a keyring of the test's own (``ring``), revoked afterwards."""
+    return SessionStore(keyring_id=ring, lifetime=120)
 
 
 # --- an independent TLS 1.3 record decryptor (RFC 8446 §7.1, §7.2, §7.3, §5.2) ----------------

@@ -19,9 +19,7 @@ from tests.pki import Authority
 UNPRIVILEGED = Consumer(uid=4242)
 
 
-@pytest.fixture(autouse=True)
-def private_session_keyring() -> None:
-    keyring.join_session_keyring(None)
+pytestmark = pytest.mark.usefixtures("private_session_keyring")
 
 
 def _request(mt: MessageType, auth: AuthMode, **kw: object) -> HandshakeRequest:

@@ -15,7 +15,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,26 +58,12 @@ from ktlsd.upcall.service import (
     encode_done_message,
     encode_submit,
 )
+from tests.waiting import await_until as until
+from tests.waiting import run
 
 CLIENT_SECRET = bytes(range(0x40, 0x70))  # 48 bytes: a SHA-384 suite
 SERVER_SECRET = bytes(range(0x90, 0xC0))
 PSK_KEY = bytes.fromhex("5c" * 16 + "a7" * 16)
-
-
-def run(coro: Coroutine[Any, Any, Any], limit: float = 60.0) -> Any:
-    """Run a test coroutine; a hang becomes a failure instead of a stuck suite."""
-    return asyncio.run(asyncio.wait_for(coro, limit))
-
-
-async def until(predicate: Callable[[], bool], what: str, limit: float = 10.0) -> None:
-    """Wait for a state change in the service (not a timing assertion: the limit only
-    turns a bug into a failure instead of a hang)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.005)
 
 
 class TcpPairs:
@@ -108,6 +94,7 @@ def tcp() -> Any:
 
 @pytest.fixture
 def sock_path(tmp_path: Path) -> str:
+    """Overrides the shared one: a directory that does not exist yet (the service makes it)."""
     return str(tmp_path / "run" / "handshake.sock")
 
 

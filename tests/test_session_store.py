@@ -15,9 +15,8 @@ from ktlsd.tls.session import CipherSuite, Role, Session
 
 
 @pytest.fixture
-def store() -> SessionStore:
-    keyring.join_session_keyring(None)  # a private, empty session keyring for this test
-    return SessionStore(lifetime=60)
+def store(private_session_keyring: int) -> SessionStore:
+    return SessionStore(lifetime=60)  # in a private, empty session keyring for this test
 
 
 def _session(suite: CipherSuite = CipherSuite.TLS_AES_256_GCM_SHA384) -> Session:

@@ -33,11 +33,9 @@ def ktlsd_nvme(*argv: str) -> int:
 
 
 @pytest.fixture
-def ring() -> str:
-    keyring.join_session_keyring(None)
-    name = f"ktlsd-cli-{uuid.uuid4().hex[:12]}"
-    keyring.add_key("keyring", name, None, keyring.KEY_SPEC_SESSION_KEYRING)
-    return name
+def ring(ring: int) -> str:
+    """The shared ``ring`` fixture's keyring, by name (as the command line takes it)."""
+    return keyring.describe_key(ring).description
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ import hmac
 import shutil
 import struct
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
@@ -355,13 +354,6 @@ class TrackingStore:
     def revoke(self, serial: int) -> None:
         self.revoked.append(serial)
         self.inner.revoke(serial)
-
-
-@pytest.fixture
-def ring() -> int:
-    keyring.join_session_keyring(None)
-    name = f"ktlsd-concat-{uuid.uuid4().hex[:12]}"
-    return keyring.add_key("keyring", name, None, keyring.KEY_SPEC_SESSION_KEYRING)
 
 
 @pytest.mark.parametrize("hash_fn", [HashFunction.SHA256, HashFunction.SHA384])
