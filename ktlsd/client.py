@@ -8,8 +8,8 @@ back a connection ready for application data::
     await conn.asend(b"hello")
 
 This is the user-space twin of what the kernel's ``tls_client_hello_x509()`` and friends do:
-the socket is lent to the agent (passed over the service socket, see :mod:`ktlsd.upcall.service`
-for the wire protocol), the agent runs the handshake on it, and the answer comes back as a
+the socket is lent to the agent (passed over the service socket; :mod:`ktlsd.upcall.wire`
+specifies the protocol), the agent runs the handshake on it, and the answer comes back as a
 :class:`~ktlsd.request.HandshakeDone` with the status the kernel would report (``EAGAIN``,
 ``EBUSY``, ``ESRCH``, ``EACCES``, ``EKEYREJECTED``, ``ETIMEDOUT``, ``EIO``, ``ENOKEY``, ...).
 On success the DONE carries the :class:`~ktlsd.tls.session.Session`, from which
@@ -45,7 +45,7 @@ from ktlsd.request import (
     MessageType,
 )
 from ktlsd.tls.session import Role
-from ktlsd.upcall.service import (
+from ktlsd.upcall.wire import (
     DEFAULT_SERVICE_PATH,
     ServiceFormatError,
     connect_service,
@@ -93,7 +93,7 @@ class HandshakeFailed(OSError):
 
 
 def default_service_path() -> str:
-    """``$KTLSD_SERVICE_PATH`` if set, else :data:`~ktlsd.upcall.service.DEFAULT_SERVICE_PATH`."""
+    """``$KTLSD_SERVICE_PATH`` if set, else :data:`~ktlsd.upcall.wire.DEFAULT_SERVICE_PATH`."""
     return os.environ.get("KTLSD_SERVICE_PATH") or DEFAULT_SERVICE_PATH
 
 
