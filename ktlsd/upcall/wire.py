@@ -51,8 +51,9 @@ parses both, **without sockfd**:
 ==  ===================  ==========================================================
  1  sockfd               never: the socket is the SCM_RIGHTS descriptor (EINVAL if present)
  2  handler-class        u32, optional (1 = tlshd); unused by the service
- 3  message-type         u32, required: 1 clienthello (we are the TLS client),
-                         2 serverhello, 3 clientkeyupdate, 4 serverkeyupdate
+ 3  message-type         u32, required: 1 clienthello (the agent is the TLS client on
+                         the socket), 2 serverhello (TLS server), 3 clientkeyupdate,
+                         4 serverkeyupdate (key update of a kept session)
  4  timeout              u32 milliseconds; absent or 0: the agent's default (10 s)
  5  auth-mode            u32: 1 unauth, 2 psk, 3 x509; required for messages 1 and 2
  6  peer-identity        u32 PSK key serial, repeated, at most 5
@@ -64,8 +65,9 @@ parses both, **without sockfd**:
 11  session-id           u32: the kept session (required for messages 3 and 4)
 ==  ===================  ==========================================================
 
-Attribute 0 is ignored and 12..99 are errors. Service-only attributes (:class:`SubmitAttr`),
-any other number from 100 up being an error:
+Attribute 0 is ignored, 12..99 are errors; of a single-valued attribute given twice the
+last counts. Service-only attributes (:class:`SubmitAttr`; other numbers from 100 up are
+errors):
 
 ===  =====================  ======================================================
   #  attribute              payload
@@ -118,8 +120,9 @@ meaning session-id, without sockfd, plus :class:`DoneExtAttr`:
                             repeated, leaf first), 12 group (string)
 ===  =====================  ======================================================
 
-SESSION's attributes 1..4 are required; a decoder ignores unknown SESSION attributes and
-unknown DONE attributes (newer services may add some). When the peer's certificate chain
+SESSION's attributes 1..4 are required (role 0 or 1, a known suite, secrets of its hash
+length), and a DONE with status 0 but no SESSION is malformed; a decoder ignores unknown
+SESSION and DONE attributes (newer services may add some). When the peer's certificate chain
 would make DONE exceed the size limit, certificates are dropped from the chain's end (the
 leaf is kept). SESSION carries the consumer's own traffic secrets, needed to run a
 user-space record layer; the socket's mode keeps other users from asking. For a
@@ -134,17 +137,17 @@ The service itself answers, checking in the order of the kernel's
 * ``ESRCH``  -- the service is shutting down;
 * ``EAGAIN`` -- the pending limit is reached (requests queued and not yet taken by the
   agent; default the kernel's ``clamp(totalram / (25 * mem_unit), 3, 50)``);
-* ``EBUSY``  -- the same socket (same st_dev/st_ino, so ``dup``\\s count) already has a
-  request queued or in flight;
+* ``EBUSY``  -- the same socket (same st_dev/st_ino: dups of one socket count as one)
+  already has a request queued or in flight;
 * ``ESRCH``  -- no agent is taking requests;
 
 and, before those, ``EINVAL`` for a message it cannot accept: oversized or truncated
-(``MSG_TRUNC``), not exactly one descriptor, a descriptor that is
-not a connected IPv4/IPv6 TCP socket, a bad header (type, version, length, command), an
-unknown attribute, a bad attribute length or enum value, more than the limits above, an
-empty PSK identity, PSK key, certificate or private key, one of 102..106 given twice, a
-relative file name, an unknown cipher suite or PSK hash, a missing message type, a missing
-auth mode (handshakes) or session-id (key updates). ``EIO`` if its answer cannot be encoded.
+(``MSG_TRUNC``), not exactly one descriptor, a descriptor that is not a connected IPv4/IPv6
+TCP socket, a bad header (type, version, length, command), an unknown attribute, a bad
+attribute length or enum value, more than the limits above, an empty PSK identity, PSK key,
+certificate or private key, one of 102..106 given twice, a relative file name, an unknown
+cipher suite or PSK hash, a missing message type, a missing auth mode (handshakes) or
+session-id (key updates). ``EIO`` if its answer cannot be encoded.
 
 From the agent: ``0``; the DONE status of :class:`ktlsd.errors.FailureCause` for a failed
 handshake (``EACCES`` rejected or untrusted peer, ``EKEYREJECTED`` no PSK identity in
@@ -153,10 +156,11 @@ missing key, certificate or serial, ``EOPNOTSUPP`` a request it cannot serve, ``
 bad parameters); ``ENOKEY`` for a session-id that is unknown, expired or another uid's;
 ``ESRCH`` for a request taken but not started because the agent is stopping.
 
-A consumer library answers for itself when no DONE arrives (:mod:`ktlsd.client`):
-``ESRCH`` no service socket or nobody listening, ``EACCES`` no permission to connect,
-``EAGAIN`` the listen backlog stays full, ``ETIMEDOUT`` no DONE within the request's timeout
-plus 5 s, ``EIO`` the connection closed without a DONE or an unreadable DONE.
+A consumer library answers for itself when no DONE arrives (:mod:`ktlsd.client`): ``ESRCH``
+no service socket, nobody listening or the SUBMIT could not be sent, ``EACCES`` no
+permission to connect, ``EAGAIN`` the listen backlog stays full, ``ETIMEDOUT`` no DONE
+within the request's timeout plus 5 s, ``EIO`` the connection closed without a DONE or an
+unreadable DONE.
 """
 
 from __future__ import annotations
