@@ -156,6 +156,19 @@ def test_options_value_and_keywords_build_the_same_request(tmp_path: Path) -> No
         build_request()
 
 
+def test_the_consumer_library_does_not_load_the_server() -> None:
+    """ktlsd.client speaks the protocol (ktlsd.upcall.wire) without importing the server."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ktlsd.client\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('ktlsd.upcall'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True).stdout.split()
+    assert "ktlsd.upcall.wire" in loaded
+    assert "ktlsd.upcall.service" not in loaded
+
+
 def test_handshake_failed_is_an_oserror_with_the_errno_name() -> None:
     failure = HandshakeFailed(errno.EKEYREJECTED, "peer does not know\nthe identity")
     assert isinstance(failure, OSError)

@@ -191,6 +191,18 @@ def test_parse_family_reply_rejects_other_commands_and_missing_id() -> None:
         parse_family_reply(RawMessage(0x10, 0, 1, 0, genl(1, nla(1, U32(0x1D)))))
 
 
+def test_the_kernel_source_needs_no_pyroute2() -> None:
+    """The generic netlink layer is ktlsd's own: importing the source loads no pyroute2."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ktlsd.upcall.kernel\n"
+            "print(any(m.split('.')[0] == 'pyroute2' for m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.strip() == "False"
+
+
 # --- GETPOLICY --------------------------------------------------------------------------
 
 
