@@ -8,8 +8,8 @@ back a connection ready for application data::
     await conn.asend(b"hello")
 
 This is the user-space twin of what the kernel's ``tls_client_hello_x509()`` and friends do:
-the socket is lent to the agent (passed over the service socket, see :mod:`ktlsd.upcall.service`
-for the wire protocol), the agent runs the handshake on it, and the answer comes back as a
+the socket is lent to the agent (passed over the service socket; :mod:`ktlsd.upcall.wire`
+specifies the protocol), the agent runs the handshake on it, and the answer comes back as a
 :class:`~ktlsd.request.HandshakeDone` with the status the kernel would report (``EAGAIN``,
 ``EBUSY``, ``ESRCH``, ``EACCES``, ``EKEYREJECTED``, ``ETIMEDOUT``, ``EIO``, ``ENOKEY``, ...).
 On success the DONE carries the :class:`~ktlsd.tls.session.Session`, from which
@@ -22,6 +22,12 @@ using the socket); a socket whose handshake was cancelled midway is of no furthe
 :func:`submit` is the lower level: it returns the DONE (whatever its status) and never
 raises for a refused or failed handshake. A missing or refusing service socket is answered
 like the kernel answers when no agent listens: ``ESRCH``.
+
+What to ask for is one :class:`HandshakeOptions` value. :func:`build_request`,
+:func:`submit` and :func:`handshake` take it as ``options`` (positional after the socket, or
+by keyword), or its fields as keywords (``role=..., auth=..., peername=...``), or both:
+keywords then override the value's fields. This module imports the protocol
+(:mod:`ktlsd.upcall.wire`), never the server.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import errno
 import os
 import socket
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
 
 from ktlsd.request import (
     DEFAULT_TIMEOUT_MS,
@@ -45,7 +52,7 @@ from ktlsd.request import (
     MessageType,
 )
 from ktlsd.tls.session import Role
-from ktlsd.upcall.service import (
+from ktlsd.upcall.wire import (
     DEFAULT_SERVICE_PATH,
     ServiceFormatError,
     connect_service,
@@ -93,7 +100,7 @@ class HandshakeFailed(OSError):
 
 
 def default_service_path() -> str:
-    """``$KTLSD_SERVICE_PATH`` if set, else :data:`~ktlsd.upcall.service.DEFAULT_SERVICE_PATH`."""
+    """``$KTLSD_SERVICE_PATH`` if set, else :data:`~ktlsd.upcall.wire.DEFAULT_SERVICE_PATH`."""
     return os.environ.get("KTLSD_SERVICE_PATH") or DEFAULT_SERVICE_PATH
 
 
@@ -119,10 +126,10 @@ def _auth(auth: AuthName | AuthMode) -> AuthMode:
 
 def _psk(spec: PskSpec) -> InlinePsk:
     if len(spec) == 2:
-        identity, key = spec  # type: ignore[misc]
+        identity, key = spec
         hash_name = "sha256"
     elif len(spec) == 3:
-        identity, key, hash_name = spec  # type: ignore[misc]
+        identity, key, hash_name = spec
     else:
         raise ValueError("a PSK is (identity, key) or (identity, key, hash)")
     raw_identity = identity.encode() if isinstance(identity, str) else bytes(identity)
@@ -138,60 +145,118 @@ def _path(value: PathLike | None) -> str | None:
     return os.path.abspath(os.fspath(value)) if value is not None else None
 
 
-def build_request(
-    *,
-    role: RoleName | Role,
-    auth: AuthName | AuthMode,
-    psk: Sequence[PskSpec] | None = None,
-    psk_serials: Sequence[int] = (),
-    peername: str | None = None,
-    certificate: PathLike | None = None,
-    private_key: PathLike | None = None,
-    certificate_chain: Sequence[bytes] = (),
-    private_key_der: bytes = b"",
-    certificate_serial: int = 0,
-    private_key_serial: int = 0,
-    truststore: PathLike | None = None,
-    crl: PathLike | None = None,
-    ciphersuites: Sequence[str] = (),
-    require_client_cert: bool = False,
-    keyring: int = 0,
-    timeout: float | None = None,
-) -> HandshakeRequest:
-    """The :class:`HandshakeRequest` that :func:`submit` sends (``sockfd`` still -1).
+@dataclass(frozen=True, kw_only=True, eq=False)
+class HandshakeOptions:
+    """What a consumer asks the agent for: one handshake's parameters.
 
-    ``certificate``/``private_key``/``truststore``/``crl`` are PEM files the agent reads;
+    ``certificate``/``private_key``/``truststore``/``crl`` are PEM files the agent reads
+    (made absolute against the current directory when the request is built);
     ``certificate_chain``/``private_key_der`` pass DER directly; the ``*_serial`` arguments
-    name keys in a keyring the agent can read. ``timeout`` is in seconds (None: the agent's
-    default, 10 s).
+    and ``psk_serials`` name keys in a keyring the agent can read; ``keyring`` is a keyring
+    for the agent to link. ``timeout`` is in seconds (None: the agent's default, 10 s).
+    ``psk`` is a list of ``(identity, key)`` or ``(identity, key, "sha256"/"sha384")``.
+
+    Values are checked when the request is built (:meth:`to_request`), with a
+    :class:`ValueError` that never quotes a key. The keys (``psk``, ``private_key_der``) are
+    left out of ``repr()``; options do not compare equal by value (no secret comparisons).
     """
-    mode = _auth(auth)
-    which = _role(role)
-    if timeout is not None and not 0 < timeout <= 0xFFFFFFFF / 1000:
-        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-    inline = InlineMaterial(
-        psk_keys=tuple(_psk(p) for p in (psk or ())),
-        certificate_chain=tuple(bytes(c) for c in certificate_chain),
-        private_key=bytes(private_key_der),
-        certificate_file=_path(certificate),
-        private_key_file=_path(private_key),
-        truststore=_path(truststore),
-        crl=_path(crl),
-        ciphersuites=tuple(ciphersuites),
-        require_client_cert=require_client_cert,
-    )
-    return HandshakeRequest(
-        sockfd=-1,
-        message_type=MessageType.CLIENTHELLO if which is Role.CLIENT else MessageType.SERVERHELLO,
-        auth_mode=mode,
-        timeout_ms=round(timeout * 1000) if timeout is not None else 0,
-        peer_identities=tuple(psk_serials),
-        certificate=certificate_serial,
-        private_key=private_key_serial,
-        peername=peername,
-        keyring=keyring,
-        inline=inline if inline != InlineMaterial() else None,
-    )
+
+    role: RoleName | Role
+    auth: AuthName | AuthMode
+    psk: Sequence[PskSpec] | None = field(default=None, repr=False)
+    psk_serials: Sequence[int] = ()
+    peername: str | None = None
+    certificate: PathLike | None = None
+    private_key: PathLike | None = None
+    certificate_chain: Sequence[bytes] = ()
+    private_key_der: bytes = field(default=b"", repr=False)
+    certificate_serial: int = 0
+    private_key_serial: int = 0
+    truststore: PathLike | None = None
+    crl: PathLike | None = None
+    ciphersuites: Sequence[str] = ()
+    require_client_cert: bool = False
+    keyring: int = 0
+    timeout: float | None = None
+
+    def to_request(self) -> HandshakeRequest:
+        """The :class:`HandshakeRequest` that :func:`submit` sends (``sockfd`` still -1)."""
+        mode = _auth(self.auth)
+        which = _role(self.role)
+        timeout = self.timeout
+        if timeout is not None and not 0 < timeout <= 0xFFFFFFFF / 1000:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        inline = InlineMaterial(
+            psk_keys=tuple(_psk(p) for p in (self.psk or ())),
+            certificate_chain=tuple(bytes(c) for c in self.certificate_chain),
+            private_key=bytes(self.private_key_der),
+            certificate_file=_path(self.certificate),
+            private_key_file=_path(self.private_key),
+            truststore=_path(self.truststore),
+            crl=_path(self.crl),
+            ciphersuites=tuple(self.ciphersuites),
+            require_client_cert=self.require_client_cert,
+        )
+        return HandshakeRequest(
+            sockfd=-1,
+            message_type=(MessageType.CLIENTHELLO if which is Role.CLIENT
+                          else MessageType.SERVERHELLO),
+            auth_mode=mode,
+            timeout_ms=round(timeout * 1000) if timeout is not None else 0,
+            peer_identities=tuple(self.psk_serials),
+            certificate=self.certificate_serial,
+            private_key=self.private_key_serial,
+            peername=self.peername,
+            keyring=self.keyring,
+            inline=inline if inline != InlineMaterial() else None,
+        )
+
+
+class HandshakeFields(TypedDict, total=False):
+    """:class:`HandshakeOptions`' fields as keyword arguments (the type of ``**fields``).
+
+    mypy checks that every key here is a field of :class:`HandshakeOptions` with the same
+    type (it checks ``HandshakeOptions(**fields)``); role and auth are required unless an
+    options value is given, which is checked at run time.
+    """
+
+    role: RoleName | Role
+    auth: AuthName | AuthMode
+    psk: Sequence[PskSpec] | None
+    psk_serials: Sequence[int]
+    peername: str | None
+    certificate: PathLike | None
+    private_key: PathLike | None
+    certificate_chain: Sequence[bytes]
+    private_key_der: bytes
+    certificate_serial: int
+    private_key_serial: int
+    truststore: PathLike | None
+    crl: PathLike | None
+    ciphersuites: Sequence[str]
+    require_client_cert: bool
+    keyring: int
+    timeout: float | None
+
+
+def _merge(options: HandshakeOptions | None, fields: HandshakeFields) -> HandshakeOptions:
+    """``options`` with ``fields`` replaced, or new options from ``fields`` (which must then
+    name role and auth: :class:`TypeError` otherwise)."""
+    if options is None:
+        missing = [name for name in ("role", "auth") if name not in fields]
+        if missing:
+            raise TypeError(f"handshake options need {' and '.join(missing)} "
+                            "(or a HandshakeOptions value)")
+        return HandshakeOptions(**fields)
+    return replace(options, **fields) if fields else options
+
+
+def build_request(
+    options: HandshakeOptions | None = None, **fields: Unpack[HandshakeFields]
+) -> HandshakeRequest:
+    """The :class:`HandshakeRequest` that :func:`submit` sends (``sockfd`` still -1), from
+    ``options`` and/or its fields as keywords (which override ``options``' fields)."""
+    return _merge(options, fields).to_request()
 
 
 async def submit_request(
@@ -260,79 +325,37 @@ def _failure(status: int, reason: str) -> HandshakeDone:
 
 async def submit(
     sock: socket.socket | int,
+    options: HandshakeOptions | None = None,
     *,
-    role: RoleName | Role,
-    auth: AuthName | AuthMode,
-    psk: Sequence[PskSpec] | None = None,
-    psk_serials: Sequence[int] = (),
-    peername: str | None = None,
-    certificate: PathLike | None = None,
-    private_key: PathLike | None = None,
-    certificate_chain: Sequence[bytes] = (),
-    private_key_der: bytes = b"",
-    certificate_serial: int = 0,
-    private_key_serial: int = 0,
-    truststore: PathLike | None = None,
-    crl: PathLike | None = None,
-    ciphersuites: Sequence[str] = (),
-    require_client_cert: bool = False,
-    keyring: int = 0,
-    timeout: float | None = None,
     service_path: PathLike | None = None,
+    **fields: Unpack[HandshakeFields],
 ) -> HandshakeDone:
     """Ask the agent for a handshake on ``sock``; return its DONE, whatever the status.
 
-    Arguments as in :func:`build_request`. ``done.session`` is set on success.
+    What to ask for: ``options`` and/or its fields as keywords (as for
+    :func:`build_request`). ``done.session`` is set on success.
     """
-    request = build_request(
-        role=role, auth=auth, psk=psk, psk_serials=psk_serials, peername=peername,
-        certificate=certificate, private_key=private_key, certificate_chain=certificate_chain,
-        private_key_der=private_key_der, certificate_serial=certificate_serial,
-        private_key_serial=private_key_serial, truststore=truststore, crl=crl,
-        ciphersuites=ciphersuites, require_client_cert=require_client_cert, keyring=keyring,
-        timeout=timeout,
-    )
+    request = _merge(options, fields).to_request()
     return await submit_request(sock, request, service_path=service_path)
 
 
 async def handshake(
     sock: socket.socket,
+    options: HandshakeOptions | None = None,
     *,
-    role: RoleName | Role,
-    auth: AuthName | AuthMode,
-    psk: Sequence[PskSpec] | None = None,
-    psk_serials: Sequence[int] = (),
-    peername: str | None = None,
-    certificate: PathLike | None = None,
-    private_key: PathLike | None = None,
-    certificate_chain: Sequence[bytes] = (),
-    private_key_der: bytes = b"",
-    certificate_serial: int = 0,
-    private_key_serial: int = 0,
-    truststore: PathLike | None = None,
-    crl: PathLike | None = None,
-    ciphersuites: Sequence[str] = (),
-    require_client_cert: bool = False,
-    keyring: int = 0,
-    timeout: float | None = None,
     service_path: PathLike | None = None,
     record_layer: Literal["auto", "kernel", "user"] = "auto",
+    **fields: Unpack[HandshakeFields],
 ) -> TlsConnection:
     """Run a TLS 1.3 handshake on ``sock`` through the agent; return the connection.
 
-    Raises :class:`HandshakeFailed` (an :class:`OSError` whose ``errno`` is the DONE status)
-    when the handshake is refused or fails. ``record_layer`` picks kTLS (``"kernel"``), the
-    user-space layer (``"user"``) or whichever works here (``"auto"``). The socket is left
-    non-blocking, as the connection's asyncio methods need.
+    What to ask for: ``options`` and/or its fields as keywords (as for
+    :func:`build_request`). Raises :class:`HandshakeFailed` (an :class:`OSError` whose
+    ``errno`` is the DONE status) when the handshake is refused or fails. ``record_layer``
+    picks kTLS (``"kernel"``), the user-space layer (``"user"``) or whichever works here
+    (``"auto"``). The socket is left non-blocking, as the connection's asyncio methods need.
     """
-    done = await submit(
-        sock, role=role, auth=auth, psk=psk, psk_serials=psk_serials, peername=peername,
-        certificate=certificate, private_key=private_key, certificate_chain=certificate_chain,
-        private_key_der=private_key_der, certificate_serial=certificate_serial,
-        private_key_serial=private_key_serial, truststore=truststore, crl=crl,
-        ciphersuites=ciphersuites, require_client_cert=require_client_cert, keyring=keyring,
-        timeout=timeout, service_path=service_path,
-    )
+    done = await submit(sock, _merge(options, fields), service_path=service_path)
     return connection_from_done(sock, done, record_layer=record_layer)
 
 
@@ -410,6 +433,8 @@ async def forget_session(
 
 __all__ = [
     "HandshakeFailed",
+    "HandshakeFields",
+    "HandshakeOptions",
     "build_request",
     "connection_from_done",
     "default_service_path",

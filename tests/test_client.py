@@ -22,6 +22,7 @@ import pytest
 from ktlsd.agent import Agent, AgentSettings
 from ktlsd.client import (
     HandshakeFailed,
+    HandshakeOptions,
     build_request,
     connection_from_done,
     handshake,
@@ -114,6 +115,43 @@ def test_bad_arguments_raise_value_error(kwargs: dict[str, Any], words: str) -> 
     with pytest.raises(ValueError, match=words) as info:
         build_request(**kwargs)
     assert PSK_256.hex() not in str(info.value)
+
+
+def test_options_value_and_keywords_build_the_same_request(tmp_path: Path) -> None:
+    os.chdir(tmp_path)
+    fields: dict[str, Any] = {
+        "role": "server", "auth": "psk", "psk": [("id", PSK_384, "sha384")],
+        "private_key_der": b"0\x82-secret-der", "peername": "host1", "timeout": 2.5,
+        "certificate": "cert.pem",
+    }
+    base = HandshakeOptions(**fields)
+    assert build_request(base) == build_request(**fields)
+    assert build_request(options=base) == build_request(**fields)
+    text = repr(base)
+    assert "peername='host1'" in text
+    assert repr(PSK_384)[2:-1] not in text and "secret-der" not in text  # secrets stay out
+    changed = build_request(base, role="client", peername="host2")
+    assert changed.message_type is MessageType.CLIENTHELLO and changed.peername == "host2"
+    assert changed.inline is not None and changed.inline.certificate_file == str(
+        tmp_path / "cert.pem")
+    assert base.peername == "host1" and base.role == "server"  # the value itself is frozen
+    with pytest.raises(TypeError, match="need auth"):
+        build_request(role="client")
+    with pytest.raises(TypeError, match="need role and auth"):
+        build_request()
+
+
+def test_the_consumer_library_does_not_load_the_server() -> None:
+    """ktlsd.client speaks the protocol (ktlsd.upcall.wire) without importing the server."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ktlsd.client\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('ktlsd.upcall'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True).stdout.split()
+    assert "ktlsd.upcall.wire" in loaded
+    assert "ktlsd.upcall.service" not in loaded
 
 
 def test_handshake_failed_is_an_oserror_with_the_errno_name() -> None:
@@ -304,6 +342,26 @@ def test_handshake_returns_connections_ready_for_data_and_key_update(sock_path: 
                 assert await client.arecv() == b"answered"
                 assert client.session.client_generation == 1
                 assert server.session.server_generation == 1
+
+    run(main())
+
+
+def test_submit_and_handshake_take_one_options_value(sock_path: str) -> None:
+    async def main() -> None:
+        async with running_agent(sock_path):
+            a, b = tcp_pair()
+            with a, b:
+                server = HandshakeOptions(role="server", auth="psk",
+                                          psk=[(b"options", PSK_256)], timeout=10)
+                client_conn, server_done = await asyncio.gather(
+                    handshake(a, server, role="client", service_path=sock_path,
+                              record_layer="user"),
+                    submit(b, server, service_path=sock_path),
+                )
+                assert server_done.status == 0 and server_done.session is not None
+                assert client_conn.session.role is Role.CLIENT
+                assert server_done.session.peer.psk_identity == b"options"
+                assert client_conn.session.client_secret == server_done.session.client_secret
 
     run(main())
 

@@ -26,7 +26,7 @@ from ktlsd.request import KeyUpdateType
 from ktlsd.tls.session import Session
 from ktlsd.upcall.netlink import AcceptAttr
 from ktlsd.upcall.nlattr import encode_attr, encode_genl, u32
-from ktlsd.upcall.service import (
+from ktlsd.upcall.wire import (
     MAX_MESSAGE_SIZE,
     connect_service,
     decode_done_message,
@@ -440,7 +440,7 @@ def test_no_secret_reaches_the_debug_log_of_a_full_run(tmp_path: Path) -> None:
 def test_encode_genl_frame_is_what_the_service_expects() -> None:
     """The raw frames above are built right: a well-formed SUBMIT parses (guards the
     bad-message test against passing for the wrong reason)."""
-    from ktlsd.upcall.service import decode_submit
+    from ktlsd.upcall.wire import decode_submit
 
     attrs = encode_attr(AcceptAttr.MESSAGE_TYPE, u32(1)) + encode_attr(AcceptAttr.AUTH_MODE,
                                                                        u32(2))

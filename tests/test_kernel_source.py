@@ -2,7 +2,8 @@
 
 Three layers, each with real parts where this machine has them:
 
-* the pure parsers (netlink framing, NLMSG_ERROR, GETPOLICY dumps) against byte vectors
+* the pure parsers (netlink framing, NLMSG_ERROR, GETFAMILY replies, GETPOLICY dumps) against
+  byte vectors
   written out by hand from include/uapi/linux/netlink.h and genetlink.h, and against bytes
   captured from Linux 7.3.4's handshake family in the VM test bed;
 * the control-family request path against the running kernel (nlctrl answers GETPOLICY
@@ -24,23 +25,26 @@ import struct
 import pytest
 
 from ktlsd.request import AuthMode, HandshakeDone, MessageType
-from ktlsd.upcall.kernel import (
+from ktlsd.upcall.genl import (
     AttrKind,
     FamilyInfo,
-    KernelCapabilities,
-    KernelSource,
-    KernelSourceError,
     NetlinkChannel,
     NetlinkError,
     RawMessage,
-    capabilities_from_policies,
     decode_error,
-    has_capability,
+    parse_family_reply,
     parse_policy_dump,
     probe_family_policy,
+    split_messages,
+)
+from ktlsd.upcall.kernel import (
+    KernelCapabilities,
+    KernelSource,
+    KernelSourceError,
+    capabilities_from_policies,
+    has_capability,
     probe_kernel_policy,
     resolve_family,
-    split_messages,
 )
 from ktlsd.upcall.netlink import DoneAttr4, decode_done
 
@@ -144,6 +148,59 @@ def test_decode_error_uncapped_skips_echoed_request_and_ack_is_zero() -> None:
     assert decode_error(message) == (errno.EAGAIN, "")
     ack = split_messages(nlmsg(2, 0x100, 44, 0, S32(0) + request[:16]))[0]
     assert decode_error(ack) == (0, "")
+
+
+# --- GETFAMILY ----------------------------------------------------------------------------
+
+# The control family describing itself, as Linux 6.18 sent it (CTRL_CMD_GETFAMILY "nlctrl" on
+# the development host): the genl header (cmd 1 = NEWFAMILY, version 2), then FAMILY_NAME,
+# FAMILY_ID, VERSION, HDRSIZE, MAXATTR, OPS (two ops) and MCAST_GROUPS (one: "notify" = 16).
+LINUX_6_18_NLCTRL_FAMILY = (
+    "010200000b0002006e6c6374726c000006000100100000000800030002000000080004000000000008000500"
+    "000000002c000600140001000800010003000000080002000e00000014000200080001000a00000008000200"
+    "0c0000001c0007001800010008000200100000000b0001006e6f746966790000"
+)
+
+
+def test_parse_family_reply_from_a_real_kernel() -> None:
+    message = RawMessage(0x10, 0, 1, 0, bytes.fromhex(LINUX_6_18_NLCTRL_FAMILY))
+    assert parse_family_reply(message) == FamilyInfo("nlctrl", 0x10, 2, {"notify": 0x10})
+
+
+def test_parse_family_reply_handshake_family_longhand() -> None:
+    # genl_ctrl_fill_info() for the handshake family: id, name, version 1, hdrsize 0,
+    # maxattr, the ops (skipped), and MCAST_GROUPS { 1 { ID 0x20, NAME "tlshd" } }.
+    group = nla(1, nla(2, U32(0x20)) + nla(1, b"tlshd\0"), True)
+    attrs = (
+        nla(1, U16(0x1D)) + nla(2, b"handshake\0") + nla(3, U32(1)) + nla(4, U32(0))
+        + nla(5, U32(11)) + nla(6, nla(1, nla(1, U32(2)) + nla(2, U32(0xE)), True), True)
+        + nla(7, group, True)
+    )
+    message = split_messages(nlmsg(0x10, 0, 5, 0, genl(1, attrs)))[0]
+    assert parse_family_reply(message) == FamilyInfo("handshake", 0x1D, 1, {"tlshd": 0x20})
+
+
+def test_parse_family_reply_rejects_other_commands_and_missing_id() -> None:
+    from ktlsd.upcall.nlattr import NetlinkFormatError
+
+    with pytest.raises(NetlinkFormatError, match="control command 3"):
+        parse_family_reply(RawMessage(0x10, 0, 1, 0, genl(3, nla(2, b"x\0"))))
+    with pytest.raises(NetlinkFormatError, match="without CTRL_ATTR_FAMILY_ID"):
+        parse_family_reply(RawMessage(0x10, 0, 1, 0, genl(1, nla(2, b"x\0"))))
+    with pytest.raises(NetlinkFormatError, match="family id"):
+        parse_family_reply(RawMessage(0x10, 0, 1, 0, genl(1, nla(1, U32(0x1D)))))
+
+
+def test_the_kernel_source_needs_no_pyroute2() -> None:
+    """The generic netlink layer is ktlsd's own: importing the source loads no pyroute2."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ktlsd.upcall.kernel\n"
+            "print(any(m.split('.')[0] == 'pyroute2' for m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.strip() == "False"
 
 
 # --- GETPOLICY --------------------------------------------------------------------------

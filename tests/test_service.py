@@ -43,18 +43,16 @@ from ktlsd.upcall.nlattr import (
     s32,
     u32,
 )
-from ktlsd.upcall.service import (
+from ktlsd.upcall.service import HandshakeService, ServiceRequest, default_pending_limit
+from ktlsd.upcall.wire import (
     MAX_MESSAGE_SIZE,
     SERVICE_MSG_TYPE,
     DoneExtAttr,
-    HandshakeService,
     ServiceCommand,
     ServiceFormatError,
-    ServiceRequest,
     connect_service,
     decode_done_message,
     decode_submit,
-    default_pending_limit,
     encode_done_message,
     encode_submit,
 )

@@ -4,8 +4,9 @@ Facts from ``Documentation/netlink/specs/handshake.yaml`` (Linux 6.5+; ``peernam
 ``keyring`` 6.17+) and the proposed KeyUpdate series (``key-update-request``,
 ``session-id``). This module turns attribute bytes into a :class:`~ktlsd.request.HandshakeRequest`
 and a :class:`~ktlsd.request.HandshakeDone` into attribute bytes; it does no I/O. The
-kernel transport lives in :mod:`ktlsd.upcall.kernel`; the user-space handshake service
-(:mod:`ktlsd.upcall.service`) uses the same codecs for its messages.
+kernel transport lives in :mod:`ktlsd.upcall.kernel` (generic netlink itself in
+:mod:`ktlsd.upcall.genl`); the user-space handshake service's protocol
+(:mod:`ktlsd.upcall.wire`) uses the same codecs for its messages.
 
 DONE attribute 4 is claimed twice: ``session-id`` (u32, KeyUpdate series) and ``tag``
 (string, "TLS session tags" in the nfsd tree). :class:`DoneAttributes` records which one
