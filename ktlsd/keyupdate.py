@@ -13,12 +13,14 @@ and a ``session-id``) asks the agent, long after the handshake, to do one of:
     as ``RECEIVED``, and the peer asked for an update: also send our own KeyUpdate with
     ``update_not_requested`` and install the next TX key.
 
-:func:`plan_key_update` decides, purely, what to send and which secrets advance (each exactly
-once per update); :func:`apply_key_update` (a coroutine) carries the plan out on a
-:class:`KeyInstaller` — a kTLS socket for kernel consumers, or the user-space record layer of a
-consumer that emulates the kernel through the handshake service. The KeyUpdate record is
-written without ever blocking the agent's event loop: a consumer whose peer stopped reading
-gets ETIMEDOUT after the request's timeout, and every other request keeps being served.
+:func:`plan_key_update` decides, purely, what to send and which directions advance (each exactly
+once per update, by :func:`ktlsd.tls.keyschedule.advance_session`, the same function a
+program's own :class:`~ktlsd.tls.connection.TlsConnection` uses); :func:`apply_key_update`
+(a coroutine) carries the plan out on a :class:`KeyInstaller` — a kTLS socket for kernel
+consumers, or the user-space record layer of a consumer that emulates the kernel through the
+handshake service. The KeyUpdate record is written without ever blocking the agent's event
+loop: a consumer whose peer stopped reading gets ETIMEDOUT after the request's timeout, and
+every other request keeps being served.
 
 The kept state (:mod:`ktlsd.session_store`) is updated only after the keys are in place, so a
 failed update leaves the old generation kept and the consumer can reconnect cleanly.
@@ -33,12 +35,10 @@ from typing import Protocol
 
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.request import KeyUpdateType, MessageType
-from ktlsd.session_store import advanced
 from ktlsd.tls import ktls
-from ktlsd.tls.keyschedule import encode_key_update
+from ktlsd.tls.keyschedule import advance_session, encode_key_update
+from ktlsd.tls.protocol import ContentType
 from ktlsd.tls.session import CipherSuite, Role, Session
-
-CONTENT_TYPE_HANDSHAKE = 22
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,14 @@ def plan_key_update(
             FailureCause.INVALID_REQUEST,
             f"{message_type.name.lower()} for a session kept as {state.role.value}",
         )
-    ours_client = state.role is Role.CLIENT
     if kind is KeyUpdateType.SEND:
-        new = advanced(state, client=ours_client, server=not ours_client)
+        new = advance_session(state, tx=True)
         return KeyUpdatePlan(new, False, encode_key_update(request_peer), True)
     if kind is KeyUpdateType.RECEIVED:
-        new = advanced(state, client=not ours_client, server=ours_client)
+        new = advance_session(state, rx=True)
         return KeyUpdatePlan(new, True, None, False)
     if kind is KeyUpdateType.RECEIVED_REQUEST_UPDATE:
-        new = advanced(state, client=True, server=True)
+        new = advance_session(state, tx=True, rx=True)
         return KeyUpdatePlan(new, True, encode_key_update(False), True)
     raise HandshakeError(FailureCause.INVALID_REQUEST, "key-update request without a type")
 
@@ -119,7 +118,7 @@ class KtlsInstaller:
     def send_some(self, data: memoryview) -> int:
         # The record-type control message makes kTLS emit one handshake record; a partial
         # send is continued by the next call, as ktls.send_record does.
-        record_type = [(ktls.SOL_TLS, ktls.TLS_SET_RECORD_TYPE, bytes((CONTENT_TYPE_HANDSHAKE,)))]
+        record_type = [(ktls.SOL_TLS, ktls.TLS_SET_RECORD_TYPE, bytes((ContentType.HANDSHAKE,)))]
         return self.sock.sendmsg([data], record_type, socket.MSG_DONTWAIT)
 
     def install_tx_key(self, secret: bytes) -> None:
@@ -149,7 +148,7 @@ class UserLayerInstaller:
         return self.sock.fileno()
 
     def wire_bytes(self, message: bytes) -> bytes:
-        sealed = self._layer.seal(message, CONTENT_TYPE_HANDSHAKE)  # one record, not sent
+        sealed = self._layer.seal(message, ContentType.HANDSHAKE)  # one record, not sent
         assert sealed is not None
         return sealed
 

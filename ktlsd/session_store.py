@@ -22,6 +22,11 @@ Payload layout (version 1, big-endian)::
 ``owner`` is who may use the session later: :data:`KERNEL_OWNER` for kernel consumers, else
 the uid of the user-space consumer. A request from anyone else is told the session does not
 exist (ENOKEY), so session ids cannot be used to fish for another connection's secrets.
+
+Storage only: this module keeps and returns :class:`~ktlsd.tls.session.Session` values as they
+are given. Moving a session to its next keys is :func:`ktlsd.tls.keyschedule.advance_session`
+(called by :mod:`ktlsd.keyupdate`). Record sequence numbers are not kept: the kernel holds them
+for a kTLS socket, and a user-space consumer reports its own with each key-update request.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import contextlib
 import errno
 import secrets
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ktlsd import keyring
 from ktlsd.errors import FailureCause, HandshakeError
@@ -161,22 +166,3 @@ def _short(exc: Exception) -> str:
         return errno.errorcode.get(exc.errno or 0, "error")
     return str(exc)
 
-
-def advanced(session: Session, *, client: bool = False, server: bool = False) -> Session:
-    """``session`` with the chosen directions moved to their next traffic secret."""
-    from ktlsd.tls.keyschedule import next_traffic_secret
-
-    out = session
-    if client:
-        out = replace(
-            out,
-            client_secret=next_traffic_secret(out.suite, out.client_secret),
-            client_generation=out.client_generation + 1,
-        )
-    if server:
-        out = replace(
-            out,
-            server_secret=next_traffic_secret(out.suite, out.server_secret),
-            server_generation=out.server_generation + 1,
-        )
-    return out

@@ -20,6 +20,7 @@ import pytest
 
 from ktlsd.tls import ktls
 from ktlsd.tls.keyschedule import traffic_keys
+from ktlsd.tls.protocol import ContentType
 from ktlsd.tls.session import CipherSuite
 
 AES128 = CipherSuite.TLS_AES_128_GCM_SHA256
@@ -287,7 +288,7 @@ def test_probe_reports_each_missing_feature_in_one_line() -> None:
 
 def test_send_and_recv_record_application_data_path(tcp_pair) -> None:
     client, server = tcp_pair
-    ktls.send_record(client, ktls.CONTENT_TYPE_APPLICATION_DATA, b"hello")
+    ktls.send_record(client, ContentType.APPLICATION_DATA, b"hello")
     assert ktls.recv_record(server, 100) == (23, b"hello")
     client.shutdown(socket.SHUT_WR)
     assert ktls.recv_record(server, 100) == (23, b"")

@@ -9,8 +9,8 @@ import pytest
 
 from ktlsd import keyring
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.session_store import POSSESSOR_ONLY, SessionStore, advanced, decode_state, encode_state
-from ktlsd.tls.keyschedule import next_traffic_secret
+from ktlsd.session_store import POSSESSOR_ONLY, SessionStore, decode_state, encode_state
+from ktlsd.tls.keyschedule import advance_session, next_traffic_secret
 from ktlsd.tls.session import CipherSuite, Role, Session
 
 
@@ -47,7 +47,7 @@ def test_save_load_update_drop(store: SessionStore) -> None:
     info = keyring.describe_key(sid)
     assert info.perm == POSSESSOR_ONLY
     assert store.load(sid).server_secret == s.server_secret
-    nxt = advanced(s, server=True)
+    nxt = advance_session(s, tx=True)  # s is kept as the server's: tx is the server direction
     assert nxt.server_secret == next_traffic_secret(s.suite, s.server_secret)
     assert nxt.server_generation == 1 and nxt.client_secret == s.client_secret
     store.update(sid, nxt)

@@ -2,7 +2,8 @@
 
 Deliberately independent of ktlsd's own key schedule and record layer: it derives the write key
 and IV from a traffic secret (RFC 8446 §7.3) with ``cryptography``'s HKDFExpand and protects or
-opens single records (§5.2) with AES-GCM or ChaCha20-Poly1305.
+opens single records (§5.2) with AES-GCM or ChaCha20-Poly1305. Only the protocol numbers come
+from ktlsd (:mod:`ktlsd.tls.protocol`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from ktlsd.tls.protocol import ContentType, HandshakeType, ProtocolVersion
 from ktlsd.tls.session import CipherSuite
 
-APPLICATION_DATA = 23
-HANDSHAKE = 22
-NEW_SESSION_TICKET = 4
+NEW_SESSION_TICKET = HandshakeType.NEW_SESSION_TICKET  # what read_application_data skips
 
 
 def hkdf_expand_label(secret: bytes, label: bytes, length: int, hash_name: str) -> bytes:
@@ -45,12 +45,14 @@ def seal(
     secret: bytes,
     seq: int,
     payload: bytes,
-    content_type: int = APPLICATION_DATA,
+    content_type: int = ContentType.APPLICATION_DATA,
 ) -> bytes:
     """One protected record carrying ``payload`` at sequence number ``seq``."""
     aead, iv = _aead(suite, secret)
     inner = payload + bytes([content_type])
-    header = struct.pack("!BHH", APPLICATION_DATA, 0x0303, len(inner) + 16)
+    header = struct.pack(
+        "!BHH", ContentType.APPLICATION_DATA, ProtocolVersion.TLS_1_2, len(inner) + 16
+    )
     return header + aead.encrypt(_nonce(iv, seq), inner, header)
 
 
@@ -92,8 +94,8 @@ def read_application_data(
     while True:
         ctype, payload = open_record(suite, secret, seq, recv_record(sock))
         seq += 1
-        if ctype == APPLICATION_DATA:
+        if ctype == ContentType.APPLICATION_DATA:
             return payload, seq, skipped
-        if ctype != HANDSHAKE:
+        if ctype != ContentType.HANDSHAKE:
             raise AssertionError(f"unexpected record type {ctype}")
         skipped.append(payload[0])

@@ -27,10 +27,20 @@ request, which fulfils it from the peer's point of view, and the peer's KeyUpdat
 Answering anyway would be harmless, merely one more update. Lock-step is never at risk: each
 side moves its receive secret exactly once per KeyUpdate message it reads, whatever the timing.
 
-Structure: the protocol logic is a small sans-I/O core that turns events into a list of
-actions (``("send", content_type, bytes)`` or ``("call", fn)``); the blocking methods run the
-actions with ``layer.send`` and the asyncio methods with ``await layer.asend``. Only the
-waiting differs; the logic is written once.
+Structure: the protocol logic is a small sans-I/O core that turns events into a list of typed
+actions — :class:`SendRecord` (one record to write) and :class:`SwitchTxKey` (move the transmit
+direction to its next key, after the KeyUpdate record went out). The drivers are thin: the
+blocking methods write a :class:`SendRecord` with ``layer.send``, the asyncio methods with
+``await layer.asend``, and both hand every action back to the core once it is done
+(``_completed``), where the bookkeeping lives: counting records, and for :class:`SwitchTxKey`
+installing the next key (a synchronous call on the layer in both APIs). Only the waiting
+differs; the logic is written once.
+
+Key state: the connection holds one :class:`~ktlsd.tls.session.Session` value and replaces it
+on every KeyUpdate sent or read with what :func:`~ktlsd.tls.keyschedule.advance_session`
+returns — the same function the agent uses for kept sessions (:mod:`ktlsd.keyupdate`). A reader
+and a writer thread each move their own direction of that one value, so the swap is done under
+a small lock.
 
 Thread safety: one reader and one writer may use a connection concurrently (blocking API):
 all transmission, including a KeyUpdate and its key installation, happens under one lock, so
@@ -46,31 +56,29 @@ import dataclasses
 import errno
 import select
 import threading
-from collections.abc import Callable
-from typing import Final
+from dataclasses import dataclass, field
+from typing import Final, assert_never
 
-from ktlsd.tls.keyschedule import (
-    HANDSHAKE_KEY_UPDATE,
-    HANDSHAKE_NEW_SESSION_TICKET,
+from ktlsd.tls.keyschedule import advance_session, decode_key_update, encode_key_update
+from ktlsd.tls.protocol import (
+    HANDSHAKE_HEADER_LENGTH,
     KEY_UPDATE_LENGTH,
-    decode_key_update,
-    encode_key_update,
-    next_traffic_secret,
-)
-from ktlsd.tls.record import (
-    CONTENT_TYPE_ALERT,
-    CONTENT_TYPE_APPLICATION_DATA,
-    CONTENT_TYPE_HANDSHAKE,
     MAX_PLAINTEXT,
-    Record,
-    RecordLayer,
+    AlertDescription,
+    AlertLevel,
+    ContentType,
+    HandshakeType,
     alert_name,
 )
-from ktlsd.tls.session import Role, Session
+from ktlsd.tls.record import Record, RecordLayer
+from ktlsd.tls.session import Session
 
 __all__ = [
     "DEFAULT",
     "DEFAULT_REKEY_AFTER_RECORDS",
+    "Action",
+    "SendRecord",
+    "SwitchTxKey",
     "TlsConnection",
     "TlsProtocolError",
 ]
@@ -94,27 +102,36 @@ class _Default:
 DEFAULT: Final = _Default()
 
 #: Largest post-handshake handshake message we buffer (a NewSessionTicket may be large).
-MAX_HANDSHAKE_MESSAGE = 2**16 + 4
+MAX_HANDSHAKE_MESSAGE = 2**16 + HANDSHAKE_HEADER_LENGTH
 
-ALERT_UNEXPECTED_MESSAGE = 10
-ALERT_ILLEGAL_PARAMETER = 47
-ALERT_DECODE_ERROR = 50
 
-_HANDSHAKE_NAMES = {
-    1: "ClientHello",
-    2: "ServerHello",
-    4: "NewSessionTicket",
-    5: "EndOfEarlyData",
-    8: "EncryptedExtensions",
-    11: "Certificate",
-    13: "CertificateRequest",
-    15: "CertificateVerify",
-    20: "Finished",
-    24: "KeyUpdate",
-    254: "message_hash",
-}
+@dataclass(frozen=True, slots=True)
+class SendRecord:
+    """Action: write one record of ``content_type`` carrying ``payload``.
 
-_Action = tuple[str, int, bytes] | tuple[str, Callable[[], None]]
+    ``repr`` shows the payload's length only (it may be application data).
+    """
+
+    content_type: ContentType
+    payload: bytes = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"SendRecord({self.content_type.name}, <{len(self.payload)} bytes>)"
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchTxKey:
+    """Action: our KeyUpdate is out; move the transmit direction to its next key (sequence 0).
+
+    ``request_peer``: that KeyUpdate carried ``update_requested``. No secret travels in the
+    action; the core derives the next key from its own :class:`Session` when it completes.
+    """
+
+    request_peer: bool
+
+
+#: What the sans-I/O core asks its drivers to do, in order.
+Action = SendRecord | SwitchTxKey
 
 
 class TlsProtocolError(OSError):
@@ -155,12 +172,10 @@ class TlsConnection:
             if value is not None and value <= 0:
                 raise ValueError(f"rekey_after_{name} must be positive or None, not {value}")
         self._layer = layer
-        self._base = session
-        self._suite = session.suite
-        self._client_secret = session.client_secret
-        self._server_secret = session.server_secret
-        self._client_generation = session.client_generation
-        self._server_generation = session.server_generation
+        # Secrets and generations are current; the sequence numbers are those of the last key
+        # change (the layer counts records from there, see :attr:`session`).
+        self._session = session
+        self._session_lock = threading.Lock()  # reader and writer each advance one direction
         self._rekey_records = rekey_after_records
         self._rekey_bytes = rekey_after_bytes
         self._rekey_request_peer = rekey_request_peer
@@ -171,8 +186,9 @@ class TlsConnection:
         self._rx_buffer = b""
         self._eof = False
         self._closed = False
-        self._failure: tuple[int, str] | None = None  # (alert, message) of a protocol error
-        self._pending_alert: int | None = None
+        # (alert, message) of a protocol error
+        self._failure: tuple[AlertDescription, str] | None = None
+        self._pending_alert: AlertDescription | None = None
 
         self._response_due = False  # peer asked for an update we have not sent yet
         self._request_due = False  # we want the peer to update (its key grew old)
@@ -186,10 +202,11 @@ class TlsConnection:
         self._tickets_skipped = 0
 
     def __repr__(self) -> str:
+        state = self._session
         return (
-            f"TlsConnection(kind={self._layer.kind}, suite={self._suite.iana_name}, "
-            f"role={self._base.role.value}, tx_generation={self._tx_generation}, "
-            f"rx_generation={self._rx_generation})"
+            f"TlsConnection(kind={self._layer.kind}, suite={state.suite.iana_name}, "
+            f"role={state.role.value}, tx_generation={state.tx_generation}, "
+            f"rx_generation={state.rx_generation})"
         )
 
     # -- state ---------------------------------------------------------------------------
@@ -199,41 +216,23 @@ class TlsConnection:
         return self._layer
 
     @property
-    def _is_client(self) -> bool:
-        return self._base.role is Role.CLIENT
-
-    @property
-    def _tx_secret(self) -> bytes:
-        return self._client_secret if self._is_client else self._server_secret
-
-    @property
-    def _rx_secret(self) -> bytes:
-        return self._server_secret if self._is_client else self._client_secret
-
-    @property
-    def _tx_generation(self) -> int:
-        return self._client_generation if self._is_client else self._server_generation
-
-    @property
-    def _rx_generation(self) -> int:
-        return self._server_generation if self._is_client else self._client_generation
-
-    @property
     def session(self) -> Session:
         """The current state: secrets and generations advanced, the layer's sequence numbers.
 
         Save it only when :attr:`buffered` is 0, or the buffered plaintext is lost with it.
         """
         tx_seq, rx_seq = self._layer.sequence_numbers()
-        return dataclasses.replace(
-            self._base,
-            client_secret=self._client_secret,
-            server_secret=self._server_secret,
-            client_generation=self._client_generation,
-            server_generation=self._server_generation,
-            tx_seq=tx_seq,
-            rx_seq=rx_seq,
-        )
+        return dataclasses.replace(self._session, tx_seq=tx_seq, rx_seq=rx_seq)
+
+    def _advance(self, *, tx: bool = False, rx: bool = False) -> None:
+        """Move the chosen direction(s) one generation on and install the next key(s)."""
+        with self._session_lock:
+            following = advance_session(self._session, tx=tx, rx=rx)
+            if tx:
+                self._layer.install_tx_key(following.tx_secret, following.tx_seq)
+            if rx:
+                self._layer.install_rx_key(following.rx_secret, following.rx_seq)
+            self._session = following
 
     @property
     def buffered(self) -> int:
@@ -256,28 +255,32 @@ class TlsConnection:
 
     # -- sans-I/O core: transmit ---------------------------------------------------------
 
-    def _plan_key_update(self, request_peer: bool) -> list[_Action]:
+    def _plan_key_update(self, request_peer: bool) -> list[Action]:
         self._response_due = False  # any KeyUpdate of ours answers a pending request
         if request_peer:
             self._request_due = False
         return [
-            ("send", CONTENT_TYPE_HANDSHAKE, encode_key_update(request_peer)),
-            ("call", lambda: self._commit_tx_update(request_peer)),
+            SendRecord(ContentType.HANDSHAKE, encode_key_update(request_peer)),
+            SwitchTxKey(request_peer),
         ]
 
-    def _commit_tx_update(self, request_peer: bool) -> None:
-        secret = next_traffic_secret(self._suite, self._tx_secret)
-        self._layer.install_tx_key(secret, 0)
-        if self._is_client:
-            self._client_secret, self._client_generation = secret, self._client_generation + 1
-        else:
-            self._server_secret, self._server_generation = secret, self._server_generation + 1
-        self._key_updates_sent += 1
-        self._tx_records_key = self._tx_bytes_key = 0
-        if request_peer:
-            self._awaiting_peer = True
+    def _completed(self, action: Action) -> None:
+        """Bookkeeping once a driver has carried ``action`` out (the send did not raise)."""
+        match action:
+            case SendRecord(content_type=ContentType.APPLICATION_DATA):
+                self._count_tx(len(action.payload))
+            case SendRecord():
+                pass
+            case SwitchTxKey(request_peer=request_peer):
+                self._advance(tx=True)
+                self._key_updates_sent += 1
+                self._tx_records_key = self._tx_bytes_key = 0
+                if request_peer:
+                    self._awaiting_peer = True
+            case _:
+                assert_never(action)
 
-    def _plan_due(self, upcoming_bytes: int) -> list[_Action]:
+    def _plan_due(self, upcoming_bytes: int) -> list[Action]:
         """KeyUpdates that must or should go out before the next application record."""
         if self._response_due:
             return self._plan_key_update(False)  # §4.6.3: the answer is update_not_requested
@@ -295,10 +298,9 @@ class TlsConnection:
             and self._tx_bytes_key + upcoming_bytes > size
         )
 
-    def _plan_record(self, chunk: bytes) -> list[_Action]:
+    def _plan_record(self, chunk: bytes) -> list[Action]:
         actions = self._plan_due(len(chunk))
-        actions.append(("send", CONTENT_TYPE_APPLICATION_DATA, chunk))
-        actions.append(("call", lambda: self._count_tx(len(chunk))))
+        actions.append(SendRecord(ContentType.APPLICATION_DATA, chunk))
         return actions
 
     def _count_tx(self, size: int) -> None:
@@ -320,7 +322,7 @@ class TlsConnection:
         """Digest one record: application bytes, b"" (nothing for the caller) or None (EOF)."""
         if record.eof:
             return None
-        if record.content_type == CONTENT_TYPE_APPLICATION_DATA:
+        if record.content_type == ContentType.APPLICATION_DATA:
             self._records_received += 1
             self._bytes_received += len(record.data)
             self._rx_records_key += 1
@@ -328,11 +330,12 @@ class TlsConnection:
             if self._rx_key_worn() and not self._awaiting_peer:
                 self._request_due = True
             return record.data
-        if record.content_type == CONTENT_TYPE_HANDSHAKE:
+        if record.content_type == ContentType.HANDSHAKE:
             self._on_handshake(record.data)
             return b""
         raise self._protocol_error(
-            ALERT_UNEXPECTED_MESSAGE, f"unexpected record of content type {record.content_type}"
+            AlertDescription.UNEXPECTED_MESSAGE,
+            f"unexpected record of content type {record.content_type}",
         )
 
     def _rx_key_worn(self) -> bool:
@@ -344,49 +347,47 @@ class TlsConnection:
         )
 
     def _on_handshake(self, data: bytes) -> None:
-        if data[:1] == bytes((HANDSHAKE_KEY_UPDATE,)):
+        if data[:1] == bytes((HandshakeType.KEY_UPDATE,)):
             # The record layer paused on this record (the kernel's first-byte rule). Only a
             # KeyUpdate alone in its record can be followed safely: anything sharing the
             # record was decrypted with a key the peer no longer uses, or vice versa.
             if self._handshake or len(data) != KEY_UPDATE_LENGTH:
                 raise self._protocol_error(
-                    ALERT_UNEXPECTED_MESSAGE, "KeyUpdate not alone in its record"
+                    AlertDescription.UNEXPECTED_MESSAGE, "KeyUpdate not alone in its record"
                 )
             try:
                 requested = decode_key_update(data)
             except ValueError as exc:
-                raise self._protocol_error(ALERT_ILLEGAL_PARAMETER, str(exc)) from None
+                raise self._protocol_error(AlertDescription.ILLEGAL_PARAMETER, str(exc)) from None
             self._on_key_update(requested)
             return
         self._handshake += data
-        while len(self._handshake) >= 4:
+        while len(self._handshake) >= HANDSHAKE_HEADER_LENGTH:
             msg_type = self._handshake[0]
-            length = int.from_bytes(self._handshake[1:4], "big")
-            if length + 4 > MAX_HANDSHAKE_MESSAGE:
+            length = int.from_bytes(self._handshake[1:HANDSHAKE_HEADER_LENGTH], "big")
+            size = HANDSHAKE_HEADER_LENGTH + length
+            if size > MAX_HANDSHAKE_MESSAGE:
                 raise self._protocol_error(
-                    ALERT_DECODE_ERROR, f"post-handshake message of {length} bytes is too large"
+                    AlertDescription.DECODE_ERROR,
+                    f"post-handshake message of {length} bytes is too large",
                 )
-            name = _HANDSHAKE_NAMES.get(msg_type, f"type {msg_type}")
-            if msg_type != HANDSHAKE_NEW_SESSION_TICKET:
-                if msg_type == HANDSHAKE_KEY_UPDATE:
+            if msg_type != HandshakeType.NEW_SESSION_TICKET:
+                if msg_type == HandshakeType.KEY_UPDATE:
                     raise self._protocol_error(
-                        ALERT_UNEXPECTED_MESSAGE, "KeyUpdate not at the start of its record"
+                        AlertDescription.UNEXPECTED_MESSAGE,
+                        "KeyUpdate not at the start of its record",
                     )
                 raise self._protocol_error(
-                    ALERT_UNEXPECTED_MESSAGE, f"unexpected post-handshake message {name}"
+                    AlertDescription.UNEXPECTED_MESSAGE,
+                    f"unexpected post-handshake message {HandshakeType.describe(msg_type)}",
                 )
-            if len(self._handshake) < 4 + length:
+            if len(self._handshake) < size:
                 return  # a ticket continued in the next record
-            del self._handshake[: 4 + length]
+            del self._handshake[:size]
             self._tickets_skipped += 1
 
     def _on_key_update(self, requested: bool) -> None:
-        secret = next_traffic_secret(self._suite, self._rx_secret)
-        self._layer.install_rx_key(secret, 0)
-        if self._is_client:
-            self._server_secret, self._server_generation = secret, self._server_generation + 1
-        else:
-            self._client_secret, self._client_generation = secret, self._client_generation + 1
+        self._advance(rx=True)
         self._key_updates_received += 1
         self._rx_records_key = self._rx_bytes_key = 0
         if requested and not self._awaiting_peer:
@@ -395,7 +396,7 @@ class TlsConnection:
         self._awaiting_peer = False
         self._request_due = False
 
-    def _protocol_error(self, alert: int, message: str) -> TlsProtocolError:
+    def _protocol_error(self, alert: AlertDescription, message: str) -> TlsProtocolError:
         self._failure = (alert, message)
         self._pending_alert = alert
         return TlsProtocolError(alert, message)
@@ -411,13 +412,11 @@ class TlsConnection:
 
     # -- blocking API --------------------------------------------------------------------
 
-    def _run(self, actions: list[_Action]) -> None:
+    def _run(self, actions: list[Action]) -> None:
         for action in actions:
-            if action[0] == "send":
-                _, content_type, payload = action  # type: ignore[misc]
-                self._layer.send(payload, content_type)
-            else:
-                action[1]()  # type: ignore[operator]
+            if isinstance(action, SendRecord):
+                self._layer.send(action.payload, action.content_type)
+            self._completed(action)
 
     def send(self, data: bytes) -> None:
         """Send application data (any length; records of at most 16 KiB)."""
@@ -468,7 +467,7 @@ class TlsConnection:
         self._pending_alert = None
         if self._tx_lock.acquire(blocking=False):
             try:
-                self._layer.send(bytes((2, alert)), CONTENT_TYPE_ALERT)
+                self._layer.send(bytes((AlertLevel.FATAL, alert)), ContentType.ALERT)
             except OSError:
                 pass
             finally:
@@ -517,13 +516,11 @@ class TlsConnection:
             self._atx_lock = asyncio.Lock()
         return self._atx_lock
 
-    async def _arun(self, actions: list[_Action]) -> None:
+    async def _arun(self, actions: list[Action]) -> None:
         for action in actions:
-            if action[0] == "send":
-                _, content_type, payload = action  # type: ignore[misc]
-                await self._layer.asend(payload, content_type)
-            else:
-                action[1]()  # type: ignore[operator]
+            if isinstance(action, SendRecord):
+                await self._layer.asend(action.payload, action.content_type)
+            self._completed(action)
 
     async def asend(self, data: bytes) -> None:
         """asyncio version of :meth:`send` (the layer's socket must be non-blocking)."""
@@ -556,7 +553,7 @@ class TlsConnection:
         if not lock.locked():
             async with lock:
                 with contextlib.suppress(OSError):
-                    await self._layer.asend(bytes((2, alert)), CONTENT_TYPE_ALERT)
+                    await self._layer.asend(bytes((AlertLevel.FATAL, alert)), ContentType.ALERT)
 
     async def arecv(self, bufsize: int = MAX_PLAINTEXT) -> bytes:
         """asyncio version of :meth:`recv`."""

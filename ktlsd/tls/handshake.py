@@ -43,6 +43,13 @@ from typing import Literal
 from ktlsd.credentials import X509Credentials, check_truststore, load_crls
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.tls import _openssl as ossl
+from ktlsd.tls.protocol import (
+    MAX_CIPHERTEXT,
+    RECORD_HEADER_LENGTH,
+    AlertDescription,
+    ContentType,
+    ProtocolVersion,
+)
 from ktlsd.tls.session import CipherSuite, PeerIdentity, Role, Session
 
 __all__ = [
@@ -58,28 +65,25 @@ log = logging.getLogger(__name__)
 HashName = Literal["sha256", "sha384"]
 ClientAuth = Literal["none", "request", "require"]
 
-_MAX_RECORD_BODY = 2**14 + 256  # TLSCiphertext.length limit (RFC 8446 §5.2)
-_RECORD_TYPES = {20, 21, 22, 23}
+_RECORD_TYPES = frozenset(ContentType)
 
-# TLS alert numbers (RFC 8446 §6) by what they tell us about a failed handshake.
-ALERT_CLOSE_NOTIFY = 0
-ALERT_HANDSHAKE_FAILURE = 40
-ALERT_ILLEGAL_PARAMETER = 47
-ALERT_UNKNOWN_PSK_IDENTITY = 115
-_REJECTION_ALERTS = {
-    20,  # bad_record_mac: the peer could not decrypt us (different keys)
-    40,  # handshake_failure
-    42,  # bad_certificate
-    43,  # unsupported_certificate
-    44,  # certificate_revoked
-    45,  # certificate_expired
-    46,  # certificate_unknown
-    48,  # unknown_ca
-    49,  # access_denied
-    51,  # decrypt_error (e.g. a PSK binder that does not verify)
-    71,  # insufficient_security
-    116,  # certificate_required
-}
+# Alerts received that mean the peer refused us (rather than a protocol error).
+_REJECTION_ALERTS = frozenset(
+    {
+        AlertDescription.BAD_RECORD_MAC,  # the peer could not decrypt us (different keys)
+        AlertDescription.HANDSHAKE_FAILURE,
+        AlertDescription.BAD_CERTIFICATE,
+        AlertDescription.UNSUPPORTED_CERTIFICATE,
+        AlertDescription.CERTIFICATE_REVOKED,
+        AlertDescription.CERTIFICATE_EXPIRED,
+        AlertDescription.CERTIFICATE_UNKNOWN,
+        AlertDescription.UNKNOWN_CA,
+        AlertDescription.ACCESS_DENIED,
+        AlertDescription.DECRYPT_ERROR,  # e.g. a PSK binder that does not verify
+        AlertDescription.INSUFFICIENT_SECURITY,
+        AlertDescription.CERTIFICATE_REQUIRED,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -372,14 +376,14 @@ class TlsHandshake(ossl.ConnectionHooks):
         if lookup is None or psk_identities is None:
             if lookup is not None and self.config.credentials is None:
                 self._unknown_identities = []
-                return ALERT_HANDSHAKE_FAILURE
+                return AlertDescription.HANDSHAKE_FAILURE
             return 0
         for identity in psk_identities:
             try:
                 psk = lookup(identity)
             except HandshakeError as exc:
                 self._lookup_error = exc
-                return 80  # internal_error
+                return AlertDescription.INTERNAL_ERROR
             if psk is None:
                 continue
             suites = self._psk_suites(psk.hash_name)
@@ -392,7 +396,7 @@ class TlsHandshake(ossl.ConnectionHooks):
         if self.config.credentials is not None:
             return 0  # fall back to a certificate handshake
         self._unknown_identities = psk_identities
-        return ALERT_UNKNOWN_PSK_IDENTITY
+        return AlertDescription.UNKNOWN_PSK_IDENTITY
 
     def psk_for_identity(self, identity: bytes) -> tuple[bytes, int] | None:
         psk = self._selected_psk
@@ -501,14 +505,14 @@ class TlsHandshake(ossl.ConnectionHooks):
         received = self._alert_received
         if received is not None:
             text = f"peer sent alert {ossl.alert_description(received)}"
-            if received == ALERT_UNKNOWN_PSK_IDENTITY:
+            if received == AlertDescription.UNKNOWN_PSK_IDENTITY:
                 return HandshakeError(FailureCause.UNKNOWN_PSK_IDENTITY, text)
-            if received == ALERT_CLOSE_NOTIFY:
+            if received == AlertDescription.CLOSE_NOTIFY:
                 return HandshakeError(FailureCause.PEER_CLOSED, "peer closed the connection")
             if received in _REJECTION_ALERTS:
                 return HandshakeError(FailureCause.PEER_REJECTED, text)
             if (
-                received == ALERT_ILLEGAL_PARAMETER
+                received == AlertDescription.ILLEGAL_PARAMETER
                 and self._offered_psk is not None
                 and self._records_in == 1
             ):
@@ -618,9 +622,10 @@ async def _recv_exactly(
 
 async def read_record(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
     """Read exactly one TLS record (header + body) from ``sock``, and not one byte more."""
-    header = await _recv_exactly(loop, sock, 5, started=False)
-    length = int.from_bytes(header[3:5], "big")
-    if header[0] not in _RECORD_TYPES or header[1] != 3 or length > _MAX_RECORD_BODY:
+    header = await _recv_exactly(loop, sock, RECORD_HEADER_LENGTH, started=False)
+    length = int.from_bytes(header[3:RECORD_HEADER_LENGTH], "big")
+    major_version = ProtocolVersion.TLS_1_2 >> 8  # any 3.x: a ClientHello may say 3.1
+    if header[0] not in _RECORD_TYPES or header[1] != major_version or length > MAX_CIPHERTEXT:
         raise HandshakeError(
             FailureCause.PROTOCOL_ERROR,
             f"peer sent data that is not a TLS record (starts {header[:3].hex()})",

@@ -7,6 +7,11 @@ message itself (§4.6.3) is five bytes and lives here too, so that the kernel pa
 (:mod:`ktlsd.tls.ktls`) and the user-space path (:mod:`ktlsd.tls.record`) share one encoder and one
 strict decoder.
 
+KeyUpdate lock-step is :func:`advance_session`, the one function that moves a
+:class:`~ktlsd.tls.session.Session` to its next generation. Both places that follow KeyUpdates
+use it: :class:`ktlsd.tls.connection.TlsConnection` (a program's own connection) and
+:mod:`ktlsd.keyupdate` (the agent updating a consumer's kept session).
+
 Everything here is pure and built on ``cryptography``'s HKDF-Expand; nothing touches a socket.
 Secrets and keys never appear in a ``repr`` or an exception message.
 """
@@ -14,18 +19,22 @@ Secrets and keys never appear in a ``repr`` or an exception message.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from ktlsd.tls.session import CipherSuite
+from ktlsd.tls.protocol import (
+    HANDSHAKE_HEADER_LENGTH,
+    KEY_UPDATE_LENGTH,
+    HandshakeType,
+    KeyUpdateRequest,
+)
+from ktlsd.tls.session import CipherSuite, Role, Session
 
 __all__ = [
-    "HANDSHAKE_KEY_UPDATE",
-    "HANDSHAKE_NEW_SESSION_TICKET",
-    "KEY_UPDATE_LENGTH",
     "TrafficKeys",
+    "advance_session",
     "decode_key_update",
     "encode_key_update",
     "hkdf_expand_label",
@@ -33,13 +42,6 @@ __all__ = [
     "record_nonce",
     "traffic_keys",
 ]
-
-#: Handshake message type of NewSessionTicket (RFC 8446 §4).
-HANDSHAKE_NEW_SESSION_TICKET = 4
-#: Handshake message type of KeyUpdate (RFC 8446 §4).
-HANDSHAKE_KEY_UPDATE = 24
-#: A KeyUpdate message is always 4 bytes of header plus 1 byte of body.
-KEY_UPDATE_LENGTH = 5
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha256": hashes.SHA256,
@@ -125,6 +127,43 @@ def next_traffic_secret(suite: CipherSuite, secret: bytes) -> bytes:
     return hkdf_expand_label(suite.hash_name, secret, b"traffic upd", b"", suite.hash_length)
 
 
+def advance_session(session: Session, *, tx: bool = False, rx: bool = False) -> Session:
+    """``session`` with the chosen directions moved to their next generation (RFC 8446 §4.6.3).
+
+    ``tx`` is the direction this side sends (its own KeyUpdate went out), ``rx`` the direction
+    it receives (it read the peer's KeyUpdate); both for an update that answers a request.
+    Each chosen direction gets :func:`next_traffic_secret` of its current secret, its
+    generation counter goes up by one, and its record sequence number restarts at 0, as every
+    new key's does (§5.3). The other direction is left exactly as it was.
+
+    This is the one place a :class:`Session` is advanced: applied once per KeyUpdate message
+    sent or read, it keeps both ends in lock-step.
+    """
+    if not (tx or rx):
+        raise ValueError("advance_session needs tx, rx or both")
+    suite = session.suite
+    client = tx if session.role is Role.CLIENT else rx
+    server = rx if session.role is Role.CLIENT else tx
+    out = session
+    if client:
+        out = replace(
+            out,
+            client_secret=next_traffic_secret(suite, out.client_secret),
+            client_generation=out.client_generation + 1,
+        )
+    if server:
+        out = replace(
+            out,
+            server_secret=next_traffic_secret(suite, out.server_secret),
+            server_generation=out.server_generation + 1,
+        )
+    if tx:
+        out = replace(out, tx_seq=0)
+    if rx:
+        out = replace(out, rx_seq=0)
+    return out
+
+
 def record_nonce(iv: bytes, seq: int) -> bytes:
     """The per-record AEAD nonce: the write IV XOR the 64-bit record number, left-padded (§5.3).
 
@@ -140,7 +179,8 @@ def record_nonce(iv: bytes, seq: int) -> bytes:
 
 def encode_key_update(request_update: bool) -> bytes:
     """The KeyUpdate handshake message: ``0x18 00 00 01`` then 1 (update_requested) or 0."""
-    return bytes((HANDSHAKE_KEY_UPDATE, 0, 0, 1, 1 if request_update else 0))
+    request = KeyUpdateRequest(int(request_update))  # UPDATE_REQUESTED is 1
+    return bytes((HandshakeType.KEY_UPDATE,)) + (1).to_bytes(3, "big") + bytes((request,))
 
 
 def decode_key_update(msg: bytes) -> bool:
@@ -151,15 +191,16 @@ def decode_key_update(msg: bytes) -> bool:
     message otherwise.
     """
     msg = bytes(msg)
-    if len(msg) < 4:
+    if len(msg) < HANDSHAKE_HEADER_LENGTH:
         raise ValueError(f"KeyUpdate message truncated ({len(msg)} bytes)")
-    if msg[0] != HANDSHAKE_KEY_UPDATE:
+    if msg[0] != HandshakeType.KEY_UPDATE:
         raise ValueError(f"not a KeyUpdate message (handshake type {msg[0]})")
-    body_length = int.from_bytes(msg[1:4], "big")
-    if body_length != 1:
+    body_length = int.from_bytes(msg[1:HANDSHAKE_HEADER_LENGTH], "big")
+    if body_length != KEY_UPDATE_LENGTH - HANDSHAKE_HEADER_LENGTH:
         raise ValueError(f"KeyUpdate body must be 1 byte, header says {body_length}")
     if len(msg) != KEY_UPDATE_LENGTH:
         raise ValueError(f"KeyUpdate message must be 5 bytes, got {len(msg)}")
-    if msg[4] not in (0, 1):
-        raise ValueError(f"KeyUpdate request_update must be 0 or 1, got {msg[4]}")
-    return msg[4] == 1
+    request = msg[HANDSHAKE_HEADER_LENGTH]
+    if request not in tuple(KeyUpdateRequest):
+        raise ValueError(f"KeyUpdate request_update must be 0 or 1, got {request}")
+    return request == KeyUpdateRequest.UPDATE_REQUESTED

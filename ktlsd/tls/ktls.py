@@ -35,12 +35,10 @@ import struct
 from dataclasses import dataclass, field
 
 from ktlsd.tls.keyschedule import traffic_keys
+from ktlsd.tls.protocol import ContentType, ProtocolVersion
 from ktlsd.tls.session import CipherSuite
 
 __all__ = [
-    "CONTENT_TYPE_ALERT",
-    "CONTENT_TYPE_APPLICATION_DATA",
-    "CONTENT_TYPE_HANDSHAKE",
     "SOL_TLS",
     "TCP_ULP",
     "TLS_1_3_VERSION",
@@ -81,15 +79,11 @@ TLS_TX_MAX_PAYLOAD_LEN = 5
 TLS_SET_RECORD_TYPE = 1
 TLS_GET_RECORD_TYPE = 2
 
-TLS_1_3_VERSION = 0x0304
+TLS_1_3_VERSION = int(ProtocolVersion.TLS_1_3)  # uapi: TLS_VERSION_NUMBER(TLS_1_3)
 
 TLS_CIPHER_AES_GCM_128 = 51
 TLS_CIPHER_AES_GCM_256 = 52
 TLS_CIPHER_CHACHA20_POLY1305 = 54
-
-CONTENT_TYPE_ALERT = 21
-CONTENT_TYPE_HANDSHAKE = 22
-CONTENT_TYPE_APPLICATION_DATA = 23
 
 _HEADER = struct.Struct("=HH")  # struct tls_crypto_info, host byte order
 
@@ -298,7 +292,7 @@ def send_record_some(sock: socket.socket, content_type: int, data: bytes | memor
         raise ValueError(f"invalid TLS content type {content_type}")
     ancdata = (
         []
-        if content_type == CONTENT_TYPE_APPLICATION_DATA
+        if content_type == ContentType.APPLICATION_DATA
         else [(SOL_TLS, TLS_SET_RECORD_TYPE, bytes((content_type,)))]
     )
     try:
@@ -325,7 +319,7 @@ def recv_record(sock: socket.socket, bufsize: int) -> tuple[int, bytes]:
         raise _io_error(exc, "receive") from None
     if flags & socket.MSG_CTRUNC:
         raise KtlsError(errno.EIO, "kTLS record type control message truncated")
-    content_type = CONTENT_TYPE_APPLICATION_DATA
+    content_type: int = ContentType.APPLICATION_DATA
     for level, kind, value in ancdata:
         if level == SOL_TLS and kind == TLS_GET_RECORD_TYPE and len(value) >= 1:
             content_type = value[0]
@@ -425,14 +419,14 @@ def probe() -> KtlsSupport:
     reasons: dict[str, str] = {}
     ulp = rekey = False
     suite = CipherSuite.TLS_AES_128_GCM_SHA256
-    client: socket.socket | None
-    server: socket.socket | None
+    pair: tuple[socket.socket, socket.socket] | None
     try:
-        client, server = _loopback_pair()
+        pair = _loopback_pair()
     except OSError as exc:
         reasons["ulp"] = f"cannot open a loopback TCP pair: {os.strerror(exc.errno or 0)}"
-        client = server = None
-    if client is not None and server is not None:
+        pair = None
+    if pair is not None:
+        client, server = pair
         with client, server:
             try:
                 attach_ulp(client)

@@ -49,15 +49,21 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from ktlsd.tls import ktls
-from ktlsd.tls.keyschedule import HANDSHAKE_KEY_UPDATE, record_nonce, traffic_keys
+from ktlsd.tls.keyschedule import record_nonce, traffic_keys
+from ktlsd.tls.protocol import (
+    MAX_CIPHERTEXT,
+    MAX_PLAINTEXT,
+    RECORD_HEADER_LENGTH,
+    AlertDescription,
+    AlertLevel,
+    ContentType,
+    HandshakeType,
+    ProtocolVersion,
+    alert_name,
+)
 from ktlsd.tls.session import CipherSuite, Session
 
 __all__ = [
-    "ALERT_NAMES",
-    "CONTENT_TYPE_ALERT",
-    "CONTENT_TYPE_APPLICATION_DATA",
-    "CONTENT_TYPE_HANDSHAKE",
-    "MAX_PLAINTEXT",
     "AlertReceived",
     "KernelRecordLayer",
     "Record",
@@ -66,55 +72,9 @@ __all__ = [
     "open_record_layer",
 ]
 
-CONTENT_TYPE_ALERT = 21
-CONTENT_TYPE_HANDSHAKE = 22
-CONTENT_TYPE_APPLICATION_DATA = 23
-
-#: Largest plaintext of one record (RFC 8446 §5.1).
-MAX_PLAINTEXT = 2**14
-#: Largest TLSCiphertext.length a TLS 1.3 peer may send (RFC 8446 §5.2).
-MAX_CIPHERTEXT = 2**14 + 256
-HEADER_SIZE = 5
-TAG_SIZE = 16
-_LEGACY_VERSION = b"\x03\x03"
-
-ALERT_CLOSE_NOTIFY = 0
-ALERT_USER_CANCELED = 90
-
-#: TLS alert descriptions (RFC 8446 §6 and the registry) for readable errors.
-ALERT_NAMES: dict[int, str] = {
-    0: "close_notify",
-    10: "unexpected_message",
-    20: "bad_record_mac",
-    22: "record_overflow",
-    40: "handshake_failure",
-    42: "bad_certificate",
-    43: "unsupported_certificate",
-    44: "certificate_revoked",
-    45: "certificate_expired",
-    46: "certificate_unknown",
-    47: "illegal_parameter",
-    48: "unknown_ca",
-    49: "access_denied",
-    50: "decode_error",
-    51: "decrypt_error",
-    70: "protocol_version",
-    71: "insufficient_security",
-    80: "internal_error",
-    86: "inappropriate_fallback",
-    90: "user_canceled",
-    109: "missing_extension",
-    110: "unsupported_extension",
-    112: "unrecognized_name",
-    113: "bad_certificate_status_response",
-    115: "unknown_psk_identity",
-    116: "certificate_required",
-    120: "no_application_protocol",
-}
-
-
-def alert_name(description: int) -> str:
-    return ALERT_NAMES.get(description, f"alert {description}")
+TAG_SIZE = 16  # every TLS 1.3 AEAD here (AES-GCM, ChaCha20-Poly1305) has a 16-byte tag
+_LEGACY_VERSION = ProtocolVersion.TLS_1_2.to_bytes(2, "big")  # legacy_record_version
+_CLOSE_NOTIFY = bytes((AlertLevel.WARNING, AlertDescription.CLOSE_NOTIFY))
 
 
 @dataclass(frozen=True)
@@ -130,10 +90,10 @@ class Record:
     @property
     def eof(self) -> bool:
         """True for the end-of-stream record: no more data will come."""
-        return self.content_type == CONTENT_TYPE_APPLICATION_DATA and not self.data
+        return self.content_type == ContentType.APPLICATION_DATA and not self.data
 
 
-EOF_RECORD = Record(CONTENT_TYPE_APPLICATION_DATA, b"")
+EOF_RECORD = Record(ContentType.APPLICATION_DATA, b"")
 
 
 class AlertReceived(OSError):
@@ -153,9 +113,9 @@ def _interpret_alert(data: bytes) -> Record | None:
     if len(data) != 2:
         raise OSError(errno.EBADMSG, f"malformed TLS alert record ({len(data)} bytes)")
     description = data[1]
-    if description == ALERT_CLOSE_NOTIFY:
+    if description == AlertDescription.CLOSE_NOTIFY:
         return EOF_RECORD
-    if description == ALERT_USER_CANCELED:
+    if description == AlertDescription.USER_CANCELED:
         return None
     raise AlertReceived(description)
 
@@ -165,7 +125,7 @@ def _check_send(data: bytes, content_type: int) -> None:
         raise ValueError(f"invalid TLS content type {content_type}")
     if len(data) > MAX_PLAINTEXT:
         raise ValueError(f"record plaintext of {len(data)} bytes exceeds 2^14 (16384)")
-    if not data and content_type != CONTENT_TYPE_APPLICATION_DATA:
+    if not data and content_type != ContentType.APPLICATION_DATA:
         raise ValueError(f"records of content type {content_type} must not be empty")
 
 
@@ -212,7 +172,7 @@ class RecordLayer(abc.ABC):
     # -- the API ------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def send(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> None:
+    def send(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> None:
         """Protect and send ``data`` as one record (at most 2^14 bytes)."""
 
     @abc.abstractmethod
@@ -220,7 +180,7 @@ class RecordLayer(abc.ABC):
         """Receive one record (at most ``bufsize`` bytes of it; the rest comes next time)."""
 
     @abc.abstractmethod
-    async def asend(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> None:
+    async def asend(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> None:
         """asyncio version of :meth:`send` (non-blocking socket)."""
 
     @abc.abstractmethod
@@ -256,7 +216,7 @@ class RecordLayer(abc.ABC):
             return
         # The peer may be gone already; closing must still succeed.
         with contextlib.suppress(OSError):
-            self.send(bytes((1, ALERT_CLOSE_NOTIFY)), CONTENT_TYPE_ALERT)
+            self.send(_CLOSE_NOTIFY, ContentType.ALERT)
         self._shutdown_write()
 
     async def aclose(self) -> None:
@@ -264,7 +224,7 @@ class RecordLayer(abc.ABC):
         if self._write_closed:
             return
         with contextlib.suppress(OSError):
-            await self.asend(bytes((1, ALERT_CLOSE_NOTIFY)), CONTENT_TYPE_ALERT)
+            await self.asend(_CLOSE_NOTIFY, ContentType.ALERT)
         self._shutdown_write()
 
     # -- shared helpers -----------------------------------------------------------------
@@ -314,7 +274,11 @@ class _Protection:
 
     def seal(self, content_type: int, data: bytes) -> bytes:
         inner = bytes(data) + bytes((content_type,))
-        header = b"\x17" + _LEGACY_VERSION + (len(inner) + TAG_SIZE).to_bytes(2, "big")
+        header = (
+            bytes((ContentType.APPLICATION_DATA,))
+            + _LEGACY_VERSION
+            + (len(inner) + TAG_SIZE).to_bytes(2, "big")
+        )
         return header + self._aead.encrypt(self._next_nonce(), inner, header)
 
     def open(self, header: bytes, body: bytes) -> tuple[int, bytes]:
@@ -342,9 +306,9 @@ class _RecordReader:
         self.eof = False
 
     def need(self) -> int:
-        if len(self._buf) < HEADER_SIZE:
-            return HEADER_SIZE - len(self._buf)
-        return HEADER_SIZE + self._length() - len(self._buf)
+        if len(self._buf) < RECORD_HEADER_LENGTH:
+            return RECORD_HEADER_LENGTH - len(self._buf)
+        return RECORD_HEADER_LENGTH + self._length() - len(self._buf)
 
     def _length(self) -> int:
         return int.from_bytes(self._buf[3:5], "big")
@@ -354,12 +318,12 @@ class _RecordReader:
             self.eof = True
             return
         self._buf += data
-        if len(self._buf) >= HEADER_SIZE:
+        if len(self._buf) >= RECORD_HEADER_LENGTH:
             self._check_header()
 
     def _check_header(self) -> None:
         outer = self._buf[0]
-        if outer != CONTENT_TYPE_APPLICATION_DATA:
+        if outer != ContentType.APPLICATION_DATA:
             raise OSError(
                 errno.EBADMSG,
                 f"unexpected outer record type {outer} (protected TLS 1.3 records are 23)",
@@ -382,8 +346,8 @@ class _RecordReader:
                     errno.ECONNRESET, "connection closed in the middle of a TLS record"
                 )
             return None
-        header = bytes(self._buf[:HEADER_SIZE])
-        body = bytes(self._buf[HEADER_SIZE:])
+        header = bytes(self._buf[:RECORD_HEADER_LENGTH])
+        body = bytes(self._buf[RECORD_HEADER_LENGTH:])
         self._buf.clear()
         return header, body
 
@@ -398,7 +362,7 @@ class UserRecordLayer(RecordLayer):
         self._tx = _Protection(session.suite, session.tx_secret, session.tx_seq)
         self._rx = _Protection(session.suite, session.rx_secret, session.rx_seq)
         self._reader = _RecordReader()
-        self._plain_type = CONTENT_TYPE_APPLICATION_DATA
+        self._plain_type: int = ContentType.APPLICATION_DATA
         self._plain = b""
         self._key_expired = False
         self._eof = False
@@ -410,7 +374,7 @@ class UserRecordLayer(RecordLayer):
 
     # -- TX ------------------------------------------------------------------------------
 
-    def seal(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> bytes | None:
+    def seal(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> bytes | None:
         """Protect ``data`` as the next record and return its wire bytes without sending them
         (the TX sequence number advances); None for empty data, which kTLS would not send.
 
@@ -423,12 +387,12 @@ class UserRecordLayer(RecordLayer):
             return None  # like kTLS: an empty application data send emits nothing
         return self._tx.seal(content_type, data)
 
-    def send(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> None:
+    def send(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> None:
         wire = self.seal(data, content_type)
         if wire is not None:
             self._sock.sendall(wire)
 
-    async def asend(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> None:
+    async def asend(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> None:
         _require_nonblocking(self._sock)
         async with self._lock():
             wire = self.seal(data, content_type)
@@ -510,7 +474,7 @@ class UserRecordLayer(RecordLayer):
                 content_type, data = self._rx.open(*raw)
             except OSError as exc:
                 raise self._fail(exc) from None
-            if content_type == CONTENT_TYPE_ALERT:
+            if content_type == ContentType.ALERT:
                 try:
                     record = _interpret_alert(data)
                 except OSError as exc:
@@ -519,10 +483,10 @@ class UserRecordLayer(RecordLayer):
                     self._eof = True
                     return record
                 continue
-            if content_type == CONTENT_TYPE_APPLICATION_DATA and not data:
+            if content_type == ContentType.APPLICATION_DATA and not data:
                 continue
-            if content_type == CONTENT_TYPE_HANDSHAKE and data[:1] == bytes(
-                (HANDSHAKE_KEY_UPDATE,)
+            if content_type == ContentType.HANDSHAKE and data[:1] == bytes(
+                (HandshakeType.KEY_UPDATE,)
             ):
                 self._key_expired = True  # the kernel's rule: first byte of the record
             self._plain_type, self._plain = content_type, data
@@ -552,13 +516,13 @@ class KernelRecordLayer(RecordLayer):
     def __repr__(self) -> str:
         return f"KernelRecordLayer(suite={self.suite.iana_name}, fd={self._sock.fileno()})"
 
-    def send(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> None:
+    def send(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> None:
         self._check_writable()
         _check_send(data, content_type)
         if data:
             ktls.send_record(self._sock, content_type, data)
 
-    async def asend(self, data: bytes, content_type: int = CONTENT_TYPE_APPLICATION_DATA) -> None:
+    async def asend(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> None:
         _require_nonblocking(self._sock)
         async with self._lock():
             self._check_writable()
@@ -577,12 +541,12 @@ class KernelRecordLayer(RecordLayer):
             )
 
     def _classify(self, content_type: int, data: bytes) -> Record | None:
-        if content_type == CONTENT_TYPE_HANDSHAKE and data[:1] == bytes((HANDSHAKE_KEY_UPDATE,)):
+        if content_type == ContentType.HANDSHAKE and data[:1] == bytes((HandshakeType.KEY_UPDATE,)):
             self._key_expired = True
-        if content_type == CONTENT_TYPE_APPLICATION_DATA and not data:
+        if content_type == ContentType.APPLICATION_DATA and not data:
             self._eof = True
             return EOF_RECORD
-        if content_type == CONTENT_TYPE_ALERT:
+        if content_type == ContentType.ALERT:
             record = _interpret_alert(data)
             if record is not None:
                 self._eof = True

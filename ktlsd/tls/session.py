@@ -5,6 +5,11 @@ A :class:`Session` is the hand-off value between the handshake engine
 the negotiated cipher suite, both application traffic secrets, the record sequence
 numbers at hand-off and who the peer turned out to be.
 
+A :class:`Session` is a value: after a KeyUpdate the holder replaces it with the one
+:func:`ktlsd.tls.keyschedule.advance_session` returns (next secret, generation + 1, sequence 0
+for the direction that moved). That function is the only place a session moves forward, for a
+program's own connection and for a kept session the agent updates alike.
+
 Traffic secrets are kept out of ``repr`` so that a session can be logged or put in an
 exception message without leaking key material.
 """
@@ -134,8 +139,9 @@ class Session:
 
     ``client_secret``/``server_secret`` are the *current* application traffic secrets
     (generation ``client_generation``/``server_generation``; 0 right after the
-    handshake). ``tx_seq``/``rx_seq`` are the record numbers of the next record to
-    send/receive under those secrets.
+    handshake; each KeyUpdate adds one, see :func:`ktlsd.tls.keyschedule.advance_session`).
+    ``tx_seq``/``rx_seq`` are the record numbers of the next record to send/receive under
+    those secrets.
     """
 
     role: Role
