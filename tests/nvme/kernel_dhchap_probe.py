@@ -49,6 +49,7 @@ from ktlsd.nvme.dhchap import (
     DhchapSecret,
     Failed,
     Failure,
+    Message,
     SecureChannel,
     decode_message,
 )
@@ -269,7 +270,7 @@ def run_case(
         cntlid = result & 0xFFFF
         record["cntlid"] = cntlid
         host = DhchapHost(HOSTNQN, SUBNQN, host_secret, ctrl_secret, concat=concat)
-        message = host.start(secure_channel)
+        message: Message | None = host.start(secure_channel)
         events: list[object] = []
         try:
             while message is not None:
