@@ -5,7 +5,9 @@ JSON report (``passed`` and per-case entries) there and exits non-zero on failur
 ``dhchap-probe``, ``host-probe`` and ``cli-probe`` scenarios run one each through
 :func:`run_probe`, which turns the probe's report into scenario figures and checks: the
 scenario passes only if the probe exited 0 *and* its report says passed, and every case
-shows up as a check so a failure names the case.
+shows up as a check so a failure names the case. A failed case also gets a detail line
+made of the whitelisted, non-secret fields in :data:`SHOWN_FIELDS` and the class name of
+its exception (never the message, never other fields: the reports may hold secrets).
 """
 
 from __future__ import annotations
@@ -17,6 +19,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from testbed.scenarios.common import PROJECT, Scenario
+
+#: Case fields safe to copy into the scenario result: names, statuses, reason codes, flags.
+SHOWN_FIELDS = (
+    "connect_status",
+    "cntlid",
+    "auth_send_status",
+    "auth_receive_status",
+    "authenticated",
+    "failed",
+    "closed_during",
+    "property_get_status",
+    "target_failure1",
+    "target_fatal_error",
+    "target_response_mismatch",
+    "failure_seen_as",
+    "target_key_found",
+    "target_key_matches",
+)
+
+
+def case_summary(entry: dict[str, object]) -> str:
+    """The non-secret fields of one case record, ``key=value`` separated by spaces."""
+    parts = [f"{key}={entry[key]!r}" for key in SHOWN_FIELDS if key in entry]
+    error = entry.get("error")
+    if isinstance(error, str) and error.strip():
+        last = error.strip().splitlines()[-1]
+        parts.append(f"error={last.split(':', 1)[0].strip()}")  # exception class only
+    return " ".join(parts)
 
 
 def run_probe(probe: str) -> None:
@@ -44,6 +74,11 @@ def run_probe(probe: str) -> None:
         for e in entries:
             name = e.get("case") or e.get("check")
             sc.check(bool(e.get("passed")), f"probe case {name}", fatal=False)
+            if not e.get("passed"):
+                sc.detail(f"probe case {name}: {case_summary(e)}")
+        seen = {str(e.get("case")): e["failure_seen_as"] for e in entries if "failure_seen_as" in e}
+        if seen:
+            sc.figure("expected_failures_seen_as", ", ".join(f"{k}: {v}" for k, v in seen.items()))
         sc.check(bool(entries), "the probe reported at least one case")
         sc.check(
             report.get("passed") is True and proc.returncode == 0,
