@@ -27,7 +27,6 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass, field
 
 from ktlsd import keyring
 from ktlsd.errors import FailureCause, HandshakeError
@@ -38,7 +37,7 @@ from ktlsd.keyupdate import (
     apply_key_update,
     plan_key_update,
 )
-from ktlsd.material import Consumer, X509Files, build_tls_config
+from ktlsd.material import Consumer, build_tls_config
 from ktlsd.request import (
     AuthMode,
     HandshakeDone,
@@ -48,32 +47,11 @@ from ktlsd.request import (
     UpcallSource,
 )
 from ktlsd.session_store import KERNEL_OWNER, SessionStore
+from ktlsd.settings import AgentSettings
 from ktlsd.tls.handshake import perform_handshake
 from ktlsd.tls.session import Role, Session
 
 log = logging.getLogger("ktlsd")
-
-DEFAULT_LINKED_KEYRINGS = (".nvme", ".nfs", ".nfsd")
-
-
-@dataclass(frozen=True)
-class AgentSettings:
-    """What the agent needs from the configuration, in one place."""
-
-    client_x509: X509Files = field(default_factory=X509Files)
-    server_x509: X509Files = field(default_factory=X509Files)
-    keyrings: tuple[str, ...] = ()
-    max_concurrent: int = 0  # 0 = sized to the CPUs
-    groups: str | None = None
-    keep_sessions: bool = True  # keep traffic secrets for later key updates
-    session_lifetime: int = 24 * 3600
-
-    @property
-    def concurrency(self) -> int:
-        if self.max_concurrent > 0:
-            return self.max_concurrent
-        return max(4, (os.cpu_count() or 1) * 8)
-
 
 def link_keyrings(names: Sequence[str], into: int = keyring.KEY_SPEC_SESSION_KEYRING) -> list[str]:
     """Link named keyrings (``.nvme``, configured ones) into ours, as tlshd does at start.

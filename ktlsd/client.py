@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from ktlsd.request import (
-    DEFAULT_TIMEOUT_MS,
     AuthMode,
     HandshakeDone,
     HandshakeRequest,
@@ -44,9 +43,9 @@ from ktlsd.request import (
     KeyUpdateType,
     MessageType,
 )
+from ktlsd.settings import DEFAULT_SERVICE_PATH, DEFAULT_TIMEOUT_MS
 from ktlsd.tls.session import Role
 from ktlsd.upcall.service import (
-    DEFAULT_SERVICE_PATH,
     ServiceFormatError,
     connect_service,
     decode_done_message,
@@ -93,7 +92,7 @@ class HandshakeFailed(OSError):
 
 
 def default_service_path() -> str:
-    """``$KTLSD_SERVICE_PATH`` if set, else :data:`~ktlsd.upcall.service.DEFAULT_SERVICE_PATH`."""
+    """``$KTLSD_SERVICE_PATH`` if set, else :data:`~ktlsd.settings.DEFAULT_SERVICE_PATH`."""
     return os.environ.get("KTLSD_SERVICE_PATH") or DEFAULT_SERVICE_PATH
 
 

@@ -12,6 +12,10 @@ syntax (a GLib "key file") and tlshd's keys::
 ktlsd's own settings live in the same file under ``[ktlsd]`` (tlshd ignores sections it does
 not know, so one file serves both). See docs/configuration.md for every key.
 
+:meth:`AgentConfig.agent_settings` maps a configuration to the agent's
+:class:`~ktlsd.settings.AgentSettings`. Defaults come from :mod:`ktlsd.settings`; this module
+imports nothing of the agent, the TLS engine or the upcall sources.
+
 Which file (:func:`find_config`): an explicit path; else ``$KTLSD_CONFIG``; else, like tlshd,
 the legacy ``/etc/tlshd.conf`` when it exists, then ``/etc/tlshd/config``; else no file at all
 (built-in defaults -- ktlsd, unlike tlshd, runs without a configuration file).
@@ -29,10 +33,16 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ktlsd.agent import AgentSettings
+from ktlsd.settings import (
+    DEFAULT_SERVICE_MODE,
+    DEFAULT_SERVICE_PATH,
+    DEFAULT_SESSION_LIFETIME,
+    DEFAULT_TIMEOUT_MS,
+    AgentSettings,
+    X509Files,
+)
 
 log = logging.getLogger("ktlsd.config")
 
@@ -42,9 +52,6 @@ ENV_CONFIG = "KTLSD_CONFIG"
 SEARCH_PATHS: tuple[str, ...] = (LEGACY_CONFIG_PATH, CONFIG_PATH)
 """tlshd's order: the legacy file wins when it exists (tlshd then asks to relocate it)."""
 
-DEFAULT_SERVICE_SOCKET = "/run/ktlsd/handshake.sock"
-DEFAULT_TIMEOUT_MS = 10_000
-DEFAULT_SESSION_LIFETIME = 24 * 3600
 RECORD_LAYERS = ("auto", "kernel", "user")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_CONFIG_BYTES = 1 << 20
@@ -231,8 +238,8 @@ class AgentConfig:
     keyrings: tuple[str, ...] = ()
     client: X509Settings = field(default_factory=X509Settings)
     server: X509Settings = field(default_factory=X509Settings)
-    service_socket: str | None = DEFAULT_SERVICE_SOCKET
-    service_mode: int = 0o660
+    service_socket: str | None = DEFAULT_SERVICE_PATH
+    service_mode: int = DEFAULT_SERVICE_MODE
     service_group: str | int | None = None
     kernel: str = "auto"
     max_concurrent: int = 0
@@ -251,12 +258,7 @@ class AgentConfig:
         return "debug" if self.debug_loglevel > 0 else "info"
 
     def agent_settings(self) -> AgentSettings:
-        """The :class:`ktlsd.agent.AgentSettings` for this configuration.
-
-        Imported lazily: loading a configuration must not pull in the TLS engine.
-        """
-        from ktlsd.agent import AgentSettings
-        from ktlsd.material import X509Files
+        """The :class:`~ktlsd.settings.AgentSettings` for this configuration."""
 
         def files(x: X509Settings) -> X509Files:
             return X509Files(truststore=x.truststore, crl=x.crl, certificate=x.certificate,
@@ -445,7 +447,7 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
         keyrings = reader.strings("main", "keyrings")
     k = "ktlsd"
     socket_path = reader.string(k, "service_socket")
-    service_socket: str | None = DEFAULT_SERVICE_SOCKET
+    service_socket: str | None = DEFAULT_SERVICE_PATH
     if socket_path is not None:
         service_socket = None if socket_path.strip().lower() in ("", "none", "off") \
             else socket_path.strip()

@@ -25,9 +25,10 @@ import signal
 import sys
 
 from ktlsd import keyring
-from ktlsd.agent import DEFAULT_LINKED_KEYRINGS, Agent, link_keyrings
+from ktlsd.agent import Agent, link_keyrings
 from ktlsd.config import AgentConfig, ConfigError, load_config
 from ktlsd.request import UpcallSource
+from ktlsd.settings import DEFAULT_LINKED_KEYRINGS
 
 log = logging.getLogger("ktlsd")
 

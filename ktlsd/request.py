@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ktlsd.settings import DEFAULT_TIMEOUT_MS
 from ktlsd.tls.session import Session
 
 
@@ -52,9 +53,6 @@ class KeyUpdateType(enum.IntEnum):
     RECEIVED = 2
     RECEIVED_REQUEST_UPDATE = 3
 
-
-DEFAULT_TIMEOUT_MS = 10_000
-"""Handshake timeout when the request carries none."""
 
 MAX_PEER_IDENTITIES = 5
 MAX_REMOTE_AUTH = 5

@@ -24,9 +24,10 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
-from ktlsd.agent import Agent, AgentSettings
+from ktlsd.agent import Agent
 from ktlsd.request import HandshakeDone, HandshakeRequest
 from ktlsd.session_store import SessionStore
+from ktlsd.settings import AgentSettings
 from ktlsd.upcall.service import HandshakeService, PeerCredentials
 
 REPO = Path(__file__).resolve().parent.parent

@@ -25,10 +25,11 @@ from typing import Any
 import pytest
 
 from ktlsd import keyring
-from ktlsd.agent import Agent, AgentSettings
+from ktlsd.agent import Agent
 from ktlsd.client import submit
 from ktlsd.request import AuthMode, HandshakeDone, HandshakeRequest, KeyUpdateType, MessageType
 from ktlsd.session_store import POSSESSOR_ONLY, SessionStore
+from ktlsd.settings import AgentSettings
 from ktlsd.upcall.service import HandshakeService
 from tests.agent_helpers import (
     REPO,

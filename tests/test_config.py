@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from ktlsd.config import (
     CONFIG_PATH,
-    DEFAULT_SERVICE_SOCKET,
     LEGACY_CONFIG_PATH,
     AgentConfig,
     ConfigError,
@@ -20,6 +21,7 @@ from ktlsd.config import (
     split_list,
     unescape,
 )
+from ktlsd.settings import DEFAULT_SERVICE_PATH
 
 # ktls-utils' shipped /etc/tlshd/config (etc/tlshd/config), typed in verbatim, licence header
 # included, comments and all.
@@ -129,7 +131,7 @@ def test_shipped_default_config_reads_unchanged(tmp_path: Path,
     assert config.keyrings == ()
     assert config.client.certificate is None and config.server.truststore is None
     # ktlsd's own settings take their defaults
-    assert config.service_socket == DEFAULT_SERVICE_SOCKET
+    assert config.service_socket == DEFAULT_SERVICE_PATH
     assert config.default_timeout_ms == 10_000 and config.record_layer == "auto"
     assert config.effective_log_level == "info"
     assert caplog.records == []  # nothing unknown, nothing to warn about
@@ -345,3 +347,17 @@ def test_agent_settings_bridge(tmp_path: Path) -> None:
     assert settings.server_x509.private_key == str(key)
     assert settings.keyrings == (".nvme",) and settings.concurrency == 3
     assert settings.groups == "X25519"
+
+
+def test_the_configuration_imports_nothing_of_the_agent() -> None:
+    """config.py sits on ktlsd.settings only: loading a configuration pulls in neither the
+    agent, the material resolver, the TLS engine nor the upcall sources."""
+    code = (
+        "import sys, ktlsd.config\n"
+        "heavy = [m for m in ('ktlsd.agent', 'ktlsd.material', 'ktlsd.tls', 'ktlsd.upcall',"
+        " 'ktlsd.request', 'ktlsd.keyring') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert result.stdout.strip() == ""

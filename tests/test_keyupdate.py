@@ -33,10 +33,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from ktlsd import keyring
-from ktlsd.agent import AgentSettings
 from ktlsd.client import connection_from_done, key_update, submit
 from ktlsd.request import AuthMode, HandshakeDone, HandshakeRequest, KeyUpdateType, MessageType
 from ktlsd.session_store import SessionStore
+from ktlsd.settings import AgentSettings
 from ktlsd.tls.connection import TlsConnection
 from ktlsd.tls.record import UserRecordLayer
 from ktlsd.tls.session import Session

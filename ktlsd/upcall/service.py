@@ -118,6 +118,7 @@ from ktlsd.request import (
     InlinePsk,
     MessageType,
 )
+from ktlsd.settings import DEFAULT_SERVICE_MODE, DEFAULT_SERVICE_PATH
 from ktlsd.tls.session import CipherSuite, PeerIdentity, Role, Session
 from ktlsd.upcall.netlink import (
     AcceptAttr,
@@ -145,9 +146,6 @@ from ktlsd.upcall.nlattr import (
 )
 
 log = logging.getLogger("ktlsd.upcall.service")
-
-DEFAULT_SERVICE_PATH = "/run/ktlsd/handshake.sock"
-"""Where the agent listens unless configured otherwise (clients: ``$KTLSD_SERVICE_PATH``)."""
 
 SERVICE_MSG_TYPE = 0x4B54  # "KT": marks a ktlsd service message in nlmsghdr.type
 SERVICE_VERSION = 1
@@ -768,7 +766,7 @@ class HandshakeService:
         self,
         path: str | os.PathLike[str] = DEFAULT_SERVICE_PATH,
         *,
-        mode: int = 0o660,
+        mode: int = DEFAULT_SERVICE_MODE,
         group: int | str | None = None,
         pending_limit: int | None = None,
         submit_wait: float = SUBMIT_WAIT_SECONDS,
@@ -1120,7 +1118,6 @@ async def _try_send(conn: socket.socket, message: bytes) -> None:
 
 
 __all__ = [
-    "DEFAULT_SERVICE_PATH",
     "MAX_MESSAGE_SIZE",
     "DoneExtAttr",
     "HandshakeService",
