@@ -11,9 +11,13 @@ kernel's ``handshake`` family, the user-space handshake service) on one asyncio 
   status and one log line, never as a crashed agent;
 * DONE is sent exactly once per request, always with an explicit status.
 
-After a successful handshake a kernel consumer's socket gets the session keys installed into
-kTLS before DONE (the kernel then owns the encrypted connection); a user-space consumer gets
-the :class:`~ktlsd.tls.session.Session` back in DONE and runs a record layer itself.
+The agent never asks which source a request came from: it reads what the request declares
+(:class:`~ktlsd.request.PendingRequest`). Its :class:`~ktlsd.request.KeyDelivery` decides what
+a successful handshake hands over: the session keys installed into kTLS before DONE (a kernel
+consumer; the kernel then owns the encrypted connection), or the
+:class:`~ktlsd.tls.session.Session` in DONE (a user-space consumer, which then runs a record
+layer itself). Its credentials decide which material it may use and who owns its kept session;
+its ``cancelled`` event ends the handshake early when the consumer withdraws.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ktlsd.request import (
     AuthMode,
     HandshakeDone,
     HandshakeRequest,
+    KeyDelivery,
     MessageType,
     PendingRequest,
     UpcallSource,
@@ -203,10 +208,11 @@ class Agent:
         """
         old, self.settings = self.settings, settings
         self._slots.resize(settings.concurrency)
+        before, after = vars(old), vars(settings)
         changes = [
-            f"{name} {getattr(old, name)!r} -> {getattr(settings, name)!r}"
+            f"{name} {before[name]!r} -> {after[name]!r}"
             for name in AgentSettings.__dataclass_fields__
-            if getattr(old, name) != getattr(settings, name)
+            if before[name] != after[name]
         ]
         log.info("configuration reloaded: %s", "; ".join(changes) if changes else "no changes")
 
@@ -324,17 +330,15 @@ class Agent:
         psk_keyrings = [keyring.KEY_SPEC_SESSION_KEYRING, keyring.KEY_SPEC_PROCESS_KEYRING]
         if request.keyring:
             psk_keyrings.insert(0, request.keyring)
-        credentials = getattr(pending, "credentials", None)
-        consumer = Consumer(None if credentials is None else credentials.uid)
         config = build_tls_config(
             request, x509_files=files, groups=settings.groups, psk_keyrings=psk_keyrings,
-            consumer=consumer,
+            consumer=Consumer.from_credentials(pending.credentials),
         )
         timeout = request.effective_timeout_ms / 1000
         session = await _unless_cancelled(
-            pending, perform_handshake(sock, config, timeout=timeout)
+            pending.cancelled, perform_handshake(sock, config, timeout=timeout)
         )
-        if pending.source_name == "kernel":
+        if pending.delivery is KeyDelivery.INSTALL_KTLS:
             _install_ktls(sock, session)
         session_id = self._keep(session, _owner(pending))
         return (
@@ -343,7 +347,7 @@ class Agent:
                 sockfd=request.sockfd,
                 remote_auth=_remote_auth(session),
                 session_id=session_id,
-                session=None if pending.source_name == "kernel" else session,
+                session=_delivered(pending, session),
             ),
             session,
         )
@@ -371,9 +375,13 @@ class Agent:
             state = self.store.load(request.session_id, owner)
             if request.forget_session:  # the consumer's connection ended
                 self.store.drop(request.session_id)
-                # The answer carries the last kept state (the owner's own secrets), as every
-                # successful service DONE does; session id 0: nothing is kept any more.
-                return HandshakeDone(status=0, sockfd=request.sockfd, session=state), None
+                # The answer carries the last kept state (the owner's own secrets) to a
+                # consumer that gets secrets, as every successful DONE to it does; session
+                # id 0: nothing is kept any more.
+                answer = HandshakeDone(
+                    status=0, sockfd=request.sockfd, session=_delivered(pending, state)
+                )
+                return answer, None
             plan = plan_key_update(
                 state, request.message_type, request.key_update_type,
                 request_peer=request.request_peer_update,
@@ -396,7 +404,7 @@ class Agent:
                 status=0,
                 sockfd=request.sockfd,
                 session_id=session_id,
-                session=None if pending.source_name == "kernel" else new_state,
+                session=_delivered(pending, new_state),
             ),
             new_state,
         )
@@ -453,19 +461,24 @@ def _field(value: str) -> str:
 
 def _owner(pending: PendingRequest) -> int:
     """Who may use a kept session later: the kernel, or the consumer's uid."""
-    credentials = getattr(pending, "credentials", None)
-    return KERNEL_OWNER if credentials is None else int(credentials.uid)
+    credentials = pending.credentials
+    return KERNEL_OWNER if credentials is None else credentials.uid
 
 
-async def _unless_cancelled(pending: PendingRequest, work: Awaitable[Session]) -> Session:
-    """Run ``work`` but give up as soon as the consumer cancels the request (if it can)."""
-    cancelled: asyncio.Event | None = getattr(pending, "cancelled", None)
+def _delivered(pending: PendingRequest, session: Session) -> Session | None:
+    """What DONE carries: the session with its secrets only when the consumer gets them."""
+    return session if pending.delivery is KeyDelivery.RETURN_SECRETS else None
+
+
+async def _unless_cancelled(cancelled: asyncio.Event, work: Awaitable[Session]) -> Session:
+    """Run ``work`` but give up as soon as the consumer cancels the request."""
     task = asyncio.ensure_future(work)
-    if cancelled is None:
-        return await task
     watcher = asyncio.ensure_future(cancelled.wait())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()  # we are being cancelled: the handshake must not outlive us
+        raise
     finally:
         watcher.cancel()
     if task.done():
@@ -477,9 +490,10 @@ async def _unless_cancelled(pending: PendingRequest, work: Awaitable[Session]) -
 
 
 def _installer_for(pending: PendingRequest, sock: socket.socket, state: Session) -> KeyInstaller:
-    """kTLS when the socket has it; else the consumer's user-space record layer state."""
+    """kTLS for consumers whose keys the agent installs, and for consumers that installed kTLS
+    themselves (no record numbers sent); else the consumer's user-space record layer state."""
     seqs = pending.request.record_seqs
-    if pending.source_name == "kernel" or seqs is None:
+    if pending.delivery is KeyDelivery.INSTALL_KTLS or seqs is None:
         return KtlsInstaller(sock, state.suite)
     return UserLayerInstaller(sock, state, seqs)
 

@@ -30,7 +30,13 @@ from dataclasses import dataclass
 from ktlsd import keyring
 from ktlsd.credentials import X509Credentials
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.request import AuthMode, HandshakeRequest, InlineMaterial, MessageType
+from ktlsd.request import (
+    AuthMode,
+    ConsumerCredentials,
+    HandshakeRequest,
+    InlineMaterial,
+    MessageType,
+)
 from ktlsd.settings import X509Files
 from ktlsd.tls.handshake import PskKey, TlsConfig
 from ktlsd.tls.session import CipherSuite, Role
@@ -56,6 +62,11 @@ class Consumer:
     """
 
     uid: int | None = None
+
+    @classmethod
+    def from_credentials(cls, credentials: ConsumerCredentials | None) -> Consumer:
+        """The consumer a request declares: its process's uid, or (None) the kernel."""
+        return cls() if credentials is None else cls(credentials.uid)
 
     @property
     def privileged(self) -> bool:
