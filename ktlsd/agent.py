@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -185,6 +186,8 @@ class Agent:
     ) -> None:
         self.settings = settings
         self.sources = list(sources)
+        # A store given by the caller keeps its own lifetime; ours follows the settings.
+        self._own_store = store is None
         self.store = store or SessionStore(lifetime=settings.session_lifetime)
         self._session_locks = _KeyedLocks()
         self._slots = _Slots(settings.concurrency)
@@ -208,6 +211,9 @@ class Agent:
         """
         old, self.settings = self.settings, settings
         self._slots.resize(settings.concurrency)
+        if self._own_store and self.store.lifetime != settings.session_lifetime:
+            # New sessions get the new lifetime; kept ones at their next key update.
+            self.store = dataclasses.replace(self.store, lifetime=settings.session_lifetime)
         before, after = vars(old), vars(settings)
         changes = [
             f"{name} {before[name]!r} -> {after[name]!r}"
@@ -282,17 +288,23 @@ class Agent:
     async def serve(self, pending: PendingRequest) -> HandshakeDone:
         """Run one request to its DONE. Never raises."""
         request = pending.request
+        settings = self.settings  # a reload meanwhile applies to later requests
+        timeout_ms = request.timeout_ms_or(settings.default_timeout_ms)
+        timeout = timeout_ms / 1000
         started = time.monotonic()
         log.debug(
             "request taken: source=%s role=%s auth=%s type=%s timeout=%dms in_flight=%d",
             pending.source_name, _role(request), _auth_name(request.auth_mode),
-            request.message_type.name.lower(), request.effective_timeout_ms, len(self._tasks),
+            request.message_type.name.lower(), timeout_ms, len(self._tasks),
         )
         sock: socket.socket | None = None
         session: Session | None = None
         try:
             sock = socket.socket(fileno=os.dup(request.sockfd))
-            answer, session = await self._handshake(pending, sock)
+            if request.message_type.is_key_update:
+                answer, session = await self._key_update(pending, sock, timeout)
+            else:
+                answer, session = await self._handshake(pending, sock, settings, timeout)
         except HandshakeError as exc:
             answer = HandshakeDone(status=exc.errno, sockfd=request.sockfd, reason=exc.reason)
         except OSError as exc:
@@ -316,12 +328,10 @@ class Agent:
         return answer
 
     async def _handshake(
-        self, pending: PendingRequest, sock: socket.socket
+        self, pending: PendingRequest, sock: socket.socket, settings: AgentSettings,
+        timeout: float,
     ) -> tuple[HandshakeDone, Session | None]:
         request = pending.request
-        if request.message_type.is_key_update:
-            return await self._key_update(pending, sock)
-        settings = self.settings
         files = (
             settings.client_x509
             if request.message_type is MessageType.CLIENTHELLO
@@ -334,13 +344,12 @@ class Agent:
             request, x509_files=files, groups=settings.groups, psk_keyrings=psk_keyrings,
             consumer=Consumer.from_credentials(pending.credentials),
         )
-        timeout = request.effective_timeout_ms / 1000
         session = await _unless_cancelled(
             pending.cancelled, perform_handshake(sock, config, timeout=timeout)
         )
         if pending.delivery is KeyDelivery.INSTALL_KTLS:
             _install_ktls(sock, session)
-        session_id = self._keep(session, _owner(pending))
+        session_id = self._keep(session, _owner(pending), settings)
         return (
             HandshakeDone(
                 status=0,
@@ -352,9 +361,9 @@ class Agent:
             session,
         )
 
-    def _keep(self, session: Session, owner: int) -> int:
+    def _keep(self, session: Session, owner: int, settings: AgentSettings) -> int:
         """Keep the session's secrets for later key updates; 0 when not kept."""
-        if not self.settings.keep_sessions:
+        if not settings.keep_sessions:
             return 0
         try:
             return self.store.save(session, owner)
@@ -364,7 +373,7 @@ class Agent:
             return 0
 
     async def _key_update(
-        self, pending: PendingRequest, sock: socket.socket
+        self, pending: PendingRequest, sock: socket.socket, timeout: float
     ) -> tuple[HandshakeDone, Session | None]:
         """Run a key-update request against the kept state of ``request.session_id``."""
         request = pending.request
@@ -387,8 +396,7 @@ class Agent:
                 request_peer=request.request_peer_update,
             )
             new_state = await apply_key_update(
-                plan, _installer_for(pending, sock, state),
-                timeout=request.effective_timeout_ms / 1000,
+                plan, _installer_for(pending, sock, state), timeout=timeout
             )
             session_id = request.session_id
             try:

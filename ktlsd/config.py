@@ -258,7 +258,12 @@ class AgentConfig:
         return "debug" if self.debug_loglevel > 0 else "info"
 
     def agent_settings(self) -> AgentSettings:
-        """The :class:`~ktlsd.settings.AgentSettings` for this configuration."""
+        """The :class:`~ktlsd.settings.AgentSettings` for this configuration.
+
+        ``session_lifetime`` 0 means "keep no session state" (key updates then need a new
+        handshake): state that never expired would pile up for kernel sessions, which have
+        no teardown upcall.
+        """
 
         def files(x: X509Settings) -> X509Files:
             return X509Files(truststore=x.truststore, crl=x.crl, certificate=x.certificate,
@@ -273,6 +278,7 @@ class AgentConfig:
             groups=self.groups,
             keep_sessions=self.session_lifetime > 0,
             session_lifetime=self.session_lifetime,
+            default_timeout_ms=self.default_timeout_ms,
         )
 
 

@@ -135,9 +135,15 @@ class HandshakeRequest:
     # the kernel has no teardown upcall, so kernel sessions end with their lifetime).
     forget_session: bool = False
 
+    def timeout_ms_or(self, default_ms: int) -> int:
+        """The request's timeout, or ``default_ms`` when it carries none (the agent passes
+        its configured ``default_timeout_ms``)."""
+        return self.timeout_ms if self.timeout_ms > 0 else default_ms
+
     @property
     def effective_timeout_ms(self) -> int:
-        return self.timeout_ms if self.timeout_ms > 0 else DEFAULT_TIMEOUT_MS
+        """The timeout under the built-in default (what a consumer can count on)."""
+        return self.timeout_ms_or(DEFAULT_TIMEOUT_MS)
 
 
 @dataclass

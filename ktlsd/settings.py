@@ -59,7 +59,7 @@ class AgentSettings:
 
     ``max_concurrent`` 0 sizes the bound to the CPUs (:attr:`concurrency`); ``keep_sessions``
     keeps each session's traffic secrets for later key updates, for ``session_lifetime``
-    seconds (0: no expiry).
+    seconds (0: no expiry); ``default_timeout_ms`` applies to requests that carry no timeout.
     """
 
     client_x509: X509Files = field(default_factory=X509Files)
@@ -69,6 +69,7 @@ class AgentSettings:
     groups: str | None = None
     keep_sessions: bool = True
     session_lifetime: int = DEFAULT_SESSION_LIFETIME
+    default_timeout_ms: int = DEFAULT_TIMEOUT_MS
 
     @property
     def concurrency(self) -> int:

@@ -21,7 +21,7 @@ from ktlsd.config import (
     split_list,
     unescape,
 )
-from ktlsd.settings import DEFAULT_SERVICE_PATH
+from ktlsd.settings import DEFAULT_SERVICE_PATH, DEFAULT_SESSION_LIFETIME, DEFAULT_TIMEOUT_MS
 
 # ktls-utils' shipped /etc/tlshd/config (etc/tlshd/config), typed in verbatim, licence header
 # included, comments and all.
@@ -347,6 +347,19 @@ def test_agent_settings_bridge(tmp_path: Path) -> None:
     assert settings.server_x509.private_key == str(key)
     assert settings.keyrings == (".nvme",) and settings.concurrency == 3
     assert settings.groups == "X25519"
+
+
+def test_agent_settings_carry_timeout_and_lifetime(tmp_path: Path) -> None:
+    config = load_config(write(
+        tmp_path, "[ktlsd]\ndefault_timeout_ms = 2500\nsession_lifetime = 600\n"))
+    settings = config.agent_settings()
+    assert settings.default_timeout_ms == 2500
+    assert settings.session_lifetime == 600 and settings.keep_sessions
+    defaults = AgentConfig().agent_settings()
+    assert defaults.default_timeout_ms == DEFAULT_TIMEOUT_MS
+    assert defaults.session_lifetime == DEFAULT_SESSION_LIFETIME and defaults.keep_sessions
+    none_kept = load_config(write(tmp_path, "[ktlsd]\nsession_lifetime = 0\n", "zero"))
+    assert not none_kept.agent_settings().keep_sessions
 
 
 def test_the_configuration_imports_nothing_of_the_agent() -> None:

@@ -285,3 +285,22 @@ def test_the_declared_cancellation_ends_the_handshake() -> None:
 
     run(main())
 
+
+def test_requests_without_a_timeout_get_the_configured_default() -> None:
+    """``default_timeout_ms`` from the settings applies when the request carries none; a
+    request's own timeout wins."""
+
+    async def main() -> None:
+        for settings_ms, request_ms, reason in ((250, 0, "within 0.25 s"),
+                                                (250, 300, "within 0.3 s")):
+            agent, source = third_agent(
+                AgentSettings(keep_sessions=False, default_timeout_ms=settings_ms))
+            a, b = tcp_pair()
+            with a, b:  # b never answers
+                pending = ThirdRequest(client_request(a, timeout_ms=request_ms),
+                                       credentials=None, delivery=KeyDelivery.RETURN_SECRETS)
+                answer = await serve_one(agent, source, pending)
+                assert answer.status == errno.ETIMEDOUT
+                assert reason in answer.reason, answer.reason
+
+    run(main())
