@@ -52,7 +52,6 @@ ENV_CONFIG = "KTLSD_CONFIG"
 SEARCH_PATHS: tuple[str, ...] = (LEGACY_CONFIG_PATH, CONFIG_PATH)
 """tlshd's order: the legacy file wins when it exists (tlshd then asks to relocate it)."""
 
-RECORD_LAYERS = ("auto", "kernel", "user")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -225,9 +224,9 @@ class AgentConfig:
     ("auto": serve the kernel's handshake family when it exists; "yes": failing to is fatal;
     "no"),
     ``max_concurrent`` (0 = sized to the CPUs by the agent), ``pending_limit`` (0 = the
-    kernel's rule), ``default_timeout_ms``, ``session_lifetime`` (seconds kept session state
-    lives in the keyring), ``record_layer`` ("auto"/"kernel"/"user"), ``log_level``,
-    ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them).
+    kernel's rule), ``default_timeout_ms`` (for requests that carry no timeout),
+    ``session_lifetime`` (seconds kept session state lives in the keyring; 0 keeps none),
+    ``log_level``, ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them).
     """
 
     path: str | None = None
@@ -246,7 +245,6 @@ class AgentConfig:
     pending_limit: int = 0
     default_timeout_ms: int = DEFAULT_TIMEOUT_MS
     session_lifetime: int = DEFAULT_SESSION_LIFETIME
-    record_layer: str = "auto"
     log_level: str | None = None
     groups: str | None = None
 
@@ -304,9 +302,12 @@ _TLSHD_GROUPS_IGNORED = ("tags",)  # tlshd features ktlsd does not implement (ye
 
 _KTLSD_KEYS = (
     "service_socket", "service_mode", "service_group", "kernel", "max_concurrent",
-    "pending_limit", "default_timeout_ms", "session_lifetime", "record_layer", "log_level",
-    "groups",
+    "pending_limit", "default_timeout_ms", "session_lifetime", "log_level", "groups",
 )
+_KTLSD_KEYS_RETIRED = {
+    "record_layer": "user-space consumers choose their record layer themselves "
+                    "(ktlsd.client, record_layer=...); kernel consumers always get kTLS",
+}
 
 
 def _bool(text: str) -> bool:
@@ -415,7 +416,10 @@ class _Reader:
                 log.warning("%s:%d: unknown group [%s] ignored", self.keyfile.path, line, group)
                 continue
             for key, entry in keys.items():
-                if key not in known:
+                if group == "ktlsd" and key in _KTLSD_KEYS_RETIRED:
+                    log.warning("%s:%d: [%s] %s is no longer read: %s", self.keyfile.path,
+                                entry.line, group, key, _KTLSD_KEYS_RETIRED[key])
+                elif key not in known:
                     log.warning("%s:%d: unknown key %s in [%s] ignored",
                                 self.keyfile.path, entry.line, key, group)
 
@@ -491,8 +495,6 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
         session_lifetime=pick(
             reader.typed(k, "session_lifetime", lambda t: _int(t, minimum=0)),
             defaults.session_lifetime),
-        record_layer=pick(reader.typed(k, "record_layer", lambda t: _choice(t, RECORD_LAYERS)),
-                          defaults.record_layer),
         log_level=reader.typed(k, "log_level", lambda t: _choice(t, LOG_LEVELS)),
         groups=reader.string(k, "groups") or None,
     )
