@@ -191,14 +191,14 @@ class Agent:
         self.store = store or SessionStore(lifetime=settings.session_lifetime)
         self._session_locks = _KeyedLocks()
         self._slots = _Slots(settings.concurrency)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[HandshakeDone]] = set()
         self._consumers: list[asyncio.Task[None]] = []
         self._stopping = False
         self.completed = 0
         self.failed = 0
 
     @property
-    def in_flight(self) -> set[asyncio.Task[None]]:
+    def in_flight(self) -> set[asyncio.Task[HandshakeDone]]:
         """Requests being served right now."""
         return self._tasks
 
@@ -281,7 +281,7 @@ class Agent:
         self.failed += 1
         self._log(pending, answer, None, "-", 0.0)
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _finished(self, task: asyncio.Task[HandshakeDone]) -> None:
         self._tasks.discard(task)
         self._slots.release()
 

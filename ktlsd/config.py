@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 from ktlsd.settings import (
     DEFAULT_SERVICE_MODE,
@@ -51,6 +51,8 @@ LEGACY_CONFIG_PATH = "/etc/tlshd.conf"
 ENV_CONFIG = "KTLSD_CONFIG"
 SEARCH_PATHS: tuple[str, ...] = (LEGACY_CONFIG_PATH, CONFIG_PATH)
 """tlshd's order: the legacy file wins when it exists (tlshd then asks to relocate it)."""
+
+_T = TypeVar("_T")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_CONFIG_BYTES = 1 << 20
@@ -389,7 +391,7 @@ class _Reader:
         except ValueError as exc:
             raise ConfigError(self.keyfile.path, entry.line, f"[{group}] {key}: {exc}") from None
 
-    def typed(self, group: str, key: str, convert: Any) -> Any:
+    def typed(self, group: str, key: str, convert: Callable[[str], _T]) -> _T | None:
         """A [ktlsd] value: bad values are errors (this is our section; be strict)."""
         text = self.string(group, key)
         if text is None:
@@ -463,7 +465,7 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
             else socket_path.strip()
     defaults = AgentConfig()
 
-    def pick(value: Any, default: Any) -> Any:
+    def pick(value: _T | None, default: _T) -> _T:
         return default if value is None else value
 
     config = AgentConfig(
