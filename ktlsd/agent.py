@@ -11,9 +11,13 @@ kernel's ``handshake`` family, the user-space handshake service) on one asyncio 
   status and one log line, never as a crashed agent;
 * DONE is sent exactly once per request, always with an explicit status.
 
-After a successful handshake a kernel consumer's socket gets the session keys installed into
-kTLS before DONE (the kernel then owns the encrypted connection); a user-space consumer gets
-the :class:`~ktlsd.tls.session.Session` back in DONE and runs a record layer itself.
+The agent never asks which source a request came from: it reads what the request declares
+(:class:`~ktlsd.request.PendingRequest`). Its :class:`~ktlsd.request.KeyDelivery` decides what
+a successful handshake hands over: the session keys installed into kTLS before DONE (a kernel
+consumer; the kernel then owns the encrypted connection), or the
+:class:`~ktlsd.tls.session.Session` in DONE (a user-space consumer, which then runs a record
+layer itself). Its credentials decide which material it may use and who owns its kept session;
+its ``cancelled`` event ends the handshake early when the consumer withdraws.
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass, field
 
 from ktlsd import keyring
 from ktlsd.errors import FailureCause, HandshakeError
@@ -38,42 +42,22 @@ from ktlsd.keyupdate import (
     apply_key_update,
     plan_key_update,
 )
-from ktlsd.material import Consumer, X509Files, build_tls_config
+from ktlsd.material import Consumer, build_tls_config
 from ktlsd.request import (
     AuthMode,
     HandshakeDone,
     HandshakeRequest,
+    KeyDelivery,
     MessageType,
     PendingRequest,
     UpcallSource,
 )
 from ktlsd.session_store import KERNEL_OWNER, SessionStore
+from ktlsd.settings import AgentSettings
 from ktlsd.tls.handshake import perform_handshake
 from ktlsd.tls.session import Role, Session
 
 log = logging.getLogger("ktlsd")
-
-DEFAULT_LINKED_KEYRINGS = (".nvme", ".nfs", ".nfsd")
-
-
-@dataclass(frozen=True)
-class AgentSettings:
-    """What the agent needs from the configuration, in one place."""
-
-    client_x509: X509Files = field(default_factory=X509Files)
-    server_x509: X509Files = field(default_factory=X509Files)
-    keyrings: tuple[str, ...] = ()
-    max_concurrent: int = 0  # 0 = sized to the CPUs
-    groups: str | None = None
-    keep_sessions: bool = True  # keep traffic secrets for later key updates
-    session_lifetime: int = 24 * 3600
-
-    @property
-    def concurrency(self) -> int:
-        if self.max_concurrent > 0:
-            return self.max_concurrent
-        return max(4, (os.cpu_count() or 1) * 8)
-
 
 def link_keyrings(names: Sequence[str], into: int = keyring.KEY_SPEC_SESSION_KEYRING) -> list[str]:
     """Link named keyrings (``.nvme``, configured ones) into ours, as tlshd does at start.
@@ -202,17 +186,19 @@ class Agent:
     ) -> None:
         self.settings = settings
         self.sources = list(sources)
+        # A store given by the caller keeps its own lifetime; ours follows the settings.
+        self._own_store = store is None
         self.store = store or SessionStore(lifetime=settings.session_lifetime)
         self._session_locks = _KeyedLocks()
         self._slots = _Slots(settings.concurrency)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[HandshakeDone]] = set()
         self._consumers: list[asyncio.Task[None]] = []
         self._stopping = False
         self.completed = 0
         self.failed = 0
 
     @property
-    def in_flight(self) -> set[asyncio.Task[None]]:
+    def in_flight(self) -> set[asyncio.Task[HandshakeDone]]:
         """Requests being served right now."""
         return self._tasks
 
@@ -225,10 +211,14 @@ class Agent:
         """
         old, self.settings = self.settings, settings
         self._slots.resize(settings.concurrency)
+        if self._own_store and self.store.lifetime != settings.session_lifetime:
+            # New sessions get the new lifetime; kept ones at their next key update.
+            self.store = dataclasses.replace(self.store, lifetime=settings.session_lifetime)
+        before, after = vars(old), vars(settings)
         changes = [
-            f"{name} {getattr(old, name)!r} -> {getattr(settings, name)!r}"
+            f"{name} {before[name]!r} -> {after[name]!r}"
             for name in AgentSettings.__dataclass_fields__
-            if getattr(old, name) != getattr(settings, name)
+            if before[name] != after[name]
         ]
         log.info("configuration reloaded: %s", "; ".join(changes) if changes else "no changes")
 
@@ -291,24 +281,30 @@ class Agent:
         self.failed += 1
         self._log(pending, answer, None, "-", 0.0)
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _finished(self, task: asyncio.Task[HandshakeDone]) -> None:
         self._tasks.discard(task)
         self._slots.release()
 
     async def serve(self, pending: PendingRequest) -> HandshakeDone:
         """Run one request to its DONE. Never raises."""
         request = pending.request
+        settings = self.settings  # a reload meanwhile applies to later requests
+        timeout_ms = request.timeout_ms_or(settings.default_timeout_ms)
+        timeout = timeout_ms / 1000
         started = time.monotonic()
         log.debug(
             "request taken: source=%s role=%s auth=%s type=%s timeout=%dms in_flight=%d",
             pending.source_name, _role(request), _auth_name(request.auth_mode),
-            request.message_type.name.lower(), request.effective_timeout_ms, len(self._tasks),
+            request.message_type.name.lower(), timeout_ms, len(self._tasks),
         )
         sock: socket.socket | None = None
         session: Session | None = None
         try:
             sock = socket.socket(fileno=os.dup(request.sockfd))
-            answer, session = await self._handshake(pending, sock)
+            if request.message_type.is_key_update:
+                answer, session = await self._key_update(pending, sock, timeout)
+            else:
+                answer, session = await self._handshake(pending, sock, settings, timeout)
         except HandshakeError as exc:
             answer = HandshakeDone(status=exc.errno, sockfd=request.sockfd, reason=exc.reason)
         except OSError as exc:
@@ -332,12 +328,10 @@ class Agent:
         return answer
 
     async def _handshake(
-        self, pending: PendingRequest, sock: socket.socket
+        self, pending: PendingRequest, sock: socket.socket, settings: AgentSettings,
+        timeout: float,
     ) -> tuple[HandshakeDone, Session | None]:
         request = pending.request
-        if request.message_type.is_key_update:
-            return await self._key_update(pending, sock)
-        settings = self.settings
         files = (
             settings.client_x509
             if request.message_type is MessageType.CLIENTHELLO
@@ -346,33 +340,30 @@ class Agent:
         psk_keyrings = [keyring.KEY_SPEC_SESSION_KEYRING, keyring.KEY_SPEC_PROCESS_KEYRING]
         if request.keyring:
             psk_keyrings.insert(0, request.keyring)
-        credentials = getattr(pending, "credentials", None)
-        consumer = Consumer(None if credentials is None else credentials.uid)
         config = build_tls_config(
             request, x509_files=files, groups=settings.groups, psk_keyrings=psk_keyrings,
-            consumer=consumer,
+            consumer=Consumer.from_credentials(pending.credentials),
         )
-        timeout = request.effective_timeout_ms / 1000
         session = await _unless_cancelled(
-            pending, perform_handshake(sock, config, timeout=timeout)
+            pending.cancelled, perform_handshake(sock, config, timeout=timeout)
         )
-        if pending.source_name == "kernel":
+        if pending.delivery is KeyDelivery.INSTALL_KTLS:
             _install_ktls(sock, session)
-        session_id = self._keep(session, _owner(pending))
+        session_id = self._keep(session, _owner(pending), settings)
         return (
             HandshakeDone(
                 status=0,
                 sockfd=request.sockfd,
                 remote_auth=_remote_auth(session),
                 session_id=session_id,
-                session=None if pending.source_name == "kernel" else session,
+                session=_delivered(pending, session),
             ),
             session,
         )
 
-    def _keep(self, session: Session, owner: int) -> int:
+    def _keep(self, session: Session, owner: int, settings: AgentSettings) -> int:
         """Keep the session's secrets for later key updates; 0 when not kept."""
-        if not self.settings.keep_sessions:
+        if not settings.keep_sessions:
             return 0
         try:
             return self.store.save(session, owner)
@@ -382,7 +373,7 @@ class Agent:
             return 0
 
     async def _key_update(
-        self, pending: PendingRequest, sock: socket.socket
+        self, pending: PendingRequest, sock: socket.socket, timeout: float
     ) -> tuple[HandshakeDone, Session | None]:
         """Run a key-update request against the kept state of ``request.session_id``."""
         request = pending.request
@@ -393,16 +384,19 @@ class Agent:
             state = self.store.load(request.session_id, owner)
             if request.forget_session:  # the consumer's connection ended
                 self.store.drop(request.session_id)
-                # The answer carries the last kept state (the owner's own secrets), as every
-                # successful service DONE does; session id 0: nothing is kept any more.
-                return HandshakeDone(status=0, sockfd=request.sockfd, session=state), None
+                # The answer carries the last kept state (the owner's own secrets) to a
+                # consumer that gets secrets, as every successful DONE to it does; session
+                # id 0: nothing is kept any more.
+                answer = HandshakeDone(
+                    status=0, sockfd=request.sockfd, session=_delivered(pending, state)
+                )
+                return answer, None
             plan = plan_key_update(
                 state, request.message_type, request.key_update_type,
                 request_peer=request.request_peer_update,
             )
             new_state = await apply_key_update(
-                plan, _installer_for(pending, sock, state),
-                timeout=request.effective_timeout_ms / 1000,
+                plan, _installer_for(pending, sock, state), timeout=timeout
             )
             session_id = request.session_id
             try:
@@ -418,7 +412,7 @@ class Agent:
                 status=0,
                 sockfd=request.sockfd,
                 session_id=session_id,
-                session=None if pending.source_name == "kernel" else new_state,
+                session=_delivered(pending, new_state),
             ),
             new_state,
         )
@@ -475,19 +469,24 @@ def _field(value: str) -> str:
 
 def _owner(pending: PendingRequest) -> int:
     """Who may use a kept session later: the kernel, or the consumer's uid."""
-    credentials = getattr(pending, "credentials", None)
-    return KERNEL_OWNER if credentials is None else int(credentials.uid)
+    credentials = pending.credentials
+    return KERNEL_OWNER if credentials is None else credentials.uid
 
 
-async def _unless_cancelled(pending: PendingRequest, work: Awaitable[Session]) -> Session:
-    """Run ``work`` but give up as soon as the consumer cancels the request (if it can)."""
-    cancelled: asyncio.Event | None = getattr(pending, "cancelled", None)
+def _delivered(pending: PendingRequest, session: Session) -> Session | None:
+    """What DONE carries: the session with its secrets only when the consumer gets them."""
+    return session if pending.delivery is KeyDelivery.RETURN_SECRETS else None
+
+
+async def _unless_cancelled(cancelled: asyncio.Event, work: Awaitable[Session]) -> Session:
+    """Run ``work`` but give up as soon as the consumer cancels the request."""
     task = asyncio.ensure_future(work)
-    if cancelled is None:
-        return await task
     watcher = asyncio.ensure_future(cancelled.wait())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()  # we are being cancelled: the handshake must not outlive us
+        raise
     finally:
         watcher.cancel()
     if task.done():
@@ -499,9 +498,10 @@ async def _unless_cancelled(pending: PendingRequest, work: Awaitable[Session]) -
 
 
 def _installer_for(pending: PendingRequest, sock: socket.socket, state: Session) -> KeyInstaller:
-    """kTLS when the socket has it; else the consumer's user-space record layer state."""
+    """kTLS for consumers whose keys the agent installs, and for consumers that installed kTLS
+    themselves (no record numbers sent); else the consumer's user-space record layer state."""
     seqs = pending.request.record_seqs
-    if pending.source_name == "kernel" or seqs is None:
+    if pending.delivery is KeyDelivery.INSTALL_KTLS or seqs is None:
         return KtlsInstaller(sock, state.suite)
     return UserLayerInstaller(sock, state, seqs)
 

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
 
 from ktlsd.request import (
-    DEFAULT_TIMEOUT_MS,
     AuthMode,
     HandshakeDone,
     HandshakeRequest,
@@ -51,9 +50,9 @@ from ktlsd.request import (
     KeyUpdateType,
     MessageType,
 )
+from ktlsd.settings import DEFAULT_SERVICE_PATH, DEFAULT_TIMEOUT_MS
 from ktlsd.tls.session import Role
 from ktlsd.upcall.wire import (
-    DEFAULT_SERVICE_PATH,
     ServiceFormatError,
     connect_service,
     decode_done_message,
@@ -100,7 +99,7 @@ class HandshakeFailed(OSError):
 
 
 def default_service_path() -> str:
-    """``$KTLSD_SERVICE_PATH`` if set, else :data:`~ktlsd.upcall.wire.DEFAULT_SERVICE_PATH`."""
+    """``$KTLSD_SERVICE_PATH`` if set, else :data:`~ktlsd.settings.DEFAULT_SERVICE_PATH`."""
     return os.environ.get("KTLSD_SERVICE_PATH") or DEFAULT_SERVICE_PATH
 
 

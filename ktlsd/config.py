@@ -12,6 +12,10 @@ syntax (a GLib "key file") and tlshd's keys::
 ktlsd's own settings live in the same file under ``[ktlsd]`` (tlshd ignores sections it does
 not know, so one file serves both). See docs/configuration.md for every key.
 
+:meth:`AgentConfig.agent_settings` maps a configuration to the agent's
+:class:`~ktlsd.settings.AgentSettings`. Defaults come from :mod:`ktlsd.settings`; this module
+imports nothing of the agent, the TLS engine or the upcall sources.
+
 Which file (:func:`find_config`): an explicit path; else ``$KTLSD_CONFIG``; else, like tlshd,
 the legacy ``/etc/tlshd.conf`` when it exists, then ``/etc/tlshd/config``; else no file at all
 (built-in defaults -- ktlsd, unlike tlshd, runs without a configuration file).
@@ -27,12 +31,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TypeVar
 
-if TYPE_CHECKING:
-    from ktlsd.agent import AgentSettings
+from ktlsd.settings import (
+    DEFAULT_SERVICE_MODE,
+    DEFAULT_SERVICE_PATH,
+    DEFAULT_SESSION_LIFETIME,
+    DEFAULT_TIMEOUT_MS,
+    AgentSettings,
+    X509Files,
+)
 
 log = logging.getLogger("ktlsd.config")
 
@@ -42,10 +52,8 @@ ENV_CONFIG = "KTLSD_CONFIG"
 SEARCH_PATHS: tuple[str, ...] = (LEGACY_CONFIG_PATH, CONFIG_PATH)
 """tlshd's order: the legacy file wins when it exists (tlshd then asks to relocate it)."""
 
-DEFAULT_SERVICE_SOCKET = "/run/ktlsd/handshake.sock"
-DEFAULT_TIMEOUT_MS = 10_000
-DEFAULT_SESSION_LIFETIME = 24 * 3600
-RECORD_LAYERS = ("auto", "kernel", "user")
+_T = TypeVar("_T")
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -218,9 +226,9 @@ class AgentConfig:
     ("auto": serve the kernel's handshake family when it exists; "yes": failing to is fatal;
     "no"),
     ``max_concurrent`` (0 = sized to the CPUs by the agent), ``pending_limit`` (0 = the
-    kernel's rule), ``default_timeout_ms``, ``session_lifetime`` (seconds kept session state
-    lives in the keyring), ``record_layer`` ("auto"/"kernel"/"user"), ``log_level``,
-    ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them).
+    kernel's rule), ``default_timeout_ms`` (for requests that carry no timeout),
+    ``session_lifetime`` (seconds kept session state lives in the keyring; 0 keeps none),
+    ``log_level``, ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them).
     """
 
     path: str | None = None
@@ -231,15 +239,14 @@ class AgentConfig:
     keyrings: tuple[str, ...] = ()
     client: X509Settings = field(default_factory=X509Settings)
     server: X509Settings = field(default_factory=X509Settings)
-    service_socket: str | None = DEFAULT_SERVICE_SOCKET
-    service_mode: int = 0o660
+    service_socket: str | None = DEFAULT_SERVICE_PATH
+    service_mode: int = DEFAULT_SERVICE_MODE
     service_group: str | int | None = None
     kernel: str = "auto"
     max_concurrent: int = 0
     pending_limit: int = 0
     default_timeout_ms: int = DEFAULT_TIMEOUT_MS
     session_lifetime: int = DEFAULT_SESSION_LIFETIME
-    record_layer: str = "auto"
     log_level: str | None = None
     groups: str | None = None
 
@@ -251,12 +258,12 @@ class AgentConfig:
         return "debug" if self.debug_loglevel > 0 else "info"
 
     def agent_settings(self) -> AgentSettings:
-        """The :class:`ktlsd.agent.AgentSettings` for this configuration.
+        """The :class:`~ktlsd.settings.AgentSettings` for this configuration.
 
-        Imported lazily: loading a configuration must not pull in the TLS engine.
+        ``session_lifetime`` 0 means "keep no session state" (key updates then need a new
+        handshake): state that never expired would pile up for kernel sessions, which have
+        no teardown upcall.
         """
-        from ktlsd.agent import AgentSettings
-        from ktlsd.material import X509Files
 
         def files(x: X509Settings) -> X509Files:
             return X509Files(truststore=x.truststore, crl=x.crl, certificate=x.certificate,
@@ -271,6 +278,7 @@ class AgentConfig:
             groups=self.groups,
             keep_sessions=self.session_lifetime > 0,
             session_lifetime=self.session_lifetime,
+            default_timeout_ms=self.default_timeout_ms,
         )
 
 
@@ -296,9 +304,12 @@ _TLSHD_GROUPS_IGNORED = ("tags",)  # tlshd features ktlsd does not implement (ye
 
 _KTLSD_KEYS = (
     "service_socket", "service_mode", "service_group", "kernel", "max_concurrent",
-    "pending_limit", "default_timeout_ms", "session_lifetime", "record_layer", "log_level",
-    "groups",
+    "pending_limit", "default_timeout_ms", "session_lifetime", "log_level", "groups",
 )
+_KTLSD_KEYS_RETIRED = {
+    "record_layer": "user-space consumers choose their record layer themselves "
+                    "(ktlsd.client, record_layer=...); kernel consumers always get kTLS",
+}
 
 
 def _bool(text: str) -> bool:
@@ -380,7 +391,7 @@ class _Reader:
         except ValueError as exc:
             raise ConfigError(self.keyfile.path, entry.line, f"[{group}] {key}: {exc}") from None
 
-    def typed(self, group: str, key: str, convert: Any) -> Any:
+    def typed(self, group: str, key: str, convert: Callable[[str], _T]) -> _T | None:
         """A [ktlsd] value: bad values are errors (this is our section; be strict)."""
         text = self.string(group, key)
         if text is None:
@@ -407,7 +418,10 @@ class _Reader:
                 log.warning("%s:%d: unknown group [%s] ignored", self.keyfile.path, line, group)
                 continue
             for key, entry in keys.items():
-                if key not in known:
+                if group == "ktlsd" and key in _KTLSD_KEYS_RETIRED:
+                    log.warning("%s:%d: [%s] %s is no longer read: %s", self.keyfile.path,
+                                entry.line, group, key, _KTLSD_KEYS_RETIRED[key])
+                elif key not in known:
                     log.warning("%s:%d: unknown key %s in [%s] ignored",
                                 self.keyfile.path, entry.line, key, group)
 
@@ -445,13 +459,13 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
         keyrings = reader.strings("main", "keyrings")
     k = "ktlsd"
     socket_path = reader.string(k, "service_socket")
-    service_socket: str | None = DEFAULT_SERVICE_SOCKET
+    service_socket: str | None = DEFAULT_SERVICE_PATH
     if socket_path is not None:
         service_socket = None if socket_path.strip().lower() in ("", "none", "off") \
             else socket_path.strip()
     defaults = AgentConfig()
 
-    def pick(value: Any, default: Any) -> Any:
+    def pick(value: _T | None, default: _T) -> _T:
         return default if value is None else value
 
     config = AgentConfig(
@@ -483,8 +497,6 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
         session_lifetime=pick(
             reader.typed(k, "session_lifetime", lambda t: _int(t, minimum=0)),
             defaults.session_lifetime),
-        record_layer=pick(reader.typed(k, "record_layer", lambda t: _choice(t, RECORD_LAYERS)),
-                          defaults.record_layer),
         log_level=reader.typed(k, "log_level", lambda t: _choice(t, LOG_LEVELS)),
         groups=reader.string(k, "groups") or None,
     )

@@ -23,11 +23,13 @@ import contextlib
 import logging
 import signal
 import sys
+from dataclasses import replace
 
 from ktlsd import keyring
-from ktlsd.agent import DEFAULT_LINKED_KEYRINGS, Agent, link_keyrings
+from ktlsd.agent import Agent, link_keyrings
 from ktlsd.config import AgentConfig, ConfigError, load_config
 from ktlsd.request import UpcallSource
+from ktlsd.settings import DEFAULT_LINKED_KEYRINGS
 
 log = logging.getLogger("ktlsd")
 
@@ -61,20 +63,18 @@ def setup_logging(level: str) -> None:
 
 
 def _apply_overrides(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
-    from dataclasses import replace
-
-    changes: dict[str, object] = {}
+    """The command line wins over the configuration file."""
     if args.socket is not None:
-        changes["service_socket"] = None if args.socket == "none" else args.socket
+        config = replace(config, service_socket=None if args.socket == "none" else args.socket)
     if args.kernel is not None:
-        changes["kernel"] = args.kernel
+        config = replace(config, kernel=args.kernel)
     if args.max_concurrent is not None:
-        changes["max_concurrent"] = args.max_concurrent
+        config = replace(config, max_concurrent=args.max_concurrent)
     if args.pending_limit is not None:
-        changes["pending_limit"] = args.pending_limit
+        config = replace(config, pending_limit=args.pending_limit)
     if args.verbose:
-        changes["log_level"] = "debug"
-    return replace(config, **changes) if changes else config
+        config = replace(config, log_level="debug")
+    return config
 
 
 async def open_sources(config: AgentConfig) -> list[UpcallSource]:

@@ -30,24 +30,20 @@ from dataclasses import dataclass
 from ktlsd import keyring
 from ktlsd.credentials import X509Credentials
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.request import AuthMode, HandshakeRequest, InlineMaterial, MessageType
+from ktlsd.request import (
+    AuthMode,
+    ConsumerCredentials,
+    HandshakeRequest,
+    InlineMaterial,
+    MessageType,
+)
+from ktlsd.settings import X509Files
 from ktlsd.tls.handshake import PskKey, TlsConfig
 from ktlsd.tls.session import CipherSuite, Role
 
 PSK_KEY_TYPE = "psk"
 PSK_KEY_TYPES = ("psk", "user")  # kernel consumers use "psk"; programs may use "user" keys
 _NVME_IDENTITY = re.compile(r"^NVMe[01][RG](0[0-2]) ")
-
-
-@dataclass(frozen=True)
-class X509Files:
-    """Configured x509 files for one role (tlshd's ``[authenticate.client]``/``.server``)."""
-
-    truststore: str | None = None
-    crl: str | None = None
-    certificate: str | None = None
-    private_key: str | None = None
-    require_client_cert: bool = False  # server: tlshd's x509.client_auth
 
 
 def _missing(reason: str) -> HandshakeError:
@@ -66,6 +62,11 @@ class Consumer:
     """
 
     uid: int | None = None
+
+    @classmethod
+    def from_credentials(cls, credentials: ConsumerCredentials | None) -> Consumer:
+        """The consumer a request declares: its process's uid, or (None) the kernel."""
+        return cls() if credentials is None else cls(credentials.uid)
 
     @property
     def privileged(self) -> bool:

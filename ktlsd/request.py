@@ -4,15 +4,32 @@ The kernel's ``handshake`` generic netlink family and ktlsd's user-space handsha
 service both produce a :class:`HandshakeRequest` (the ACCEPT reply) and take a
 :class:`HandshakeDone` back. The enum values are the kernel's
 (``Documentation/netlink/specs/handshake.yaml``), plus the proposed KeyUpdate additions.
+
+The contract between an upcall source and the agent is :class:`PendingRequest`: besides the
+request itself it declares everything the agent must know about who asked and what they get
+back, as typed attributes, so the agent never has to know which source a request came from:
+
+* :attr:`PendingRequest.credentials`: the consumer process (:class:`ConsumerCredentials`), or
+  None when the kernel itself asked. It decides which material the request may use (see
+  :class:`ktlsd.material.Consumer`) and who owns the session kept for later key updates (the
+  kernel, or the consumer's uid);
+* :attr:`PendingRequest.delivery`: how the session keys reach the consumer's record layer
+  (:class:`KeyDelivery`): installed into kTLS by the agent, with no secrets in DONE, or handed
+  back in DONE;
+* :attr:`PendingRequest.cancelled`: set when the consumer withdraws the request; the agent then
+  gives up on the handshake. A source whose consumers cannot withdraw never sets it;
+* :attr:`PendingRequest.source_name`: a label for the logs, nothing more.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ktlsd.settings import DEFAULT_TIMEOUT_MS
 from ktlsd.tls.session import Session
 
 
@@ -52,9 +69,6 @@ class KeyUpdateType(enum.IntEnum):
     RECEIVED = 2
     RECEIVED_REQUEST_UPDATE = 3
 
-
-DEFAULT_TIMEOUT_MS = 10_000
-"""Handshake timeout when the request carries none."""
 
 MAX_PEER_IDENTITIES = 5
 MAX_REMOTE_AUTH = 5
@@ -121,9 +135,15 @@ class HandshakeRequest:
     # the kernel has no teardown upcall, so kernel sessions end with their lifetime).
     forget_session: bool = False
 
+    def timeout_ms_or(self, default_ms: int) -> int:
+        """The request's timeout, or ``default_ms`` when it carries none (the agent passes
+        its configured ``default_timeout_ms``)."""
+        return self.timeout_ms if self.timeout_ms > 0 else default_ms
+
     @property
     def effective_timeout_ms(self) -> int:
-        return self.timeout_ms if self.timeout_ms > 0 else DEFAULT_TIMEOUT_MS
+        """The timeout under the built-in default (what a consumer can count on)."""
+        return self.timeout_ms_or(DEFAULT_TIMEOUT_MS)
 
 
 @dataclass
@@ -144,15 +164,61 @@ class HandshakeDone:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ConsumerCredentials:
+    """The consumer process behind a request, as the kernel vouched for it (``SO_PEERCRED``).
+
+    ``groups`` are its supplementary groups when the source learnt them (``SO_PEERGROUPS``);
+    empty otherwise.
+    """
+
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+class KeyDelivery(enum.Enum):
+    """How the session keys of a successful handshake (or key update) reach the consumer."""
+
+    INSTALL_KTLS = "install kTLS"
+    """A kernel consumer: the agent installs the keys into kTLS on the socket before DONE;
+    DONE carries no secrets (the kernel owns the encrypted connection from then on)."""
+
+    RETURN_SECRETS = "return secrets"
+    """A user-space consumer: DONE carries the :class:`~ktlsd.tls.session.Session` with its
+    traffic secrets; the consumer installs kTLS itself or runs the user-space record layer."""
+
+
 class PendingRequest(Protocol):
     """An accepted request: the agent owns ``request.sockfd`` until it calls :meth:`done`.
 
     ``done`` must be called exactly once; it hands the socket back (the source closes the
-    agent's descriptor) and delivers the answer to the consumer.
+    agent's descriptor) and delivers the answer to the consumer. The attributes are read-only
+    for the agent; the module docstring says what each one decides.
     """
 
-    request: HandshakeRequest
-    source_name: str  # "kernel" or "service", for logs
+    @property
+    def request(self) -> HandshakeRequest: ...
+
+    @property
+    def source_name(self) -> str:
+        """Where the request came from ("kernel", "service", ...), for the logs only."""
+        ...
+
+    @property
+    def credentials(self) -> ConsumerCredentials | None:
+        """The consumer process; None when the kernel itself asked (trusted; it owns the
+        sessions kept for its requests)."""
+        ...
+
+    @property
+    def delivery(self) -> KeyDelivery: ...
+
+    @property
+    def cancelled(self) -> asyncio.Event:
+        """Set when the consumer withdraws the request (never, for sources that cannot)."""
+        ...
 
     async def done(self, answer: HandshakeDone) -> None: ...
 

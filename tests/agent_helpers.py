@@ -21,10 +21,11 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
-from ktlsd.agent import Agent, AgentSettings
-from ktlsd.request import HandshakeDone, HandshakeRequest
+from ktlsd.agent import Agent
+from ktlsd.request import ConsumerCredentials, HandshakeDone, HandshakeRequest, KeyDelivery
 from ktlsd.session_store import SessionStore
-from ktlsd.upcall.service import HandshakeService, PeerCredentials
+from ktlsd.settings import AgentSettings
+from ktlsd.upcall.service import HandshakeService
 from tests.processes import ChildProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -281,14 +282,17 @@ class LogLines(logging.Handler):
 class DirectRequest:
     """A pending request handed to ``Agent.serve`` directly, as another upcall source would
     (the kernel's family and the service both feed one agent). ``credentials`` None is the
-    kernel (trusted); ``source_name`` "kernel" also means kTLS would be installed."""
+    kernel (trusted); ``delivery`` INSTALL_KTLS is a kernel consumer's (kTLS installed, no
+    secrets in DONE); ``source_name`` is only the log label."""
 
     def __init__(self, request: HandshakeRequest, *, source_name: str = "service",
-                 credentials: PeerCredentials | None = None) -> None:
+                 credentials: ConsumerCredentials | None = None,
+                 delivery: KeyDelivery = KeyDelivery.RETURN_SECRETS) -> None:
         self.request = request
         self.source_name = source_name
-        if credentials is not None:
-            self.credentials = credentials
+        self.credentials = credentials
+        self.delivery = delivery
+        self.cancelled = asyncio.Event()
         self.answers: list[HandshakeDone] = []
 
     async def done(self, answer: HandshakeDone) -> None:

@@ -25,10 +25,18 @@ from typing import Any
 import pytest
 
 from ktlsd import keyring
-from ktlsd.agent import Agent, AgentSettings
+from ktlsd.agent import Agent
 from ktlsd.client import submit
-from ktlsd.request import AuthMode, HandshakeDone, HandshakeRequest, KeyUpdateType, MessageType
+from ktlsd.request import (
+    AuthMode,
+    HandshakeDone,
+    HandshakeRequest,
+    KeyDelivery,
+    KeyUpdateType,
+    MessageType,
+)
 from ktlsd.session_store import POSSESSOR_ONLY, SessionStore
+from ktlsd.settings import AgentSettings
 from ktlsd.upcall.service import HandshakeService
 from tests.agent_helpers import (
     REPO,
@@ -627,7 +635,7 @@ def test_kernel_requests_with_bad_parameters(fields: dict[str, Any], status: int
         a, b = tcp_pair()
         with a, b, logs.attached():
             pending = DirectRequest(HandshakeRequest(sockfd=os.dup(a.fileno()), **fields),
-                                    source_name="kernel")
+                                    source_name="kernel", delivery=KeyDelivery.INSTALL_KTLS)
             answer = await agent.serve(pending)
             assert pending.answers == [answer]
             check_failure(logs, answer, status, words)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ktlsd.agent import Agent, AgentSettings
+from ktlsd.agent import Agent
 from ktlsd.client import (
     HandshakeFailed,
     HandshakeOptions,
@@ -31,6 +31,7 @@ from ktlsd.client import (
     submit_request,
 )
 from ktlsd.request import AuthMode, HandshakeDone, MessageType
+from ktlsd.settings import AgentSettings
 from ktlsd.tls.connection import TlsConnection
 from ktlsd.tls.record import open_record_layer
 from ktlsd.tls.session import CipherSuite, Role

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from ktlsd.config import (
     CONFIG_PATH,
-    DEFAULT_SERVICE_SOCKET,
     LEGACY_CONFIG_PATH,
     AgentConfig,
     ConfigError,
@@ -20,6 +21,7 @@ from ktlsd.config import (
     split_list,
     unescape,
 )
+from ktlsd.settings import DEFAULT_SERVICE_PATH, DEFAULT_SESSION_LIFETIME, DEFAULT_TIMEOUT_MS
 
 # ktls-utils' shipped /etc/tlshd/config (etc/tlshd/config), typed in verbatim, licence header
 # included, comments and all.
@@ -129,8 +131,8 @@ def test_shipped_default_config_reads_unchanged(tmp_path: Path,
     assert config.keyrings == ()
     assert config.client.certificate is None and config.server.truststore is None
     # ktlsd's own settings take their defaults
-    assert config.service_socket == DEFAULT_SERVICE_SOCKET
-    assert config.default_timeout_ms == 10_000 and config.record_layer == "auto"
+    assert config.service_socket == DEFAULT_SERVICE_PATH
+    assert config.default_timeout_ms == 10_000
     assert config.effective_log_level == "info"
     assert caplog.records == []  # nothing unknown, nothing to warn about
 
@@ -222,7 +224,7 @@ def test_ktlsd_section(tmp_path: Path) -> None:
     text = SHIPPED_CONFIG + (
         "\n[ktlsd]\nservice_socket = /run/test/hs.sock\nservice_mode = 0600\n"
         "service_group = nvme\nkernel = no\nmax_concurrent = 16\npending_limit = 7\n"
-        "default_timeout_ms = 2500\nsession_lifetime = 600\nrecord_layer = user\n"
+        "default_timeout_ms = 2500\nsession_lifetime = 600\n"
         "log_level = WARNING\ngroups = X25519:P-256\n"
     )
     config = load_config(write(tmp_path, text))
@@ -230,7 +232,7 @@ def test_ktlsd_section(tmp_path: Path) -> None:
     assert config.service_mode == 0o600 and config.service_group == "nvme"
     assert config.kernel == "no" and config.max_concurrent == 16 and config.pending_limit == 7
     assert config.default_timeout_ms == 2500 and config.session_lifetime == 600
-    assert config.record_layer == "user" and config.effective_log_level == "warning"
+    assert config.effective_log_level == "warning"
     assert config.groups == "X25519:P-256"
     off = load_config(write(tmp_path, "[ktlsd]\nservice_socket = none\nservice_group = 1234\n",
                             "off"))
@@ -247,7 +249,6 @@ def test_ktlsd_section(tmp_path: Path) -> None:
         ("[debug]\n=1\n", 2, "empty key name"),
         ("[ktlsd]\nmax_concurrent = many\n", 2, "max_concurrent: 'many' is not an integer"),
         ("[ktlsd]\n\npending_limit = -1\n", 3, "below the minimum 0"),
-        ("[ktlsd]\nrecord_layer = fast\n", 2, "not one of auto, kernel, user"),
         ("[ktlsd]\nkernel = maybe\n", 2, "not one of auto, yes, no"),
         ("[ktlsd]\nservice_mode = 999\n", 2, "not an integer"),
         ("[ktlsd]\ndefault_timeout_ms = 0\n", 2, "below the minimum 1"),
@@ -345,3 +346,42 @@ def test_agent_settings_bridge(tmp_path: Path) -> None:
     assert settings.server_x509.private_key == str(key)
     assert settings.keyrings == (".nvme",) and settings.concurrency == 3
     assert settings.groups == "X25519"
+
+
+def test_agent_settings_carry_timeout_and_lifetime(tmp_path: Path) -> None:
+    config = load_config(write(
+        tmp_path, "[ktlsd]\ndefault_timeout_ms = 2500\nsession_lifetime = 600\n"))
+    settings = config.agent_settings()
+    assert settings.default_timeout_ms == 2500
+    assert settings.session_lifetime == 600 and settings.keep_sessions
+    defaults = AgentConfig().agent_settings()
+    assert defaults.default_timeout_ms == DEFAULT_TIMEOUT_MS
+    assert defaults.session_lifetime == DEFAULT_SESSION_LIFETIME and defaults.keep_sessions
+    none_kept = load_config(write(tmp_path, "[ktlsd]\nsession_lifetime = 0\n", "zero"))
+    assert not none_kept.agent_settings().keep_sessions
+
+
+def test_retired_record_layer_is_warned_about_not_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ktlsd.config")
+    config = load_config(write(tmp_path, "[ktlsd]\nrecord_layer = user\n"))
+    assert config == AgentConfig(path=config.path)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1, messages
+    assert ":2: [ktlsd] record_layer is no longer read: user-space consumers choose" in (
+        messages[0])
+
+
+def test_the_configuration_imports_nothing_of_the_agent() -> None:
+    """config.py sits on ktlsd.settings only: loading a configuration pulls in neither the
+    agent, the material resolver, the TLS engine nor the upcall sources."""
+    code = (
+        "import sys, ktlsd.config\n"
+        "heavy = [m for m in ('ktlsd.agent', 'ktlsd.material', 'ktlsd.tls', 'ktlsd.upcall',"
+        " 'ktlsd.request', 'ktlsd.keyring') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert result.stdout.strip() == ""

@@ -73,12 +73,12 @@ def test_strict_exit_code_follows_missing_lines() -> None:
 
 def test_bad_configuration_is_reported_not_fatal(tmp_path: Path) -> None:
     bad = tmp_path / "config"
-    bad.write_text("[ktlsd]\nrecord_layer = warp\n")
+    bad.write_text("[ktlsd]\nkernel = warp\n")
     result = run_doctor("--config", str(bad))
     assert result.returncode == 0
     assert (
-        f"MISSING configuration: {bad}:2: [ktlsd] record_layer: 'warp' is not one of "
-        "auto, kernel, user"
+        f"MISSING configuration: {bad}:2: [ktlsd] kernel: 'warp' is not one of "
+        "auto, yes, no"
     ) in result.stdout.splitlines()
     good = tmp_path / "good"
     good.write_text("[debug]\nloglevel=0\n")

@@ -30,14 +30,20 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from ktlsd import keyring
-from ktlsd.agent import AgentSettings
 from ktlsd.client import connection_from_done, key_update, submit
-from ktlsd.request import AuthMode, HandshakeDone, HandshakeRequest, KeyUpdateType, MessageType
+from ktlsd.request import (
+    AuthMode,
+    ConsumerCredentials,
+    HandshakeDone,
+    HandshakeRequest,
+    KeyUpdateType,
+    MessageType,
+)
 from ktlsd.session_store import SessionStore
+from ktlsd.settings import AgentSettings
 from ktlsd.tls.connection import TlsConnection
 from ktlsd.tls.record import UserRecordLayer
 from ktlsd.tls.session import Session
-from ktlsd.upcall.service import PeerCredentials
 from tests.agent_helpers import DirectRequest, GatedRelay, LogLines, running_agent, tcp_pair
 from tests.waiting import run
 
@@ -624,7 +630,7 @@ def test_updates_of_one_session_arriving_at_once_are_serialised_by_the_agent(
             with a, b:
                 pair = await kernel_style_pair(sock_path, a, b)
                 me, peer = pair.consumer, pair.peer
-                creds = PeerCredentials(os.getpid(), os.getuid(), os.getgid())
+                creds = ConsumerCredentials(os.getpid(), os.getuid(), os.getgid())
                 for rounds in range(1, 6):
                     await peer.akey_update(request_peer=False)
                     await peer.asend(b"peer %d" % rounds)
@@ -682,7 +688,7 @@ def test_a_session_dropped_while_its_update_waits_still_gets_the_new_secrets(
                     sockfd=os.dup(a.fileno()), message_type=MessageType.CLIENTKEYUPDATE,
                     auth_mode=AuthMode.PSK, key_update_type=KeyUpdateType.SEND,
                     session_id=me.session_id, record_seqs=seqs),
-                    credentials=PeerCredentials(os.getpid(), os.getuid(), os.getgid()))
+                    credentials=ConsumerCredentials(os.getpid(), os.getuid(), os.getgid()))
                 def taken() -> int:
                     return sum(m.startswith("request taken") for m in logs.messages)
 

@@ -203,8 +203,9 @@ async def _pair(
 
 async def _run(args: argparse.Namespace, workdir: Path) -> list[Outcome]:
     from ktlsd import keyring
-    from ktlsd.agent import Agent, AgentSettings
+    from ktlsd.agent import Agent
     from ktlsd.nvme import keys as nvme_keys
+    from ktlsd.settings import AgentSettings
     from ktlsd.upcall.service import HandshakeService
 
     # A private session keyring, as `ktlsd run` uses: the kept session states live there and

@@ -48,7 +48,13 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from ktlsd.request import HandlerClass, HandshakeDone, HandshakeRequest
+from ktlsd.request import (
+    ConsumerCredentials,
+    HandlerClass,
+    HandshakeDone,
+    HandshakeRequest,
+    KeyDelivery,
+)
 from ktlsd.upcall.genl import (
     AttrPolicy,
     FamilyInfo,
@@ -240,12 +246,20 @@ _MALFORMED = _Malformed()
 
 
 class KernelRequest:
-    """One ACCEPTed request; :meth:`done` sends DONE and closes the agent's descriptor."""
+    """One ACCEPTed request; :meth:`done` sends DONE and closes the agent's descriptor.
+
+    The kernel is the consumer: trusted (no credentials), it owns the session kept for later
+    key updates, and it gets kTLS installed rather than secrets. It has no way to withdraw an
+    accepted request, so ``cancelled`` is never set.
+    """
 
     source_name = "kernel"
+    credentials: ConsumerCredentials | None = None
+    delivery = KeyDelivery.INSTALL_KTLS
 
     def __init__(self, source: KernelSource, request: HandshakeRequest) -> None:
         self.request = request
+        self.cancelled = asyncio.Event()
         self._source = source
         self._answered = False
 

@@ -50,9 +50,9 @@ import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from ktlsd.request import HandshakeDone, HandshakeRequest
+from ktlsd.request import ConsumerCredentials, HandshakeDone, HandshakeRequest, KeyDelivery
+from ktlsd.settings import DEFAULT_SERVICE_MODE, DEFAULT_SERVICE_PATH
 from ktlsd.upcall.wire import (
-    DEFAULT_SERVICE_PATH,
     MAX_MESSAGE_SIZE,
     ServiceFormatError,
     decode_submit,
@@ -70,19 +70,11 @@ MAX_CONNECTIONS = 1024
 """Connections the service keeps open at once (waiting, queued or in flight)."""
 
 
-@dataclass(frozen=True)
-class PeerCredentials:
+def peer_credentials(sock: socket.socket) -> ConsumerCredentials:
     """The consumer process, from ``SO_PEERCRED`` at connect time."""
-
-    pid: int
-    uid: int
-    gid: int
-
-
-def peer_credentials(sock: socket.socket) -> PeerCredentials:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCredentials(pid, uid, gid)
+    return ConsumerCredentials(pid, uid, gid)
 
 
 def default_pending_limit() -> int:
@@ -108,14 +100,17 @@ class _State(enum.Enum):
 class ServiceRequest:
     """A request submitted through the service: the :class:`~ktlsd.request.PendingRequest`.
 
-    ``cancelled`` is set when the consumer disconnects (or breaks protocol) before DONE;
-    the agent may await it to abort the handshake. ``done()`` must be called exactly once
-    for every request taken from :meth:`HandshakeService.requests`.
+    A user-space consumer: its ``credentials`` (``SO_PEERCRED``) bound the material it may use
+    and own its kept session; it gets the session's secrets back in DONE. ``cancelled`` is set
+    when the consumer disconnects (or breaks protocol) before DONE; the agent then aborts the
+    handshake. ``done()`` must be called exactly once for every request taken from
+    :meth:`HandshakeService.requests`.
     """
 
     request: HandshakeRequest
-    credentials: PeerCredentials
+    credentials: ConsumerCredentials
     source_name: str = "service"
+    delivery: KeyDelivery = KeyDelivery.RETURN_SECRETS
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     _service: HandshakeService | None = field(default=None, repr=False)
     _conn: socket.socket | None = field(default=None, repr=False)
@@ -191,7 +186,7 @@ class HandshakeService:
         self,
         path: str | os.PathLike[str] = DEFAULT_SERVICE_PATH,
         *,
-        mode: int = 0o660,
+        mode: int = DEFAULT_SERVICE_MODE,
         group: int | str | None = None,
         pending_limit: int | None = None,
         submit_wait: float = SUBMIT_WAIT_SECONDS,
@@ -372,7 +367,7 @@ class HandshakeService:
             try:
                 creds = peer_credentials(conn)
             except OSError:
-                creds = PeerCredentials(0, -1, -1)
+                creds = ConsumerCredentials(0, -1, -1)
             try:
                 data, fds, flags = await asyncio.wait_for(recv_message(conn), self.submit_wait)
             except (TimeoutError, OSError):
@@ -546,7 +541,6 @@ __all__ = [
     "MAX_CONNECTIONS",
     "SUBMIT_WAIT_SECONDS",
     "HandshakeService",
-    "PeerCredentials",
     "ServiceRequest",
     "default_pending_limit",
     "peer_credentials",

@@ -207,9 +207,6 @@ from ktlsd.upcall.nlattr import (
     u32,
 )
 
-DEFAULT_SERVICE_PATH = "/run/ktlsd/handshake.sock"
-"""Where the agent listens unless configured otherwise (clients: ``$KTLSD_SERVICE_PATH``)."""
-
 SERVICE_MSG_TYPE = 0x4B54  # "KT": marks a ktlsd service message in nlmsghdr.type
 SERVICE_VERSION = 1
 MAX_MESSAGE_SIZE = 64 * 1024
@@ -706,7 +703,6 @@ async def send_message(sock: socket.socket, data: bytes, fds: Iterable[int] = ()
 
 
 __all__ = [
-    "DEFAULT_SERVICE_PATH",
     "MAX_CERTIFICATES",
     "MAX_INLINE_PSKS",
     "MAX_MESSAGE_SIZE",
