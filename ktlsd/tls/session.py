@@ -136,6 +136,11 @@ class Session:
     (generation ``client_generation``/``server_generation``; 0 right after the
     handshake). ``tx_seq``/``rx_seq`` are the record numbers of the next record to
     send/receive under those secrets.
+
+    ``psk_binder_hash`` is, when an external PSK was used, the hash it was bound to in this
+    handshake (its binder and key schedule: ``"sha256"``/``"sha384"``, always the suite's);
+    ``legacy_psk_binding`` says a SHA-384 PSK was bound to SHA-256 the way tlshd 1.0 does
+    (``[ktlsd] legacy_psk_sha384``).
     """
 
     role: Role
@@ -148,6 +153,8 @@ class Session:
     group: str | None = None
     client_generation: int = 0
     server_generation: int = 0
+    psk_binder_hash: str | None = None
+    legacy_psk_binding: bool = False
 
     @property
     def tx_secret(self) -> bytes:
