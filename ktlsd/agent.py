@@ -48,7 +48,7 @@ from ktlsd.request import (
     UpcallSource,
 )
 from ktlsd.session_store import KERNEL_OWNER, SessionStore
-from ktlsd.tls.handshake import perform_handshake
+from ktlsd.tls.handshake import LegacyPskSha384, perform_handshake
 from ktlsd.tls.session import Role, Session
 
 log = logging.getLogger("ktlsd")
@@ -67,6 +67,7 @@ class AgentSettings:
     groups: str | None = None
     keep_sessions: bool = True  # keep traffic secrets for later key updates
     session_lifetime: int = 24 * 3600
+    legacy_psk_sha384: LegacyPskSha384 = "accept"  # [ktlsd] legacy_psk_sha384
 
     @property
     def concurrency(self) -> int:
@@ -350,7 +351,7 @@ class Agent:
         consumer = Consumer(None if credentials is None else credentials.uid)
         config = build_tls_config(
             request, x509_files=files, groups=settings.groups, psk_keyrings=psk_keyrings,
-            consumer=consumer,
+            consumer=consumer, legacy_psk_sha384=settings.legacy_psk_sha384,
         )
         timeout = request.effective_timeout_ms / 1000
         session = await _unless_cancelled(

@@ -47,6 +47,7 @@ DEFAULT_TIMEOUT_MS = 10_000
 DEFAULT_SESSION_LIFETIME = 24 * 3600
 RECORD_LAYERS = ("auto", "kernel", "user")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LEGACY_PSK_SHA384_MODES = ("refuse", "accept", "offer")  # = ktlsd.tls.handshake's
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -220,7 +221,9 @@ class AgentConfig:
     ``max_concurrent`` (0 = sized to the CPUs by the agent), ``pending_limit`` (0 = the
     kernel's rule), ``default_timeout_ms``, ``session_lifetime`` (seconds kept session state
     lives in the keyring), ``record_layer`` ("auto"/"kernel"/"user"), ``log_level``,
-    ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them).
+    ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them),
+    ``legacy_psk_sha384`` ("refuse"/"accept"/"offer": SHA-384 PSKs bound to SHA-256 the way
+    tlshd 1.0 does them; see docs/configuration.md).
     """
 
     path: str | None = None
@@ -242,6 +245,7 @@ class AgentConfig:
     record_layer: str = "auto"
     log_level: str | None = None
     groups: str | None = None
+    legacy_psk_sha384: str = "accept"
 
     @property
     def effective_log_level(self) -> str:
@@ -271,6 +275,7 @@ class AgentConfig:
             groups=self.groups,
             keep_sessions=self.session_lifetime > 0,
             session_lifetime=self.session_lifetime,
+            legacy_psk_sha384=self.legacy_psk_sha384,  # type: ignore[arg-type]
         )
 
 
@@ -297,7 +302,7 @@ _TLSHD_GROUPS_IGNORED = ("tags",)  # tlshd features ktlsd does not implement (ye
 _KTLSD_KEYS = (
     "service_socket", "service_mode", "service_group", "kernel", "max_concurrent",
     "pending_limit", "default_timeout_ms", "session_lifetime", "record_layer", "log_level",
-    "groups",
+    "groups", "legacy_psk_sha384",
 )
 
 
@@ -487,6 +492,10 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
                           defaults.record_layer),
         log_level=reader.typed(k, "log_level", lambda t: _choice(t, LOG_LEVELS)),
         groups=reader.string(k, "groups") or None,
+        legacy_psk_sha384=pick(
+            reader.typed(k, "legacy_psk_sha384",
+                         lambda t: _choice(t, LEGACY_PSK_SHA384_MODES)),
+            defaults.legacy_psk_sha384),
     )
     _check_pairs(keyfile, config)
     return config

@@ -31,7 +31,7 @@ from ktlsd import keyring
 from ktlsd.credentials import X509Credentials
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.request import AuthMode, HandshakeRequest, InlineMaterial, MessageType
-from ktlsd.tls.handshake import PskKey, TlsConfig
+from ktlsd.tls.handshake import LegacyPskSha384, PskKey, TlsConfig
 from ktlsd.tls.session import CipherSuite, Role
 
 PSK_KEY_TYPE = "psk"
@@ -240,6 +240,7 @@ def build_tls_config(
     psk_keyrings: Sequence[int] = (keyring.KEY_SPEC_SESSION_KEYRING,),
     groups: str | None = None,
     consumer: Consumer = TRUSTED,
+    legacy_psk_sha384: LegacyPskSha384 = "accept",
 ) -> TlsConfig:
     """Resolve a request's material into the engine's configuration."""
     if request.message_type is MessageType.CLIENTHELLO:
@@ -262,6 +263,7 @@ def build_tls_config(
         "ciphersuites": suites,
         "groups": groups,
         "peername": request.peername,
+        "legacy_psk_sha384": legacy_psk_sha384,
     }
 
     if request.auth_mode is AuthMode.PSK:
