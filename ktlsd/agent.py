@@ -343,6 +343,7 @@ class Agent:
         config = build_tls_config(
             request, x509_files=files, groups=settings.groups, psk_keyrings=psk_keyrings,
             consumer=Consumer.from_credentials(pending.credentials),
+            legacy_psk_sha384=settings.legacy_psk_sha384,
         )
         session = await _unless_cancelled(
             pending.cancelled, perform_handshake(sock, config, timeout=timeout)

@@ -36,11 +36,14 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ktlsd.settings import (
+    DEFAULT_LEGACY_PSK_SHA384,
     DEFAULT_SERVICE_MODE,
     DEFAULT_SERVICE_PATH,
     DEFAULT_SESSION_LIFETIME,
     DEFAULT_TIMEOUT_MS,
+    LEGACY_PSK_SHA384_MODES,
     AgentSettings,
+    LegacyPskSha384,
     X509Files,
 )
 
@@ -228,7 +231,9 @@ class AgentConfig:
     ``max_concurrent`` (0 = sized to the CPUs by the agent), ``pending_limit`` (0 = the
     kernel's rule), ``default_timeout_ms`` (for requests that carry no timeout),
     ``session_lifetime`` (seconds kept session state lives in the keyring; 0 keeps none),
-    ``log_level``, ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them).
+    ``log_level``, ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them),
+    ``legacy_psk_sha384`` ("refuse"/"accept"/"offer": SHA-384 PSKs bound to SHA-256 the way
+    tlshd 1.0 does them; see docs/configuration.md).
     """
 
     path: str | None = None
@@ -249,6 +254,7 @@ class AgentConfig:
     session_lifetime: int = DEFAULT_SESSION_LIFETIME
     log_level: str | None = None
     groups: str | None = None
+    legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
 
     @property
     def effective_log_level(self) -> str:
@@ -279,6 +285,7 @@ class AgentConfig:
             keep_sessions=self.session_lifetime > 0,
             session_lifetime=self.session_lifetime,
             default_timeout_ms=self.default_timeout_ms,
+            legacy_psk_sha384=self.legacy_psk_sha384,
         )
 
 
@@ -305,6 +312,7 @@ _TLSHD_GROUPS_IGNORED = ("tags",)  # tlshd features ktlsd does not implement (ye
 _KTLSD_KEYS = (
     "service_socket", "service_mode", "service_group", "kernel", "max_concurrent",
     "pending_limit", "default_timeout_ms", "session_lifetime", "log_level", "groups",
+    "legacy_psk_sha384",
 )
 _KTLSD_KEYS_RETIRED = {
     "record_layer": "user-space consumers choose their record layer themselves "
@@ -339,6 +347,14 @@ def _choice(text: str, choices: Sequence[str]) -> str:
     if lowered not in choices:
         raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
     return lowered
+
+
+def _legacy_mode(text: str) -> LegacyPskSha384:
+    lowered = _choice(text, LEGACY_PSK_SHA384_MODES)
+    for mode in LEGACY_PSK_SHA384_MODES:  # narrow the str to the Literal
+        if mode == lowered:
+            return mode
+    raise AssertionError("unreachable")
 
 
 class _Reader:
@@ -499,6 +515,10 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
             defaults.session_lifetime),
         log_level=reader.typed(k, "log_level", lambda t: _choice(t, LOG_LEVELS)),
         groups=reader.string(k, "groups") or None,
+        legacy_psk_sha384=pick(
+            reader.typed(k, "legacy_psk_sha384",
+                         lambda t: _legacy_mode(t)),
+            defaults.legacy_psk_sha384),
     )
     _check_pairs(keyfile, config)
     return config

@@ -37,7 +37,7 @@ from ktlsd.request import (
     InlineMaterial,
     MessageType,
 )
-from ktlsd.settings import X509Files
+from ktlsd.settings import DEFAULT_LEGACY_PSK_SHA384, LegacyPskSha384, X509Files
 from ktlsd.tls.handshake import PskKey, TlsConfig
 from ktlsd.tls.session import CipherSuite, Role
 
@@ -241,6 +241,7 @@ def build_tls_config(
     psk_keyrings: Sequence[int] = (keyring.KEY_SPEC_SESSION_KEYRING,),
     groups: str | None = None,
     consumer: Consumer = TRUSTED,
+    legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384,
 ) -> TlsConfig:
     """Resolve a request's material into the engine's configuration."""
     if request.message_type is MessageType.CLIENTHELLO:
@@ -263,6 +264,7 @@ def build_tls_config(
         "ciphersuites": suites,
         "groups": groups,
         "peername": request.peername,
+        "legacy_psk_sha384": legacy_psk_sha384,
     }
 
     if request.auth_mode is AuthMode.PSK:

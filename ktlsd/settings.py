@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 DEFAULT_TIMEOUT_MS = 10_000
 """Handshake and key-update timeout for requests that carry none
@@ -35,6 +36,12 @@ DEFAULT_SERVICE_MODE = 0o660
 
 DEFAULT_LINKED_KEYRINGS = (".nvme", ".nfs", ".nfsd")
 """The kernel consumers' keyrings, always linked into the agent's session keyring (as tlshd)."""
+
+LegacyPskSha384 = Literal["refuse", "accept", "offer"]
+LEGACY_PSK_SHA384_MODES: tuple[LegacyPskSha384, ...] = ("refuse", "accept", "offer")
+DEFAULT_LEGACY_PSK_SHA384: LegacyPskSha384 = "accept"
+"""How SHA-384 PSKs bound to SHA-256 (tlshd 1.0 on GnuTLS < 3.8.11) are treated
+(``[ktlsd] legacy_psk_sha384``; see docs/configuration.md)."""
 
 MIN_CONCURRENCY = 4
 HANDSHAKES_PER_CPU = 8
@@ -70,6 +77,7 @@ class AgentSettings:
     keep_sessions: bool = True
     session_lifetime: int = DEFAULT_SESSION_LIFETIME
     default_timeout_ms: int = DEFAULT_TIMEOUT_MS
+    legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
 
     @property
     def concurrency(self) -> int:

@@ -323,8 +323,10 @@ class ConnectionHooks:
         """Server: (key, cipher code) for an identity the client offered, or None."""
         return None
 
-    def on_client_hello(self, psk_identities: list[bytes] | None) -> int:
-        """Server: inspect the offered PSK identities; return 0 to go on or an alert number."""
+    def on_client_hello(self, psk_extension: bytes | None) -> int:
+        """Server, before the PSK is chosen: the raw ``pre_shared_key`` extension body of the
+        ClientHello (None when it has none; unparsed, so hostile); return 0 to go on or an
+        alert number to fail the handshake with."""
         return 0
 
 
@@ -422,28 +424,6 @@ def _psk_find_cb(ssl, identity_ptr, identity_len, sess_out) -> int:  # type: ign
         return 0
 
 
-def _parse_psk_identities(ext: bytes) -> list[bytes] | None:
-    """Identities of a ClientHello ``pre_shared_key`` extension (RFC 8446 §4.2.11)."""
-    if len(ext) < 2:
-        return None
-    total = int.from_bytes(ext[:2], "big")
-    body = ext[2 : 2 + total]
-    if len(body) != total:
-        return None
-    identities = []
-    pos = 0
-    while pos < len(body):
-        if pos + 2 > len(body):
-            return None
-        n = int.from_bytes(body[pos : pos + 2], "big")
-        pos += 2
-        if pos + n + 4 > len(body):
-            return None
-        identities.append(body[pos : pos + n])
-        pos += n + 4  # skip obfuscated_ticket_age
-    return identities
-
-
 def _client_hello_cb(ssl, alert_out, _arg) -> int:  # type: ignore[no-untyped-def]
     conn = _lookup(ssl)
     if conn is None:
@@ -451,12 +431,15 @@ def _client_hello_cb(ssl, alert_out, _arg) -> int:  # type: ignore[no-untyped-de
     try:
         out = c_void_p()
         outlen = c_size_t()
-        identities: list[bytes] | None = None
+        psk_extension: bytes | None = None
         if SSL_client_hello_get0_ext(
             ssl, TLSEXT_TYPE_pre_shared_key, ctypes.byref(out), ctypes.byref(outlen)
         ):
-            identities = _parse_psk_identities(ctypes.string_at(out, outlen.value)) or []
-        alert = conn.hooks.on_client_hello(identities)
+            # A copy of the extension body exactly as the client sent it (OpenSSL checked only
+            # that it fits in the ClientHello): parsing it is the hook's job.
+            length = outlen.value
+            psk_extension = ctypes.string_at(out.value, length) if out.value and length else b""
+        alert = conn.hooks.on_client_hello(psk_extension)
         if alert:
             alert_out[0] = alert
             return SSL_CLIENT_HELLO_ERROR

@@ -25,6 +25,19 @@ the identities a client offers, choosing the first one ``psk_lookup`` knows. The
 down to the PSK's hash on both sides, because a peer that prefers the other hash silently
 declines the PSK. An unknown identity makes our server fail the handshake with an
 ``unknown_psk_identity`` alert, which a client can tell apart from other refusals.
+
+SHA-384 PSKs and old tlshd (``TlsConfig.legacy_psk_sha384``). tlshd 1.0 on GnuTLS < 3.8.11
+binds every external PSK to SHA-256: for a SHA-384 PSK it sends a 32-byte binder and wants a
+SHA-256 suite. Our server sees this in the ClientHello before any PSK is chosen: the
+client-hello callback parses the ``pre_shared_key`` extension (:mod:`ktlsd.tls.client_hello`)
+and pairs each identity with its binder's length. With ``accept`` (the default) a SHA-384 PSK
+offered with a 32-byte binder is used as a SHA-256 PSK with the SHA-256 suites, and a warning
+names the peer and the setting; with ``refuse`` the handshake fails at once with a
+``handshake_failure`` alert and a reason that says why. With ``offer`` our client, too, binds
+SHA-384 PSKs to SHA-256 the old way, to reach servers that run the old tlshd. Anything else is
+spec-strict: SHA-384 PSKs go out with TLS_AES_256_GCM_SHA384 and a 48-byte binder. The
+:class:`Session` reports the suite OpenSSL negotiated, the binder's hash, and whether the
+legacy binding was used. Nothing is guessed by retrying.
 """
 
 from __future__ import annotations
@@ -42,7 +55,9 @@ from typing import Literal
 
 from ktlsd.credentials import X509Credentials, check_truststore, load_crls
 from ktlsd.errors import FailureCause, HandshakeError
+from ktlsd.settings import DEFAULT_LEGACY_PSK_SHA384, LEGACY_PSK_SHA384_MODES, LegacyPskSha384
 from ktlsd.tls import _openssl as ossl
+from ktlsd.tls.client_hello import MalformedPskExtension, OfferedPsk, parse_pre_shared_key
 from ktlsd.tls.protocol import (
     MAX_CIPHERTEXT,
     RECORD_HEADER_LENGTH,
@@ -117,6 +132,12 @@ class PskKey:
 
 _ALL_SUITES = tuple(CipherSuite)
 
+_MAX_PSK_LOOKUPS = 16
+"""Offered PSK identities our server looks up per ClientHello, at most: a lookup may search
+keyrings, and a hostile client can offer hundreds of identities in one ClientHello."""
+_SHOWN_IDENTITIES = 4  # unknown identities named in a failure reason, at most
+_SHOWN_IDENTITY_BYTES = 64  # of each (an identity may be 65535 bytes long)
+
 
 @dataclass(frozen=True)
 class TlsConfig:
@@ -134,6 +155,10 @@ class TlsConfig:
 
     ``verify_peer=False`` accepts any peer certificate (testing only).
     ``groups`` is an OpenSSL groups list such as ``"X25519:P-256"``.
+    ``legacy_psk_sha384`` (``[ktlsd] legacy_psk_sha384``): ``accept`` lets our server take a
+    SHA-384 PSK that a client bound to SHA-256 (tlshd 1.0); ``offer`` does that and makes our
+    client bind SHA-384 PSKs to SHA-256 too; ``refuse`` is spec-strict both ways (see the
+    module docstring).
     """
 
     role: Role
@@ -147,8 +172,14 @@ class TlsConfig:
     verify_peer: bool = True
     ciphersuites: tuple[CipherSuite, ...] = _ALL_SUITES
     groups: str | None = None
+    legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
 
     def __post_init__(self) -> None:
+        if self.legacy_psk_sha384 not in LEGACY_PSK_SHA384_MODES:
+            raise ValueError(
+                "legacy_psk_sha384 must be refuse, accept or offer, "
+                f"not {self.legacy_psk_sha384!r}"
+            )
         if not isinstance(self.role, Role):
             raise ValueError(f"role must be a Role, not {self.role!r}")
         if self.client_auth not in ("none", "request", "require"):
@@ -264,9 +295,10 @@ class TlsHandshake(ossl.ConnectionHooks):
     ``hs.session()``. Always call :meth:`close` (or use it as a context manager).
     """
 
-    def __init__(self, config: TlsConfig) -> None:
+    def __init__(self, config: TlsConfig, *, peer: str | None = None) -> None:
         self.config = config
         self.role = config.role
+        self.peer = peer or "(no address)"  # the peer's address, for log lines
         self.complete = False
         self.failure: HandshakeError | None = None
         self._secrets: dict[str, bytes] = {}
@@ -274,7 +306,13 @@ class TlsHandshake(ossl.ConnectionHooks):
         self._alert_sent: int | None = None
         self._offered_psk: PskKey | None = None
         self._selected_psk: PskKey | None = None
+        # The hash the offered/selected PSK is bound to (binder, key schedule, suites): the
+        # key's own hash, or SHA-256 for a SHA-384 PSK bound the old tlshd way.
+        self._psk_hash: str | None = None
+        self._legacy_binding = False
+        self._psk_refusal: HandshakeError | None = None
         self._unknown_identities: list[bytes] | None = None
+        self._offered_count = 0
         self._lookup_error: HandshakeError | None = None
         self._conn: ossl.SslConnection | None = None
         self._records_in = 0
@@ -286,13 +324,21 @@ class TlsHandshake(ossl.ConnectionHooks):
             )
         if not server and config.psk_keys:
             allowed = {s.hash_name for s in config.ciphersuites}
-            usable = [k for k in config.psk_keys if k.hash_name in allowed]
+            usable = [k for k in config.psk_keys if self._client_binding(k) in allowed]
             if not usable:
                 raise HandshakeError(
                     FailureCause.MISSING_MATERIAL,
                     "no PSK whose hash the configured cipher suites allow",
                 )
             self._offered_psk = usable[0]
+            self._psk_hash = self._client_binding(self._offered_psk)
+            self._legacy_binding = self._psk_hash != self._offered_psk.hash_name
+            if self._legacy_binding:
+                log.debug(
+                    "offering SHA-384 PSK %s to %s bound to SHA-256, as tlshd 1.0 does "
+                    "([ktlsd] legacy_psk_sha384 = offer)",
+                    self._offered_psk.describe(), self.peer,
+                )
             if len(config.psk_keys) > 1:
                 log.debug(
                     "offering PSK %s only (OpenSSL offers one external PSK per ClientHello)",
@@ -301,10 +347,8 @@ class TlsHandshake(ossl.ConnectionHooks):
         ctx = _get_context(config)
         try:
             self._conn = ossl.SslConnection(ctx, self, server=server)
-            if self._offered_psk is not None:
-                self._conn.set_ciphersuites(
-                    _suite_names(self._psk_suites(self._offered_psk.hash_name))
-                )
+            if self._psk_hash is not None:
+                self._conn.set_ciphersuites(_suite_names(self._psk_suites(self._psk_hash)))
             if config.peername:
                 self._set_peername(config.peername, server=server)
         except ossl.OpenSSLError as exc:
@@ -332,6 +376,17 @@ class TlsHandshake(ossl.ConnectionHooks):
 
     def _psk_suites(self, hash_name: str) -> tuple[CipherSuite, ...]:
         return tuple(s for s in self.config.ciphersuites if s.hash_name == hash_name)
+
+    def _client_binding(self, psk: PskKey) -> str:
+        """The hash our client binds ``psk`` to: its own, except that ``offer`` binds SHA-384
+        PSKs to SHA-256 (when SHA-256 suites are configured at all)."""
+        if (
+            psk.hash_name == "sha384"
+            and self.config.legacy_psk_sha384 == "offer"
+            and self._psk_suites("sha256")
+        ):
+            return "sha256"
+        return psk.hash_name
 
     # context manager / cleanup
     def __enter__(self) -> TlsHandshake:
@@ -363,46 +418,97 @@ class TlsHandshake(ossl.ConnectionHooks):
 
     def psk_for_client(self, md_size: int | None) -> tuple[bytes, bytes, int] | None:
         psk = self._offered_psk
-        if psk is None:
+        if psk is None or self._psk_hash is None:
             return None
-        size = 48 if psk.hash_name == "sha384" else 32
-        if md_size is not None and md_size != size:
+        suite = self._psk_suites(self._psk_hash)[0]
+        if md_size is not None and md_size != suite.hash_length:
             return None  # after a HelloRetryRequest with another hash: offer nothing
-        suite = self._psk_suites(psk.hash_name)[0]
         return psk.identity, psk.key, suite.code
 
-    def on_client_hello(self, psk_identities: list[bytes] | None) -> int:
+    def on_client_hello(self, psk_extension: bytes | None) -> int:
+        # Called again for the second ClientHello after a HelloRetryRequest: decide afresh.
+        self._selected_psk = None
+        self._psk_hash = None
         lookup = self.config.psk_lookup
-        if lookup is None or psk_identities is None:
-            if lookup is not None and self.config.credentials is None:
+        if lookup is None:
+            return 0  # a certificate-only server: OpenSSL ignores the PSKs it cannot find
+        if psk_extension is None:
+            if self.config.credentials is None:
                 self._unknown_identities = []
                 return AlertDescription.HANDSHAKE_FAILURE
             return 0
-        for identity in psk_identities:
+        try:
+            offered = parse_pre_shared_key(psk_extension)
+        except MalformedPskExtension as exc:
+            self._psk_refusal = HandshakeError(
+                FailureCause.PROTOCOL_ERROR,
+                f"client {self.peer} sent a malformed pre_shared_key extension: {exc}",
+            )
+            return AlertDescription.DECODE_ERROR
+        for offer in offered[:_MAX_PSK_LOOKUPS]:
             try:
-                psk = lookup(identity)
+                psk = lookup(offer.identity)
             except HandshakeError as exc:
                 self._lookup_error = exc
                 return AlertDescription.INTERNAL_ERROR
             if psk is None:
                 continue
-            suites = self._psk_suites(psk.hash_name)
+            binding = self._server_binding(psk, offer)
+            if binding is None:
+                continue
+            suites = self._psk_suites(binding)
             if not suites:
                 continue
             assert self._conn is not None
             self._conn.set_ciphersuites(_suite_names(suites))
             self._selected_psk = psk
+            self._psk_hash = binding
+            self._psk_refusal = None
+            if binding != psk.hash_name and not self._legacy_binding:
+                self._legacy_binding = True
+                log.warning(
+                    "client %s bound SHA-384 PSK %s to SHA-256 (32-byte binder, as tlshd 1.0 "
+                    "on GnuTLS < 3.8.11 does); accepted as a SHA-256 PSK with a SHA-256 suite "
+                    "([ktlsd] legacy_psk_sha384 = %s)",
+                    self.peer, psk.describe(), self.config.legacy_psk_sha384,
+                )
             return 0
+        if self._psk_refusal is not None:
+            # The client did mean one of our PSKs, bound in a way we do not take: say so
+            # rather than fall back to a certificate the client does not expect.
+            return AlertDescription.HANDSHAKE_FAILURE
         if self.config.credentials is not None:
             return 0  # fall back to a certificate handshake
-        self._unknown_identities = psk_identities
+        self._unknown_identities = [o.identity for o in offered[:_MAX_PSK_LOOKUPS]]
+        self._offered_count = len(offered)
         return AlertDescription.UNKNOWN_PSK_IDENTITY
+
+    def _server_binding(self, psk: PskKey, offer: OfferedPsk) -> str | None:
+        """The hash to bind a known PSK to, judged by the binder the client sent for it; None
+        (with :attr:`_psk_refusal` set) when we do not take that binding."""
+        if offer.binder_hash == psk.hash_name:
+            return psk.hash_name
+        size = f"{offer.binder_length}-byte binder"
+        if psk.hash_name == "sha384" and offer.binder_hash == "sha256":
+            if self.config.legacy_psk_sha384 != "refuse":
+                return "sha256"
+            reason = (
+                f"client {self.peer} bound SHA-384 PSK {psk.describe()} to SHA-256 ({size}, "
+                "as tlshd 1.0 on GnuTLS < 3.8.11 does); refused by "
+                "[ktlsd] legacy_psk_sha384 = refuse"
+            )
+        else:
+            bound = psk.hash_name.upper().replace("SHA", "SHA-")
+            reason = f"client {self.peer} sent a {size} for {bound} PSK {psk.describe()}"
+        if self._psk_refusal is None:
+            self._psk_refusal = HandshakeError(FailureCause.PEER_REJECTED, reason)
+        return None
 
     def psk_for_identity(self, identity: bytes) -> tuple[bytes, int] | None:
         psk = self._selected_psk
-        if psk is None or psk.identity != identity:
+        if psk is None or self._psk_hash is None or psk.identity != identity:
             return None
-        return psk.key, self._psk_suites(psk.hash_name)[0].code
+        return psk.key, self._psk_suites(self._psk_hash)[0].code
 
     # --- driving -------------------------------------------------------------------------------
     @property
@@ -439,7 +545,7 @@ class TlsHandshake(ossl.ConnectionHooks):
         if step == ossl.HandshakeStep.DONE:
             self._finish_checks()
         elif step == ossl.HandshakeStep.FAILED:
-            self.failure = self._classify(conn)
+            self.failure = self.explain(self._classify(conn))
         return out
 
     def _finish_checks(self) -> None:
@@ -462,6 +568,8 @@ class TlsHandshake(ossl.ConnectionHooks):
             and not conn.session_reused()
         ):
             self._selected_psk = None  # accepted by certificate instead
+            self._psk_hash = None
+            self._legacy_binding = False
         missing = [
             name
             for name in ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
@@ -491,14 +599,21 @@ class TlsHandshake(ossl.ConnectionHooks):
             )
         if self._lookup_error is not None:
             return self._lookup_error
+        if self._psk_refusal is not None:
+            return self._psk_refusal
         if self._unknown_identities is not None:
             if not self._unknown_identities:
                 return HandshakeError(
                     FailureCause.UNKNOWN_PSK_IDENTITY, "client offered no PSK identity"
                 )
+            shown = self._unknown_identities[:_SHOWN_IDENTITIES]
             names = ", ".join(
-                repr(i.decode("utf-8", "backslashreplace")) for i in self._unknown_identities
+                repr(i[:_SHOWN_IDENTITY_BYTES].decode("utf-8", "backslashreplace"))
+                + ("..." if len(i) > _SHOWN_IDENTITY_BYTES else "")
+                for i in shown
             )
+            if self._offered_count > len(shown):
+                names += f" and {self._offered_count - len(shown)} more"
             return HandshakeError(
                 FailureCause.UNKNOWN_PSK_IDENTITY, f"client offered unknown PSK identity {names}"
             )
@@ -548,6 +663,32 @@ class TlsHandshake(ossl.ConnectionHooks):
             return HandshakeError(FailureCause.PEER_REJECTED, f"cannot decrypt peer: {detail}")
         return HandshakeError(FailureCause.PROTOCOL_ERROR, detail)
 
+    def explain(self, error: HandshakeError) -> HandshakeError:
+        """``error``, with a hint about the SHA-384 binding added when our client's SHA-384 PSK
+        was turned down straight after our ClientHello (the driver passes its own failures,
+        such as the peer closing, through here too)."""
+        psk = self._offered_psk
+        if (
+            self.role is not Role.CLIENT
+            or psk is None
+            or psk.hash_name != "sha384"
+            or self._records_in > 1
+            or self.complete
+            or error.cause in (FailureCause.UNKNOWN_PSK_IDENTITY, FailureCause.MISSING_MATERIAL)
+        ):
+            return error
+        if self._legacy_binding:
+            hint = (
+                "our SHA-384 PSK went out bound to SHA-256 as tlshd 1.0 does it, by "
+                "[ktlsd] legacy_psk_sha384 = offer, which a spec-conformant server refuses"
+            )
+        else:
+            hint = (
+                "a server running tlshd 1.0 on GnuTLS < 3.8.11 takes a SHA-384 PSK only "
+                "bound to SHA-256, which [ktlsd] legacy_psk_sha384 = offer sends"
+            )
+        return HandshakeError(error.cause, f"{error.reason}; {hint}")
+
     # --- result --------------------------------------------------------------------------------
     def session(self) -> Session:
         """The hand-off :class:`Session` (sequence numbers 0/0, see the module docstring)."""
@@ -561,6 +702,11 @@ class TlsHandshake(ossl.ConnectionHooks):
         except ValueError as exc:
             raise HandshakeError(FailureCause.PROTOCOL_ERROR, str(exc)) from None
         psk = self._offered_psk if not server else self._selected_psk
+        if psk is not None and suite.hash_name != self._psk_hash:
+            raise HandshakeError(
+                FailureCause.PROTOCOL_ERROR,
+                f"negotiated {suite.iana_name} for a PSK bound to {self._psk_hash}",
+            )
         peer = PeerIdentity(
             psk_identity=psk.identity if psk is not None else None,
             psk_serial=psk.serial if psk is not None else None,
@@ -575,6 +721,8 @@ class TlsHandshake(ossl.ConnectionHooks):
             rx_seq=0,
             peer=peer,
             group=conn.group_name(),
+            psk_binder_hash=self._psk_hash if psk is not None else None,
+            legacy_psk_binding=psk is not None and self._legacy_binding,
         )
 
 
@@ -658,6 +806,18 @@ def _borrow(sock: socket.socket) -> socket.socket:
     return socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
 
 
+def _peer_label(sock: socket.socket) -> str | None:
+    """``host:port`` (``[v6]:port``) of the connected peer, for log lines; None if unknown."""
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return None
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = str(address[0]), address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return None
+
+
 async def perform_handshake(sock: socket.socket, config: TlsConfig, *, timeout: float) -> Session:
     """Run one TLS 1.3 handshake on a connected stream socket; return the hand-off Session.
 
@@ -669,12 +829,15 @@ async def perform_handshake(sock: socket.socket, config: TlsConfig, *, timeout: 
     loop = asyncio.get_running_loop()
     view = _borrow(sock)
     try:
-        with TlsHandshake(config) as hs:
+        with TlsHandshake(config, peer=_peer_label(sock)) as hs:
             try:
                 async with asyncio.timeout(timeout):
                     await _send_all(loop, view, hs.start())
                     while hs.wants_input:
-                        record = await read_record(loop, view)
+                        try:
+                            record = await read_record(loop, view)
+                        except HandshakeError as exc:
+                            raise hs.explain(exc) from None
                         out = hs.receive_record(record)
                         if out:
                             try:
@@ -685,8 +848,10 @@ async def perform_handshake(sock: socket.socket, config: TlsConfig, *, timeout: 
                     hs.check()
                     return hs.session()
             except TimeoutError:
-                raise HandshakeError(
-                    FailureCause.TIMEOUT, f"handshake did not finish within {timeout:g} s"
+                raise hs.explain(
+                    HandshakeError(
+                        FailureCause.TIMEOUT, f"handshake did not finish within {timeout:g} s"
+                    )
                 ) from None
     finally:
         view.detach()

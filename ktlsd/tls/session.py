@@ -142,6 +142,11 @@ class Session:
     handshake; each KeyUpdate adds one, see :func:`ktlsd.tls.keyschedule.advance_session`).
     ``tx_seq``/``rx_seq`` are the record numbers of the next record to send/receive under
     those secrets.
+
+    ``psk_binder_hash`` is, when an external PSK was used, the hash it was bound to in this
+    handshake (its binder and key schedule: ``"sha256"``/``"sha384"``, always the suite's);
+    ``legacy_psk_binding`` says a SHA-384 PSK was bound to SHA-256 the way tlshd 1.0 does
+    (``[ktlsd] legacy_psk_sha384``).
     """
 
     role: Role
@@ -154,6 +159,8 @@ class Session:
     group: str | None = None
     client_generation: int = 0
     server_generation: int = 0
+    psk_binder_hash: str | None = None
+    legacy_psk_binding: bool = False
 
     @property
     def tx_secret(self) -> bytes:
