@@ -9,6 +9,9 @@ the test while the other side's output is waiting to be read.
 :func:`ktlsd` builds the argv for ``python -m ktlsd ...`` (the tools as a user runs them).
 :func:`exchange` is the shape of every relay test: both ends get 1 MiB on stdin, each must
 print exactly what the other was given, then the sides close and must exit 0.
+:class:`RawTlsPeer` is the peer for fatal-error tests: tlslite-ng runs a real handshake, then
+records are written and read raw, so a test can send what no TLS library would and see every
+record that comes back, alerts included.
 """
 
 from __future__ import annotations
@@ -17,11 +20,16 @@ import base64
 import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from tests.peers import TLSLITE_SCRIPT
 from tests.processes import ChildProcess
@@ -233,3 +241,110 @@ def tlslite_echo(mode: str, port: int, identity: bytes, key: bytes, hash_name: s
     argv = [sys.executable, TLSLITE_SCRIPT, "tlslite-echo", mode, str(port), identity.hex(),
             key.hex(), hash_name]  # fmt: skip
     return Proc(argv, name=f"tlslite-{mode}")
+
+
+_RAW_SUITES = {  # tlslite-ng's cipher suite number -> (AEAD, key length, hash)
+    0x1301: (AESGCM, 16, hashes.SHA256),
+    0x1302: (AESGCM, 32, hashes.SHA384),
+    0x1303: (ChaCha20Poly1305, 32, hashes.SHA256),
+}
+
+
+class _RawKeys:
+    """One direction's record protection, derived here (RFC 8446 §7.3), not by ktlsd."""
+
+    def __init__(self, suite: int, secret: bytes) -> None:
+        aead, key_size, hash_type = _RAW_SUITES[suite]
+
+        def expand(label: bytes, length: int) -> bytes:
+            full = b"tls13 " + label
+            info = length.to_bytes(2, "big") + bytes((len(full),)) + full + b"\x00"
+            return HKDFExpand(hash_type(), length, info).derive(secret)
+
+        self.aead = aead(expand(b"key", key_size))
+        self.iv = expand(b"iv", 12)
+        self.seq = 0
+
+    def nonce(self) -> bytes:
+        nonce = (int.from_bytes(self.iv, "big") ^ self.seq).to_bytes(12, "big")
+        self.seq += 1
+        return nonce
+
+
+class RawTlsPeer:
+    """A TLS 1.3 peer (external PSK) whose records after the handshake are raw.
+
+    tlslite-ng (independent of OpenSSL and of ktlsd) runs the handshake and hands over its
+    application traffic secrets; from there :meth:`send` protects whatever inner content type
+    and bytes a test wants (or :meth:`send_raw` puts any bytes on the wire), and
+    :meth:`read_records` decrypts everything the other side sends until it closes TCP.
+    """
+
+    def __init__(self, sock: socket.socket, *, server: bool, settings_psk: tuple) -> None:  # type: ignore[type-arg]
+        from tlslite.api import HandshakeSettings, TLSConnection
+
+        settings = HandshakeSettings()
+        settings.minVersion = settings.maxVersion = (3, 4)
+        settings.pskConfigs = [settings_psk]
+        settings.ticket_count = 0
+        sock.settimeout(TIMEOUT)
+        self.sock = sock
+        conn = TLSConnection(sock)
+        if server:
+            conn.handshakeServer(settings=settings)
+        else:
+            conn.handshakeClientCert(settings=settings)
+        session = conn.session
+        ours, theirs = session.cl_app_secret, session.sr_app_secret
+        if server:
+            ours, theirs = theirs, ours
+        self._tx = _RawKeys(session.cipherSuite, bytes(ours))
+        self._rx = _RawKeys(session.cipherSuite, bytes(theirs))
+
+    @classmethod
+    def connect(cls, port: int, identity: bytes, key: bytes) -> RawTlsPeer:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        return cls(sock, server=False, settings_psk=(identity, key, "sha256"))
+
+    @classmethod
+    def accept(cls, listener: socket.socket, identity: bytes, key: bytes) -> RawTlsPeer:
+        listener.settimeout(TIMEOUT)
+        sock, _ = listener.accept()
+        return cls(sock, server=True, settings_psk=(identity, key, "sha256"))
+
+    def seal(self, content_type: int, data: bytes, *, padding: int = 0) -> bytes:
+        inner = data + bytes((content_type,)) + bytes(padding)
+        header = b"\x17\x03\x03" + (len(inner) + 16).to_bytes(2, "big")
+        return header + self._tx.aead.encrypt(self._tx.nonce(), inner, header)
+
+    def send(self, content_type: int, data: bytes, *, padding: int = 0) -> None:
+        self.sock.sendall(self.seal(content_type, data, padding=padding))
+
+    def send_raw(self, wire: bytes) -> None:
+        self.sock.sendall(wire)
+
+    def read_records(self) -> list[tuple[int, bytes]]:
+        """Every record received until the other side closes TCP: ``(content_type, data)``."""
+        stream = bytearray()
+        while chunk := self.sock.recv(65536):
+            stream += chunk
+        records = []
+        while stream:
+            assert len(stream) >= 5, f"{len(stream)} stray bytes after the last record"
+            header, length = bytes(stream[:5]), int.from_bytes(stream[3:5], "big")
+            assert header[:3] == b"\x17\x03\x03", f"unprotected record header {header.hex()}"
+            assert len(stream) >= 5 + length, "connection closed in the middle of a record"
+            body = bytes(stream[5 : 5 + length])
+            del stream[: 5 + length]
+            inner = self._rx.aead.decrypt(self._rx.nonce(), body, header).rstrip(b"\x00")
+            records.append((inner[-1], inner[:-1]))
+        return records
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawTlsPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

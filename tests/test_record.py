@@ -22,6 +22,7 @@ from ktlsd.tls.record import (
     AlertReceived,
     KernelRecordLayer,
     Record,
+    RecordError,
     UserRecordLayer,
     open_record_layer,
 )
@@ -325,6 +326,119 @@ def test_repr_hides_secrets(pair) -> None:
     text = repr(layer) + repr(layer._tx) + repr(session)
     for secret in (C_AP, S_AP, traffic_keys(AES128, C_AP).key):
         assert secret.hex() not in text
+
+
+# --- fatal errors: one alert, no close_notify after it, unusable afterwards --------------
+
+
+def read_until_eof(layer: UserRecordLayer) -> list[Record]:
+    """Every record ``layer`` receives until end of stream (TCP EOF or close_notify)."""
+    records = []
+    while not (record := layer.recv()).eof:
+        records.append(record)
+    return records
+
+
+def test_fatal_error_sends_its_alert_once_then_nothing(layers) -> None:
+    """A bad record: the matching fatal alert goes out at once, then TCP EOF — close() adds no
+    close_notify, send() raises, recv() raises the same error again."""
+    left, right, a, _ = layers
+    wire = bytearray(left._tx.seal(23, b"payload"))
+    wire[-1] ^= 0x01
+    a.sendall(bytes(wire))
+    with pytest.raises(RecordError) as info:
+        right.recv()
+    assert info.value.errno == errno.EBADMSG
+    assert info.value.alert == "bad_record_mac"
+    right.close()
+    right.close()
+    with pytest.raises(BrokenPipeError, match="connection failed"):
+        right.send(b"late")
+    with pytest.raises(RecordError, match="bad_record_mac"):
+        right.recv()
+    assert right.failure is info.value
+    with pytest.raises(AlertReceived) as sent:
+        read_until_eof(left)
+    assert sent.value.alert == "bad_record_mac"
+    assert a.recv(100) == b""  # nothing after the alert: end of stream
+
+
+@pytest.mark.parametrize(
+    ("wire", "alert"),
+    [
+        (b"\x17\x03\x03\x40\x12" + bytes(16402), "record_overflow"),  # 2^14+1 plaintext + 1
+        (b"\x14\x03\x03\x00\x01\x01", "unexpected_message"),  # change_cipher_spec
+        (b"\x17\x03\x02\x00\x20" + bytes(32), "decode_error"),  # bad version
+        (b"\x17\x03\x03\x00\x08" + bytes(8), "bad_record_mac"),  # shorter than a tag
+    ],
+)
+def test_bad_header_alerts(layers, wire: bytes, alert: str) -> None:
+    left, right, a, _ = layers
+    a.sendall(wire)
+    with pytest.raises(RecordError) as info:
+        right.recv()
+    assert info.value.alert == alert
+    with pytest.raises(AlertReceived) as sent:
+        read_until_eof(left)
+    assert sent.value.alert == alert
+
+
+def test_peer_fatal_alert_gets_no_answer(layers) -> None:
+    left, right, a, _ = layers
+    left.send(b"\x02\x28", content_type=21)  # handshake_failure
+    with pytest.raises(AlertReceived):
+        right.recv()
+    right.close()  # no close_notify after a fatal alert either way
+    with pytest.raises(BrokenPipeError):
+        right.send(b"late")
+    assert a.recv(100) == b""
+
+
+def test_abort_sends_the_alert_once_and_never_close_notify(layers) -> None:
+    left, right, _, _ = layers
+    error = OSError(errno.EPROTO, "bad KeyUpdate")
+    right.abort(error, 47)
+    right.abort(OSError(errno.EPROTO, "second"), 10)  # the first failure counts
+    right.close()
+    with pytest.raises(OSError, match="bad KeyUpdate"):
+        right.recv()
+    with pytest.raises(AlertReceived) as sent:
+        read_until_eof(left)
+    assert sent.value.alert == "illegal_parameter"
+
+
+def test_no_alert_after_our_close_notify(layers) -> None:
+    left, right, a, _ = layers
+    right.close()  # close_notify: our write side is done
+    a.sendall(b"\x14\x03\x03\x00\x01\x01")
+    with pytest.raises(RecordError):
+        right.recv()
+    wire = b""
+    while chunk := a.recv(4096):
+        wire += chunk
+    assert len(wire) == 5 + 2 + 1 + 16  # the close_notify record alone: no alert after it
+    assert left._rx.open(wire[:5], wire[5:]) == (21, b"\x01\x00")
+
+
+def test_async_fatal_error_sends_its_alert_and_no_close_notify() -> None:
+    async def main() -> None:
+        a, b = socket.socketpair()
+        b.setblocking(False)
+        with a, b:
+            client, server = random_sessions(AES128)
+            left, right = UserRecordLayer(a, client), UserRecordLayer(b, server)
+            left.send(b"\x02", content_type=21)  # an alert of one byte: malformed
+            with pytest.raises(RecordError) as info:
+                await right.arecv()
+            assert info.value.alert == "decode_error"
+            await right.aclose()
+            with pytest.raises(BrokenPipeError):
+                await right.asend(b"late")
+            with pytest.raises(AlertReceived) as sent:
+                read_until_eof(left)
+            assert sent.value.alert == "decode_error"
+
+    asyncio.run(main())
 
 
 # --- asyncio -----------------------------------------------------------------------------

@@ -471,6 +471,59 @@ def test_listen_forever(certs: Certs) -> None:
         assert server.proc.poll() is None  # still serving
 
 
+def test_listen_forever_serves_others_while_a_peer_is_silent(certs: Certs) -> None:
+    """Connections are served concurrently: a peer that connects and never speaks (its
+    handshake would time out only after a minute) holds up nobody, and neither does one
+    that went silent after its handshake."""
+    server, port = start_ktlsd_listen(
+        *cert_args(certs.server), "--forever", "--timeout", "60", "--record-layer", "user"
+    )
+    with server, socket.create_connection(("127.0.0.1", port)) as silent:
+        server.close_stdin()
+        server.wait_stderr("connection from")
+        args = ["--ca", str(certs.ca.cert_path), "--record-layer", "user"]
+        with Proc(ktlsd("connect", f"127.0.0.1:{port}", *args), name="first") as first:
+            first.wait_stderr("record layer")  # handshake done; it stays connected, silent
+            with Proc(ktlsd("connect", f"127.0.0.1:{port}", *args), name="second") as second:
+                second.feed(b"hello\n", close=True)
+                assert second.wait_exit() == 0, second.stderr_text
+            server.wait_stdout(b"hello\n")
+            server.wait_for(lambda: server.err.count(b"closed:") == 1, "closed the second")
+            assert first.proc.poll() is None  # still connected
+            first.close_stdin()
+            assert first.wait_exit() == 0, first.stderr_text
+        server.wait_for(lambda: server.err.count(b"closed:") == 2, "closed the first")
+        assert "handshake failed" not in server.stderr_text  # the silent one is still waiting
+        assert silent.fileno() >= 0
+        assert server.proc.poll() is None
+
+
+def test_idle_timeout_ends_a_silent_connection(certs: Certs) -> None:
+    """``--idle-timeout``: a peer that stops sending and reading is dropped with one line,
+    and the server keeps serving."""
+    server, port = start_ktlsd_listen(
+        *cert_args(certs.server), "--forever", "--idle-timeout", "0.5", "--record-layer", "user"
+    )
+    with server:
+        args = ["--ca", str(certs.ca.cert_path), "--record-layer", "user"]
+        with Proc(ktlsd("connect", f"127.0.0.1:{port}", *args), name="silent") as silent:
+            # Neither side has anything to send: the client's stdin and the server's stay open.
+            line = server.wait_stderr(r"ktlsd: connection failed: (.*)\n").group(1)
+            assert line == "idle for 0.5 s: nothing received or sent"
+            silent.close_stdin()  # the server closed cleanly; the client's direction ends now
+            assert silent.wait_exit() == 0, silent.stderr_text
+        assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan", "inf"])
+def test_idle_timeout_must_be_a_number_of_seconds(value: str) -> None:
+    argv = ["listen", "0", "--psk-identity", "a", "--psk", PSK_HEX, "--idle-timeout", value]
+    with Proc(ktlsd(*argv)) as p:
+        assert p.wait_exit() == 2
+        assert "--idle-timeout" in p.stderr_text
+        assert "Traceback" not in p.stderr_text
+
+
 def test_bad_size_is_an_argparse_error() -> None:
     with Proc(ktlsd("connect", "127.0.0.1:9", "--key-update-every", "lots")) as proc:
         assert proc.wait_exit() == 2

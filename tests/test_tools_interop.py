@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ import pytest
 from tests.cli_peers import (
     Exchange,
     Proc,
+    RawTlsPeer,
     digit_data,
     exchange,
     ktlsd,
@@ -453,3 +455,172 @@ def test_key_updates_typed_into_openssl_server(pkis: dict[str, Pki]) -> None:
             k.close_stdin()  # close_notify: s_server ends the connection and answers in kind
             assert k.wait_exit() == 0, k.stderr_text
             assert key_update_counts(k) == (2, 4)
+
+
+# --- fatal errors (RFC 8446 §6) ------------------------------------------------------------
+#
+# The peer is tlslite-ng for the handshake, then raw records (tests.cli_peers.RawTlsPeer), so
+# it can send what no TLS library would and see every record that comes back. ktlsd's stdin
+# stays open throughout: it must end at once, not wait for it.
+
+RAW_IDENTITY = b"raw-peer"
+RAW_KEY = bytes(range(32))  # throwaway, tests only
+RAW_ARGS = ["--psk-identity", RAW_IDENTITY.decode(), "--psk", RAW_KEY.hex(),
+            "--record-layer", "user"]  # fmt: skip
+
+ALERT = {"unexpected_message": 10, "bad_record_mac": 20, "record_overflow": 22,
+         "illegal_parameter": 47, "decode_error": 50}  # fmt: skip
+
+
+def _tampered(peer: RawTlsPeer) -> bytes:
+    wire = bytearray(peer.seal(23, b"GET / HTTP/1.0\r\n\r\n"))
+    wire[-1] ^= 0x01  # the tag no longer matches
+    return bytes(wire)
+
+
+#: name -> (what the peer puts on the wire, the alert ktlsd must send, text of its error line)
+BAD_RECORDS = {
+    "oversized record": (
+        lambda p: b"\x17\x03\x03" + (2**14 + 257).to_bytes(2, "big") + bytes(64),
+        "record_overflow", "exceeds 2^14+256",
+    ),
+    "too much plaintext with padding": (
+        lambda p: p.seal(23, b"x" * (2**14 - 8), padding=9), "record_overflow", "2^14+1",
+    ),
+    "failed authentication": (_tampered, "bad_record_mac", "bad_record_mac"),
+    "change_cipher_spec after the handshake": (
+        lambda p: b"\x14\x03\x03\x00\x01\x01", "unexpected_message", "outer record type 20",
+    ),
+    "record without content type": (
+        lambda p: p.seal(0, b""), "unexpected_message", "no content type",
+    ),
+    "malformed alert": (lambda p: p.seal(21, b"\x02"), "decode_error", "malformed TLS alert"),
+    "handshake message after the handshake": (
+        lambda p: p.seal(22, b"\x01\x00\x00\x00"), "unexpected_message", "ClientHello",
+    ),
+    "KeyUpdate with a bad request_update": (
+        lambda p: p.seal(22, b"\x18\x00\x00\x01\x07"), "illegal_parameter", "0 or 1",
+    ),
+    "KeyUpdate of the wrong length": (
+        lambda p: p.seal(22, b"\x18\x00\x00\x02\x00\x00"), "decode_error", "KeyUpdate of 2",
+    ),
+}
+
+
+def _raw_pair(role: str) -> tuple[Proc, RawTlsPeer]:
+    """ktlsd (``role``: connect or listen) and a RawTlsPeer, handshake done, record layer up."""
+    if role == "listen":
+        k, port = start_ktlsd_listen(*RAW_ARGS)
+        peer = RawTlsPeer.connect(port, RAW_IDENTITY, RAW_KEY)
+    else:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            port = listener.getsockname()[1]
+            k = Proc(ktlsd("connect", f"127.0.0.1:{port}", *RAW_ARGS))
+            peer = RawTlsPeer.accept(listener, RAW_IDENTITY, RAW_KEY)
+    k.wait_stderr("record layer: user")
+    return k, peer
+
+
+def _check_failed_alone(k: Proc, cause: str) -> None:
+    """ktlsd exited 1 with one failure line naming ``cause`` — its stdin never closed."""
+    assert k.wait_exit() == 1, k.stderr_text
+    failures = [line for line in k.stderr_text.splitlines() if "failed" in line]
+    assert len(failures) == 1, k.stderr_text
+    assert failures[0].startswith("ktlsd: connection failed: "), k.stderr_text
+    assert cause in failures[0], k.stderr_text
+    assert "Traceback" not in k.stderr_text
+    assert "closed:" not in k.stderr_text
+
+
+@pytest.mark.parametrize("role", ["connect", "listen"])
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_bad_record_gets_one_fatal_alert_and_no_close_notify(role: str, case: str) -> None:
+    """A bad record after the handshake: exactly the matching fatal alert, then TCP EOF.
+
+    Nothing follows the alert (no close_notify, which would tell the peer the stream ended
+    cleanly), and ktlsd exits 1 at once with one line, although its stdin is still open.
+    """
+    make_wire, alert, cause = BAD_RECORDS[case]
+    k, peer = _raw_pair(role)
+    with k, peer:
+        peer.send_raw(make_wire(peer))
+        assert peer.read_records() == [(21, bytes((2, ALERT[alert])))]
+        peer.close()
+        _check_failed_alone(k, cause)
+
+
+@pytest.mark.parametrize("role", ["connect", "listen"])
+def test_fatal_alert_from_the_peer_ends_without_close_notify(role: str) -> None:
+    """The peer's fatal alert: ktlsd sends nothing back (RFC 8446 §6.2) and exits 1 at once."""
+    k, peer = _raw_pair(role)
+    with k, peer:
+        peer.send(21, bytes((2, 80)))  # internal_error
+        assert peer.read_records() == []
+        peer.close()
+        _check_failed_alone(k, "peer sent TLS alert internal_error")
+
+
+def test_fatal_error_after_data_relayed() -> None:
+    """Mid-stream: what arrived before the bad record is printed, then the alert, then exit 1."""
+    k, peer = _raw_pair("listen")
+    with k, peer:
+        peer.send(23, b"before the error\n")
+        k.wait_stdout(b"before the error\n")
+        peer.send_raw(_tampered(peer))
+        assert peer.read_records() == [(21, bytes((2, ALERT["bad_record_mac"])))]
+        peer.close()
+        _check_failed_alone(k, "bad_record_mac")
+        assert bytes(k.out) == b"before the error\n"
+
+
+# --- listen --www ----------------------------------------------------------------------------
+
+
+def test_www_answers_an_openssl_client_and_closes_cleanly(pkis: dict[str, Pki]) -> None:
+    """``listen --www``: openssl s_client's GET gets a page; both sides end cleanly."""
+    pki = pkis["rsa-server-only"]
+    k, port = start_ktlsd_listen(
+        "--www", "--cert", str(pki.server.cert_path), "--key", str(pki.server.key_path),
+        "--record-layer", "user",
+    )  # fmt: skip
+    argv = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-quiet",
+            "-CAfile", str(pki.ca), "-verify_return_error"]  # fmt: skip
+    with k, Proc(argv, name="s_client") as peer:
+        peer.feed(b"GET / HTTP/1.0\r\n\r\n")  # stdin stays open: the server ends it
+        assert k.wait_exit() == 0, k.stderr_text
+        assert peer.wait_exit() == 0, peer.stderr_text
+        head, _, body = bytes(peer.out).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200 OK\r\n"), peer.out
+        assert b"Content-Type: text/plain" in head
+        length = re.search(rb"Content-Length: (\d+)", head)
+        assert length and int(length.group(1)) == len(body)
+        assert b"protocol=TLSv1.3 suite=TLS_AES_256_GCM_SHA384" in body  # OpenSSL's pick
+        assert stats(k)["received"] == "18"
+
+
+def test_www_answer_is_one_record_then_close_notify() -> None:
+    """The request may come in pieces; the answer is one record, then close_notify, then EOF
+    (what tlsfuzzer expects of an ``s_server -www``-like server)."""
+    k, port = start_ktlsd_listen("--www", *RAW_ARGS)
+    with k, RawTlsPeer.connect(port, RAW_IDENTITY, RAW_KEY) as peer:
+        for piece in (b"GET /", b"", b"index.html HTTP/1.0\r\n", b"Host: x\r\n", b"\r\n"):
+            peer.send(23, piece)
+        records = peer.read_records()
+        assert [r[0] for r in records] == [23, 21], records
+        assert records[0][1].startswith(b"HTTP/1.0 200 OK\r\n")
+        assert records[1] == (21, b"\x01\x00")  # close_notify
+        peer.send(21, b"\x01\x00")
+        peer.close()
+        assert k.wait_exit() == 0, k.stderr_text
+
+
+def test_www_refuses_what_is_not_a_get() -> None:
+    k, port = start_ktlsd_listen("--www", *RAW_ARGS)
+    with k, RawTlsPeer.connect(port, RAW_IDENTITY, RAW_KEY) as peer:
+        peer.send(23, b"BREW /pot HTTP/1.0\r\n\r\n")
+        records = peer.read_records()
+        assert records[0][1].startswith(b"HTTP/1.0 400 Bad Request\r\n"), records
+        peer.close()
+        assert k.wait_exit() == 0, k.stderr_text

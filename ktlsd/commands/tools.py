@@ -3,6 +3,13 @@
 They run a handshake with ktlsd's engine on a TCP connection, hand the session to a record
 layer (kTLS, or ktlsd's user-space one) exactly as the agent does for the kernel, and relay
 stdin → peer and peer → stdout until end of stream; then they close with close_notify.
+``listen --www`` instead answers each connection's HTTP request with a small page and closes
+(like ``openssl s_server -www``), which is what TLS test suites such as tlsfuzzer expect.
+
+``listen`` serves its connections concurrently on one event loop, each with an idle timeout
+(``--idle-timeout``), so a silent peer never holds up the others. A fatal error on a
+connection (the record layer sends the fatal alert, never a close_notify after it) ends that
+connection at once, without waiting for stdin.
 
 Standard error shows what an admin debugging an NVMe/TCP or NFS TLS problem wants to know —
 suite, group, record layer, peer identity, KeyUpdates counted — and one line with the cause
@@ -16,11 +23,14 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import errno
 import os
 import socket
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ktlsd.credentials import X509Credentials
 from ktlsd.errors import FailureCause, HandshakeError
@@ -29,7 +39,21 @@ from ktlsd.tls.handshake import ClientAuth, HashName, PskKey, TlsConfig, perform
 from ktlsd.tls.record import AlertReceived
 from ktlsd.tls.session import CipherSuite, Role, Session
 
+if TYPE_CHECKING:
+    from ktlsd.tls.connection import TlsConnection
+
 CHUNK = 16384
+
+#: Default ``listen --idle-timeout``: seconds with nothing received or sent on a connection.
+DEFAULT_IDLE_TIMEOUT = 300.0
+#: How long closing may wait for a peer that does not read (close_notify must fit the socket).
+CLOSE_TIMEOUT = 5.0
+#: ``--www``: largest HTTP request head read before answering anyway.
+MAX_WWW_REQUEST = 65536
+#: After a failure, how long and how much of what the peer still sends is read and dropped
+#: before the socket is closed (see :func:`_linger`).
+LINGER_TIMEOUT = 1.0
+LINGER_BYTES = 1 << 20
 
 #: Alerts by which a TLS 1.3 server refuses a client's certificate (RFC 8446 §6.2):
 #: handshake_failure, bad/unsupported/revoked/expired/unknown certificate, unknown_ca,
@@ -131,6 +155,16 @@ def _size(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number >= 0")
+    return value
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -162,6 +196,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--count", type=_count, default=1, help="connections to serve (default 1)"
     )
     s.add_argument("--forever", action="store_true", help="keep serving connections")
+    s.add_argument(
+        "--www", action="store_true",
+        help="answer each connection's HTTP request with a small page and close (like "
+        "openssl s_server -www); stdin is not read",
+    )
+    s.add_argument(
+        "--idle-timeout", type=_seconds, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
+        help="end a connection on which nothing was received or sent for SECONDS "
+        f"(default {DEFAULT_IDLE_TIMEOUT:g}; 0: never)",
+    )
     s.set_defaults(func=run_listen)
 
 
@@ -321,7 +365,8 @@ class StdinPump:
         self._lock = threading.Lock()
         self._chunks: collections.deque[bytes] = collections.deque()
         self._room = threading.Semaphore(STDIN_BACKLOG)
-        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        # Connections of a listen serving several at once may all be waiting.
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._thread: threading.Thread | None = None
 
     def _read_loop(self) -> None:
@@ -333,9 +378,8 @@ class StdinPump:
                 data = b""
             with self._lock:
                 self._chunks.append(data)
-                waiter, self._waiter = self._waiter, None
-            if waiter is not None:
-                loop, future = waiter
+                waiters, self._waiters = self._waiters, []
+            for loop, future in waiters:
                 # The loop may be gone (its connection ended): the chunk stays for the next.
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(_wake, future)
@@ -356,7 +400,7 @@ class StdinPump:
                     self._room.release()
                     return self._chunks.popleft()
                 future: asyncio.Future[None] = loop.create_future()
-                self._waiter = (loop, future)
+                self._waiters.append((loop, future))
             await future
 
 
@@ -376,22 +420,74 @@ def _stdin() -> StdinPump:
     return _stdin_pump
 
 
-async def relay(sock: socket.socket, session: Session, args: argparse.Namespace) -> RelayResult:
-    """Hand ``session`` to a record layer on ``sock`` and relay stdin/stdout until EOF."""
+class IdleTimeout(OSError):
+    """Nothing was received or sent on the connection for ``--idle-timeout`` seconds."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(errno.ETIMEDOUT, f"idle for {seconds:g} s: nothing received or sent")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _receiver(conn: TlsConnection, idle: float | None) -> Callable[[], Awaitable[bytes]]:
+    """``conn.arecv`` that raises :class:`IdleTimeout` after ``idle`` seconds without traffic.
+
+    Traffic is either direction: a peer that only reads what we stream to it is not idle.
+    """
+
+    def moved() -> int:
+        return int(conn.bytes_sent + conn.bytes_received + conn.key_updates_sent)
+
+    async def recv() -> bytes:
+        while True:
+            before = moved()
+            try:
+                return await asyncio.wait_for(conn.arecv(65536), idle)
+            except TimeoutError:
+                if moved() == before:
+                    raise IdleTimeout(idle or 0) from None
+
+    return recv
+
+
+async def _close(conn: TlsConnection) -> None:
+    """close_notify (nothing after a fatal error), without waiting forever for a stuck peer."""
+    with contextlib.suppress(OSError, TimeoutError):
+        await asyncio.wait_for(conn.aclose(), CLOSE_TIMEOUT)
+
+
+def _open_connection(
+    sock: socket.socket, session: Session, args: argparse.Namespace
+) -> TlsConnection:
     from ktlsd.tls.connection import TlsConnection
     from ktlsd.tls.record import open_record_layer
 
     sock.setblocking(False)
     layer = open_record_layer(sock, session, args.record_layer)
-    conn = TlsConnection(
+    _say(args, f"record layer: {layer.kind}")
+    return TlsConnection(
         layer, session,
         rekey_after_bytes=args.key_update_every,
         rekey_request_peer=args.key_update_every is not None,
     )
-    _say(args, f"record layer: {layer.kind}")
+
+
+def _idle_timeout(args: argparse.Namespace) -> float | None:
+    return getattr(args, "idle_timeout", None) or None
+
+
+async def relay(sock: socket.socket, session: Session, args: argparse.Namespace) -> RelayResult:
+    """Hand ``session`` to a record layer on ``sock`` and relay stdin/stdout until EOF.
+
+    Any failure of the connection ends the relay at once (stdin is not waited for); after a
+    fatal error no close_notify is sent.
+    """
+    conn = _open_connection(sock, session, args)
     result = RelayResult()
     out = sys.stdout.buffer
     stdin = _stdin()
+    recv = _receiver(conn, _idle_timeout(args))
 
     every = args.key_update_every
 
@@ -410,10 +506,23 @@ async def relay(sock: socket.socket, session: Session, args: argparse.Namespace)
                 result.sent += len(piece)
                 data = data[len(piece) :]
 
+    async def next_data() -> bytes:
+        # While stdin is still being sent, a failed send ends the relay as well.
+        if sender.done():
+            return await recv()
+        receiving = asyncio.ensure_future(recv())
+        await asyncio.wait({receiving, sender}, return_when=asyncio.FIRST_COMPLETED)
+        if sender.done() and sender.exception() is not None and not receiving.done():
+            receiving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiving
+            await sender  # raises its error
+        return await receiving
+
     sender = asyncio.create_task(pump_out())
     try:
         while True:
-            data = await conn.arecv(65536)
+            data = await next_data()
             if not data:
                 break
             out.write(data)
@@ -433,12 +542,99 @@ async def relay(sock: socket.socket, session: Session, args: argparse.Namespace)
             sender.cancel()
         result.key_updates_sent = conn.key_updates_sent
         result.key_updates_received = conn.key_updates_received
-        with contextlib.suppress(OSError):
-            await conn.aclose()
+        await _close(conn)
     return result
 
 
+def _www_page(request: bytes, session: Session) -> bytes:
+    """The answer of ``listen --www``: a small HTTP/1.0 response, no secrets."""
+    line = request.split(b"\n", 1)[0].strip()
+    if len(request) > MAX_WWW_REQUEST:
+        status = "413 Request Entity Too Large"
+    elif line.startswith((b"GET ", b"HEAD ")):
+        status = "200 OK"
+    else:
+        status = "400 Bad Request"
+    body = (
+        f"ktlsd {status.split(' ', 1)[1]}\n"
+        f"protocol=TLSv1.3 {_describe_session(session)}\n"
+    ).encode("utf-8", "replace")
+    head = (
+        f"HTTP/1.0 {status}\r\nContent-Type: text/plain\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    return head + (b"" if line.startswith(b"HEAD ") else body)
+
+
+def _request_complete(request: bytes) -> bool:
+    return b"\r\n\r\n" in request or b"\n\n" in request or len(request) > MAX_WWW_REQUEST
+
+
+async def answer_www(
+    sock: socket.socket, session: Session, args: argparse.Namespace
+) -> RelayResult:
+    """Read one HTTP request head, answer it in one record, close with close_notify.
+
+    Then read on until the peer's close_notify (or TCP EOF), so that the peer's own
+    close_notify never meets a closed socket, whose reset could destroy our answer in flight.
+    """
+    conn = _open_connection(sock, session, args)
+    result = RelayResult()
+    recv = _receiver(conn, _idle_timeout(args))
+    try:
+        request = b""
+        while not _request_complete(request):
+            data = await recv()
+            if not data:
+                break
+            request += data
+        result.received = len(request)
+        if request:
+            page = _www_page(request, session)
+            await conn.asend(page)
+            result.sent = len(page)
+        await conn.aclose()
+        while data := await recv():
+            result.received += len(data)
+    finally:
+        result.key_updates_sent = conn.key_updates_sent
+        result.key_updates_received = conn.key_updates_received
+        await _close(conn)
+    return result
+
+
+async def _linger(sock: socket.socket) -> None:
+    """Shut down our write side, then read and drop what the peer still sends until it closes.
+
+    Closing a socket with unread data makes the kernel reset the connection (RST), and a peer
+    that is still sending may then never read the fatal alert we sent before. So after a
+    failure we wait for the peer's end of stream, at most :data:`LINGER_TIMEOUT` seconds and
+    :data:`LINGER_BYTES` bytes; a peer that closes at once costs nothing.
+    """
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+    loop = asyncio.get_running_loop()
+    left = LINGER_BYTES
+    with contextlib.suppress(OSError, TimeoutError):
+        sock.setblocking(False)
+        async with asyncio.timeout(LINGER_TIMEOUT):
+            while left > 0:
+                data = await loop.sock_recv(sock, min(left, CHUNK))
+                if not data:
+                    return
+                left -= len(data)
+
+
 async def _serve_one(sock: socket.socket, config: TlsConfig, args: argparse.Namespace) -> int:
+    status = await _run_connection(sock, config, args)
+    if status:
+        await _linger(sock)
+    return status
+
+
+async def _run_connection(
+    sock: socket.socket, config: TlsConfig, args: argparse.Namespace
+) -> int:
     try:
         session = await perform_handshake(sock, config, timeout=args.timeout)
     except HandshakeError as exc:
@@ -446,7 +642,10 @@ async def _serve_one(sock: socket.socket, config: TlsConfig, args: argparse.Name
         return 1
     _say(args, f"handshake ok: {_describe_session(session)}")
     try:
-        result = await relay(sock, session, args)
+        if getattr(args, "www", False):
+            result = await answer_www(sock, session, args)
+        else:
+            result = await relay(sock, session, args)
     except AlertReceived as exc:
         if session.role is Role.CLIENT and exc.description in _REFUSAL_ALERTS:
             # TLS 1.3: the client finishes its handshake before the server has checked the
@@ -511,13 +710,39 @@ def run_listen(args: argparse.Namespace) -> int:
         _fail(f"cannot listen on {args.address}: {exc.strerror or exc}")
         return 1
     _say(args, f"listening on {host or '*'}:{listener.getsockname()[1]}")
-    status = 0
-    served = 0
     with listener:
-        while args.forever or served < args.count:
-            conn, peer = listener.accept()
-            served += 1
+        return asyncio.run(_serve(listener, config, args))
+
+
+async def _serve(listener: socket.socket, config: TlsConfig, args: argparse.Namespace) -> int:
+    """Accept ``--count`` connections (or without end) and serve them concurrently.
+
+    Exit status 1 if any connection failed. With ``--count`` the listening socket is closed as
+    soon as the last connection was accepted.
+    """
+    loop = asyncio.get_running_loop()
+    listener.setblocking(False)
+    running: set[asyncio.Task[int]] = set()
+    statuses: list[int] = []
+
+    async def serve(sock: socket.socket) -> int:
+        with sock:
+            status = await _serve_one(sock, config, args)
+        statuses.append(status)
+        return status
+
+    accepted = 0
+    try:
+        while args.forever or accepted < args.count:
+            sock, peer = await loop.sock_accept(listener)
+            accepted += 1
             _say(args, f"connection from {peer[0]}:{peer[1]}")
-            with conn:
-                status = asyncio.run(_serve_one(conn, config, args)) or status
-    return status
+            task = asyncio.create_task(serve(sock))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        listener.close()
+        await asyncio.gather(*running)
+    finally:
+        for task in running:
+            task.cancel()
+    return 1 if any(statuses) else 0

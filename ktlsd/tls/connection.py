@@ -9,8 +9,9 @@ user space — the same code runs on both) and owns the post-handshake protocol:
 * Post-handshake handshake records are consumed here: NewSessionTicket (a server may send
   them right after the handshake, at receive sequence 0, 1, ...) is skipped; KeyUpdate moves
   the receive secret one generation forward and installs the next receive key (which also
-  lifts the record layer's EKEYEXPIRED pause); anything else is a protocol error that sends
-  an alert and fails the connection.
+  lifts the record layer's EKEYEXPIRED pause); anything else is a protocol error that fails
+  the connection: the record layer sends the fatal alert once (:meth:`RecordLayer.abort`),
+  never a close_notify after it, and every later ``send``/``recv`` raises.
 * ``key_update(request_peer)`` sends a KeyUpdate under the current key and then installs the
   next transmit key at sequence 0 — the order kTLS requires (TX never pauses).
 * Automatic rekeying before a key protects too much data (see
@@ -51,7 +52,6 @@ the same guarantee with an ``asyncio.Lock``. Do not mix the two APIs on one conn
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import select
@@ -65,7 +65,6 @@ from ktlsd.tls.protocol import (
     KEY_UPDATE_LENGTH,
     MAX_PLAINTEXT,
     AlertDescription,
-    AlertLevel,
     ContentType,
     HandshakeType,
     alert_name,
@@ -351,6 +350,11 @@ class TlsConnection:
             # The record layer paused on this record (the kernel's first-byte rule). Only a
             # KeyUpdate alone in its record can be followed safely: anything sharing the
             # record was decrypted with a key the peer no longer uses, or vice versa.
+            if not self._handshake and len(data) >= 4 and data[1:4] != b"\x00\x00\x01":
+                raise self._protocol_error(
+                    AlertDescription.DECODE_ERROR,
+                    f"KeyUpdate of {int.from_bytes(data[1:4], 'big')} bytes (must be 1)",
+                )
             if self._handshake or len(data) != KEY_UPDATE_LENGTH:
                 raise self._protocol_error(
                     AlertDescription.UNEXPECTED_MESSAGE, "KeyUpdate not alone in its record"
@@ -460,18 +464,11 @@ class TlsConnection:
             finally:
                 self._tx_lock.release()
 
-    def _send_alert(self) -> None:
-        alert = self._pending_alert
-        if alert is None or self._closed:
-            return
-        self._pending_alert = None
-        if self._tx_lock.acquire(blocking=False):
-            try:
-                self._layer.send(bytes((AlertLevel.FATAL, alert)), ContentType.ALERT)
-            except OSError:
-                pass
-            finally:
-                self._tx_lock.release()
+    def _send_alert(self, error: TlsProtocolError) -> None:
+        # The record layer sends the alert once (never after our close_notify) and fails
+        # the connection for good: no close_notify follows, later sends raise.
+        alert, self._pending_alert = self._pending_alert, None
+        self._layer.abort(error, alert)
 
     def recv(self, bufsize: int = MAX_PLAINTEXT) -> bytes:
         """Up to ``bufsize`` bytes of application data; ``b""`` at end of stream."""
@@ -486,8 +483,8 @@ class TlsConnection:
             record = self._layer.recv(MAX_PLAINTEXT)
             try:
                 data = self._on_record(record)
-            except TlsProtocolError:
-                self._send_alert()
+            except TlsProtocolError as exc:
+                self._send_alert(exc)
                 raise
             self._flush_due()
             if data is None:
@@ -544,16 +541,9 @@ class TlsConnection:
             async with lock:
                 await self._arun(self._plan_due(0))
 
-    async def _asend_alert(self) -> None:
-        alert = self._pending_alert
-        if alert is None or self._closed:
-            return
-        self._pending_alert = None
-        lock = self._alock()
-        if not lock.locked():
-            async with lock:
-                with contextlib.suppress(OSError):
-                    await self._layer.asend(bytes((AlertLevel.FATAL, alert)), ContentType.ALERT)
+    async def _asend_alert(self, error: TlsProtocolError) -> None:
+        alert, self._pending_alert = self._pending_alert, None
+        await self._layer.aabort(error, alert)
 
     async def arecv(self, bufsize: int = MAX_PLAINTEXT) -> bytes:
         """asyncio version of :meth:`recv`."""
@@ -568,8 +558,8 @@ class TlsConnection:
             record = await self._layer.arecv(MAX_PLAINTEXT)
             try:
                 data = self._on_record(record)
-            except TlsProtocolError:
-                await self._asend_alert()
+            except TlsProtocolError as exc:
+                await self._asend_alert(exc)
                 raise
             await self._aflush_due()
             if data is None:

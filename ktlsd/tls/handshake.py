@@ -769,15 +769,21 @@ async def _recv_exactly(
 
 
 async def read_record(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
-    """Read exactly one TLS record (header + body) from ``sock``, and not one byte more."""
+    """Read exactly one TLS record (header + body) from ``sock``, and not one byte more.
+
+    Of an oversized record (beyond 2^14+256 bytes, RFC 8446 §5.2) only the header is returned:
+    OpenSSL refuses it from the header alone, with the record_overflow alert the peer must get.
+    """
     header = await _recv_exactly(loop, sock, RECORD_HEADER_LENGTH, started=False)
     length = int.from_bytes(header[3:RECORD_HEADER_LENGTH], "big")
     major_version = ProtocolVersion.TLS_1_2 >> 8  # any 3.x: a ClientHello may say 3.1
-    if header[0] not in _RECORD_TYPES or header[1] != major_version or length > MAX_CIPHERTEXT:
+    if header[0] not in _RECORD_TYPES or header[1] != major_version:
         raise HandshakeError(
             FailureCause.PROTOCOL_ERROR,
             f"peer sent data that is not a TLS record (starts {header[:3].hex()})",
         )
+    if length > MAX_CIPHERTEXT:
+        return header
     return header + await _recv_exactly(loop, sock, length, started=True)
 
 
@@ -845,6 +851,12 @@ async def perform_handshake(sock: socket.socket, config: TlsConfig, *, timeout: 
                             except HandshakeError:
                                 if hs.failure is None:
                                     raise
+                        length = int.from_bytes(record[3:5], "big")
+                        if length > MAX_CIPHERTEXT and hs.wants_input:  # OpenSSL waits
+                            raise HandshakeError(
+                                FailureCause.PROTOCOL_ERROR,
+                                f"TLS record of {length} bytes exceeds 2^14+256",
+                            )
                     hs.check()
                     return hs.session()
             except TimeoutError:

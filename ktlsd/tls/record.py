@@ -23,6 +23,18 @@ tell the two apart:
 * A record that fails authentication raises ``OSError(EBADMSG)``; an oversized one
   ``OSError(EMSGSIZE)``. Both are sticky, as the kernel's socket error is.
 
+Fatal errors (RFC 8446 §6): when a received record breaks the protocol — it fails
+authentication, overflows, has no or an unexpected content type, holds a malformed alert —
+the layer sends the matching fatal alert (bad_record_mac, record_overflow, unexpected_message,
+decode_error) exactly once and shuts down its write side; it never sends close_notify after
+that. A fatal alert from the peer, or a connection cut in the middle of a record, ends the
+connection the same way without an alert of ours. :meth:`RecordLayer.abort` does the same for
+errors found above the record layer (a bad KeyUpdate in :mod:`ktlsd.tls.connection`). From then
+on the connection is unusable: ``recv`` raises the error again and ``send`` raises
+``BrokenPipeError``. The alert goes out at once unless another thread or task is in the middle
+of sending a record; that sender sends it right after its record, so bytes never interleave.
+With kTLS the alert is best effort: the kernel may refuse to send after its own receive error.
+
 Differences that remain: the kernel may merge consecutive application data records into one
 ``recv`` (stream semantics), and only the user layer can report :meth:`pending` plaintext.
 
@@ -42,6 +54,7 @@ import asyncio
 import contextlib
 import errno
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,6 +80,7 @@ __all__ = [
     "AlertReceived",
     "KernelRecordLayer",
     "Record",
+    "RecordError",
     "RecordLayer",
     "UserRecordLayer",
     "open_record_layer",
@@ -75,6 +89,13 @@ __all__ = [
 TAG_SIZE = 16  # every TLS 1.3 AEAD here (AES-GCM, ChaCha20-Poly1305) has a 16-byte tag
 _LEGACY_VERSION = ProtocolVersion.TLS_1_2.to_bytes(2, "big")  # legacy_record_version
 _CLOSE_NOTIFY = bytes((AlertLevel.WARNING, AlertDescription.CLOSE_NOTIFY))
+
+#: kTLS receive errors that are TLS protocol errors, and the alert each calls for.
+_KERNEL_ERROR_ALERTS = {
+    errno.EBADMSG: AlertDescription.BAD_RECORD_MAC,  # failed authentication (or no content type)
+    errno.EMSGSIZE: AlertDescription.RECORD_OVERFLOW,
+    errno.EINVAL: AlertDescription.DECODE_ERROR,  # bad record header (version)
+}
 
 
 @dataclass(frozen=True)
@@ -108,10 +129,29 @@ class AlertReceived(OSError):
         return str(self.strerror)
 
 
+class RecordError(OSError):
+    """A received record broke the protocol; ``alert`` names the fatal alert it calls for.
+
+    ``description`` is that alert's number (RFC 8446 §6.2), which the layer sends to the peer.
+    """
+
+    def __init__(self, err: int, message: str, description: int) -> None:
+        super().__init__(err, message)
+        self.description = description
+        self.alert = alert_name(description)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def _interpret_alert(data: bytes) -> Record | None:
     """close_notify -> end of stream; user_canceled -> ignore (None); others raise."""
     if len(data) != 2:
-        raise OSError(errno.EBADMSG, f"malformed TLS alert record ({len(data)} bytes)")
+        raise RecordError(
+            errno.EBADMSG,
+            f"malformed TLS alert record ({len(data)} bytes)",
+            AlertDescription.DECODE_ERROR,
+        )
     description = data[1]
     if description == AlertDescription.CLOSE_NOTIFY:
         return EOF_RECORD
@@ -166,22 +206,56 @@ class RecordLayer(abc.ABC):
     def __init__(self, sock: socket.socket, session: Session) -> None:
         self._sock = sock
         self.suite: CipherSuite = session.suite
-        self._write_closed = False
+        self._write_closed = False  # close_notify sent, or the connection failed
         self._send_lock: asyncio.Lock | None = None
+        # One record at a time on the wire for the blocking API (a reader may send an alert
+        # while a writer thread sends data).
+        self._send_mutex = threading.Lock()
+        self._failure: OSError | None = None  # the fatal error; sticky
+        self._alert_due: int | None = None  # fatal alert to send for it, not sent yet
+        self._shutdown_due = False  # the failure's alert/shutdown still to be done
 
     # -- the API ------------------------------------------------------------------------
 
-    @abc.abstractmethod
     def send(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> None:
         """Protect and send ``data`` as one record (at most 2^14 bytes)."""
+        try:
+            with self._send_mutex:
+                self._check_writable()
+                _check_send(data, content_type)
+                try:
+                    if data:  # like kTLS: an empty application data send emits nothing
+                        self._send_record(data, content_type)
+                finally:
+                    self._finish_failure()  # a reader failed the connection meanwhile
+        finally:
+            # A reader that failed just before we let go found the lock taken: its alert is
+            # ours to send.
+            self._try_finish_failure()
 
     @abc.abstractmethod
     def recv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
         """Receive one record (at most ``bufsize`` bytes of it; the rest comes next time)."""
 
-    @abc.abstractmethod
     async def asend(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> None:
         """asyncio version of :meth:`send` (non-blocking socket)."""
+        _require_nonblocking(self._sock)
+        async with self._lock():
+            self._check_writable()
+            _check_send(data, content_type)
+            try:
+                if data:
+                    await self._asend_record(data, content_type)
+            finally:
+                await self._afinish_failure()
+
+    @abc.abstractmethod
+    def _send_record(self, data: bytes, content_type: int) -> None:
+        """Put one non-empty record on the wire (blocking); no checks, no locking."""
+
+    @abc.abstractmethod
+    async def _asend_record(self, data: bytes, content_type: int) -> None:
+        """asyncio version of :meth:`_send_record`."""
 
     @abc.abstractmethod
     async def arecv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
@@ -210,22 +284,54 @@ class RecordLayer(abc.ABC):
     def socket(self) -> socket.socket:
         return self._sock
 
+    @property
+    def failure(self) -> OSError | None:
+        """The fatal error that ended the connection, or None."""
+        return self._failure
+
     def close(self) -> None:
-        """Send close_notify, then shut down the write side. Idempotent; the fd stays open."""
-        if self._write_closed:
-            return
-        # The peer may be gone already; closing must still succeed.
-        with contextlib.suppress(OSError):
-            self.send(_CLOSE_NOTIFY, ContentType.ALERT)
-        self._shutdown_write()
+        """Send close_notify, then shut down the write side. Idempotent; the fd stays open.
+
+        After a fatal error there is no close_notify: only the fatal alert, if still due.
+        """
+        with self._send_mutex:
+            if self._failure is not None:
+                self._finish_failure()
+                return
+            if self._write_closed:
+                return
+            # The peer may be gone already; closing must still succeed.
+            with contextlib.suppress(OSError):
+                self._send_record(_CLOSE_NOTIFY, ContentType.ALERT)
+            self._shutdown_write()
 
     async def aclose(self) -> None:
         """asyncio version of :meth:`close`."""
-        if self._write_closed:
-            return
-        with contextlib.suppress(OSError):
-            await self.asend(_CLOSE_NOTIFY, ContentType.ALERT)
-        self._shutdown_write()
+        _require_nonblocking(self._sock)
+        async with self._lock():
+            if self._failure is not None:
+                await self._afinish_failure()
+                return
+            if self._write_closed:
+                return
+            with contextlib.suppress(OSError):
+                await self._asend_record(_CLOSE_NOTIFY, ContentType.ALERT)
+            self._shutdown_write()
+
+    def abort(self, error: OSError, alert: int | None) -> None:
+        """End the connection for a fatal ``error`` found above the record layer.
+
+        Sends ``alert`` (a description, RFC 8446 §6.2) as a fatal alert unless the connection
+        failed already or our close_notify went out before, then shuts down the write side.
+        From then on ``recv`` raises ``error`` and ``send`` raises ``BrokenPipeError``.
+        """
+        self._fail(error, alert)
+        self._try_finish_failure()
+
+    async def aabort(self, error: OSError, alert: int | None) -> None:
+        """asyncio version of :meth:`abort`."""
+        self._fail(error, alert)
+        await self._atry_finish_failure()
 
     # -- shared helpers -----------------------------------------------------------------
 
@@ -235,8 +341,95 @@ class RecordLayer(abc.ABC):
             self._sock.shutdown(socket.SHUT_WR)
 
     def _check_writable(self) -> None:
+        if self._failure is not None:
+            raise BrokenPipeError(
+                errno.EPIPE, f"TLS connection failed, nothing more can be sent: {self._failure}"
+            )
         if self._write_closed:
             raise BrokenPipeError(errno.EPIPE, "TLS write side already closed (close_notify sent)")
+
+    def _fail(self, error: OSError, alert: int | None) -> OSError:
+        """Record the fatal ``error`` (the first one counts) and the alert it calls for.
+
+        Sans-I/O: the alert and the shutdown are only queued; the holder of the send lock
+        does them (:meth:`_finish_failure`). Returns ``error`` for ``raise``.
+        """
+        if self._failure is None:
+            self._failure = error
+            if not self._write_closed:  # never an alert after our close_notify
+                self._alert_due = alert
+            self._write_closed = True
+            self._shutdown_due = True
+        return error
+
+    def _fatal_alert_for(self, error: OSError) -> tuple[bool, int | None]:
+        """Whether ``error`` out of the receive path ends the connection, and with which alert."""
+        if isinstance(error, RecordError):
+            return True, error.description
+        if isinstance(error, AlertReceived):
+            return True, None
+        return False, None
+
+    def _check_recv_error(self, error: OSError) -> None:
+        """Blocking receive path: fail the connection if ``error`` is fatal; send its alert."""
+        fatal, alert = self._fatal_alert_for(error)
+        if fatal:
+            self._fail(error, alert)
+        self._try_finish_failure()
+
+    async def _acheck_recv_error(self, error: OSError) -> None:
+        fatal, alert = self._fatal_alert_for(error)
+        if fatal:
+            self._fail(error, alert)
+        await self._atry_finish_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure.with_traceback(None)
+
+    def _alert_record(self) -> bytes | None:
+        alert, self._alert_due = self._alert_due, None
+        return None if alert is None else bytes((AlertLevel.FATAL, alert))
+
+    def _finish_failure(self) -> None:
+        """Send the due fatal alert, then shut down the write side; caller holds the lock."""
+        if not self._shutdown_due:
+            return
+        self._shutdown_due = False
+        alert = self._alert_record()
+        if alert is not None:
+            with contextlib.suppress(OSError):
+                self._send_record(alert, ContentType.ALERT)
+        self._shutdown_write()
+
+    async def _afinish_failure(self) -> None:
+        if not self._shutdown_due:
+            return
+        self._shutdown_due = False
+        alert = self._alert_record()
+        if alert is not None:
+            with contextlib.suppress(OSError):
+                await self._asend_record(alert, ContentType.ALERT)
+        self._shutdown_write()
+
+    def _try_finish_failure(self) -> None:
+        # Never wait for a writer: one in the middle of a record finishes the job after it.
+        if self._shutdown_due and self._send_mutex.acquire(blocking=False):
+            try:
+                self._finish_failure()
+            finally:
+                self._send_mutex.release()
+
+    async def _atry_finish_failure(self) -> None:
+        if not self._shutdown_due:
+            return
+        if self._sock.gettimeout() != 0.0:
+            self._try_finish_failure()  # a blocking layer used from a coroutine
+            return
+        lock = self._lock()
+        if not lock.locked():
+            async with lock:
+                await self._afinish_failure()
 
     def _lock(self) -> asyncio.Lock:
         # One sender at a time: two coroutines writing records must not interleave bytes.
@@ -286,15 +479,25 @@ class _Protection:
         try:
             inner = self._aead.decrypt(nonce, body, header)
         except InvalidTag:
-            raise OSError(
-                errno.EBADMSG, "TLS record failed authentication (bad_record_mac)"
+            raise RecordError(
+                errno.EBADMSG,
+                "TLS record failed authentication (bad_record_mac)",
+                AlertDescription.BAD_RECORD_MAC,
             ) from None
         self.seq += 1
         stripped = inner.rstrip(b"\x00")
         if not stripped:
-            raise OSError(errno.EBADMSG, "TLS record has no content type (all padding)")
+            raise RecordError(
+                errno.EBADMSG,
+                "TLS record has no content type (all padding)",
+                AlertDescription.UNEXPECTED_MESSAGE,
+            )
         if len(stripped) - 1 > MAX_PLAINTEXT:
-            raise OSError(errno.EMSGSIZE, "TLS record plaintext exceeds 2^14 (record_overflow)")
+            raise RecordError(
+                errno.EMSGSIZE,
+                "TLS record plaintext exceeds 2^14 (record_overflow)",
+                AlertDescription.RECORD_OVERFLOW,
+            )
         return stripped[-1], stripped[:-1]
 
 
@@ -324,19 +527,39 @@ class _RecordReader:
     def _check_header(self) -> None:
         outer = self._buf[0]
         if outer != ContentType.APPLICATION_DATA:
-            raise OSError(
+            raise RecordError(
                 errno.EBADMSG,
                 f"unexpected outer record type {outer} (protected TLS 1.3 records are 23)",
+                AlertDescription.UNEXPECTED_MESSAGE,
             )
         if bytes(self._buf[1:3]) != _LEGACY_VERSION:
-            raise OSError(errno.EBADMSG, f"bad record version 0x{self._buf[1:3].hex()}")
+            raise RecordError(
+                errno.EBADMSG,
+                f"bad record version 0x{self._buf[1:3].hex()}",
+                AlertDescription.DECODE_ERROR,
+            )
         length = self._length()
         if length > MAX_CIPHERTEXT:
-            raise OSError(
-                errno.EMSGSIZE, f"TLS record of {length} bytes exceeds 2^14+256 (record_overflow)"
+            raise RecordError(
+                errno.EMSGSIZE,
+                f"TLS record of {length} bytes exceeds 2^14+256 (record_overflow)",
+                AlertDescription.RECORD_OVERFLOW,
+            )
+        if length > MAX_PLAINTEXT + 1 + TAG_SIZE:
+            # RFC 8446 §5.4: the inner plaintext, padding included, is at most 2^14+1 bytes;
+            # kTLS checks it on the length alone as well, before decrypting.
+            raise RecordError(
+                errno.EMSGSIZE,
+                f"TLS record of {length} bytes carries more than 2^14+1 bytes of plaintext "
+                "and padding (record_overflow)",
+                AlertDescription.RECORD_OVERFLOW,
             )
         if length < TAG_SIZE + 1:
-            raise OSError(errno.EBADMSG, f"TLS record of {length} bytes is too short")
+            raise RecordError(
+                errno.EBADMSG,
+                f"TLS record of {length} bytes is too short",
+                AlertDescription.BAD_RECORD_MAC,
+            )
 
     def take(self) -> tuple[bytes, bytes] | None:
         """The next complete record as ``(header, body)``, or None if more bytes are needed."""
@@ -366,7 +589,6 @@ class UserRecordLayer(RecordLayer):
         self._plain = b""
         self._key_expired = False
         self._eof = False
-        self._error: tuple[type[OSError], int, str] | None = None
 
     def __repr__(self) -> str:
         tx, rx = self.sequence_numbers()
@@ -387,17 +609,12 @@ class UserRecordLayer(RecordLayer):
             return None  # like kTLS: an empty application data send emits nothing
         return self._tx.seal(content_type, data)
 
-    def send(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> None:
-        wire = self.seal(data, content_type)
-        if wire is not None:
-            self._sock.sendall(wire)
+    def _send_record(self, data: bytes, content_type: int) -> None:
+        self._sock.sendall(self._tx.seal(content_type, data))
 
-    async def asend(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> None:
-        _require_nonblocking(self._sock)
-        async with self._lock():
-            wire = self.seal(data, content_type)
-            if wire is not None:
-                await asyncio.get_running_loop().sock_sendall(self._sock, wire)
+    async def _asend_record(self, data: bytes, content_type: int) -> None:
+        wire = self._tx.seal(content_type, data)
+        await asyncio.get_running_loop().sock_sendall(self._sock, wire)
 
     def install_tx_key(self, secret: bytes, seq: int = 0) -> None:
         self._tx = _Protection(self.suite, secret, seq)
@@ -415,30 +632,38 @@ class UserRecordLayer(RecordLayer):
         return len(self._plain)
 
     def recv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
-        while True:
-            step = self._step(bufsize)
-            if isinstance(step, Record):
-                return step
-            self._feed(self._sock.recv(step))
+        try:
+            while True:
+                step = self._step(bufsize)
+                if isinstance(step, Record):
+                    return step
+                self._feed(self._sock.recv(step))
+        except OSError:
+            self._try_finish_failure()  # the fatal alert, if this error called for one
+            raise
 
     async def arecv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
         _require_nonblocking(self._sock)
         loop = asyncio.get_running_loop()
-        while True:
-            step = self._step(bufsize)
-            if isinstance(step, Record):
-                return step
-            self._feed(await loop.sock_recv(self._sock, step))
+        try:
+            while True:
+                step = self._step(bufsize)
+                if isinstance(step, Record):
+                    return step
+                self._feed(await loop.sock_recv(self._sock, step))
+        except OSError:
+            await self._atry_finish_failure()
+            raise
 
-    def _fail(self, exc: OSError) -> OSError:
-        self._error = (type(exc), exc.errno or errno.EIO, str(exc.strerror))
-        return exc
+    def _broken(self, exc: OSError) -> OSError:
+        """A fatal error of the received stream: recorded, sticky, its alert queued."""
+        return self._fail(exc, exc.description if isinstance(exc, RecordError) else None)
 
     def _feed(self, data: bytes) -> None:
         try:
             self._reader.feed(data)
         except OSError as exc:
-            raise self._fail(exc) from None
+            raise self._broken(exc) from None
 
     def _deliver(self, bufsize: int) -> Record:
         chunk, self._plain = self._plain[:bufsize], self._plain[bufsize:]
@@ -450,9 +675,7 @@ class UserRecordLayer(RecordLayer):
             raise ValueError("bufsize must be positive")
         if self._plain:
             return self._deliver(bufsize)
-        if self._error is not None:
-            kind, err, message = self._error
-            raise kind(err, message)
+        self._raise_failure()
         while True:
             if self._eof:
                 return EOF_RECORD
@@ -464,7 +687,7 @@ class UserRecordLayer(RecordLayer):
             try:
                 raw = self._reader.take()
             except OSError as exc:
-                raise self._fail(exc) from None
+                raise self._broken(exc) from None
             if raw is None:
                 if self._reader.eof:
                     self._eof = True  # TCP EOF on a record boundary
@@ -473,12 +696,12 @@ class UserRecordLayer(RecordLayer):
             try:
                 content_type, data = self._rx.open(*raw)
             except OSError as exc:
-                raise self._fail(exc) from None
+                raise self._broken(exc) from None
             if content_type == ContentType.ALERT:
                 try:
                     record = _interpret_alert(data)
                 except OSError as exc:
-                    raise self._fail(exc) from None
+                    raise self._broken(exc) from None
                 if record is not None:
                     self._eof = True
                     return record
@@ -516,23 +739,21 @@ class KernelRecordLayer(RecordLayer):
     def __repr__(self) -> str:
         return f"KernelRecordLayer(suite={self.suite.iana_name}, fd={self._sock.fileno()})"
 
-    def send(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> None:
-        self._check_writable()
-        _check_send(data, content_type)
-        if data:
-            ktls.send_record(self._sock, content_type, data)
+    def _send_record(self, data: bytes, content_type: int) -> None:
+        ktls.send_record(self._sock, content_type, data)
 
-    async def asend(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> None:
-        _require_nonblocking(self._sock)
-        async with self._lock():
-            self._check_writable()
-            _check_send(data, content_type)
-            view = memoryview(bytes(data))
-            while view:
-                try:
-                    view = view[ktls.send_record_some(self._sock, content_type, view) :]
-                except (BlockingIOError, InterruptedError):
-                    await _wait(self._sock, write=True)
+    async def _asend_record(self, data: bytes, content_type: int) -> None:
+        view = memoryview(bytes(data))
+        while view:
+            try:
+                view = view[ktls.send_record_some(self._sock, content_type, view) :]
+            except (BlockingIOError, InterruptedError):
+                await _wait(self._sock, write=True)
+
+    def _fatal_alert_for(self, error: OSError) -> tuple[bool, int | None]:
+        if isinstance(error, ktls.KtlsError) and error.errno in _KERNEL_ERROR_ALERTS:
+            return True, _KERNEL_ERROR_ALERTS[error.errno]
+        return super()._fatal_alert_for(error)
 
     def _check_expired(self) -> None:
         if self._key_expired:
@@ -554,25 +775,35 @@ class KernelRecordLayer(RecordLayer):
         return Record(content_type, data)
 
     def recv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
-        while not self._eof:
-            self._check_expired()
-            record = self._classify(*ktls.recv_record(self._sock, bufsize))
-            if record is not None:
-                return record
+        self._raise_failure()
+        try:
+            while not self._eof:
+                self._check_expired()
+                record = self._classify(*ktls.recv_record(self._sock, bufsize))
+                if record is not None:
+                    return record
+        except OSError as exc:
+            self._check_recv_error(exc)
+            raise
         return EOF_RECORD
 
     async def arecv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
         _require_nonblocking(self._sock)
-        while not self._eof:
-            self._check_expired()
-            try:
-                received = ktls.recv_record(self._sock, bufsize)
-            except (BlockingIOError, InterruptedError):
-                await _wait(self._sock, write=False)
-                continue
-            record = self._classify(*received)
-            if record is not None:
-                return record
+        self._raise_failure()
+        try:
+            while not self._eof:
+                self._check_expired()
+                try:
+                    received = ktls.recv_record(self._sock, bufsize)
+                except (BlockingIOError, InterruptedError):
+                    await _wait(self._sock, write=False)
+                    continue
+                record = self._classify(*received)
+                if record is not None:
+                    return record
+        except OSError as exc:
+            await self._acheck_recv_error(exc)
+            raise
         return EOF_RECORD
 
     def install_tx_key(self, secret: bytes, seq: int = 0) -> None:
