@@ -37,9 +37,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_peers import Proc, start_ktlsd_listen, wait_listening
+from tests.cli_peers import Proc, start_ktlsd_listen
 from tests.peers import free_port
 from tests.pki import Authority
+from tests.waiting import wait_listening
 
 pytestmark = pytest.mark.tlsfuzzer
 
