@@ -346,9 +346,8 @@ class Agent:
         psk_keyrings = [keyring.KEY_SPEC_SESSION_KEYRING, keyring.KEY_SPEC_PROCESS_KEYRING]
         if request.keyring:
             psk_keyrings.insert(0, request.keyring)
-        credentials = getattr(pending, "credentials", None)
-        consumer = Consumer(None if credentials is None else credentials.uid)
-        config = build_tls_config(
+        consumer = Consumer.of(getattr(pending, "credentials", None))
+        config = await build_tls_config(
             request, x509_files=files, groups=settings.groups, psk_keyrings=psk_keyrings,
             consumer=consumer,
         )

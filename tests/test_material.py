@@ -11,7 +11,8 @@ import pytest
 
 from ktlsd import keyring
 from ktlsd.errors import HandshakeError
-from ktlsd.material import Consumer, X509Files, build_tls_config, psk_from_keyring, psk_hash_for
+from ktlsd.material import Consumer, X509Files, psk_from_keyring, psk_hash_for
+from ktlsd.material import build_tls_config_blocking as build_tls_config
 from ktlsd.request import AuthMode, HandshakeRequest, InlineMaterial, InlinePsk, MessageType
 from ktlsd.tls.session import Role
 from tests.pki import Authority
