@@ -30,6 +30,7 @@ declines the PSK. An unknown identity makes our server fail the handshake with a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import logging
 import socket
@@ -186,14 +187,19 @@ _ctx_cache: OrderedDict[tuple[object, ...], ossl.SslContext] = OrderedDict()
 _ctx_lock = threading.Lock()
 
 
+def _digest(contents: bytes | None) -> bytes | None:
+    # The cache keeps a digest, not up to max_file_bytes of truststore or CRL per context.
+    return None if contents is None else hashlib.sha256(contents).digest()
+
+
 def _context_key(config: TlsConfig) -> tuple[object, ...]:
     return (
         config.role,
         config.credentials,
         config.truststore,
         config.crl,
-        config.truststore_contents,
-        config.crl_contents,
+        _digest(config.truststore_contents),
+        _digest(config.crl_contents),
         config.client_auth,
         config.verify_peer,
         config.ciphersuites,
