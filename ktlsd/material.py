@@ -9,15 +9,15 @@ resolves all of that into the engine's :class:`~ktlsd.tls.handshake.TlsConfig`, 
 exception (which the agent would report as an internal error, EIO).
 
 Off the event loop. Building the material reads keyrings and files and parses keys, so
-:func:`build_tls_config` (a coroutine) runs :func:`build_tls_config_blocking` in a small
-private thread pool, then builds the engine's ``SSL_CTX`` there too
-(:func:`~ktlsd.tls.handshake.prepare_context`), and waits for it with a timeout. Files — the
-ones a consumer names and the ones the configuration names — are read by
-:mod:`ktlsd.files`: a consumer's with the consumer's own uid, gid and supplementary groups,
-the configuration's with the agent's; regular files only, at most ``max_file_bytes``, looked
-up once. Their bytes go to the engine, so OpenSSL never opens a consumer's path. A consumer's
-truststore must be a file; a directory is accepted (and searched by OpenSSL, as a hashed
-directory) only when the agent's configuration names it.
+:func:`build_tls_config` (a coroutine) runs :func:`build_tls_config_blocking` in a thread of
+its own (started per request, so it has the agent's keyrings as they are now), builds the
+engine's ``SSL_CTX`` there too (:func:`~ktlsd.tls.handshake.prepare_context`), and waits for it
+with a timeout. Files — the ones a consumer names and the ones the configuration names — are
+read by :mod:`ktlsd.files`: a consumer's with the consumer's own uid, gid and supplementary
+groups, the configuration's with the agent's; regular files only, at most ``max_file_bytes``,
+looked up once. Their bytes go to the engine, so OpenSSL never opens a consumer's path. A
+consumer's truststore must be a file; a directory is accepted (and searched by OpenSSL, as a
+hashed directory) only when the agent's configuration names it.
 
 Keyring conventions (the kernel's and nvme-cli's):
 
@@ -62,7 +62,6 @@ PSK_KEY_TYPE = "psk"
 PSK_KEY_TYPES = ("psk", "user")  # kernel consumers use "psk"; programs may use "user" keys
 _NVME_IDENTITY = re.compile(r"^NVMe[01][RG](0[0-2]) ")
 MATERIAL_TIMEOUT = 10.0  # seconds to build one request's material, file reads included
-MATERIAL_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -262,7 +261,8 @@ class _Reads:
     deadline: float = field(compare=False)
 
     def _remaining(self) -> float:
-        return max(0.0, self.deadline - time.monotonic())
+        """Each read gets at most DEFAULT_READ_TIMEOUT, and never beyond the build's end."""
+        return max(0.0, min(DEFAULT_READ_TIMEOUT, self.deadline - time.monotonic()))
 
     def consumer_file(self, path: str, what: str) -> bytes:
         return self.consumer.read_file(
@@ -433,18 +433,27 @@ def build_tls_config_blocking(
     )
 
 
-_material_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_material_pool_lock = threading.Lock()
+def _in_a_fresh_thread(
+    fn: Callable[[HandshakeRequest, dict[str, Any]], TlsConfig],
+    request: HandshakeRequest,
+    kwargs: dict[str, Any],
+) -> concurrent.futures.Future[TlsConfig]:
+    """Run one build in a thread started now: it inherits the calling thread's credentials
+    and keyrings as they are at this request (a pooled thread would keep those it was born
+    with, e.g. an older session keyring). A build waits on its file reads for at most its
+    timeout, so these threads end on their own; they are daemons, never holding up exit."""
+    future: concurrent.futures.Future[TlsConfig] = concurrent.futures.Future()
 
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(request, kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
 
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _material_pool
-    with _material_pool_lock:
-        if _material_pool is None:
-            _material_pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=MATERIAL_THREADS, thread_name_prefix="ktlsd-material"
-            )
-        return _material_pool
+    threading.Thread(target=run, name="ktlsd-material", daemon=True).start()
+    return future
 
 
 def _build_and_prepare(request: HandshakeRequest, kwargs: dict[str, Any]) -> TlsConfig:
@@ -463,13 +472,13 @@ async def build_tls_config(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     timeout: float = MATERIAL_TIMEOUT,
 ) -> TlsConfig:
-    """:func:`build_tls_config_blocking` in the material threads, with its ``SSL_CTX`` built
+    """:func:`build_tls_config_blocking` in a thread of its own, with its ``SSL_CTX`` built
     there too; the event loop only waits, at most ``timeout`` seconds (``TIMEOUT`` after)."""
     kwargs: dict[str, Any] = {
         "x509_files": x509_files, "psk_keyrings": tuple(psk_keyrings), "groups": groups,
         "consumer": consumer, "max_file_bytes": max_file_bytes, "timeout": timeout,
     }
-    future = _pool().submit(_build_and_prepare, request, kwargs)
+    future = _in_a_fresh_thread(_build_and_prepare, request, kwargs)
     try:
         # A little longer than the reads' own deadline, so their precise reason wins.
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout + 1.0)

@@ -11,7 +11,10 @@ agent's handshake service from a separate process, with the kernel deciding what
   certificate, private key, truststore and CRL: each refused in < 1 s with a non-zero status
   while a valid handshake started at the same moment completes in < 1 s, and the agent's
   resident memory grows by < 10 MB over rounds of them;
-* the same files named by the agent's own configuration (read with root's rights, same rules).
+* the same files named by the agent's own configuration (read with root's rights, same rules);
+* a file on a FUSE mount whose ``open`` never returns: the consumer gets ETIMEDOUT, the agent
+  keeps serving, and stuck reads hold only their own uid's quota;
+* malformed certificates, keys, truststores and CRLs: ENOKEY/EINVAL with one line, never EIO.
 
 The agent is a real ``ktlsd run`` process (so a regression that blocks its event loop makes
 these tests fail on their timeouts instead of hanging the test process); its RSS is read from
@@ -23,12 +26,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import errno
 import json
 import os
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -592,3 +598,171 @@ def test_malformed_material_is_enokey_or_einval_never_eio(world: World) -> None:
             status, reason = asyncio.run(one(world.service, request))
             assert status in (errno.ENOKEY, errno.EINVAL), (name, status, reason)
             assert reason and "\n" not in reason and "internal error" not in reason, (name, reason)
+
+
+# --- 6. a read the kernel never finishes (a FUSE server that never answers open) -----------------
+class HangingFuse:
+    """A real FUSE file system (raw ``/dev/fuse`` protocol, mounted ``allow_other``) with one
+    regular file, ``hang.pem``, whose ``open`` is never answered: the reader's thread blocks
+    in the kernel, as on a hung NFS server or a hostile user's FUSE mount. Closing the device
+    aborts the connection and releases every blocked reader."""
+
+    def __init__(self, mountpoint: Path) -> None:
+        self.mountpoint = mountpoint
+        self.file = str(mountpoint / "hang.pem")
+        self.opens = threading.Semaphore(0)
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        options = f"fd={self._fd},rootmode=40000,user_id=0,group_id=0,allow_other"
+        if self._libc.mount(b"ktlsd-test", str(mountpoint).encode(), b"fuse",
+                            ctypes.c_ulong(0x2 | 0x4), options.encode()) != 0:  # nosuid nodev
+            os.close(self._fd)
+            pytest.skip(f"cannot mount FUSE: {os.strerror(ctypes.get_errno())}")
+        self._stop = threading.Event()
+        self._server = threading.Thread(target=self._serve, daemon=True)
+        self._server.start()
+
+    @staticmethod
+    def _attr(ino: int, mode: int, size: int) -> bytes:
+        # struct fuse_attr: ino size blocks atime mtime ctime, 3 nsec, mode nlink uid gid rdev
+        # blksize flags
+        return struct.pack("<6Q10I", ino, size, 0, 0, 0, 0, 0, 0, 0, mode, 1, 0, 0, 0, 4096, 0)
+
+    def _serve(self) -> None:
+        while True:
+            # Poll, so that release() can close the device from this thread: a read blocked on
+            # it would keep the connection alive.
+            if self._stop.is_set():
+                os.close(self._fd)
+                return
+            if not select.select([self._fd], [], [], 0.05)[0]:
+                continue
+            try:
+                request = os.read(self._fd, (1 << 20) + 8192)
+            except OSError:
+                return
+            _, opcode, unique, node = struct.unpack_from("<IIQQ", request)
+
+            def reply(payload: bytes = b"", error: int = 0, unique: int = unique) -> None:
+                with contextlib.suppress(OSError):
+                    os.write(self._fd, struct.pack("<IiQ", 16 + len(payload), error, unique)
+                             + payload)
+
+            if opcode == 26:  # INIT: protocol 7.31, max_write 4096
+                reply(struct.pack("<4I2H2I2H2I", 7, 31, 0, 0, 0, 0, 4096, 1, 0, 0, 0, 0)
+                      + bytes(24))
+            elif opcode == 1:  # LOOKUP
+                if request[40:].split(b"\0")[0] == b"hang.pem":
+                    reply(struct.pack("<4Q2I", 2, 0, 0, 0, 0, 0) + self._attr(2, 0o100644, 64))
+                else:
+                    reply(error=-errno.ENOENT)
+            elif opcode == 3:  # GETATTR
+                attr = self._attr(1, 0o40755, 0) if node == 1 else self._attr(2, 0o100644, 64)
+                reply(struct.pack("<Q2I", 0, 0, 0) + attr)
+            elif opcode == 14:  # OPEN: never answered
+                self.opens.release()
+            elif opcode not in (2, 36, 42):  # FORGET, INTERRUPT, BATCH_FORGET: no reply
+                reply(error=-errno.ENOSYS)
+
+    def release(self) -> None:
+        """Abort the connection: every blocked open fails (ENOTCONN)."""
+        if not self._stop.is_set():
+            self._stop.set()
+            self._server.join(10)
+            self._libc.umount2(str(self.mountpoint).encode(), 2)  # MNT_DETACH
+
+
+@pytest.fixture
+def hanging_fuse(world: World) -> Iterator[HangingFuse]:
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    mountpoint = world.base / "fuse"
+    mountpoint.mkdir(mode=0o755)
+    fuse = HangingFuse(mountpoint)
+    try:
+        yield fuse
+    finally:
+        fuse.release()
+
+
+def test_a_read_that_never_finishes_times_out_and_holds_only_its_own_uid(
+    world: World, hanging_fuse: HangingFuse
+) -> None:
+    """Reads stuck in the kernel: each caller gets TIMEOUT after its timeout; once uid 65534
+    has MAX_READS_PER_UID of them pending its next read waits (and times out), while another
+    uid and the agent's own files are read at once. Aborting the FUSE connection frees it."""
+    from ktlsd.files import MAX_READS_PER_UID
+
+    nobody = FileAccess.of_consumer(NOBODY, NOBODY)
+    other = FileAccess.of_consumer(NOBODY - 1, NOBODY - 1)
+    readable = str(world.user_dir / "cert.pem")  # 0600 nobody: uid 65534's own file
+    world.user_dir.joinpath("cert.pem").chmod(0o644)
+    with pytest.raises(FileRefused, match="did not finish within") as info:
+        read_file(hanging_fuse.file, "certificate file", nobody, timeout=0.5)
+    assert info.value.cause.name == "TIMEOUT"
+    assert hanging_fuse.opens.acquire(timeout=10)
+    # That read is still stuck in the kernel: fill uid 65534's quota with more.
+    stuck = [threading.Thread(target=_read_quietly, args=(hanging_fuse.file, nobody), daemon=True)
+             for _ in range(MAX_READS_PER_UID - 1)]
+    for thread in stuck:
+        thread.start()
+    for _ in stuck:
+        assert hanging_fuse.opens.acquire(timeout=10)
+    with pytest.raises(FileRefused, match="still pending"):
+        read_file(readable, "certificate file", nobody, timeout=0.5)
+    started = time.monotonic()
+    assert read_file(readable, "certificate file", other) == world.user.cert_path.read_bytes()
+    assert read_file(str(world.ca.cert_path), "truststore") == world.ca.cert_path.read_bytes()
+    assert time.monotonic() - started < PROMPT
+    hanging_fuse.release()
+    for thread in stuck:
+        thread.join(10)
+    assert read_file(readable, "certificate file", nobody, timeout=10)
+
+
+def _read_quietly(path: str, access: FileAccess) -> None:
+    with contextlib.suppress(FileRefused):
+        read_file(path, "certificate file", access, timeout=60)
+
+
+async def _valid_handshakes(world: World) -> list[tuple[int, str, float]]:
+    """A PSK pair and an x509 pair whose server reads certificate files and whose client
+    reads a truststore file, all at once."""
+    a, b = tcp_pair()
+    c, d = tcp_pair()
+    psk = [("while-hanging", bytes(range(32)))]
+    service = world.service
+    with a, b, c, d:
+        return list(await asyncio.wait_for(asyncio.gather(
+            _timed(submit(a, role="client", auth="psk", psk=psk, service_path=service)),
+            _timed(submit(b, role="server", auth="psk", psk=psk, service_path=service)),
+            _timed(submit(c, role="client", auth="x509", truststore=world.ca.cert_path,
+                          peername="localhost", service_path=service)),
+            _timed(submit(d, role="server", auth="x509", certificate=world.user_dir / "cert.pem",
+                          private_key=world.user_dir / "key.pem", service_path=service)),
+        ), 60))
+
+
+def test_the_agent_keeps_serving_while_a_consumer_file_hangs(
+    world: World, hanging_fuse: HangingFuse
+) -> None:
+    """uid 65534 names a file whose open never returns: it gets ETIMEDOUT with a one-line
+    reason; meanwhile other handshakes, reading certificate files too, complete at once."""
+    request = {"role": "server", "auth": "x509", "certificate": hanging_fuse.file,
+               "private_key": str(world.user_dir / "key.pem")}
+    with agent_running(world):
+        outcome: dict[str, Any] = {}
+        consumer = threading.Thread(target=lambda: outcome.update(
+            as_nobody(world, {"mode": "single", "request": request})))
+        consumer.start()
+        try:
+            assert hanging_fuse.opens.acquire(timeout=30)  # the agent's reader is stuck now
+            results = asyncio.run(_valid_handshakes(world))
+            consumer.join(60)
+        finally:
+            hanging_fuse.release()
+            consumer.join(60)
+    assert [r[0] for r in results] == [0, 0, 0, 0], results
+    assert max(r[2] for r in results) < PROMPT, results
+    assert outcome["status"] == errno.ETIMEDOUT, outcome
+    assert "did not finish within" in outcome["reason"] and "\n" not in outcome["reason"]
