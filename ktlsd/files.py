@@ -25,36 +25,39 @@ names the file, never its contents). The contract:
   ``max_file_bytes`` setting) are refused by their size; at most ``min(size, max_bytes) + 1``
   bytes are read, and a file that yields more than its size says (it grew, or it is a
   pseudo-file such as ``/proc/self/environ``, which reports size 0) is refused too.
-* **Off the event loop, with a timeout.** Reads run in a small dedicated thread pool; the
-  caller waits at most ``timeout`` seconds (``TIMEOUT`` cause after that). Material building
-  (:mod:`ktlsd.material`) runs in its own threads and calls :func:`read_file` from there.
+* **Off the event loop, bounded in time.** The agent reads from its material threads
+  (:mod:`ktlsd.material`, one per request, awaited by the event loop with a timeout). A call
+  from the main thread (an event loop's, a command-line tool's) runs in a thread of its own
+  and waits at most ``timeout``.
 
 How the rights are taken — and why threads, not a helper process
 ------------------------------------------------------------------
-Linux credentials belong to a thread, not to a process. A worker of the private pool sets its
-own supplementary groups, fsgid and fsuid before the lookup and always restores the agent's in
-a ``finally``; each value is read back and compared after every change (``setfsuid`` with an
-invalid id changes nothing and returns the current one; ``getgroups``), and a job that cannot
-establish exactly the requested rights is refused. With an fsuid other than 0 the kernel drops
-the thread's filesystem capabilities (``CAP_DAC_OVERRIDE``, ``CAP_DAC_READ_SEARCH``, ...), so
-the thread really is the consumer for every filesystem check, while other threads of the agent
-are untouched. Groups are set with the raw ``setgroups`` system call: the C library's
-``setgroups()`` (and ``os.setgroups``) change every thread of the process, which would hand the
-consumer's groups to the event loop. ``setfsuid``/``setfsgid`` go through the C library, whose
-wrappers (glibc, musl) are plain per-thread system calls and pick the right variant for the
-architecture; only ``setgroups`` needs a number (:data:`_SETGROUPS_SYSCALL`; on other
-architectures consumer reads are refused with a clear reason, the agent's own still work).
+Linux credentials belong to a thread, not to a process. The reading thread sets its own
+supplementary groups, fsgid and fsuid before the lookup and always restores its own in a
+``finally``; each value is read back and compared after every change (``setfsuid`` with an
+invalid id changes nothing and returns the current one; ``getgroups``), and a read that cannot
+take exactly the requested rights is refused. With an fsuid other than 0 the kernel drops the
+thread's filesystem capabilities (``CAP_DAC_OVERRIDE``, ``CAP_DAC_READ_SEARCH``, ...), so the
+thread really is the consumer for every filesystem check, while other threads of the agent are
+untouched. The main thread never switches: an event loop (or a signal handler) must never run
+with a consumer's rights. Groups are set with the raw ``setgroups`` system call: the C
+library's ``setgroups()`` (and ``os.setgroups``) change every thread of the process, which would
+hand the consumer's groups to the event loop. ``setfsuid``/``setfsgid`` go through the C
+library, whose wrappers (glibc, musl) are plain per-thread system calls and pick the right
+variant for the architecture; only ``setgroups`` needs a number (:data:`_SETGROUPS_SYSCALL`; on
+other architectures consumer reads are refused with a clear reason, the agent's own still
+work). Reads with the agent's own rights switch nothing.
 
 A short-lived helper process per read would isolate the rights just as well and could be
 SIGKILLed when stuck, but it costs a fork of a multi-threaded process (unsafe) or an exec of a
-fresh interpreter (tens of milliseconds per handshake). The threads cost a few system calls per
+fresh interpreter (tens of milliseconds per handshake). A thread costs a few system calls per
 read. What a thread cannot do is give up a read the kernel never finishes (a hung NFS or FUSE
-server — and a local user can mount FUSE): the caller stops waiting after ``timeout``, the
-worker stays blocked until the kernel returns, then restores its rights and is reused. So that
-stuck reads cannot pile up, each uid has at most :data:`MAX_READS_PER_UID` reads in flight
-(stuck ones included; further reads of that uid wait, within their own timeout) and consumer
-reads together leave :data:`RESERVED_FOR_AGENT` workers free for the agent's own files, so the
-kernel's requests are never starved by a consumer.
+server — and a local user can mount FUSE): its waiter stops waiting after the timeout, the
+thread stays blocked until the kernel returns. So that stuck reads cannot pile up, reads in
+flight are capped — stuck ones included — at :data:`MAX_READS_PER_UID` per consumer uid,
+:data:`MAX_CONSUMER_READS` for all consumers together and :data:`MAX_AGENT_READS` for the agent's
+own files; a read beyond a cap waits for room within its timeout. One uid's stuck reads
+therefore hold only that uid, and never the agent's (kernel consumers') own files.
 
 ``/proc`` must be mounted (the reopen goes through ``/proc/self/fd``); without it every read is
 refused with a reason that says so.
@@ -67,12 +70,10 @@ import ctypes
 import errno
 import os
 import platform
-import queue
 import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from ktlsd.errors import FailureCause, HandshakeError
@@ -87,10 +88,10 @@ __all__ = [
 ]
 
 DEFAULT_MAX_FILE_BYTES = 1 << 20  # the max_file_bytes setting
-DEFAULT_READ_TIMEOUT = 5.0  # seconds one read may take, queueing included
-READER_THREADS = 16
-MAX_READS_PER_UID = 4
-RESERVED_FOR_AGENT = 4
+DEFAULT_READ_TIMEOUT = 5.0  # seconds a read may wait (for admission, or as a whole)
+MAX_READS_PER_UID = 4  # a consumer uid's reads in flight, stuck ones included
+MAX_CONSUMER_READS = 12  # all consumers' reads in flight
+MAX_AGENT_READS = 16  # reads of the agent's own files in flight
 OVERFLOW_ID = 65534  # the kernel's overflowuid/overflowgid: "nobody" when a gid is unknown
 
 # SYS_setgroups taking 32-bit gid_t, by (machine, pointer size). From the kernel's syscall
@@ -208,64 +209,24 @@ class _Credentials:
             raise PermissionError(errno.EPERM, "setgroups did not take effect")
 
 
-# --- the pool ---------------------------------------------------------------------------------
-_Job = tuple["concurrent.futures.Future[bytes]", Callable[[], bytes]]
-
-
-class _Readers:
-    """The worker threads and their admission: per-uid and consumer-wide in-flight caps.
-
-    Workers are daemon threads started on demand (up to :data:`READER_THREADS`) and kept: a
-    worker stuck in the kernel must not hold up the agent's exit, which a
-    ``ThreadPoolExecutor`` (joined at exit) would.
-    """
+# --- admission: a cap on reads in flight, stuck ones included --------------------------------
+class _Admission:
+    """Reads in flight, per uid and in total; a read waits for room within its deadline."""
 
     def __init__(self) -> None:
-        self.credentials = _Credentials()
-        # The agent's own rights, taken in the thread that reads first (never a worker).
-        self.agent = (os.geteuid(), os.getegid(), tuple(sorted(set(os.getgroups()))))
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._cond = threading.Condition()
-        self._threads = 0
-        self._idle = 0  # workers waiting for a job that no submitter has claimed yet
-        self._backlog = 0  # jobs queued while every worker was busy
         self._per_uid: dict[int | None, int] = {}
         self._consumers = 0
 
-    def submit(
-        self, path: str, what: str, access: FileAccess, max_bytes: int, deadline: float
-    ) -> concurrent.futures.Future[bytes]:
-        self._admit(access, what, path, deadline)
-        future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
-        future.add_done_callback(lambda _f: self._release(access))
-        with self._cond:
-            if self._idle > 0:
-                self._idle -= 1
-            elif self._threads < READER_THREADS:
-                self._threads += 1
-                threading.Thread(
-                    target=self._work, name=f"ktlsd-file-reader-{self._threads}", daemon=True
-                ).start()
-            else:
-                self._backlog += 1
-            self._jobs.put((future, lambda: self._job(path, what, access, max_bytes)))
-        return future
+    def _has_room(self, access: FileAccess) -> bool:
+        if access.is_agent:
+            return self._per_uid.get(None, 0) < MAX_AGENT_READS
+        return (
+            self._per_uid.get(access.uid, 0) < MAX_READS_PER_UID
+            and self._consumers < MAX_CONSUMER_READS
+        )
 
-    def _work(self) -> None:
-        while True:
-            future, job = self._jobs.get()
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(job())
-                except BaseException as exc:
-                    future.set_exception(exc)
-            with self._cond:
-                if self._backlog > 0:
-                    self._backlog -= 1
-                else:
-                    self._idle += 1
-
-    def _admit(self, access: FileAccess, what: str, path: str, deadline: float) -> None:
+    def enter(self, access: FileAccess, what: str, path: str, deadline: float) -> None:
         with self._cond:
             while not self._has_room(access):
                 remaining = deadline - time.monotonic()
@@ -280,15 +241,7 @@ class _Readers:
             if not access.is_agent:
                 self._consumers += 1
 
-    def _has_room(self, access: FileAccess) -> bool:
-        if access.is_agent:
-            return True  # the queue itself orders the agent's reads
-        return (
-            self._per_uid.get(access.uid, 0) < MAX_READS_PER_UID
-            and self._consumers < READER_THREADS - RESERVED_FOR_AGENT
-        )
-
-    def _release(self, access: FileAccess) -> None:
+    def leave(self, access: FileAccess) -> None:
         with self._cond:
             count = self._per_uid.get(access.uid, 0) - 1
             if count > 0:
@@ -299,36 +252,41 @@ class _Readers:
                 self._consumers -= 1
             self._cond.notify_all()
 
-    def _job(self, path: str, what: str, access: FileAccess, max_bytes: int) -> bytes:
-        """Runs in a worker: take the rights, read, always give the agent's rights back."""
-        creds = self.credentials
-        target = self.agent if access.uid is None else (access.uid, access.gid, access.groups)
+
+_admission = _Admission()
+_credentials: _Credentials | None = None
+_credentials_lock = threading.Lock()
+
+
+def _thread_credentials() -> _Credentials:
+    global _credentials
+    with _credentials_lock:
+        if _credentials is None:
+            _credentials = _Credentials()
+        return _credentials
+
+
+def _read_admitted(path: str, what: str, access: FileAccess, max_bytes: int) -> bytes:
+    """Read in the calling thread (never the main thread when ``access`` is a consumer's):
+    take the rights, read, always give this thread's own rights back."""
+    if access.uid is None:
+        return _read_regular_file(path, what, access, max_bytes)
+    creds = _thread_credentials()
+    own = (creds.fsuid(), creds.fsgid(), tuple(sorted(set(os.getgroups()))))
+    try:
         try:
-            try:
-                creds.become(*target)
-            except OSError as exc:
-                raise FileRefused(
-                    FailureCause.MISSING_MATERIAL,
-                    f"cannot read {what} {path} with the rights of {access.describe()}: "
-                    f"{exc.strerror or exc}",
-                ) from None
-            return _read_regular_file(path, what, access, max_bytes)
-        finally:
-            # Raises (and fails this job) if it ever could not; the next job sets its own
-            # rights from scratch either way, so nothing stale is ever used.
-            creds.become(*self.agent)
-
-
-_readers: _Readers | None = None
-_readers_lock = threading.Lock()
-
-
-def _pool() -> _Readers:
-    global _readers
-    with _readers_lock:
-        if _readers is None:
-            _readers = _Readers()
-        return _readers
+            creds.become(access.uid, access.gid, access.groups)
+        except OSError as exc:
+            raise FileRefused(
+                FailureCause.MISSING_MATERIAL,
+                f"cannot read {what} {path} with the rights of {access.describe()}: "
+                f"{exc.strerror or exc}",
+            ) from None
+        return _read_regular_file(path, what, access, max_bytes)
+    finally:
+        # Cannot fail while the thread has CAP_SETUID/CAP_SETGID, which it just used; if it
+        # ever did, the error propagates and the thread is left with fewer rights, not more.
+        creds.become(*own)
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -443,15 +401,35 @@ def read_file(
     timeout: float = DEFAULT_READ_TIMEOUT,
 ) -> bytes:
     """Read the regular file ``path`` with ``access``'s rights; ``what`` names it in errors
-    ("certificate file"). Blocks the calling thread for at most ``timeout`` seconds; never call
-    it on an event loop thread. Raises :class:`FileRefused`."""
-    readers = _pool()
+    ("certificate file"). Raises :class:`FileRefused`.
+
+    Waiting for room under the caps is bounded by ``timeout``. Called from the main thread (an
+    event loop's, a tool's), the read then runs in a thread of its own and the caller waits at
+    most the rest of ``timeout``. Called from another thread (the agent's material threads), it
+    runs right there, bounded only by the kernel: the caller's caller bounds the whole
+    (:func:`ktlsd.material.build_tls_config` waits with a timeout).
+    """
     deadline = time.monotonic() + timeout
-    future = readers.submit(path, what, access, max_bytes, deadline)
+    _admission.enter(access, what, path, deadline)
+    if threading.get_ident() != threading.main_thread().ident:
+        try:
+            return _read_admitted(path, what, access, max_bytes)
+        finally:
+            _admission.leave(access)
+    future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(_read_admitted(path, what, access, max_bytes))
+        except BaseException as exc:
+            future.set_exception(exc)
+        finally:
+            _admission.leave(access)  # only now: a stuck read keeps holding its place
+
+    threading.Thread(target=run, name="ktlsd-file-reader", daemon=True).start()
     try:
         return future.result(timeout=max(0.0, deadline - time.monotonic()))
     except TimeoutError:
-        future.cancel()  # if still queued; a read already in the kernel finishes on its own
         raise FileRefused(
             FailureCause.TIMEOUT, f"reading {what} {path} did not finish within {timeout:g} s"
         ) from None

@@ -32,13 +32,13 @@ Keyring conventions (the kernel's and nvme-cli's):
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import concurrent.futures
 import errno
 import hmac
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,7 +61,7 @@ from ktlsd.tls.session import CipherSuite, Role
 PSK_KEY_TYPE = "psk"
 PSK_KEY_TYPES = ("psk", "user")  # kernel consumers use "psk"; programs may use "user" keys
 _NVME_IDENTITY = re.compile(r"^NVMe[01][RG](0[0-2]) ")
-MATERIAL_TIMEOUT = 10.0  # seconds to build one request's material, file reads included
+MATERIAL_TIMEOUT = 5.0  # seconds to build one request's material, file reads included
 
 
 @dataclass(frozen=True)
@@ -261,8 +261,8 @@ class _Reads:
     deadline: float = field(compare=False)
 
     def _remaining(self) -> float:
-        """Each read gets at most DEFAULT_READ_TIMEOUT, and never beyond the build's end."""
-        return max(0.0, min(DEFAULT_READ_TIMEOUT, self.deadline - time.monotonic()))
+        """How long a read may wait for room (the reads of one uid are capped)."""
+        return max(0.0, self.deadline - time.monotonic())
 
     def consumer_file(self, path: str, what: str) -> bytes:
         return self.consumer.read_file(
@@ -441,7 +441,7 @@ def _in_a_fresh_thread(
     """Run one build in a thread started now: it inherits the calling thread's credentials
     and keyrings as they are at this request (a pooled thread would keep those it was born
     with, e.g. an older session keyring). A build waits on its file reads for at most its
-    timeout, so these threads end on their own; they are daemons, never holding up exit."""
+    timeout, so these threads end on their own."""
     future: concurrent.futures.Future[TlsConfig] = concurrent.futures.Future()
 
     def run() -> None:
@@ -452,8 +452,17 @@ def _in_a_fresh_thread(
         except BaseException as exc:
             future.set_exception(exc)
 
-    threading.Thread(target=run, name="ktlsd-material", daemon=True).start()
+    # The bare thread API: no start-up handshake with the event loop thread (which a
+    # threading.Thread makes), and like a daemon it never holds up the agent's exit.
+    _thread.start_new_thread(run, ())
     return future
+
+
+def _touches_nothing(request: HandshakeRequest) -> bool:
+    """A PSK request without key serials: building it reads no keyring and no file and
+    parses nothing, so it needs no thread (a server's keyring search happens later, per
+    offered identity)."""
+    return request.auth_mode is AuthMode.PSK and not any(request.peer_identities)
 
 
 def _build_and_prepare(request: HandshakeRequest, kwargs: dict[str, Any]) -> TlsConfig:
@@ -473,15 +482,17 @@ async def build_tls_config(
     timeout: float = MATERIAL_TIMEOUT,
 ) -> TlsConfig:
     """:func:`build_tls_config_blocking` in a thread of its own, with its ``SSL_CTX`` built
-    there too; the event loop only waits, at most ``timeout`` seconds (``TIMEOUT`` after)."""
+    there too; the event loop only waits, at most ``timeout`` seconds (``TIMEOUT`` after).
+    A PSK request without key serials touches nothing and is built right here."""
     kwargs: dict[str, Any] = {
         "x509_files": x509_files, "psk_keyrings": tuple(psk_keyrings), "groups": groups,
         "consumer": consumer, "max_file_bytes": max_file_bytes, "timeout": timeout,
     }
+    if _touches_nothing(request):
+        return build_tls_config_blocking(request, **kwargs)
     future = _in_a_fresh_thread(_build_and_prepare, request, kwargs)
     try:
-        # A little longer than the reads' own deadline, so their precise reason wins.
-        return await asyncio.wait_for(asyncio.wrap_future(future), timeout + 1.0)
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
     except TimeoutError:
         raise HandshakeError(
             FailureCause.TIMEOUT,
