@@ -11,7 +11,8 @@ names the file, never its contents). The contract:
   (:data:`AGENT`) for files from its configuration or a tool's command line. The kernel
   makes every decision — each directory on the way, symlinks, the file's mode, ACLs, group
   membership, LSMs — exactly as it would for the consumer itself.
-* **Once.** The path is looked up exactly once, by ``open(O_PATH)`` under those rights. The
+* **Once.** The path is looked up exactly once, by ``open(O_PATH)`` under those rights (with
+  ``openat2(RESOLVE_NO_MAGICLINKS)``: ``/proc/self/fd/N`` and the like are refused). The
   type check is ``fstat`` on that descriptor, and the file is then opened for reading
   through ``/proc/self/fd/N``, i.e. the same inode (the kernel checks read permission there,
   again with the reader's rights; ``fstat`` on the reading descriptor must show the same
@@ -111,6 +112,15 @@ _SETGROUPS_SYSCALL: dict[tuple[str, int], int] = {
     ("armv8l", 4): 206,
 }
 _INVALID_ID = 0xFFFFFFFF  # (uid_t)-1: setfsuid/setfsgid change nothing, return the current id
+_SYS_OPENAT2 = 437  # the same number on every architecture (Linux >= 5.6)
+_AT_FDCWD = -100
+_RESOLVE_NO_MAGICLINKS = 0x02
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)
+    ]
 
 _FILE_KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -161,7 +171,8 @@ AGENT = FileAccess()
 
 # --- per-thread credentials ------------------------------------------------------------------
 class _Credentials:
-    """The calls that change one thread's filesystem credentials (see the module docstring)."""
+    """The system calls: one thread's filesystem credentials (see the module docstring), and
+    the path lookup."""
 
     def __init__(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -175,6 +186,29 @@ class _Credentials:
         key = (platform.machine(), struct.calcsize("P"))
         self.setgroups_nr = _SETGROUPS_SYSCALL.get(key)
         self.machine = f"{key[0]} ({8 * key[1]}-bit)"
+        self._openat2 = True
+
+    def open_path(self, path: str) -> int:
+        """``open(path, O_PATH)`` that follows ordinary symlinks but no ``/proc`` magic link
+        (``/proc/self/fd/N``, ``/proc/PID/root``...): through those a consumer could reach a
+        file the agent has open whose directories are closed to it. Linux < 5.6 has no
+        ``openat2``: a plain open then."""
+        encoded = os.fsencode(path)
+        if b"\0" in encoded:
+            raise ValueError("embedded NUL")
+        if self._openat2:
+            how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, _RESOLVE_NO_MAGICLINKS)
+            fd = int(self._syscall(
+                ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(encoded),
+                ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)),
+            ))
+            if fd >= 0:
+                return fd
+            err = ctypes.get_errno()
+            if err != errno.ENOSYS:
+                raise OSError(err, os.strerror(err), path)
+            self._openat2 = False
+        return os.open(path, os.O_PATH | os.O_CLOEXEC)
 
     def fsuid(self) -> int:
         return int(self._setfsuid(_INVALID_ID)) & 0xFFFFFFFF
@@ -330,7 +364,7 @@ def _denied(what: str, path: str, access: FileAccess, *, lookup: bool) -> FileRe
 
 def _read_regular_file(path: str, what: str, access: FileAccess, max_bytes: int) -> bytes:
     try:
-        handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        handle = _thread_credentials().open_path(path)
     except PermissionError:
         raise _denied(what, path, access, lookup=True) from None
     except OSError as exc:

@@ -766,3 +766,26 @@ def test_the_agent_keeps_serving_while_a_consumer_file_hangs(
     assert max(r[2] for r in results) < PROMPT, results
     assert outcome["status"] == errno.ETIMEDOUT, outcome
     assert "took longer than" in outcome["reason"] and "\n" not in outcome["reason"]
+
+
+def test_proc_magic_links_do_not_lead_past_closed_directories(world: World) -> None:
+    """A 0644 file in a root-only directory, open in the agent: ``/proc/self/fd/N`` would hand
+    it to uid 65534 without the directory's permission. The lookup follows no magic link."""
+    inside = world.secret_dir / "public-mode.pem"
+    inside.write_bytes(b"world-readable mode, closed directory")
+    inside.chmod(0o644)
+    nobody = FileAccess.of_consumer(NOBODY, NOBODY)
+    with pytest.raises(FileRefused, match="not readable by uid 65534"):
+        read_file(str(inside), "certificate file", nobody)
+    fd = os.open(inside, os.O_RDONLY)
+    try:
+        for path in (f"/proc/self/fd/{fd}", f"/proc/{os.getpid()}/fd/{fd}"):
+            with pytest.raises(FileRefused) as info:
+                read_file(path, "certificate file", nobody)
+            assert info.value.errno == errno.ENOKEY
+        # An ordinary symlink is still followed (with the reader's rights).
+        link = world.attacker / "ordinary-link.pem"
+        link.symlink_to(world.user_dir / "cert.pem")
+        assert read_file(str(link), "certificate file", nobody) == world.user.cert_path.read_bytes()
+    finally:
+        os.close(fd)
