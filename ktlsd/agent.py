@@ -340,7 +340,7 @@ class Agent:
         psk_keyrings = [keyring.KEY_SPEC_SESSION_KEYRING, keyring.KEY_SPEC_PROCESS_KEYRING]
         if request.keyring:
             psk_keyrings.insert(0, request.keyring)
-        config = build_tls_config(
+        config = await build_tls_config(
             request, x509_files=files, groups=settings.groups, psk_keyrings=psk_keyrings,
             consumer=Consumer.from_credentials(pending.credentials),
             legacy_psk_sha384=settings.legacy_psk_sha384,

@@ -1,40 +1,51 @@
 """X.509 material for the handshake: our certificate chain and private key, and CRLs.
 
-The material arrives in two shapes: PEM files named in the configuration (like tlshd's
-``x509.certificate`` / ``x509.private_key``), or DER blobs as the Linux keyrings hold them (the
-kernel passes key serials of an ``asymmetric``/``x509`` certificate and its private key). Both
-are normalised here to DER certificates, leaf first, and a PKCS#8 DER private key, so the
-OpenSSL edge (:mod:`ktlsd.tls._openssl`) only ever parses one format.
+The material arrives in two shapes: PEM files (named in the configuration, like tlshd's
+``x509.certificate`` / ``x509.private_key``, or by a consumer), or DER blobs as the Linux keyrings
+hold them (the kernel passes key serials of an ``asymmetric``/``x509`` certificate and its
+private key) or a consumer sends inline. Both are normalised here to DER certificates, leaf
+first, and a PKCS#8 DER private key, so the OpenSSL edge (:mod:`ktlsd.tls._openssl`) only ever
+parses one format, from memory.
 
-Every problem with the material is reported as ``HandshakeError(MISSING_MATERIAL, ...)``: from
-the consumer's point of view the handshake cannot start because a key or certificate is absent
-or unusable. Messages name the file, never its contents.
+Files are never opened here by path: :mod:`ktlsd.files` reads them (with the rights of whoever
+named them; :data:`~ktlsd.files.AGENT` = the process's own) and this module parses the bytes.
+Truststores and CRLs stay bytes (PEM, or one DER value); the engine parses them with OpenSSL
+from memory when it builds a context.
+
+Every problem with the material — absent, unreadable, malformed, a key that does not match
+or cannot sign — is reported as ``HandshakeError(MISSING_MATERIAL, ...)`` (ENOKEY) with a
+one-line reason: from the consumer's point of view the handshake cannot start because a key or
+certificate is absent or unusable. Never a bare ``ValueError`` (which the agent would report as
+an internal error, EIO). Messages name the file, never its contents.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from ktlsd.errors import FailureCause, HandshakeError
+from ktlsd.files import (
+    AGENT,
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_READ_TIMEOUT,
+    FileAccess,
+    FileRefused,
+    read_file,
+)
 
-__all__ = ["X509Credentials", "load_crls", "split_der_sequence"]
+__all__ = ["X509Credentials", "read_crl", "read_truststore", "split_der_sequence"]
+
+# What cryptography raises for material it cannot use (UnsupportedAlgorithm is no ValueError).
+_PARSE_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm)
 
 
 def _missing(reason: str) -> HandshakeError:
     return HandshakeError(FailureCause.MISSING_MATERIAL, reason)
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise _missing(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 def split_der_sequence(blob: bytes) -> list[bytes]:
@@ -68,17 +79,19 @@ def split_der_sequence(blob: bytes) -> list[bytes]:
 
 
 def _public_bytes(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined]
+    encoded: bytes = key.public_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    return encoded
 
 
 @dataclass(frozen=True)
 class X509Credentials:
     """Our certificate chain (DER, leaf first) and the leaf's private key (PKCS#8 DER).
 
-    Build it with :meth:`from_pem_files` or :meth:`from_der`; both check that the key belongs
-    to the leaf certificate, so a mismatch is reported before any peer is contacted.
+    Build it with :meth:`from_pem`, :meth:`from_pem_files` or :meth:`from_der`; all check that
+    the key belongs to the leaf certificate, so a mismatch is reported before any peer is
+    contacted.
     """
 
     chain: tuple[bytes, ...]
@@ -91,20 +104,46 @@ class X509Credentials:
             raise _missing("private key is empty")
 
     @classmethod
-    def from_pem_files(cls, cert_path: str, key_path: str) -> X509Credentials:
-        """Load a PEM certificate file (leaf first, then intermediates) and a PEM key file."""
-        cert_data = _read(cert_path, "certificate file")
-        key_data = _read(key_path, "private key file")
+    def from_pem_files(
+        cls,
+        cert_path: str,
+        key_path: str,
+        access: FileAccess = AGENT,
+        *,
+        max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        timeout: float = DEFAULT_READ_TIMEOUT,
+    ) -> X509Credentials:
+        """Read a PEM certificate file (leaf first, then intermediates) and a PEM key file with
+        ``access``'s rights (:func:`ktlsd.files.read_file`; blocks the calling thread)."""
+        cert_data = read_file(
+            cert_path, "certificate file", access, max_bytes=max_bytes, timeout=timeout
+        )
+        key_data = read_file(
+            key_path, "private key file", access, max_bytes=max_bytes, timeout=timeout
+        )
+        return cls.from_pem(cert_data, key_data, cert_name=cert_path, key_name=key_path)
+
+    @classmethod
+    def from_pem(
+        cls,
+        cert_data: bytes,
+        key_data: bytes,
+        *,
+        cert_name: str = "PEM certificate",
+        key_name: str = "PEM private key",
+    ) -> X509Credentials:
+        """Parse PEM certificates (leaf first) and an unencrypted PEM private key; the names
+        (file names) only appear in error messages."""
         try:
             certs = x509.load_pem_x509_certificates(cert_data)
-        except ValueError:
-            raise _missing(f"no PEM certificate in {cert_path}") from None
+        except _PARSE_ERRORS:
+            raise _missing(f"no PEM certificate in {cert_name}") from None
         try:
             key = serialization.load_pem_private_key(key_data, password=None)
-        except (ValueError, TypeError):
-            raise _missing(f"no usable unencrypted PEM private key in {key_path}") from None
+        except _PARSE_ERRORS:
+            raise _missing(f"no usable unencrypted PEM private key in {key_name}") from None
         chain = tuple(c.public_bytes(serialization.Encoding.DER) for c in certs)
-        return cls._checked(chain, key, f"{cert_path} / {key_path}")
+        return cls._checked(chain, key, f"{cert_name} / {key_name}")
 
     @classmethod
     def from_der(cls, cert_der: bytes, key_der: bytes) -> X509Credentials:
@@ -113,11 +152,11 @@ class X509Credentials:
         try:
             chain_items = split_der_sequence(cert_der)
             certs = [x509.load_der_x509_certificate(item) for item in chain_items]
-        except ValueError:
+        except _PARSE_ERRORS:
             raise _missing("certificate blob is not DER X.509") from None
         try:
             key = serialization.load_der_private_key(key_der, password=None)
-        except (ValueError, TypeError):
+        except _PARSE_ERRORS:
             raise _missing("private key blob is not an unencrypted DER private key") from None
         chain = tuple(c.public_bytes(serialization.Encoding.DER) for c in certs)
         return cls._checked(chain, key, "DER material")
@@ -134,8 +173,11 @@ class X509Credentials:
             ),
         ):
             raise _missing(f"{where}: key type cannot sign TLS 1.3 handshakes")
-        leaf = x509.load_der_x509_certificate(chain[0])
-        if _public_bytes(leaf.public_key()) != _public_bytes(key.public_key()):
+        try:
+            leaf_key = _public_bytes(x509.load_der_x509_certificate(chain[0]).public_key())
+        except _PARSE_ERRORS as exc:  # e.g. an invalid EC point, an unknown key algorithm
+            raise _missing(f"{where}: unusable public key in the certificate ({exc})") from None
+        if leaf_key != _public_bytes(key.public_key()):
             raise _missing(f"{where}: private key does not match the certificate")
         key_der = key.private_bytes(
             serialization.Encoding.DER,
@@ -149,28 +191,36 @@ class X509Credentials:
         return x509.load_der_x509_certificate(self.chain[0]).subject.rfc4514_string()
 
 
-def load_crls(path: str) -> list[bytes]:
-    """Read one DER CRL or any number of PEM CRLs from ``path``; return them as DER."""
-    data = _read(path, "CRL file")
-    crls: list[bytes] = []
-    if b"-----BEGIN X509 CRL-----" in data:
-        marker_end = b"-----END X509 CRL-----"
-        for chunk in data.split(marker_end)[:-1]:
-            pem = chunk[chunk.index(b"-----BEGIN X509 CRL-----") :] + marker_end + b"\n"
-            try:
-                crl = x509.load_pem_x509_crl(pem)
-            except ValueError:
-                raise _missing(f"bad PEM CRL in {path}") from None
-            crls.append(crl.public_bytes(serialization.Encoding.DER))
-    else:
-        try:
-            crls.append(x509.load_der_x509_crl(data).public_bytes(serialization.Encoding.DER))
-        except ValueError:
-            raise _missing(f"no CRL in {path}") from None
-    return crls
+def read_truststore(
+    path: str,
+    access: FileAccess = AGENT,
+    *,
+    allow_directory: bool = True,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    timeout: float = DEFAULT_READ_TIMEOUT,
+) -> bytes | None:
+    """The bytes of the truststore file ``path`` (PEM certificates, or one DER certificate),
+    read with ``access``'s rights; blocks the calling thread.
+
+    None when ``path`` is a directory and ``allow_directory``: a hashed directory, which
+    OpenSSL then searches itself, by path — for the agent's own configuration and an
+    operator's command line only. A consumer's truststore must be a file.
+    """
+    try:
+        return read_file(path, "truststore", access, max_bytes=max_bytes, timeout=timeout)
+    except FileRefused as exc:
+        if exc.file_type == "a directory" and allow_directory:
+            return None
+        raise
 
 
-def check_truststore(path: str) -> None:
-    """Fail early, with the right cause, when a configured truststore does not exist."""
-    if not os.path.exists(path):
-        raise _missing(f"truststore {path} does not exist")
+def read_crl(
+    path: str,
+    access: FileAccess = AGENT,
+    *,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    timeout: float = DEFAULT_READ_TIMEOUT,
+) -> bytes:
+    """The bytes of the CRL file ``path`` (PEM CRLs, or one DER CRL), read with ``access``'s
+    rights; blocks the calling thread."""
+    return read_file(path, "CRL file", access, max_bytes=max_bytes, timeout=timeout)

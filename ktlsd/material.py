@@ -5,7 +5,19 @@ certificate/private-key serials, or nothing (then the configured files apply, as
 User-space consumers may pass keys and certificates inline instead. :func:`build_tls_config`
 resolves all of that into the engine's :class:`~ktlsd.tls.handshake.TlsConfig`, raising
 :class:`~ktlsd.errors.HandshakeError` with ``MISSING_MATERIAL`` (ENOKEY) or
-``INVALID_REQUEST`` (EINVAL) when something is absent or unusable.
+``INVALID_REQUEST`` (EINVAL) when something is absent, unusable or malformed — never another
+exception (which the agent would report as an internal error, EIO).
+
+Off the event loop. Building the material reads keyrings and files and parses keys, so
+:func:`build_tls_config` (a coroutine) runs :func:`build_tls_config_blocking` in a thread of
+its own (started per request, so it has the agent's keyrings as they are now), builds the
+engine's ``SSL_CTX`` there too (:func:`~ktlsd.tls.handshake.prepare_context`), and waits for it
+with a timeout. Files — the ones a consumer names and the ones the configuration names — are
+read by :mod:`ktlsd.files`: a consumer's with the consumer's own uid, gid and supplementary
+groups, the configuration's with the agent's; regular files only, at most ``max_file_bytes``,
+looked up once. Their bytes go to the engine, so OpenSSL never opens a consumer's path. A
+consumer's truststore must be a file; a directory is accepted (and searched by OpenSSL, as a
+hashed directory) only when the agent's configuration names it.
 
 Keyring conventions (the kernel's and nvme-cli's):
 
@@ -20,16 +32,28 @@ Keyring conventions (the kernel's and nvme-cli's):
 
 from __future__ import annotations
 
+import _thread
+import asyncio
+import concurrent.futures
 import errno
+import hmac
 import os
 import re
-import stat
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ktlsd import keyring
-from ktlsd.credentials import X509Credentials
+from ktlsd.credentials import X509Credentials, read_truststore
 from ktlsd.errors import FailureCause, HandshakeError
+from ktlsd.files import (
+    AGENT,
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_READ_TIMEOUT,
+    FileAccess,
+    read_file,
+)
 from ktlsd.request import (
     AuthMode,
     ConsumerCredentials,
@@ -38,12 +62,13 @@ from ktlsd.request import (
     MessageType,
 )
 from ktlsd.settings import DEFAULT_LEGACY_PSK_SHA384, LegacyPskSha384, X509Files
-from ktlsd.tls.handshake import PskKey, TlsConfig
+from ktlsd.tls.handshake import ClientAuth, HashName, PskKey, TlsConfig, prepare_context
 from ktlsd.tls.session import CipherSuite, Role
 
 PSK_KEY_TYPE = "psk"
 PSK_KEY_TYPES = ("psk", "user")  # kernel consumers use "psk"; programs may use "user" keys
 _NVME_IDENTITY = re.compile(r"^NVMe[01][RG](0[0-2]) ")
+MATERIAL_TIMEOUT = 5.0  # seconds to build one request's material, file reads included
 
 
 def _missing(reason: str) -> HandshakeError:
@@ -52,25 +77,38 @@ def _missing(reason: str) -> HandshakeError:
 
 @dataclass(frozen=True)
 class Consumer:
-    """Who asked: ``uid`` None for the kernel (trusted), else the service consumer's uid.
+    """Who asked: ``uid`` None for the kernel (trusted), else the service consumer's uid, gid
+    and supplementary groups (``SO_PEERCRED``/``SO_PEERGROUPS``; a gid of None = unknown).
 
     The agent runs with more rights than an unprivileged consumer, and the consumer gets the
     session's traffic secrets back. So an unprivileged consumer may use only material it could
-    use itself: keys it owns, files it owns or that are world-readable, and what it sends
-    inline — never the agent's keyrings or the host's configured certificate and key, which
-    would let it impersonate this host.
+    use itself: keys it owns, files it can read (with its own uid, gid and groups — the kernel
+    decides, see :mod:`ktlsd.files`), and what it sends inline — never the agent's keyrings or
+    the host's configured certificate and key, which would let it impersonate this host.
     """
 
     uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] = ()
 
     @classmethod
     def from_credentials(cls, credentials: ConsumerCredentials | None) -> Consumer:
-        """The consumer a request declares: its process's uid, or (None) the kernel."""
-        return cls() if credentials is None else cls(credentials.uid)
+        """The consumer a request declares (uid, gid, supplementary groups), or (None) the
+        kernel, which is :data:`TRUSTED`."""
+        if credentials is None:
+            return TRUSTED
+        return cls(uid=credentials.uid, gid=credentials.gid, groups=tuple(credentials.groups))
 
     @property
     def privileged(self) -> bool:
         return self.uid is None or self.uid == 0
+
+    @property
+    def file_access(self) -> FileAccess:
+        """The rights this consumer's files are read with."""
+        if self.uid is None or self.privileged:
+            return AGENT
+        return FileAccess.of_consumer(self.uid, self.gid, self.groups)
 
     def check_key(self, serial: int, what: str) -> None:
         if self.privileged:
@@ -82,38 +120,37 @@ class Consumer:
         if owner != self.uid:
             raise _missing(f"{what} key {serial:#x} does not belong to uid {self.uid}")
 
-    def check_file(self, path: str, what: str) -> None:
-        """The consumer could read ``path`` itself: every directory on the way is searchable
-        by it and the file is readable by it (owner bits if it owns them, else the "other"
-        bits; group membership is not consulted, so group-only access is refused)."""
-        if self.privileged:
-            return
-        real = os.path.realpath(path)
-        try:
-            st = os.stat(real)
-        except OSError as exc:
-            raise _missing(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-        if not self._allowed(st, stat.S_IRUSR, stat.S_IROTH):
-            raise _missing(f"{what} {path} is not readable by uid {self.uid}")
-        parent = os.path.dirname(real)
-        while True:
-            if not self._allowed(os.stat(parent), stat.S_IXUSR, stat.S_IXOTH):
-                raise _missing(
-                    f"{what} {path} is not readable by uid {self.uid} "
-                    f"(directory {parent} is closed to it)"
-                )
-            if parent == os.path.dirname(parent):
-                return
-            parent = os.path.dirname(parent)
+    def read_file(
+        self,
+        path: str,
+        what: str,
+        *,
+        max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        timeout: float = DEFAULT_READ_TIMEOUT,
+    ) -> bytes:
+        """The bytes of a file the consumer named, read once with its rights (blocking; see
+        :func:`ktlsd.files.read_file`). An unprivileged consumer must name absolute paths."""
+        self.check_path(path, what)
+        return read_file(path, what, self.file_access, max_bytes=max_bytes, timeout=timeout)
 
-    def _allowed(self, st: os.stat_result, owner_bit: int, other_bit: int) -> bool:
-        return bool(st.st_mode & (owner_bit if st.st_uid == self.uid else other_bit))
+    def check_path(self, path: str, what: str) -> None:
+        """A path from an unprivileged consumer must be absolute (it would otherwise resolve
+        against the agent's working directory)."""
+        if not self.privileged and not os.path.isabs(path):
+            raise HandshakeError(
+                FailureCause.INVALID_REQUEST, f"{what} {path} must be an absolute path"
+            )
+
+    def check_file(self, path: str, what: str) -> None:
+        """Raise ``MISSING_MATERIAL`` unless the consumer could read ``path`` itself (it is
+        read with the consumer's rights, and the bytes are dropped)."""
+        self.read_file(path, what)
 
 
 TRUSTED = Consumer()
 
 
-def psk_hash_for(identity: str, key_length: int) -> str:
+def psk_hash_for(identity: str, key_length: int) -> HashName:
     """The hash a PSK is bound to: from an NVMe identity's ``hh`` field, else its length."""
     match = _NVME_IDENTITY.match(identity)
     if match and match.group(1) == "02":
@@ -206,9 +243,62 @@ def _suites(names: Sequence[str]) -> tuple[CipherSuite, ...]:
         raise HandshakeError(FailureCause.INVALID_REQUEST, str(exc)) from None
 
 
+@dataclass(frozen=True)
+class _Reads:
+    """The file reads of one material build: whose rights, the size cap, one deadline."""
+
+    consumer: Consumer
+    max_bytes: int
+    deadline: float = field(compare=False)
+
+    def _remaining(self) -> float:
+        """How long a read may wait for room (the reads of one uid are capped)."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    def consumer_file(self, path: str, what: str) -> bytes:
+        return self.consumer.read_file(
+            path, what, max_bytes=self.max_bytes, timeout=self._remaining()
+        )
+
+    def agent_file(self, path: str, what: str) -> bytes:
+        return read_file(
+            path, what, AGENT, max_bytes=self.max_bytes, timeout=self._remaining()
+        )
+
+    def consumer_truststore(self, path: str) -> bytes:
+        self.consumer.check_path(path, "truststore")
+        contents = read_truststore(
+            path, self.consumer.file_access, allow_directory=False,
+            max_bytes=self.max_bytes, timeout=self._remaining(),
+        )
+        assert contents is not None  # a directory was refused
+        return contents
+
+    def agent_truststore(self, path: str) -> bytes | None:
+        return read_truststore(
+            path, AGENT, max_bytes=self.max_bytes, timeout=self._remaining()
+        )
+
+
+def _inline_psks(inline: InlineMaterial) -> tuple[PskKey, ...]:
+    keys: list[PskKey] = []
+    for p in inline.psk_keys:
+        if p.hash_name not in ("sha256", "sha384"):
+            raise HandshakeError(
+                FailureCause.INVALID_REQUEST, "inline PSK hash must be sha256 or sha384"
+            )
+        hash_name: HashName = "sha384" if p.hash_name == "sha384" else "sha256"
+        try:
+            keys.append(PskKey(identity=p.identity, key=p.key, hash_name=hash_name))
+        except ValueError as exc:
+            raise HandshakeError(FailureCause.INVALID_REQUEST, f"inline PSK: {exc}") from None
+    return tuple(keys)
+
+
 def _x509_credentials(
-    request: HandshakeRequest, inline: InlineMaterial, files: X509Files, consumer: Consumer
+    request: HandshakeRequest, inline: InlineMaterial, files: X509Files, reads: _Reads
 ) -> X509Credentials | None:
+    consumer = reads.consumer
     if request.certificate or request.private_key:
         if not (request.certificate and request.private_key):
             raise _missing("certificate and private key serials must be given together")
@@ -222,19 +312,42 @@ def _x509_credentials(
         return X509Credentials.from_der(b"".join(inline.certificate_chain), inline.private_key)
     if inline.certificate_file or inline.private_key_file or not consumer.privileged:
         cert_file, key_file = inline.certificate_file, inline.private_key_file
+        read = reads.consumer_file
     else:
         cert_file, key_file = files.certificate, files.private_key
-    for path, what in ((cert_file, "certificate file"), (key_file, "private key file")):
-        if path:
-            consumer.check_file(path, what)
+        read = reads.agent_file
     if cert_file and key_file:
-        return X509Credentials.from_pem_files(cert_file, key_file)
+        cert_data = read(cert_file, "certificate file")
+        key_data = read(key_file, "private key file")
+        return X509Credentials.from_pem(
+            cert_data, key_data, cert_name=cert_file, key_name=key_file
+        )
     if cert_file or key_file:
         raise _missing("x509.certificate and x509.private_key must be configured together")
     return None
 
 
-def build_tls_config(
+def _trust(inline: InlineMaterial, files: X509Files, reads: _Reads) -> dict[str, Any]:
+    """The truststore and CRL fields of a TlsConfig: a consumer's files read with its rights
+    (its truststore must be a file), the configuration's with the agent's."""
+    fields: dict[str, Any] = {}
+    if inline.truststore:
+        fields["truststore"] = inline.truststore
+        fields["truststore_contents"] = reads.consumer_truststore(inline.truststore)
+    elif files.truststore:
+        fields["truststore"] = files.truststore
+        # None for a configured hashed directory: OpenSSL searches it.
+        fields["truststore_contents"] = reads.agent_truststore(files.truststore)
+    if inline.crl:
+        fields["crl"] = inline.crl
+        fields["crl_contents"] = reads.consumer_file(inline.crl, "CRL file")
+    elif files.crl:
+        fields["crl"] = files.crl
+        fields["crl_contents"] = reads.agent_file(files.crl, "CRL file")
+    return fields
+
+
+def build_tls_config_blocking(
     request: HandshakeRequest,
     *,
     x509_files: X509Files,
@@ -242,8 +355,12 @@ def build_tls_config(
     groups: str | None = None,
     consumer: Consumer = TRUSTED,
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    timeout: float = MATERIAL_TIMEOUT,
 ) -> TlsConfig:
-    """Resolve a request's material into the engine's configuration."""
+    """Resolve a request's material into the engine's configuration. Blocks the calling
+    thread (keyring and file reads, key parsing): not for the event loop thread, where
+    :func:`build_tls_config` is the way."""
     if request.message_type is MessageType.CLIENTHELLO:
         role = Role.CLIENT
     elif request.message_type is MessageType.SERVERHELLO:
@@ -254,12 +371,8 @@ def build_tls_config(
         )
     inline = request.inline or InlineMaterial()
     suites = _suites(inline.ciphersuites) if inline.ciphersuites else tuple(CipherSuite)
-    truststore = inline.truststore or x509_files.truststore
-    crl = inline.crl or x509_files.crl
-    for path, what in ((inline.truststore, "truststore"), (inline.crl, "CRL")):
-        if path:
-            consumer.check_file(path, what)
-    common = {
+    reads = _Reads(consumer, max_file_bytes, time.monotonic() + timeout)
+    common: dict[str, Any] = {
         "role": role,
         "ciphersuites": suites,
         "groups": groups,
@@ -273,20 +386,17 @@ def build_tls_config(
                 if serial:
                     consumer.check_key(serial, "PSK")
             keys = tuple(psk_from_keyring(s) for s in request.peer_identities if s)
-            keys += tuple(
-                PskKey(identity=p.identity, key=p.key, hash_name=p.hash_name)
-                for p in inline.psk_keys
-            )
+            keys += _inline_psks(inline)
             if not keys:
                 raise _missing("PSK client request carries no PSK")
-            return TlsConfig(psk_keys=keys, **common)  # type: ignore[arg-type]
+            return TlsConfig(psk_keys=keys, **common)
         for serial in request.peer_identities:
             if serial:
                 consumer.check_key(serial, "PSK")
         # An unprivileged consumer never gets a search of the agent's keyrings (.nvme...).
         rings = psk_keyrings if consumer.privileged else ()
         lookup = _server_lookup(request, inline, rings)
-        return TlsConfig(psk_lookup=lookup, **common)  # type: ignore[arg-type]
+        return TlsConfig(psk_lookup=lookup, **common)
 
     if request.auth_mode in (AuthMode.X509, AuthMode.UNAUTH):
         mutual = request.auth_mode is AuthMode.X509
@@ -294,20 +404,21 @@ def build_tls_config(
             # unauth (NFS xprtsec=tls): we stay anonymous but still verify the server, as tlshd
             # does; presenting a certificate would make nfsd treat us as peer-authenticated.
             credentials = (
-                _x509_credentials(request, inline, x509_files, consumer) if mutual else None
+                _x509_credentials(request, inline, x509_files, reads) if mutual else None
             )
             return TlsConfig(
-                credentials=credentials, truststore=truststore, crl=crl,
-                **common,  # type: ignore[arg-type]
+                credentials=credentials, **_trust(inline, x509_files, reads), **common
             )
-        credentials = _x509_credentials(request, inline, x509_files, consumer)
+        credentials = _x509_credentials(request, inline, x509_files, reads)
         if credentials is None:
             raise _missing("x509 server has no certificate and private key")
         required = inline.require_client_cert or x509_files.require_client_cert
-        client_auth = "require" if mutual and required else ("request" if mutual else "none")
+        client_auth: ClientAuth = (
+            "require" if mutual and required else ("request" if mutual else "none")
+        )
+        trust = _trust(inline, x509_files, reads) if client_auth != "none" else {}
         return TlsConfig(
-            credentials=credentials, truststore=truststore, crl=crl,
-            client_auth=client_auth, **common,  # type: ignore[arg-type]
+            credentials=credentials, client_auth=client_auth, **trust, **common
         )
 
     raise HandshakeError(
@@ -315,15 +426,80 @@ def build_tls_config(
     )
 
 
+def _in_a_fresh_thread(
+    fn: Callable[[HandshakeRequest, dict[str, Any]], TlsConfig],
+    request: HandshakeRequest,
+    kwargs: dict[str, Any],
+) -> concurrent.futures.Future[TlsConfig]:
+    """Run one build in a thread started now: it inherits the calling thread's credentials
+    and keyrings as they are at this request (a pooled thread would keep those it was born
+    with, e.g. an older session keyring). A build waits on its file reads for at most its
+    timeout, so these threads end on their own."""
+    future: concurrent.futures.Future[TlsConfig] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(request, kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    # The bare thread API: no start-up handshake with the event loop thread (which a
+    # threading.Thread makes), and like a daemon it never holds up the agent's exit.
+    _thread.start_new_thread(run, ())
+    return future
+
+
+def _touches_nothing(request: HandshakeRequest) -> bool:
+    """A PSK request without key serials: building it reads no keyring and no file and
+    parses nothing, so it needs no thread (a server's keyring search happens later, per
+    offered identity)."""
+    return request.auth_mode is AuthMode.PSK and not any(request.peer_identities)
+
+
+def _build_and_prepare(request: HandshakeRequest, kwargs: dict[str, Any]) -> TlsConfig:
+    config = build_tls_config_blocking(request, **kwargs)
+    prepare_context(config)  # parse certificates, keys, truststore and CRLs here, not on the loop
+    return config
+
+
+async def build_tls_config(
+    request: HandshakeRequest,
+    *,
+    x509_files: X509Files,
+    psk_keyrings: Sequence[int] = (keyring.KEY_SPEC_SESSION_KEYRING,),
+    groups: str | None = None,
+    consumer: Consumer = TRUSTED,
+    legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    timeout: float = MATERIAL_TIMEOUT,
+) -> TlsConfig:
+    """:func:`build_tls_config_blocking` in a thread of its own, with its ``SSL_CTX`` built
+    there too; the event loop only waits, at most ``timeout`` seconds (``TIMEOUT`` after).
+    A PSK request without key serials touches nothing and is built right here."""
+    kwargs: dict[str, Any] = {
+        "x509_files": x509_files, "psk_keyrings": tuple(psk_keyrings), "groups": groups,
+        "consumer": consumer, "legacy_psk_sha384": legacy_psk_sha384,
+        "max_file_bytes": max_file_bytes, "timeout": timeout,
+    }
+    if _touches_nothing(request):
+        return build_tls_config_blocking(request, **kwargs)
+    future = _in_a_fresh_thread(_build_and_prepare, request, kwargs)
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+    except TimeoutError:
+        raise HandshakeError(
+            FailureCause.TIMEOUT,
+            f"preparing the keys and certificates took longer than {timeout:g} s",
+        ) from None
+
+
 def _server_lookup(
     request: HandshakeRequest, inline: InlineMaterial, psk_keyrings: Sequence[int]
 ) -> Callable[[bytes], PskKey | None]:
     """Server PSK selection: inline keys, a given serial, or a search of our keyrings."""
-    import hmac
-
-    inline_keys = [
-        PskKey(identity=p.identity, key=p.key, hash_name=p.hash_name) for p in inline.psk_keys
-    ]
+    inline_keys = list(_inline_psks(inline))
     serials = [s for s in request.peer_identities if s]
     fixed = [psk_from_keyring(s) for s in serials]
     candidates = inline_keys + fixed

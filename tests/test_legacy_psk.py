@@ -44,7 +44,7 @@ from ktlsd import config as config_module
 from ktlsd.agent import Agent, AgentSettings
 from ktlsd.config import ConfigError, config_from_keyfile, parse_key_file
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.material import build_tls_config
+from ktlsd.material import build_tls_config_blocking as build_tls_config
 from ktlsd.request import AuthMode, HandshakeRequest, InlineMaterial, InlinePsk, MessageType
 from ktlsd.settings import LEGACY_PSK_SHA384_MODES, X509Files
 from ktlsd.tls.client_hello import (

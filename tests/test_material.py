@@ -11,7 +11,8 @@ import pytest
 
 from ktlsd import keyring
 from ktlsd.errors import HandshakeError
-from ktlsd.material import Consumer, build_tls_config, psk_from_keyring, psk_hash_for
+from ktlsd.material import Consumer, psk_from_keyring, psk_hash_for
+from ktlsd.material import build_tls_config_blocking as build_tls_config
 from ktlsd.request import AuthMode, HandshakeRequest, InlineMaterial, InlinePsk, MessageType
 from ktlsd.settings import X509Files
 from ktlsd.tls.session import Role

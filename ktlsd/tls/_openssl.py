@@ -96,6 +96,9 @@ SSL_CLIENT_HELLO_ERROR = 0
 X509_V_OK = 0
 X509_V_FLAG_CRL_CHECK = 0x4
 
+ERR_LIB_PEM = 9
+PEM_R_NO_START_LINE = 108  # "no more PEM blocks": the normal end of a PEM read loop
+
 TLSEXT_TYPE_pre_shared_key = 41
 
 # --- callback types -----------------------------------------------------------------------------
@@ -111,6 +114,8 @@ PSK_FIND_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t, POINTER(c_vo
 CLIENT_HELLO_CB = ctypes.CFUNCTYPE(c_int, c_void_p, POINTER(c_int), c_void_p)
 # int (*)(int preverify_ok, X509_STORE_CTX *)
 VERIFY_CB = ctypes.CFUNCTYPE(c_int, c_int, c_void_p)
+# int (*)(char *buf, int size, int rwflag, void *u)
+PEM_PASSWORD_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_int, c_int, c_void_p)
 
 # --- libcrypto ----------------------------------------------------------------------------------
 ERR_get_error = _bind(_crypto, "ERR_get_error", c_ulong)
@@ -124,6 +129,7 @@ BIO_free = _bind(_crypto, "BIO_free", c_int, c_void_p)
 BIO_write = _bind(_crypto, "BIO_write", c_int, c_void_p, c_void_p, c_int)
 BIO_read = _bind(_crypto, "BIO_read", c_int, c_void_p, c_void_p, c_int)
 BIO_ctrl_pending = _bind(_crypto, "BIO_ctrl_pending", c_size_t, c_void_p)
+BIO_new_mem_buf = _bind(_crypto, "BIO_new_mem_buf", c_void_p, c_void_p, c_int)
 
 d2i_X509 = _bind(_crypto, "d2i_X509", c_void_p, c_void_p, POINTER(c_void_p), c_long)
 i2d_X509 = _bind(_crypto, "i2d_X509", c_int, c_void_p, POINTER(c_void_p))
@@ -136,6 +142,13 @@ d2i_AutoPrivateKey = _bind(
 EVP_PKEY_free = _bind(_crypto, "EVP_PKEY_free", None, c_void_p)
 EVP_MD_get_size = _bind(_crypto, "EVP_MD_get_size", c_int, c_void_p)
 X509_STORE_add_crl = _bind(_crypto, "X509_STORE_add_crl", c_int, c_void_p, c_void_p)
+X509_STORE_add_cert = _bind(_crypto, "X509_STORE_add_cert", c_int, c_void_p, c_void_p)
+PEM_read_bio_X509_AUX = _bind(
+    _crypto, "PEM_read_bio_X509_AUX", c_void_p, c_void_p, c_void_p, PEM_PASSWORD_CB, c_void_p
+)
+PEM_read_bio_X509_CRL = _bind(
+    _crypto, "PEM_read_bio_X509_CRL", c_void_p, c_void_p, c_void_p, PEM_PASSWORD_CB, c_void_p
+)
 X509_STORE_set_flags = _bind(_crypto, "X509_STORE_set_flags", c_int, c_void_p, c_ulong)
 X509_verify_cert_error_string = _bind(_crypto, "X509_verify_cert_error_string", c_char_p, c_long)
 X509_VERIFY_PARAM_set1_ip_asc = _bind(
@@ -241,6 +254,11 @@ class QueuedError:
     def reason_code(self) -> int:
         # ERR_GET_REASON in OpenSSL 3: low 23 bits (system errors aside).
         return self.code & 0x7FFFFF
+
+    @property
+    def library(self) -> int:
+        # ERR_GET_LIB in OpenSSL 3: bits 23..30 (system errors aside).
+        return (self.code >> 23) & 0xFF
 
 
 def drain_errors() -> list[QueuedError]:
@@ -454,6 +472,10 @@ def _accept_any_cb(_ok: int, _store_ctx: int | None) -> int:
     return 1
 
 
+def _no_password_cb(_buf: int | None, _size: int, _rwflag: int, _u: int | None) -> int:
+    return -1  # never prompt on a terminal for an encrypted PEM block: refuse it
+
+
 # Module-level C callback objects: alive for the life of the process, so OpenSSL can never call
 # a freed trampoline.
 _KEYLOG = KEYLOG_CB(_keylog_cb)
@@ -463,6 +485,58 @@ _PSK_FIND = PSK_FIND_CB(_psk_find_cb)
 _CLIENT_HELLO = CLIENT_HELLO_CB(_client_hello_cb)
 _ACCEPT_ANY = VERIFY_CB(_accept_any_cb)
 _NO_VERIFY_CB = VERIFY_CB()  # a NULL function pointer: OpenSSL's default verification
+_NO_PASSWORD = PEM_PASSWORD_CB(_no_password_cb)
+
+
+# --- parsing from memory ---------------------------------------------------------------------
+def _pem_objects(
+    data: bytes, read: Callable[..., int | None], free: Callable[[int], None], what: str
+) -> list[int]:
+    """Every PEM block of one type in ``data`` (blocks of other types are skipped), as new
+    objects the caller frees; raises on a malformed block of that type."""
+    buf = ctypes.create_string_buffer(data, len(data))  # alive while the BIO reads it
+    bio = BIO_new_mem_buf(buf, len(data))
+    if not bio:
+        raise _fail("BIO_new_mem_buf")
+    objects: list[int] = []
+    try:
+        ERR_clear_error()
+        while True:
+            obj = read(bio, None, _NO_PASSWORD, None)
+            if not obj:
+                break
+            objects.append(obj)
+        errors = drain_errors()
+        ends = [e for e in errors
+                if e.library == ERR_LIB_PEM and e.reason_code == PEM_R_NO_START_LINE]
+        if len(ends) != len(errors):
+            raise OpenSSLError(f"cannot parse {what}", [e.reason for e in errors])
+        return objects
+    except BaseException:
+        for obj in objects:
+            free(obj)
+        raise
+    finally:
+        BIO_free(bio)
+
+
+def _der_object(
+    data: bytes, d2i: Callable[..., int | None], free: Callable[[int], None], what: str
+) -> int:
+    """One DER value filling all of ``data``, as a new object the caller frees."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    ptr = c_void_p(ctypes.addressof(buf))
+    obj = d2i(None, ctypes.byref(ptr), len(data))
+    if not obj:
+        raise _fail(f"cannot parse {what} (neither PEM nor DER)")
+    if (ptr.value or 0) - ctypes.addressof(buf) != len(data):
+        free(obj)
+        raise OpenSSLError(f"cannot parse {what}", ["trailing data after the DER value"])
+    return obj
+
+
+def _is_pem(data: bytes) -> bool:
+    return b"-----BEGIN " in data
 
 
 # --- SSL_CTX -------------------------------------------------------------------------------------
@@ -524,28 +598,53 @@ class SslContext:
     def load_default_truststore(self) -> None:
         _check(SSL_CTX_set_default_verify_paths(self.ptr), "cannot load the default truststore")
 
-    def load_truststore(self, *, cafile: str | None = None, capath: str | None = None) -> None:
-        ok = SSL_CTX_load_verify_locations(
-            self.ptr,
-            cafile.encode() if cafile else None,
-            capath.encode() if capath else None,
-        )
-        _check(ok, f"cannot load truststore {cafile or capath}")
+    def load_truststore_directory(self, capath: str) -> None:
+        """Let OpenSSL look CA certificates up in a hashed directory (``openssl rehash``).
 
-    def add_crls(self, crls_der: list[bytes]) -> None:
-        """Add CRLs to the trust store and check every chain element against them."""
+        OpenSSL opens files there by path, so only for directories the agent's own
+        configuration or an operator's command line names, never a consumer's.
+        """
+        ok = SSL_CTX_load_verify_locations(self.ptr, None, capath.encode())
+        _check(ok, f"cannot load truststore {capath}")
+
+    def add_trust_anchors(self, data: bytes, source: str) -> int:
+        """Trust the certificates in ``data`` (PEM, ``CERTIFICATE`` or ``TRUSTED CERTIFICATE``
+        blocks; or one DER certificate); ``source`` names it in errors. Returns how many."""
+        what = f"truststore {source}"
+        if _is_pem(data):
+            certs = _pem_objects(data, PEM_read_bio_X509_AUX, X509_free, what)
+        else:
+            certs = [_der_object(data, d2i_X509, X509_free, what)]
+        if not certs:
+            raise OpenSSLError(f"cannot use {what}", ["no certificate in it"])
         store = SSL_CTX_get_cert_store(self.ptr)
-        for der in crls_der:
-            buf = ctypes.create_string_buffer(der, len(der))
-            ptr = c_void_p(ctypes.addressof(buf))
-            crl = d2i_X509_CRL(None, ctypes.byref(ptr), len(der))
-            if not crl:
-                raise _fail("cannot parse CRL")
-            try:
-                _check(X509_STORE_add_crl(store, crl), "cannot add CRL")
-            finally:
-                X509_CRL_free(crl)  # the store holds its own reference
+        try:
+            for cert in certs:
+                _check(X509_STORE_add_cert(store, cert), f"cannot add a certificate of {what}")
+        finally:
+            for cert in certs:
+                X509_free(cert)  # the store holds its own references
+        return len(certs)
+
+    def add_crls(self, data: bytes, source: str) -> int:
+        """Add the CRLs in ``data`` (PEM ``X509 CRL`` blocks, or one DER CRL) to the trust
+        store and check every chain element against them. Returns how many."""
+        what = f"CRL file {source}"
+        if _is_pem(data):
+            crls = _pem_objects(data, PEM_read_bio_X509_CRL, X509_CRL_free, what)
+        else:
+            crls = [_der_object(data, d2i_X509_CRL, X509_CRL_free, what)]
+        if not crls:
+            raise OpenSSLError(f"cannot use {what}", ["no CRL in it"])
+        store = SSL_CTX_get_cert_store(self.ptr)
+        try:
+            for crl in crls:
+                _check(X509_STORE_add_crl(store, crl), f"cannot add a CRL of {what}")
+        finally:
+            for crl in crls:
+                X509_CRL_free(crl)  # the store holds its own references
         _check(X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK), "cannot enable CRL checks")
+        return len(crls)
 
     def use_certificate_chain(self, chain_der: tuple[bytes, ...], key_der: bytes) -> None:
         """Install our certificate (leaf first, then intermediates) and its private key."""

@@ -43,9 +43,9 @@ legacy binding was used. Nothing is guessed by retrying.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import logging
-import os
 import socket
 import threading
 from collections import OrderedDict
@@ -53,7 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ktlsd.credentials import X509Credentials, check_truststore, load_crls
+from ktlsd.credentials import X509Credentials, read_crl, read_truststore
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.settings import DEFAULT_LEGACY_PSK_SHA384, LEGACY_PSK_SHA384_MODES, LegacyPskSha384
 from ktlsd.tls import _openssl as ossl
@@ -73,6 +73,7 @@ __all__ = [
     "TlsHandshake",
     "handshake_blocking",
     "perform_handshake",
+    "prepare_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -144,14 +145,23 @@ class TlsConfig:
     """Everything one handshake needs to know besides the socket.
 
     Client: ``psk_keys`` are offered in order (only the first usable one goes on the wire, see
-    the module docstring); with no PSK the server is authenticated by certificate against
-    ``truststore`` (None = OpenSSL's default locations; a file or a hashed directory) and, when
-    ``peername`` is set, must carry it as a DNS or IP SAN. ``credentials`` are sent when the
-    server asks for a certificate; without them the client is anonymous.
+    the module docstring); with no PSK the server is authenticated by certificate against the
+    truststore (see below) and, when ``peername`` is set, must carry it as a DNS or IP SAN.
+    ``credentials`` are sent when the server asks for a certificate; without them the client is
+    anonymous.
 
     Server: ``psk_lookup`` maps an identity the client offered to a key (or None);
     ``credentials`` are required for certificate handshakes; ``client_auth`` decides whether a
     client certificate is asked for; ``peername`` optionally checks the client's certificate.
+
+    Truststore and CRL: ``truststore_contents``/``crl_contents`` are the files' bytes (PEM, or
+    one DER value), read by the caller (the agent reads them with the consumer's rights, see
+    :mod:`ktlsd.files`); the engine parses them from memory and OpenSSL never opens a path.
+    ``truststore``/``crl`` name where they came from (errors, logs). Given only a name, the
+    engine reads the file itself with the process's own rights (command-line tools, tests);
+    a ``truststore`` that is a directory is handed to OpenSSL's hashed-directory lookup, which
+    is for the agent's own configuration and operators only — never a consumer's path.
+    No truststore at all means OpenSSL's default locations.
 
     ``verify_peer=False`` accepts any peer certificate (testing only).
     ``groups`` is an OpenSSL groups list such as ``"X25519:P-256"``.
@@ -167,6 +177,8 @@ class TlsConfig:
     credentials: X509Credentials | None = None
     truststore: str | None = None
     crl: str | None = None
+    truststore_contents: bytes | None = field(default=None, repr=False)
+    crl_contents: bytes | None = field(default=None, repr=False)
     peername: str | None = None
     client_auth: ClientAuth = "none"
     verify_peer: bool = True
@@ -210,12 +222,19 @@ _ctx_cache: OrderedDict[tuple[object, ...], ossl.SslContext] = OrderedDict()
 _ctx_lock = threading.Lock()
 
 
+def _digest(contents: bytes | None) -> bytes | None:
+    # The cache keeps a digest, not up to max_file_bytes of truststore or CRL per context.
+    return None if contents is None else hashlib.sha256(contents).digest()
+
+
 def _context_key(config: TlsConfig) -> tuple[object, ...]:
     return (
         config.role,
         config.credentials,
         config.truststore,
         config.crl,
+        _digest(config.truststore_contents),
+        _digest(config.crl_contents),
         config.client_auth,
         config.verify_peer,
         config.ciphersuites,
@@ -237,16 +256,7 @@ def _build_context(config: TlsConfig) -> ossl.SslContext:
             (not server and not config.uses_psk) or (server and config.client_auth != "none")
         )
         if need_trust:
-            if config.truststore is None:
-                ctx.load_default_truststore()
-            else:
-                check_truststore(config.truststore)
-                if os.path.isdir(config.truststore):
-                    ctx.load_truststore(capath=config.truststore)
-                else:
-                    ctx.load_truststore(cafile=config.truststore)
-            if config.crl is not None:
-                ctx.add_crls(load_crls(config.crl))
+            _load_trust(ctx, config)
         if server:
             mode = {
                 "none": ossl.SSL_VERIFY_NONE,
@@ -265,6 +275,32 @@ def _build_context(config: TlsConfig) -> ossl.SslContext:
     return ctx
 
 
+def _load_trust(ctx: ossl.SslContext, config: TlsConfig) -> None:
+    """Trust anchors and CRLs into ``ctx``, from memory (see :class:`TlsConfig`)."""
+    anchors = config.truststore_contents
+    if anchors is None and config.truststore is not None:
+        anchors = read_truststore(config.truststore)  # None: a hashed directory
+    if anchors is not None:
+        ctx.add_trust_anchors(anchors, config.truststore or "(in memory)")
+    elif config.truststore is not None:
+        ctx.load_truststore_directory(config.truststore)
+    else:
+        ctx.load_default_truststore()
+    crls = config.crl_contents
+    if crls is None and config.crl is not None:
+        crls = read_crl(config.crl)
+    if crls is not None:
+        ctx.add_crls(crls, config.crl or "(in memory)")
+
+
+def prepare_context(config: TlsConfig) -> None:
+    """Build (or find) the ``SSL_CTX`` for ``config`` now — in a worker thread, so that parsing
+    certificates, keys, truststores and CRLs stays off the event loop and the handshake finds
+    the context cached. Raises :class:`HandshakeError` (``MISSING_MATERIAL``) as the handshake
+    would for unusable material."""
+    _get_context(config)
+
+
 def _get_context(config: TlsConfig) -> ossl.SslContext:
     key = _context_key(config)
     with _ctx_lock:
@@ -281,7 +317,8 @@ def _get_context(config: TlsConfig) -> ossl.SslContext:
 
 
 def clear_context_cache() -> None:
-    """Forget cached contexts (e.g. after the truststore or CRL files changed on disk)."""
+    """Forget cached contexts (e.g. after files named only by path, which are cached by name,
+    changed on disk; contexts built from ``*_contents`` follow the bytes anyway)."""
     with _ctx_lock:
         _ctx_cache.clear()
 

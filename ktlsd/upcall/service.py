@@ -70,11 +70,22 @@ MAX_CONNECTIONS = 1024
 """Connections the service keeps open at once (waiting, queued or in flight)."""
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13 (asm-generic value)
+
+
 def peer_credentials(sock: socket.socket) -> ConsumerCredentials:
-    """The consumer process, from ``SO_PEERCRED`` at connect time."""
+    """The consumer process, from ``SO_PEERCRED`` (and its supplementary groups from
+    ``SO_PEERGROUPS``) at connect time."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return ConsumerCredentials(pid, uid, gid)
+    try:
+        # Python caps the buffer at 1024 bytes (256 groups); with more, or on an older kernel,
+        # the consumer's files are read without its supplementary groups: fewer rights.
+        packed = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
+        groups = struct.unpack(f"{len(packed) // 4}I", packed[: len(packed) // 4 * 4])
+    except OSError:
+        groups = ()
+    return ConsumerCredentials(pid, uid, gid, tuple(groups))
 
 
 def default_pending_limit() -> int:
