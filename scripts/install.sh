@@ -12,7 +12,7 @@ want_test=0
 
 pkgs=(libssl3 openssl keyutils python3-venv)
 if [ "$want_test" = 1 ]; then
-    pkgs+=(gnutls-bin)
+    pkgs+=(gnutls-bin nvme-cli)  # nvme-cli: its DH-HMAC-CHAP key output is compared with ours
     bash testbed/install-host-deps.sh  # QEMU, debootstrap, busybox-static ... for the VM tests
 fi
 
