@@ -1,11 +1,19 @@
-"""Thin edge over the Linux key management syscalls (``add_key(2)``, ``keyctl(2)``).
+"""Thin edge over the Linux key management calls, through libkeyutils (``libkeyutils.so.1``).
 
-Implementation choice: raw ``syscall(2)`` through ctypes with the syscall numbers for
-x86_64 and aarch64, rather than libkeyutils. The agent then needs no extra shared library
-in the guest image, and every call returns the kernel's errno untouched. The only
-libkeyutils behaviour we need beyond single syscalls, finding a keyring by name the way
-``find_key_by_type_and_desc()`` does (nvme-cli uses it to find ``.nvme``), is reproduced
-in :func:`find_keyring`.
+Implementation choice: libkeyutils' one-call wrappers (``add_key``, ``request_key``,
+``keyctl_read``, ``keyctl_search``, ...) through ctypes, each with its C prototype declared.
+The library is built for the machine it is installed on, so it knows that architecture's
+system call numbers and calling convention: ktlsd carries no per-architecture table and runs
+wherever Debian ships libkeyutils1. Each wrapper is a single ``syscall(2)`` that returns -1
+with the kernel's errno, which :class:`KeyringError` carries untouched. The only libkeyutils
+behaviour we need beyond single calls, finding a keyring by name the way
+``find_key_by_type_and_desc()`` does (nvme-cli uses it to find ``.nvme``), is reproduced in
+:func:`find_keyring`, so its errors stay ours.
+
+The library is loaded on the first keyring call, not at import: ``ktlsd --version`` and the
+``ktlsd nvme`` commands that touch no keyring work on a machine without it. When it cannot be
+loaded, every call raises :class:`KeyutilsMissing` (a :class:`KeyringError` with errno
+``ELIBACC``) whose one-line message names the library and the Debian package.
 
 Payloads are secrets: nothing in this module logs, formats or stores them, and errors
 name only the operation, the serial and the errno.
@@ -16,7 +24,8 @@ from __future__ import annotations
 import ctypes
 import errno as errno_mod
 import os
-import platform
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +35,10 @@ __all__ = [
     "KEY_SPEC_THREAD_KEYRING",
     "KEY_SPEC_USER_KEYRING",
     "KEY_SPEC_USER_SESSION_KEYRING",
+    "LIBRARY",
     "KeyInfo",
     "KeyringError",
+    "KeyutilsMissing",
     "add_key",
     "describe_key",
     "find_keyring",
@@ -44,31 +55,14 @@ __all__ = [
     "unlink_key",
 ]
 
+LIBRARY = "libkeyutils.so.1"
+"""The soname ktlsd loads (Debian package ``libkeyutils1``, pulled in by ``keyutils``)."""
+
 KEY_SPEC_THREAD_KEYRING = -1
 KEY_SPEC_PROCESS_KEYRING = -2
 KEY_SPEC_SESSION_KEYRING = -3
 KEY_SPEC_USER_KEYRING = -4
 KEY_SPEC_USER_SESSION_KEYRING = -5
-
-# keyctl(2) operations (include/uapi/linux/keyctl.h)
-_KEYCTL_GET_KEYRING_ID = 0
-_KEYCTL_JOIN_SESSION_KEYRING = 1
-_KEYCTL_REVOKE = 3
-_KEYCTL_SETPERM = 5
-_KEYCTL_DESCRIBE = 6
-_KEYCTL_LINK = 8
-_KEYCTL_UNLINK = 9
-_KEYCTL_SEARCH = 10
-_KEYCTL_READ = 11
-_KEYCTL_SET_TIMEOUT = 15
-_KEYCTL_INVALIDATE = 21
-
-# (add_key, request_key, keyctl) syscall numbers per architecture.
-_SYSCALLS = {
-    "x86_64": (248, 249, 250),
-    "aarch64": (217, 218, 219),
-    "arm64": (217, 218, 219),
-}
 
 _SPECIAL_NAMES = {
     KEY_SPEC_THREAD_KEYRING: "@t",
@@ -78,9 +72,30 @@ _SPECIAL_NAMES = {
     KEY_SPEC_USER_SESSION_KEYRING: "@us",
 }
 
+_serial_t = ctypes.c_int32  # key_serial_t
+_char_p = ctypes.c_char_p
+_buffer_p = ctypes.c_void_p  # char * or key_serial_t * buffers the kernel fills
+
+# libkeyutils' prototypes (keyutils.h): name -> (return type, argument types).
+_PROTOTYPES: dict[str, tuple[type[ctypes._SimpleCData[Any]], tuple[Any, ...]]] = {
+    "add_key": (_serial_t, (_char_p, _char_p, ctypes.c_void_p, ctypes.c_size_t, _serial_t)),
+    "request_key": (_serial_t, (_char_p, _char_p, _char_p, _serial_t)),
+    "keyctl_get_keyring_ID": (_serial_t, (_serial_t, ctypes.c_int)),
+    "keyctl_join_session_keyring": (_serial_t, (_char_p,)),
+    "keyctl_revoke": (ctypes.c_long, (_serial_t,)),
+    "keyctl_setperm": (ctypes.c_long, (_serial_t, ctypes.c_uint32)),
+    "keyctl_describe": (ctypes.c_long, (_serial_t, _buffer_p, ctypes.c_size_t)),
+    "keyctl_link": (ctypes.c_long, (_serial_t, _serial_t)),
+    "keyctl_unlink": (ctypes.c_long, (_serial_t, _serial_t)),
+    "keyctl_search": (ctypes.c_long, (_serial_t, _char_p, _char_p, _serial_t)),
+    "keyctl_read": (ctypes.c_long, (_serial_t, _buffer_p, ctypes.c_size_t)),
+    "keyctl_set_timeout": (ctypes.c_long, (_serial_t, ctypes.c_uint)),
+    "keyctl_invalidate": (ctypes.c_long, (_serial_t,)),
+}
+
 
 class KeyringError(OSError):
-    """A key management syscall failed; ``errno`` is the kernel's error number.
+    """A key management call failed; ``errno`` is the kernel's error number.
 
     ``str()`` is one line: ``"<operation> key <serial>: <ERRNAME> (<strerror>)"``.
     """
@@ -98,30 +113,62 @@ class KeyringError(OSError):
         return str(self.strerror)
 
 
+class KeyutilsMissing(KeyringError):
+    """libkeyutils cannot be loaded, so no keyring call can be made; ``errno`` is ``ELIBACC``.
+
+    ``str()`` is one line: ``"<operation>: <loader's reason>; ktlsd needs libkeyutils.so.1
+    (Debian package libkeyutils1)"``.
+    """
+
+    def __init__(self, operation: str, reason: str) -> None:
+        OSError.__init__(
+            self,
+            errno_mod.ELIBACC,
+            f"{operation}: {' '.join(reason.split())}; "
+            f"ktlsd needs {LIBRARY} (Debian package libkeyutils1)",
+        )
+        self.operation = operation
+        self.serial = None
+
+
 def _serial_text(serial: int) -> str:
     return _SPECIAL_NAMES.get(serial, f"{serial & 0xFFFFFFFF:08x}")
 
 
-def _load() -> tuple[ctypes.CDLL, tuple[int, int, int]]:
-    machine = platform.machine()
-    if machine not in _SYSCALLS:
-        raise OSError(errno_mod.ENOSYS, f"keyring syscalls not mapped for {machine}")
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    return libc, _SYSCALLS[machine]
+_functions: dict[str, Callable[..., int]] = {}
+_load_lock = threading.Lock()
 
 
-_LIBC, (_NR_ADD_KEY, _NR_REQUEST_KEY, _NR_KEYCTL) = _load()
+def _function(name: str, operation: str) -> Callable[..., int]:
+    """libkeyutils' ``name``, loading the library on first use (a failure is not cached)."""
+    found = _functions.get(name)
+    if found is not None:
+        return found
+    with _load_lock:
+        if not _functions:
+            try:
+                lib = ctypes.CDLL(LIBRARY, use_errno=True)
+                bound: dict[str, Callable[..., int]] = {}
+                for symbol, (restype, argtypes) in _PROTOTYPES.items():
+                    func = getattr(lib, symbol)
+                    func.restype = restype
+                    func.argtypes = argtypes
+                    bound[symbol] = func
+            except (OSError, AttributeError) as exc:
+                raise KeyutilsMissing(operation, str(exc)) from None
+            _functions.update(bound)
+    return _functions[name]
 
 
-def _keyctl(
+def _call(
+    name: str,
     operation: str,
     serial: int | None,
     *args: int | bytes | ctypes.Array[Any] | None,
     detail: str = "",
 ) -> int:
-    cargs = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
-    res = _LIBC.syscall(ctypes.c_long(_NR_KEYCTL), *cargs)
+    """Call libkeyutils' ``name``; a negative result raises with the kernel's errno."""
+    res = _function(name, operation)(*args)
     if res < 0:
         raise KeyringError(ctypes.get_errno(), operation, serial, detail)
     return int(res)
@@ -148,24 +195,21 @@ class KeyInfo:
 def add_key(key_type: str, description: str, payload: bytes | None, keyring: int) -> int:
     """Create (or update) a key in ``keyring`` and return its serial."""
     data = bytes(payload) if payload is not None else None
-    res = _LIBC.syscall(
-        ctypes.c_long(_NR_ADD_KEY),
+    return _call(
+        "add_key",
+        f"add {key_type!r} {description!r} to keyring",
+        keyring,
         _c_str(key_type),
         _c_str(description),
         data,
-        ctypes.c_size_t(len(data) if data is not None else 0),
-        ctypes.c_long(keyring),
+        len(data) if data is not None else 0,
+        keyring,
     )
-    if res < 0:
-        raise KeyringError(
-            ctypes.get_errno(), f"add {key_type!r} {description!r} to keyring", keyring
-        )
-    return int(res)
 
 
 def get_keyring_id(special: int, create: bool = False) -> int:
     """Resolve a special keyring id (``KEY_SPEC_*``) to its real serial."""
-    return _keyctl("resolve", special, _KEYCTL_GET_KEYRING_ID, special, int(create))
+    return _call("keyctl_get_keyring_ID", "resolve", special, special, int(create))
 
 
 def read_key(serial: int) -> bytes:
@@ -173,7 +217,7 @@ def read_key(serial: int) -> bytes:
     size = 256
     while True:
         buf = ctypes.create_string_buffer(size)
-        n = _keyctl("read", serial, _KEYCTL_READ, serial, buf, size)
+        n = _call("keyctl_read", "read", serial, serial, buf, size)
         if n <= size:
             data = buf.raw[:n]
             ctypes.memset(buf, 0, size)
@@ -186,7 +230,7 @@ def _describe_raw(serial: int) -> str:
     size = 256
     while True:
         buf = ctypes.create_string_buffer(size)
-        n = _keyctl("describe", serial, _KEYCTL_DESCRIBE, serial, buf, size)
+        n = _call("keyctl_describe", "describe", serial, serial, buf, size)
         if n <= size:
             return buf.raw[: n - 1].decode(errors="replace")
         size = n
@@ -201,10 +245,10 @@ def describe_key(serial: int) -> KeyInfo:
 
 def search_keyring(keyring: int, key_type: str, description: str, destination: int = 0) -> int:
     """Search ``keyring`` (recursively) for a key; optionally link the hit to ``destination``."""
-    return _keyctl(
+    return _call(
+        "keyctl_search",
         "search keyring",
         keyring,
-        _KEYCTL_SEARCH,
         keyring,
         _c_str(key_type),
         _c_str(description),
@@ -218,52 +262,55 @@ def list_keyring(keyring: int) -> list[int]:
     size = 64
     while True:
         buf = (ctypes.c_int32 * (size // 4))()
-        n = _keyctl("list", keyring, _KEYCTL_READ, keyring, buf, size)
+        n = _call("keyctl_read", "list", keyring, keyring, buf, size)
         if n <= size:
             return [int(buf[i]) for i in range(n // 4)]
         size = n
 
 
 def link_key(serial: int, keyring: int) -> None:
-    _keyctl("link", serial, _KEYCTL_LINK, serial, keyring, detail=f" into {_serial_text(keyring)}")
+    _call("keyctl_link", "link", serial, serial, keyring, detail=f" into {_serial_text(keyring)}")
 
 
 def unlink_key(serial: int, keyring: int) -> None:
-    _keyctl(
-        "unlink", serial, _KEYCTL_UNLINK, serial, keyring, detail=f" from {_serial_text(keyring)}"
+    _call(
+        "keyctl_unlink", "unlink", serial, serial, keyring, detail=f" from {_serial_text(keyring)}"
     )
 
 
 def revoke_key(serial: int) -> None:
-    _keyctl("revoke", serial, _KEYCTL_REVOKE, serial)
+    _call("keyctl_revoke", "revoke", serial, serial)
 
 
 def invalidate_key(serial: int) -> None:
-    _keyctl("invalidate", serial, _KEYCTL_INVALIDATE, serial)
+    _call("keyctl_invalidate", "invalidate", serial, serial)
 
 
 def set_timeout(serial: int, seconds: int) -> None:
     """Expire the key ``seconds`` from now (0 = never)."""
-    _keyctl("set timeout on", serial, _KEYCTL_SET_TIMEOUT, serial, seconds)
+    _call("keyctl_set_timeout", "set timeout on", serial, serial, seconds)
 
 
 def set_perm(serial: int, perm: int) -> None:
-    _keyctl("set permissions on", serial, _KEYCTL_SETPERM, serial, perm)
+    _call("keyctl_setperm", "set permissions on", serial, serial, perm)
 
 
 def join_session_keyring(name: str | None = None) -> int:
     """Join (or create) a named session keyring; ``None`` makes a fresh anonymous one."""
     arg = _c_str(name) if name is not None else None
-    return _keyctl("join session keyring", None, _KEYCTL_JOIN_SESSION_KEYRING, arg)
+    return _call("keyctl_join_session_keyring", "join session keyring", None, arg)
 
 
 def _request_key(key_type: str, description: str) -> int:
-    res = _LIBC.syscall(
-        ctypes.c_long(_NR_REQUEST_KEY), _c_str(key_type), _c_str(description), None, 0
+    return _call(
+        "request_key",
+        f"request {key_type!r} {description!r}",
+        None,
+        _c_str(key_type),
+        _c_str(description),
+        None,
+        0,
     )
-    if res < 0:
-        raise KeyringError(ctypes.get_errno(), f"request {key_type!r} {description!r}")
-    return int(res)
 
 
 def find_keyring(name: str) -> int:
@@ -273,10 +320,13 @@ def find_keyring(name: str) -> int:
     searches the keyrings this process possesses), then a scan of ``/proc/keys`` for a
     keyring with that exact description that we may view. Kernel-owned keyrings such as
     ``.nvme`` are not linked into any process keyring and are found by the scan.
-    Raises :class:`KeyringError` with ENOKEY when there is none.
+    Raises :class:`KeyringError` with ENOKEY when there is none (and
+    :class:`KeyutilsMissing`, never ENOKEY, when libkeyutils cannot be loaded).
     """
     try:
         return _request_key("keyring", name)
+    except KeyutilsMissing:
+        raise  # not a lookup result: say what is missing, never "not found"
     except KeyringError:
         pass  # not reachable from our keyrings (or not permitted): scan /proc/keys
     try:
@@ -295,6 +345,8 @@ def find_keyring(name: str) -> int:
         serial = int(fields[0], 16)
         try:
             info = describe_key(serial)
+        except KeyutilsMissing:
+            raise
         except KeyringError:
             continue
         if info.type == "keyring" and info.description == name:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install ktlsd and what it needs on a Debian 12 machine (run as root), into ./.venv.
 #   scripts/install.sh          runtime: OpenSSL's libssl, keyutils, then ktlsd itself
-#   scripts/install.sh --test   also the test peers (openssl, gnutls-bin, tlslite-ng) and the
-#                               VM test bed's host tools (QEMU, debootstrap, busybox-static)
+#   scripts/install.sh --test   also the test peers (openssl, gnutls-bin, tlslite-ng), the
+#                               package checkers (lintian, groff) and the VM test bed's host
+#                               tools (QEMU, debootstrap, busybox-static)
 # Never adds another Debian suite to the host's apt sources.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,9 @@ want_test=0
 
 pkgs=(libssl3 openssl keyutils python3-venv)
 if [ "$want_test" = 1 ]; then
-    pkgs+=(gnutls-bin nvme-cli)  # nvme-cli: its DH-HMAC-CHAP key output is compared with ours
+    # nvme-cli: its DH-HMAC-CHAP key output is compared with ours;
+    # lintian, groff: tests/test_packaging.py checks the .deb and the man pages
+    pkgs+=(gnutls-bin nvme-cli lintian groff-base)
     bash testbed/install-host-deps.sh  # QEMU, debootstrap, busybox-static ... for the VM tests
 fi
 

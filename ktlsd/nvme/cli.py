@@ -75,6 +75,8 @@ def _insert(
 ) -> int:
     try:
         ring = keyring.find_keyring(keyring_name)
+    except keyring.KeyutilsMissing as exc:
+        raise CommandError(f"Failed to insert key: {exc}") from exc
     except keyring.KeyringError as exc:
         raise CommandError(f"Failed to insert key: keyring '{keyring_name}' not found") from exc
     try:
@@ -205,6 +207,8 @@ def cmd_check_dhchap_key(args: argparse.Namespace) -> int:
 def _find_ring(name: str) -> int:
     try:
         return keyring.find_keyring(name)
+    except keyring.KeyutilsMissing as exc:
+        raise CommandError(str(exc)) from exc
     except keyring.KeyringError as exc:
         raise CommandError(f"Invalid keyring '{name}'") from exc
 
