@@ -50,6 +50,10 @@ GUEST_PACKAGES: tuple[str, ...] = (
     "e2fsprogs",
     "procps",
     "util-linux",
+    # For the systemd-booted flavour (testbed/systemd_run.py): device units (the serial
+    # console's getty waits for dev-ttyS0.device), and nvme-cli's udev rules as on a real host.
+    # systemd itself, systemctl and journalctl come in with nfs-kernel-server and ktls-utils.
+    "udev",
 )
 
 #: Modules the initramfs must load to mount an ext4 root on virtio-blk (Debian builds them as

@@ -57,8 +57,15 @@ def qemu_command(
     extra_cmdline: str = "",
     memory: str = "2G",
     cpus: int = 2,
+    allow_reboot: bool = False,
 ) -> list[str]:
-    """The QEMU command line for one boot (no network, serial console to a file)."""
+    """The QEMU command line for one boot (no network, serial console to a file).
+
+    ``allow_reboot``: a guest reboot resets the machine instead of ending QEMU. The
+    ``snapshot=on`` overlay lives as long as the QEMU process, so what the guest wrote before
+    rebooting is still there after (the systemd flavour's two boots rely on this); a panic
+    (``panic=-1``) reboots too, so such a guest must bound its own boot count.
+    """
     cmdline = f"console=ttyS0 loglevel=4 panic=-1 rw {extra_cmdline}".strip()
     cmd = [
         QEMU,
@@ -69,7 +76,7 @@ def qemu_command(
         "-display", "none",
         "-monitor", "none",
         "-serial", f"file:{console_log}",
-        "-no-reboot",
+        *([] if allow_reboot else ["-no-reboot"]),
         "-nic", "none",
         "-device", "virtio-rng-pci",
         "-kernel", str(image.kernel),
@@ -139,9 +146,15 @@ def boot(
     results_dir: Path,
     timeout: float,
     console_log: Path,
+    *,
+    extra_cmdline: str = "",
+    allow_reboot: bool = False,
 ) -> BootResult:
-    """Boot once; the guest runs ``testbed/guest_runner.py`` on ``results_dir/plan.json``."""
+    """Boot once; the guest runs ``testbed/guest_runner.py`` on ``results_dir/plan.json``
+    (or, with ``ktlsd.systemd=1`` in ``extra_cmdline``, the systemd flavour)."""
     accel = choose_accel(image, results_dir)
     console_log.unlink(missing_ok=True)
-    cmd = qemu_command(image, accel, console_log, project_dir=project_dir, results_dir=results_dir)
+    cmd = qemu_command(image, accel, console_log, project_dir=project_dir,
+                       results_dir=results_dir, extra_cmdline=extra_cmdline,
+                       allow_reboot=allow_reboot)  # fmt: skip
     return _run_qemu(cmd, timeout, accel, console_log)
