@@ -1,4 +1,5 @@
-"""Session fixture for the real-kernel tests: ONE build, ONE boot, all scenarios.
+"""Session fixtures for the real-kernel tests: ONE build, ONE boot for all scenarios, and one
+more boot for the systemd flavour (tests/vm/test_systemd_guest.py).
 
 Every test under tests/vm/ is marked ``vm`` automatically, so ``pytest -m "not vm"`` leaves
 them out and ``pytest -m vm tests/vm`` runs only them. If the guest cannot be built (no
@@ -18,7 +19,7 @@ import pytest
 # testbed/ is not part of the installed package: import it from the repository itself.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from testbed import build, run
+from testbed import build, run, systemd_run
 
 #: Scenarios booted together by the session fixture. ``KTLSD_VM_SCENARIOS`` (comma-separated)
 #: overrides the list, e.g. to add the ``-ktlsd`` variants once ``ktlsd run`` exists.
@@ -56,6 +57,21 @@ def vm_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
 
 _REPORTS: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def systemd_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The systemd flavour: one QEMU process, two guest boots (testbed.systemd_run)."""
+    results = tmp_path_factory.mktemp("vm-systemd")
+    try:
+        report = systemd_run.run(results_dir=results)
+    except build.BuildError as exc:
+        pytest.fail(f"cannot build the test-bed guest or the .deb: {exc}", pytrace=False)
+    (results / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = run.format_report(report)
+    print("\n" + text)
+    _REPORTS.append(text)
+    return report
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

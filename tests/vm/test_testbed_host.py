@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from testbed import build, guest_runner, run, vm
+from testbed import build, guest_runner, run, systemd_run, vm
 from testbed.scenarios import common
+from testbed.systemd_guest import driver as systemd_driver
+from testbed.systemd_guest import names
 
 
 def fake_image(tmp_path: Path) -> build.GuestImage:
@@ -129,3 +131,58 @@ def test_secret_output_is_withheld(tmp_path: Path, capsys: pytest.CaptureFixture
     proc = sc.sh(["cat", str(secret_file)], secret_output=True)
     assert "NVMeTLSkey-1" in proc.stdout  # the caller still gets it ...
     assert "NVMeTLSkey-1" not in capsys.readouterr().out  # ... the log never does
+
+
+# -- the systemd flavour (testbed/systemd_run.py, testbed/systemd_guest/) --------------------
+
+
+def test_qemu_lets_only_the_systemd_flavour_reboot(tmp_path: Path) -> None:
+    image = fake_image(tmp_path)
+    plain = vm.qemu_command(image, "tcg", tmp_path / "c.log")
+    rebooting = vm.qemu_command(image, "tcg", tmp_path / "c.log", allow_reboot=True,
+                                extra_cmdline=systemd_run.CMDLINE)  # fmt: skip
+    assert "-no-reboot" in plain and "-no-reboot" not in rebooting
+    assert "ktlsd.systemd=1" in rebooting[rebooting.index("-append") + 1]
+    # The guest's init hands PID 1 to systemd only when the command line says so.
+    init = (Path(build.GUEST_DIR) / "ktlsd-guest-init").read_text()
+    assert "ktlsd.systemd=1" in init and "exec /usr/lib/systemd/systemd" in init
+
+
+def test_systemd_flavour_phases_and_plan() -> None:
+    assert systemd_run.PHASES == ("systemd-upgrade", "systemd-boot")
+    assert names.PHASES == {1: "upgrade", 2: "boot"}
+    plan = systemd_run.plan(Path("/x/ktlsd_0.1.0_all.deb"))
+    assert plan["deb"] == "ktlsd_0.1.0_all.deb"
+    assert plan["temporary_type_simple"] is systemd_run.TEMPORARY_TYPE_SIMPLE
+
+
+def test_systemd_flavour_files_agree_on_names() -> None:
+    """The target script, the units and names.py must name the same subsystem and port."""
+    guest = Path(systemd_driver.__file__).parent
+    script = (guest / "ktlsd-testbed-nvmet").read_text()
+    assert f"sub={names.SUBNQN}\n" in script
+    assert f"echo {names.NVME_PORT} > " in script and f"echo {names.NVME_ADDR} > " in script
+    assert f"echo {names.RAMDISK} > " in script
+    units = {u.name: u.read_text() for u in (guest / "units").glob("*.service")}
+    assert set(units) == {"ktlsd-testbed-driver.service", "ktlsd-testbed-nvme-psk.service",
+                          "ktlsd-testbed-nvmet.service"}  # fmt: skip
+    assert f"--keyfile={names.TLS_KEYFILE}" in units["ktlsd-testbed-nvme-psk.service"]
+    assert "Before=nvmf-autoconnect.service" in units["ktlsd-testbed-nvmet.service"]
+    assert "driver.py --next-boot" in units["ktlsd-testbed-driver.service"]
+
+
+def test_driver_parses_the_agents_handshake_lines() -> None:
+    entries = [
+        (5, 6, "handshake source=kernel peer=127.0.0.1:2049 peername=127.0.0.1 role=client "
+               "auth=unauth identity=x509:CN=127.0.0.1 suite=TLS_AES_128_GCM_SHA256 "
+               "duration=308.8ms status=0 (ok)"),
+        (6, 4, 'handshake source=kernel peer=127.0.0.1:4420 peername=- role=server auth=psk '
+               'identity="psk:NVMe1R01 h s d" suite=- duration=20.1ms status=-13 (EACCES) '
+               "reason=x"),
+        (7, 6, "keyrings linked: .nvme"),
+    ]  # fmt: skip
+    ok = systemd_driver.ktlsd_handshakes(entries, ok=True)
+    assert [(h["role"], h["auth"]) for h in ok] == [("client", "unauth")]
+    failed = systemd_driver.ktlsd_handshakes(entries, ok=False)
+    assert [(h["role"], h["auth"], h["priority"]) for h in failed] == [("server", "psk", 4)]
+    assert len(systemd_driver.ktlsd_handshakes(entries)) == 2
