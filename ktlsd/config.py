@@ -36,11 +36,20 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ktlsd.settings import (
+    DEFAULT_MAX_CONSUMER_TIMEOUT_MS,
+    DEFAULT_MAX_KEPT_SESSIONS,
+    DEFAULT_SERVICE_MAX_CONNECTIONS,
     DEFAULT_SERVICE_MODE,
     DEFAULT_SERVICE_PATH,
     DEFAULT_SESSION_LIFETIME,
+    DEFAULT_SUBMIT_TIMEOUT_MS,
     DEFAULT_TIMEOUT_MS,
+    DEFAULT_UID_MAX_CONNECTIONS,
+    DEFAULT_UID_MAX_IN_FLIGHT,
+    DEFAULT_UID_MAX_KEPT_SESSIONS,
+    DEFAULT_UID_MAX_PENDING,
     AgentSettings,
+    ServiceLimits,
     X509Files,
 )
 
@@ -228,6 +237,10 @@ class AgentConfig:
     ``max_concurrent`` (0 = sized to the CPUs by the agent), ``pending_limit`` (0 = the
     kernel's rule), ``default_timeout_ms`` (for requests that carry no timeout),
     ``session_lifetime`` (seconds kept session state lives in the keyring; 0 keeps none),
+    ``keep_kernel_sessions``, ``max_kept_sessions``, ``uid_max_kept_sessions`` (which sessions
+    are kept, how many), ``max_consumer_timeout_ms``, ``submit_timeout_ms``,
+    ``service_max_connections``, ``uid_max_connections``, ``uid_max_pending``,
+    ``uid_max_in_flight`` (each local user's share of the service; docs/service.md, "Limits"),
     ``log_level``, ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them).
     """
 
@@ -247,6 +260,15 @@ class AgentConfig:
     pending_limit: int = 0
     default_timeout_ms: int = DEFAULT_TIMEOUT_MS
     session_lifetime: int = DEFAULT_SESSION_LIFETIME
+    keep_kernel_sessions: bool = False
+    max_kept_sessions: int = DEFAULT_MAX_KEPT_SESSIONS
+    uid_max_kept_sessions: int = DEFAULT_UID_MAX_KEPT_SESSIONS
+    max_consumer_timeout_ms: int = DEFAULT_MAX_CONSUMER_TIMEOUT_MS
+    submit_timeout_ms: int = DEFAULT_SUBMIT_TIMEOUT_MS
+    service_max_connections: int = DEFAULT_SERVICE_MAX_CONNECTIONS
+    uid_max_connections: int = DEFAULT_UID_MAX_CONNECTIONS
+    uid_max_pending: int = DEFAULT_UID_MAX_PENDING
+    uid_max_in_flight: int = DEFAULT_UID_MAX_IN_FLIGHT
     log_level: str | None = None
     groups: str | None = None
 
@@ -279,6 +301,18 @@ class AgentConfig:
             keep_sessions=self.session_lifetime > 0,
             session_lifetime=self.session_lifetime,
             default_timeout_ms=self.default_timeout_ms,
+            max_consumer_timeout_ms=self.max_consumer_timeout_ms,
+            keep_kernel_sessions=self.keep_kernel_sessions,
+            max_kept_sessions=self.max_kept_sessions,
+            uid_max_kept_sessions=self.uid_max_kept_sessions,
+            service_limits=ServiceLimits(
+                pending_limit=self.pending_limit,
+                max_connections=self.service_max_connections,
+                submit_timeout_ms=self.submit_timeout_ms,
+                uid_max_connections=self.uid_max_connections,
+                uid_max_pending=self.uid_max_pending,
+                uid_max_in_flight=self.uid_max_in_flight,
+            ),
         )
 
 
@@ -305,6 +339,9 @@ _TLSHD_GROUPS_IGNORED = ("tags",)  # tlshd features ktlsd does not implement (ye
 _KTLSD_KEYS = (
     "service_socket", "service_mode", "service_group", "kernel", "max_concurrent",
     "pending_limit", "default_timeout_ms", "session_lifetime", "log_level", "groups",
+    "keep_kernel_sessions", "max_kept_sessions", "uid_max_kept_sessions",
+    "max_consumer_timeout_ms", "submit_timeout_ms", "service_max_connections",
+    "uid_max_connections", "uid_max_pending", "uid_max_in_flight",
 )
 _KTLSD_KEYS_RETIRED = {
     "record_layer": "user-space consumers choose their record layer themselves "
@@ -497,6 +534,34 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
         session_lifetime=pick(
             reader.typed(k, "session_lifetime", lambda t: _int(t, minimum=0)),
             defaults.session_lifetime),
+        keep_kernel_sessions=pick(reader.typed(k, "keep_kernel_sessions", _bool),
+                                  defaults.keep_kernel_sessions),
+        max_kept_sessions=pick(
+            reader.typed(k, "max_kept_sessions", lambda t: _int(t, minimum=1)),
+            defaults.max_kept_sessions),
+        uid_max_kept_sessions=pick(
+            reader.typed(k, "uid_max_kept_sessions", lambda t: _int(t, minimum=1)),
+            defaults.uid_max_kept_sessions),
+        max_consumer_timeout_ms=pick(
+            reader.typed(k, "max_consumer_timeout_ms",
+                         lambda t: _int(t, minimum=1, maximum=3_600_000)),
+            defaults.max_consumer_timeout_ms),
+        submit_timeout_ms=pick(
+            reader.typed(k, "submit_timeout_ms", lambda t: _int(t, minimum=1, maximum=600_000)),
+            defaults.submit_timeout_ms),
+        service_max_connections=pick(
+            reader.typed(k, "service_max_connections",
+                         lambda t: _int(t, minimum=1, maximum=1_000_000)),
+            defaults.service_max_connections),
+        uid_max_connections=pick(
+            reader.typed(k, "uid_max_connections", lambda t: _int(t, minimum=1)),
+            defaults.uid_max_connections),
+        uid_max_pending=pick(
+            reader.typed(k, "uid_max_pending", lambda t: _int(t, minimum=1)),
+            defaults.uid_max_pending),
+        uid_max_in_flight=pick(
+            reader.typed(k, "uid_max_in_flight", lambda t: _int(t, minimum=1)),
+            defaults.uid_max_in_flight),
         log_level=reader.typed(k, "log_level", lambda t: _choice(t, LOG_LEVELS)),
         groups=reader.string(k, "groups") or None,
     )
