@@ -215,3 +215,17 @@ def test_hundreds_of_service_handshakes_keep_at_most_the_cap(quiet_ring: int) ->
 
     run(main(str(Path(os.environ.get("TMPDIR", "/tmp")) / f"ktlsd-kept-{os.getpid()}.sock")),
         120)
+
+
+def test_keep_session_travels_as_submit_attribute_112() -> None:
+    from ktlsd.client import build_request
+    from ktlsd.upcall.nlattr import decode_attrs, decode_genl, u32
+    from ktlsd.upcall.wire import SubmitAttr, decode_submit, encode_submit
+
+    for keep in (False, True):
+        request = build_request(role="client", auth="psk", psk=[("id", PSK)], keep_session=keep)
+        message = encode_submit(request)
+        attrs = decode_attrs(decode_genl(message).attrs)
+        assert ((SubmitAttr.KEEP_SESSION, u32(1)) in attrs) is keep
+        assert SubmitAttr.KEEP_SESSION == 112
+        assert decode_submit(message, sockfd=3)[1].keep_session is keep
