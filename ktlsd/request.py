@@ -19,6 +19,11 @@ back, as typed attributes, so the agent never has to know which source a request
 * :attr:`PendingRequest.cancelled`: set when the consumer withdraws the request; the agent then
   gives up on the handshake. A source whose consumers cannot withdraw never sets it;
 * :attr:`PendingRequest.source_name`: a label for the logs, nothing more.
+
+A consumer's request may ask for its session to be kept for later key updates
+(:attr:`HandshakeRequest.keep_session`); the kernel's sessions are kept when the agent is
+configured to. A source with limits of its own (the service's per-uid shares) is a
+:class:`ConfigurableSource`: the agent hands it new settings on reload.
 """
 
 from __future__ import annotations
