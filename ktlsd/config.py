@@ -37,13 +37,22 @@ from typing import TypeVar
 
 from ktlsd.settings import (
     DEFAULT_LEGACY_PSK_SHA384,
+    DEFAULT_MAX_CONSUMER_TIMEOUT_MS,
+    DEFAULT_MAX_KEPT_SESSIONS,
+    DEFAULT_SERVICE_MAX_CONNECTIONS,
     DEFAULT_SERVICE_MODE,
     DEFAULT_SERVICE_PATH,
     DEFAULT_SESSION_LIFETIME,
+    DEFAULT_SUBMIT_TIMEOUT_MS,
     DEFAULT_TIMEOUT_MS,
+    DEFAULT_UID_MAX_CONNECTIONS,
+    DEFAULT_UID_MAX_IN_FLIGHT,
+    DEFAULT_UID_MAX_KEPT_SESSIONS,
+    DEFAULT_UID_MAX_PENDING,
     LEGACY_PSK_SHA384_MODES,
     AgentSettings,
     LegacyPskSha384,
+    ServiceLimits,
     X509Files,
 )
 
@@ -231,6 +240,10 @@ class AgentConfig:
     ``max_concurrent`` (0 = sized to the CPUs by the agent), ``pending_limit`` (0 = the
     kernel's rule), ``default_timeout_ms`` (for requests that carry no timeout),
     ``session_lifetime`` (seconds kept session state lives in the keyring; 0 keeps none),
+    ``keep_kernel_sessions``, ``max_kept_sessions``, ``uid_max_kept_sessions`` (which sessions
+    are kept, how many), ``max_consumer_timeout_ms``, ``submit_timeout_ms``,
+    ``service_max_connections``, ``uid_max_connections``, ``uid_max_pending``,
+    ``uid_max_in_flight`` (each local user's share of the service; docs/service.md, "Limits"),
     ``log_level``, ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them),
     ``legacy_psk_sha384`` ("refuse"/"accept"/"offer": SHA-384 PSKs bound to SHA-256 the way
     tlshd 1.0 does them; see docs/configuration.md).
@@ -252,6 +265,15 @@ class AgentConfig:
     pending_limit: int = 0
     default_timeout_ms: int = DEFAULT_TIMEOUT_MS
     session_lifetime: int = DEFAULT_SESSION_LIFETIME
+    keep_kernel_sessions: bool = False
+    max_kept_sessions: int = DEFAULT_MAX_KEPT_SESSIONS
+    uid_max_kept_sessions: int = DEFAULT_UID_MAX_KEPT_SESSIONS
+    max_consumer_timeout_ms: int = DEFAULT_MAX_CONSUMER_TIMEOUT_MS
+    submit_timeout_ms: int = DEFAULT_SUBMIT_TIMEOUT_MS
+    service_max_connections: int = DEFAULT_SERVICE_MAX_CONNECTIONS
+    uid_max_connections: int = DEFAULT_UID_MAX_CONNECTIONS
+    uid_max_pending: int = DEFAULT_UID_MAX_PENDING
+    uid_max_in_flight: int = DEFAULT_UID_MAX_IN_FLIGHT
     log_level: str | None = None
     groups: str | None = None
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
@@ -286,6 +308,18 @@ class AgentConfig:
             session_lifetime=self.session_lifetime,
             default_timeout_ms=self.default_timeout_ms,
             legacy_psk_sha384=self.legacy_psk_sha384,
+            max_consumer_timeout_ms=self.max_consumer_timeout_ms,
+            keep_kernel_sessions=self.keep_kernel_sessions,
+            max_kept_sessions=self.max_kept_sessions,
+            uid_max_kept_sessions=self.uid_max_kept_sessions,
+            service_limits=ServiceLimits(
+                pending_limit=self.pending_limit,
+                max_connections=self.service_max_connections,
+                submit_timeout_ms=self.submit_timeout_ms,
+                uid_max_connections=self.uid_max_connections,
+                uid_max_pending=self.uid_max_pending,
+                uid_max_in_flight=self.uid_max_in_flight,
+            ),
         )
 
 
@@ -313,6 +347,9 @@ _KTLSD_KEYS = (
     "service_socket", "service_mode", "service_group", "kernel", "max_concurrent",
     "pending_limit", "default_timeout_ms", "session_lifetime", "log_level", "groups",
     "legacy_psk_sha384",
+    "keep_kernel_sessions", "max_kept_sessions", "uid_max_kept_sessions",
+    "max_consumer_timeout_ms", "submit_timeout_ms", "service_max_connections",
+    "uid_max_connections", "uid_max_pending", "uid_max_in_flight",
 )
 _KTLSD_KEYS_RETIRED = {
     "record_layer": "user-space consumers choose their record layer themselves "
@@ -513,6 +550,34 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
         session_lifetime=pick(
             reader.typed(k, "session_lifetime", lambda t: _int(t, minimum=0)),
             defaults.session_lifetime),
+        keep_kernel_sessions=pick(reader.typed(k, "keep_kernel_sessions", _bool),
+                                  defaults.keep_kernel_sessions),
+        max_kept_sessions=pick(
+            reader.typed(k, "max_kept_sessions", lambda t: _int(t, minimum=1)),
+            defaults.max_kept_sessions),
+        uid_max_kept_sessions=pick(
+            reader.typed(k, "uid_max_kept_sessions", lambda t: _int(t, minimum=1)),
+            defaults.uid_max_kept_sessions),
+        max_consumer_timeout_ms=pick(
+            reader.typed(k, "max_consumer_timeout_ms",
+                         lambda t: _int(t, minimum=1, maximum=3_600_000)),
+            defaults.max_consumer_timeout_ms),
+        submit_timeout_ms=pick(
+            reader.typed(k, "submit_timeout_ms", lambda t: _int(t, minimum=1, maximum=600_000)),
+            defaults.submit_timeout_ms),
+        service_max_connections=pick(
+            reader.typed(k, "service_max_connections",
+                         lambda t: _int(t, minimum=1, maximum=1_000_000)),
+            defaults.service_max_connections),
+        uid_max_connections=pick(
+            reader.typed(k, "uid_max_connections", lambda t: _int(t, minimum=1)),
+            defaults.uid_max_connections),
+        uid_max_pending=pick(
+            reader.typed(k, "uid_max_pending", lambda t: _int(t, minimum=1)),
+            defaults.uid_max_pending),
+        uid_max_in_flight=pick(
+            reader.typed(k, "uid_max_in_flight", lambda t: _int(t, minimum=1)),
+            defaults.uid_max_in_flight),
         log_level=reader.typed(k, "log_level", lambda t: _choice(t, LOG_LEVELS)),
         groups=reader.string(k, "groups") or None,
         legacy_psk_sha384=pick(

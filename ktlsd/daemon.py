@@ -97,7 +97,7 @@ async def open_sources(config: AgentConfig) -> list[UpcallSource]:
             config.service_socket,
             mode=config.service_mode,
             group=config.service_group,
-            pending_limit=config.pending_limit or None,
+            limits=config.agent_settings().service_limits,
         )
         try:
             await service.start()

@@ -24,7 +24,7 @@ from typing import Any
 from ktlsd.agent import Agent
 from ktlsd.request import ConsumerCredentials, HandshakeDone, HandshakeRequest, KeyDelivery
 from ktlsd.session_store import SessionStore
-from ktlsd.settings import AgentSettings
+from ktlsd.settings import AgentSettings, ServiceLimits
 from ktlsd.upcall.service import HandshakeService
 from tests.processes import ChildProcess
 
@@ -138,11 +138,23 @@ class AgentProcess(ChildProcess):
         return self
 
 
+ONE_UID_FOR_ALL = ServiceLimits(uid_max_connections=10_000, uid_max_pending=10_000,
+                                uid_max_in_flight=10_000)
+"""Service limits for tests whose many consumers all run as the test's own uid (standing for
+many local programs): no per-uid share applies."""
+
+ONE_UID_FOR_ALL_CONFIG = ("uid_max_connections = 10000\nuid_max_pending = 10000\n"
+                          "uid_max_in_flight = 10000\n")
+"""The same as ``[ktlsd]`` configuration lines, for :class:`AgentProcess`."""
+
+
 @contextlib.asynccontextmanager
 async def running_agent(path: str, settings: AgentSettings | None = None, *,
                         store: SessionStore | None = None,
                         **service_args: Any) -> AsyncIterator[Agent]:
-    """The real agent serving the real handshake service at ``path``, in this process."""
+    """The real agent serving the real handshake service at ``path``, in this process (with
+    :data:`ONE_UID_FOR_ALL` limits unless ``limits`` is given)."""
+    service_args.setdefault("limits", ONE_UID_FOR_ALL)
     service = HandshakeService(path, **service_args)
     await service.start()
     agent = Agent(settings or AgentSettings(), [service], store=store)

@@ -34,6 +34,7 @@ from ktlsd.upcall.wire import (
     send_message,
 )
 from tests.agent_helpers import (
+    ONE_UID_FOR_ALL_CONFIG,
     AgentProcess,
     GatedRelay,
     find_secrets,
@@ -93,7 +94,8 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(tmp_path: Path
                 {"auth": "x509", "certificate": server_cert.cert_path,
                  "private_key": server_cert.key_path})
 
-    with AgentProcess(tmp_path, "[ktlsd]\nmax_concurrent = 64\n", extra=["-v"]) as agent:
+    with AgentProcess(tmp_path, "[ktlsd]\nmax_concurrent = 64\n" + ONE_UID_FOR_ALL_CONFIG,
+                      extra=["-v"]) as agent:
         path = agent.socket_path
 
         async def main() -> None:
@@ -395,7 +397,8 @@ def test_no_secret_reaches_the_debug_log_of_a_full_run(tmp_path: Path) -> None:
                 da, db = await asyncio.gather(
                     submit(a, role="client", auth="x509", peername="localhost",
                            truststore=ca.cert_path, certificate_chain=client_cert.chain_der,
-                           private_key_der=client_cert.key_der, service_path=path),
+                           private_key_der=client_cert.key_der, service_path=path,
+                           keep_session=True),
                     submit(b, role="server", auth="x509", truststore=ca.cert_path,
                            certificate=server_cert.cert_path, private_key=server_cert.key_path,
                            require_client_cert=True, service_path=path),
@@ -407,7 +410,8 @@ def test_no_secret_reaches_the_debug_log_of_a_full_run(tmp_path: Path) -> None:
                                           ("psk384", PSK_384, "sha384")):
                 a, b = tcp_pair()
                 with a, b:
-                    da, db = await psk_pair(path, a, b, f"scan-{label}", key, hash_name)
+                    da, db = await psk_pair(path, a, b, f"scan-{label}", key, hash_name,
+                                            keep_session=True)
                     assert (da.status, db.status) == (0, 0), (da.reason, db.reason)
                     remember(label, da.session)
                     await key_updates(label, a, da, b, db)
@@ -461,7 +465,7 @@ def test_a_key_update_whose_peer_stopped_reading_times_out_without_stalling_othe
         async def main() -> None:
             a, b = tcp_pair()
             with a, b:
-                da, db = await psk_pair(path, a, b, "stalled")
+                da, db = await psk_pair(path, a, b, "stalled", keep_session=True)
                 assert (da.status, db.status) == (0, 0)
                 # Fixed small buffers (no autotuning), then fill them to the last byte.
                 b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

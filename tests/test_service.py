@@ -32,6 +32,7 @@ from ktlsd.request import (
     KeyUpdateType,
     MessageType,
 )
+from ktlsd.settings import ServiceLimits
 from ktlsd.tls.session import CipherSuite, PeerIdentity, Role, Session
 from ktlsd.upcall.netlink import AcceptAttr, DoneAttr, decode_accept_reply
 from ktlsd.upcall.nlattr import (
@@ -419,7 +420,10 @@ def test_pending_limit_answers_eagain_and_nothing_is_lost(sock_path: str, tcp: T
             await asyncio.sleep(0.002)
             return await ok_answer(pending)
 
-        async with HandshakeService(sock_path, pending_limit=5) as service:
+        # All 200 consumers run as this test's uid: no per-uid share applies here.
+        one_uid_for_all = ServiceLimits(uid_max_connections=1000, uid_max_pending=1000)
+        async with HandshakeService(sock_path, limits=one_uid_for_all,
+                                    pending_limit=5) as service:
             agent = EchoAgent(service, slow)
             pairs = [tcp.pair() for _ in range(200)]
             answers = await asyncio.gather(*(submit_raw(sock_path, c) for c, _ in pairs))
