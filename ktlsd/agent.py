@@ -369,6 +369,7 @@ class Agent:
             request, x509_files=files, groups=settings.groups, psk_keyrings=psk_keyrings,
             consumer=Consumer.from_credentials(pending.credentials),
             legacy_psk_sha384=settings.legacy_psk_sha384,
+            max_file_bytes=settings.max_file_bytes,
         )
         session = await _unless_cancelled(
             pending.cancelled, perform_handshake(sock, config, timeout=timeout)

@@ -38,6 +38,7 @@ from typing import TypeVar
 from ktlsd.settings import (
     DEFAULT_LEGACY_PSK_SHA384,
     DEFAULT_MAX_CONSUMER_TIMEOUT_MS,
+    DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_KEPT_SESSIONS,
     DEFAULT_SERVICE_MAX_CONNECTIONS,
     DEFAULT_SERVICE_MODE,
@@ -244,6 +245,7 @@ class AgentConfig:
     are kept, how many), ``max_consumer_timeout_ms``, ``submit_timeout_ms``,
     ``service_max_connections``, ``uid_max_connections``, ``uid_max_pending``,
     ``uid_max_in_flight`` (each local user's share of the service; docs/service.md, "Limits"),
+    ``max_file_bytes`` (largest certificate/key/truststore/CRL file read),
     ``log_level``, ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them),
     ``legacy_psk_sha384`` ("refuse"/"accept"/"offer": SHA-384 PSKs bound to SHA-256 the way
     tlshd 1.0 does them; see docs/configuration.md).
@@ -274,6 +276,7 @@ class AgentConfig:
     uid_max_connections: int = DEFAULT_UID_MAX_CONNECTIONS
     uid_max_pending: int = DEFAULT_UID_MAX_PENDING
     uid_max_in_flight: int = DEFAULT_UID_MAX_IN_FLIGHT
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     log_level: str | None = None
     groups: str | None = None
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
@@ -309,6 +312,7 @@ class AgentConfig:
             default_timeout_ms=self.default_timeout_ms,
             legacy_psk_sha384=self.legacy_psk_sha384,
             max_consumer_timeout_ms=self.max_consumer_timeout_ms,
+            max_file_bytes=self.max_file_bytes,
             keep_kernel_sessions=self.keep_kernel_sessions,
             max_kept_sessions=self.max_kept_sessions,
             uid_max_kept_sessions=self.uid_max_kept_sessions,
@@ -349,7 +353,7 @@ _KTLSD_KEYS = (
     "legacy_psk_sha384",
     "keep_kernel_sessions", "max_kept_sessions", "uid_max_kept_sessions",
     "max_consumer_timeout_ms", "submit_timeout_ms", "service_max_connections",
-    "uid_max_connections", "uid_max_pending", "uid_max_in_flight",
+    "uid_max_connections", "uid_max_pending", "uid_max_in_flight", "max_file_bytes",
 )
 _KTLSD_KEYS_RETIRED = {
     "record_layer": "user-space consumers choose their record layer themselves "
@@ -578,6 +582,9 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
         uid_max_in_flight=pick(
             reader.typed(k, "uid_max_in_flight", lambda t: _int(t, minimum=1)),
             defaults.uid_max_in_flight),
+        max_file_bytes=pick(
+            reader.typed(k, "max_file_bytes", lambda t: _int(t, minimum=4096, maximum=64 << 20)),
+            defaults.max_file_bytes),
         log_level=reader.typed(k, "log_level", lambda t: _choice(t, LOG_LEVELS)),
         groups=reader.string(k, "groups") or None,
         legacy_psk_sha384=pick(

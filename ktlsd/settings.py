@@ -43,6 +43,10 @@ DEFAULT_LEGACY_PSK_SHA384: LegacyPskSha384 = "accept"
 """How SHA-384 PSKs bound to SHA-256 (tlshd 1.0 on GnuTLS < 3.8.11) are treated
 (``[ktlsd] legacy_psk_sha384``; see docs/configuration.md)."""
 
+DEFAULT_MAX_FILE_BYTES = 1 << 20
+"""The largest certificate, key, truststore or CRL file read for a handshake
+(``[ktlsd] max_file_bytes``); bigger files are refused by their size, unread."""
+
 DEFAULT_MAX_CONSUMER_TIMEOUT_MS = 30_000
 """The longest timeout a service consumer may ask for (``[ktlsd] max_consumer_timeout_ms``):
 three times the default, ample for a TLS 1.3 handshake over any real link, and the longest a
@@ -127,6 +131,7 @@ class AgentSettings:
     default_timeout_ms: int = DEFAULT_TIMEOUT_MS
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
     max_consumer_timeout_ms: int = DEFAULT_MAX_CONSUMER_TIMEOUT_MS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     keep_kernel_sessions: bool = False
     max_kept_sessions: int = DEFAULT_MAX_KEPT_SESSIONS
     uid_max_kept_sessions: int = DEFAULT_UID_MAX_KEPT_SESSIONS
