@@ -246,6 +246,10 @@ class DhchapSecret:
         key, crc = raw[:-4], raw[-4:]
         if not hmac.compare_digest(struct.pack("<I", zlib.crc32(key) & 0xFFFFFFFF), crc):
             raise nvme_keys.KeyFormatError("CRC-32 mismatch: the secret string is corrupted")
+        if base64.b64encode(raw).decode("ascii") != parts[2]:
+            # The unused low bits of the last base64 character: a corrupted string that
+            # decodes to the same bytes (as the TLS PSK interchange parser rejects too).
+            raise nvme_keys.KeyFormatError("secret data is not in canonical base64 form")
         return cls(hash_id, key)
 
     def format(self) -> str:
