@@ -50,6 +50,19 @@ def pairing_name(client: str, server: str) -> str:
     return f"{agent_of(client)}>{agent_of(server)}"
 
 
+#: The guest's packages that make up "the other agent" and the consumers' tools.
+PACKAGES = ("ktls-utils", "libgnutls30t64", "nvme-cli", "nfs-kernel-server")
+
+
+def package_versions(sc: Scenario) -> dict[str, str]:
+    """``{package: version}`` from the guest's dpkg database (a figure of the scenario)."""
+    out = sc.sh(["dpkg-query", "-W", "-f", "${Package} ${Version}\\n", *PACKAGES],
+                check=False).stdout  # fmt: skip
+    versions = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    sc.figure("packages", versions)
+    return versions
+
+
 @dataclass
 class Fleet:
     namespaces: dict[str, Netns] = field(default_factory=dict)

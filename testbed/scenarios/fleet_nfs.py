@@ -34,6 +34,7 @@ from testbed.scenarios.fleet import (
     SIDES,
     Fleet,
     agent_of,
+    package_versions,
     pairing_name,
 )
 from testbed.scenarios.nfs_tls import make_pki
@@ -213,6 +214,7 @@ def main() -> None:
         EXPORTS.write_text("\n".join(lines) + "\n")
         sc.cleanup(lambda: EXPORTS.unlink(missing_ok=True), "remove fleet exports")
 
+        package_versions(sc)
         fleet = Fleet.create(sc)
         configs = {
             side: write_tlshd_conf(Path(f"/tmp/fleet-nfs-{side}.conf"), keyrings=".nfs;.nfsd",

@@ -47,7 +47,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from testbed.scenarios.common import Agent, Scenario, ScenarioFailed, modprobe, write_tlshd_conf
-from testbed.scenarios.fleet import CROSS, REFERENCE, SIDES, Fleet, agent_of, pairing_name
+from testbed.scenarios.fleet import (
+    CROSS,
+    REFERENCE,
+    SIDES,
+    Fleet,
+    agent_of,
+    package_versions,
+    pairing_name,
+)
 from testbed.scenarios.nvme_failures import psk_description
 from testbed.scenarios.nvme_keys import io_roundtrip
 from testbed.scenarios.nvme_tls import (
@@ -460,6 +468,7 @@ def main() -> None:
         modprobe(sc, "tls", "nvme-keyring", "nvmet", "nvmet-tcp", "nvme-tcp", "nvme-fabrics")
         if not Path(RAMDEV).exists():
             sc.sh(["modprobe", "brd", "rd_nr=8", f"rd_size={DATA_BYTES * 2 // 1024}"])
+        package_versions(sc)
         fleet = Fleet.create(sc)
         configs = {
             side: write_tlshd_conf(Path(f"/tmp/fleet-nvme-{side}.conf"), keyrings=".nvme")
