@@ -181,6 +181,9 @@ def nfs_case(sc: Scenario, fleet: Fleet, client: str, server: str, mode: str) ->
             for side, role in ((client, "client"), (server, "server")):
                 if not fleet.agents[side].successful_handshakes(marks[side]):
                     problems.append(f"{role} agent {agent_of(side)} logged no successful handshake")
+    except Exception as exc:  # one broken case must not hide the others' results
+        problems.append(f"{type(exc).__name__}: {exc}")
+        rec.setdefault("outcome", "error")
     finally:
         if mounted:
             sc.sh(["umount", str(mnt)], check=False, timeout=30)

@@ -210,6 +210,7 @@ class Cases:
 
     # recording -----------------------------------------------------------------------------
     def record(self, case_id: str, rec: dict[str, object], problems: list[str]) -> None:
+        rec.setdefault("outcome", "error")
         rec["ok"] = not problems
         if problems:
             rec["why"] = "; ".join(problems)
@@ -318,11 +319,12 @@ class Cases:
         if setting:
             rec["legacy_psk_sha384"] = self.setting
         problems: list[str] = []
-        gen_key(self.sc, self.hostnqn, subnqn, HMAC[psk])
-        teardown = self.target.subsystem(subnqn, self.hostnqn, host, target, concat=False)
-        _port, svc = self.target.port(host, target, False)
-        marks, dmesg_mark = self.fleet.marks(), len(dmesg())
+        teardown = None
         try:
+            gen_key(self.sc, self.hostnqn, subnqn, HMAC[psk])
+            teardown = self.target.subsystem(subnqn, self.hostnqn, host, target, concat=False)
+            _port, svc = self.target.port(host, target, False)
+            marks, dmesg_mark = self.fleet.marks(), len(dmesg())
             with self.fleet.capture(host, target, {svc}) as cap:
                 rc, seconds, last = self.run_connect(host, [
                     "nvme", "connect", "-t", "tcp", "-a", self.fleet.address(target, host),
@@ -350,10 +352,10 @@ class Cases:
                 rec["ktlsd_log"] = hits[-1][-220:] if hits else "(nothing)"
                 if not hits:
                     problems.append("ktlsd logged no line naming legacy_psk_sha384")
+        except Exception as exc:  # one broken case must not hide the others' results
+            problems.append(f"{type(exc).__name__}: {exc}")
         finally:
-            if controller_for(subnqn) is not None:
-                self.sc.sh(["nvme", "disconnect", "-n", subnqn], check=False, timeout=30)
-            teardown()
+            self.end_case(subnqn, teardown)
         self.record(case_id, rec, problems)
 
     def io(self, subnqn: str, problems: list[str]) -> int:
@@ -373,10 +375,11 @@ class Cases:
         subnqn = f"{NQN}-concat-{host}-{target}"
         rec = self.base("nvme-concat", host, target, "pass")
         problems: list[str] = []
-        teardown = self.target.subsystem(subnqn, chost, host, target, concat=True)
-        _port, svc = self.target.port(host, target, True)
-        marks = self.fleet.marks()
+        teardown = None
         try:
+            teardown = self.target.subsystem(subnqn, chost, host, target, concat=True)
+            _port, svc = self.target.port(host, target, True)
+            marks = self.fleet.marks()
             with self.fleet.capture(host, target, {svc}) as cap:
                 rc, seconds, last = self.run_connect(
                     host,
@@ -402,10 +405,10 @@ class Cases:
                 rec["bytes_verified"] = 2 * 1024 * 1024 if ok else 0
                 if not ok:
                     problems.append("1 MiB read-back differs")
+        except Exception as exc:  # one broken case must not hide the others' results
+            problems.append(f"{type(exc).__name__}: {exc}")
         finally:
-            if controller_for(subnqn) is not None:
-                self.sc.sh(["nvme", "disconnect", "-n", subnqn], check=False, timeout=30)
-            teardown()
+            self.end_case(subnqn, teardown)
         self.record(case_id, rec, problems)
 
     def wrong_psk(self, host: str, target: str) -> None:
@@ -414,9 +417,21 @@ class Cases:
         subnqn = f"{NQN}-wrong-{host}-{target}"
         rec = self.base("nvme-wrong-psk", host, target, "fail")
         problems: list[str] = []
-        gen_key(self.sc, self.hostnqn, subnqn, 1)
+        teardown = None
+        try:
+            gen_key(self.sc, self.hostnqn, subnqn, 1)
+            teardown = self.target.subsystem(subnqn, self.hostnqn, host, target, concat=False)
+            self._wrong_psk(rec, subnqn, host, target, problems)
+        except Exception as exc:  # one broken case must not hide the others' results
+            problems.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.end_case(subnqn, teardown)
+        self.record(case_id, rec, problems)
+
+    def _wrong_psk(
+        self, rec: dict[str, object], subnqn: str, host: str, target: str, problems: list[str]
+    ) -> None:
         desc = psk_description(self.hostnqn, subnqn)
-        teardown = self.target.subsystem(subnqn, self.hostnqn, host, target, concat=False)
         _port, svc = self.target.port(host, target, False)
         argv = ["nvme", "connect", "-t", "tcp", "-a", self.fleet.address(target, host),
                 "-s", str(svc), "-n", subnqn, f"--hostnqn={self.hostnqn}", "--tls",
@@ -429,22 +444,22 @@ class Cases:
             'keyctl setperm "$key" 0x3f030000 && ' + shlex.join(argv) + ' --tls_key="$key"'
         )
         marks, dmesg_mark = self.fleet.marks(), len(dmesg())
-        try:
-            with self.fleet.capture(host, target, {svc}) as cap:
-                rc, seconds, _last = self.run_connect(
-                    host, ["keyctl", "session", "-", "sh", "-c", script]
-                )
-            rec["connect_seconds"] = seconds
-            rec["outcome"] = "pass" if rc == 0 else "fail"
-            rec["wire"] = describe(cap.summaries())
-            time.sleep(0.2)  # let the target's agent finish its log line
-            self.failure_checks(rec, rc, seconds, subnqn, marks, dmesg_mark, host, target,
-                                problems)  # fmt: skip
-        finally:
-            if controller_for(subnqn) is not None:
-                self.sc.sh(["nvme", "disconnect", "-n", subnqn], check=False, timeout=30)
-            teardown()
-        self.record(case_id, rec, problems)
+        with self.fleet.capture(host, target, {svc}) as cap:
+            rc, seconds, _last = self.run_connect(
+                host, ["keyctl", "session", "-", "sh", "-c", script]
+            )
+        rec["connect_seconds"] = seconds
+        rec["outcome"] = "pass" if rc == 0 else "fail"
+        rec["wire"] = describe(cap.summaries())
+        time.sleep(0.2)  # let the target's agent finish its log line
+        self.failure_checks(rec, rc, seconds, subnqn, marks, dmesg_mark, host, target, problems)
+
+    def end_case(self, subnqn: str, teardown: object) -> None:
+        """Disconnect a controller a case left behind, remove the case's subsystem."""
+        if controller_for(subnqn) is not None:
+            self.sc.sh(["nvme", "disconnect", "-n", subnqn], check=False, timeout=30)
+        if teardown is not None:
+            teardown()  # type: ignore[operator]
 
     def set_legacy(self, setting: str) -> None:
         """Rewrite the ktlsd end's configuration with ``legacy_psk_sha384 = setting``, SIGHUP."""
