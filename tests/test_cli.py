@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -79,19 +80,20 @@ def test_run_is_ready_without_the_engine_and_loads_it_for_the_first_handshake(
         assert "ktlsd.agent" in imported and "ktlsd.upcall.service" in imported
         assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
 
-        async def handshake() -> None:
-            a, b = tcp_pair()
-            psk = [("lean", bytes(range(32)), "sha256")]
-            with a, b:
-                da, db = await asyncio.gather(
-                    submit(a, role="client", auth="psk", psk=psk, service_path=agent.socket_path),
-                    submit(b, role="server", auth="psk", psk=psk, service_path=agent.socket_path),
-                )
-            assert (da.status, db.status) == (0, 0), (da.reason, db.reason)
-
-        run(handshake())
+        run(_one_psk_handshake(agent.socket_path))
         assert agent.matching(r"import time:.*\| +ktlsd\.tls\.handshake$")
     assert agent.wait_exit() == 0
+
+
+async def _one_psk_handshake(path: str) -> None:
+    a, b = tcp_pair()
+    psk = [("lean", bytes(range(32)), "sha256")]
+    with a, b:
+        da, db = await asyncio.gather(
+            submit(a, role="client", auth="psk", psk=psk, service_path=path),
+            submit(b, role="server", auth="psk", psk=psk, service_path=path),
+        )
+    assert (da.status, db.status) == (0, 0), (da.reason, db.reason)
 
 
 def test_every_command_is_listed_with_its_modules_own_summary() -> None:
@@ -222,3 +224,33 @@ def test_the_legacy_file_notice_is_logged(tmp_path: Path, monkeypatch: pytest.Mo
     assert (f"ktlsd: NOTICE reading the legacy {legacy}: please relocate it to "
             f"{config.CONFIG_PATH} (as tlshd asks)") in err.splitlines()
     assert re.search(rf"configuration OK: {re.escape(str(legacy))};", out)
+
+
+def test_nothing_is_written_next_to_the_code_at_run_time(tmp_path: Path) -> None:
+    """A byte-compiled copy of the package (what a package install ships) is left exactly as
+    it was by --help, --version, ``run`` and its first handshake (the engine's lazy import)."""
+    import shutil
+
+    code = tmp_path / "code"
+    shutil.copytree(REPO / "ktlsd", code / "ktlsd",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(code / "ktlsd")], check=True)
+
+    def tree() -> dict[str, float]:
+        return {str(p.relative_to(code)): p.stat().st_mtime for p in code.rglob("*")}
+
+    before = tree()
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+           "PYTHONPATH": str(code)}
+    where = subprocess.run([sys.executable, "-c", "import ktlsd; print(ktlsd.__file__)"],
+                           env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert where.stdout.strip() == str(code / "ktlsd" / "__init__.py")
+    for argv in (["--help"], ["--version"], ["run", "--help"]):
+        subprocess.run([sys.executable, "-m", "ktlsd", *argv], env=env, cwd=tmp_path,
+                       capture_output=True, check=True)
+    workdir = tmp_path / "agent"
+    workdir.mkdir()
+    with AgentProcess(workdir, env={"PYTHONPATH": str(code)}) as agent:
+        run(_one_psk_handshake(agent.socket_path))
+    assert agent.wait_exit() == 0
+    assert tree() == before
