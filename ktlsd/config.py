@@ -23,9 +23,9 @@ the legacy ``/etc/tlshd.conf`` when it exists, then ``/etc/tlshd/config``; else 
 Errors: a line that is not a comment, group or ``key=value``, a key before any group, bad
 UTF-8, a bad escape or a bad value in ``[ktlsd]`` raise :class:`ConfigError`, whose message
 is one line: ``<file>:<line>: <what is wrong>``. Unknown groups and keys are warned about and
-ignored (tlshd's configuration keeps growing: ``[tags]``, PQ certificates, ...). For tlshd's
-own ``[debug]`` integers ktlsd reads them as GLib does (:func:`glib_integer`: ``loglevel=2 # two``
-is 2) and, like tlshd, counts an unparsable value as 0 (with a warning).
+ignored (tlshd's configuration keeps growing: ``[tags]``, PQ certificates, ...). tlshd's own
+``[debug]`` integers are read as GLib reads them (:func:`glib_integer`: ``loglevel=2 # two`` is
+2), and an unparsable one counts as 0, as for tlshd (with a warning).
 """
 
 from __future__ import annotations
