@@ -38,17 +38,10 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import TYPE_CHECKING
 
 from ktlsd import keyring
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.keyupdate import (
-    KeyInstaller,
-    KtlsInstaller,
-    UserLayerInstaller,
-    apply_key_update,
-    plan_key_update,
-)
-from ktlsd.material import Consumer, build_tls_config
 from ktlsd.request import (
     AuthMode,
     ConfigurableSource,
@@ -61,8 +54,14 @@ from ktlsd.request import (
 )
 from ktlsd.session_store import KERNEL_OWNER, SessionStore
 from ktlsd.settings import AgentSettings
-from ktlsd.tls.handshake import perform_handshake
 from ktlsd.tls.session import Role, Session
+
+if TYPE_CHECKING:
+    from ktlsd.keyupdate import KeyInstaller
+
+# The TLS engine (ktlsd.tls.handshake, ktlsd.material, ktlsd.keyupdate: libssl, cryptography)
+# is imported by the first request that needs it, not at start-up: ``ktlsd run`` is ready
+# (and idles) without it.
 
 log = logging.getLogger("ktlsd")
 
@@ -206,6 +205,9 @@ class Agent:
         self._slots = {id(source): _Slots(settings.concurrency) for source in self.sources}
         self._tasks: set[asyncio.Task[HandshakeDone]] = set()
         self._consumers: list[asyncio.Task[None]] = []
+        self._streams_open = 0
+        self.serving = asyncio.Event()
+        """Set once the agent takes requests from every source (their streams are open)."""
         self._stopping = False
         self.completed = 0
         self.failed = 0
@@ -270,6 +272,9 @@ class Agent:
     async def _consume(self, source: UpcallSource) -> None:
         slots = self._slots[id(source)]
         iterator = source.requests().__aiter__()
+        self._streams_open += 1
+        if self._streams_open == len(self.sources):
+            self.serving.set()
         while not self._stopping:
             await slots.acquire()
             try:
@@ -356,6 +361,9 @@ class Agent:
         self, pending: PendingRequest, sock: socket.socket, settings: AgentSettings,
         timeout: float,
     ) -> tuple[HandshakeDone, Session | None]:
+        from ktlsd.material import Consumer, build_tls_config
+        from ktlsd.tls.handshake import perform_handshake
+
         request = pending.request
         files = (
             settings.client_x509
@@ -421,6 +429,8 @@ class Agent:
                     status=0, sockfd=request.sockfd, session=_delivered(pending, state)
                 )
                 return answer, None
+            from ktlsd.keyupdate import apply_key_update, plan_key_update
+
             plan = plan_key_update(
                 state, request.message_type, request.key_update_type,
                 request_peer=request.request_peer_update,
@@ -530,6 +540,8 @@ async def _unless_cancelled(cancelled: asyncio.Event, work: Awaitable[Session]) 
 def _installer_for(pending: PendingRequest, sock: socket.socket, state: Session) -> KeyInstaller:
     """kTLS for consumers whose keys the agent installs, and for consumers that installed kTLS
     themselves (no record numbers sent); else the consumer's user-space record layer state."""
+    from ktlsd.keyupdate import KtlsInstaller, UserLayerInstaller
+
     seqs = pending.request.record_seqs
     if pending.delivery is KeyDelivery.INSTALL_KTLS or seqs is None:
         return KtlsInstaller(sock, state.suite)

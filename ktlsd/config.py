@@ -23,18 +23,21 @@ the legacy ``/etc/tlshd.conf`` when it exists, then ``/etc/tlshd/config``; else 
 Errors: a line that is not a comment, group or ``key=value``, a key before any group, bad
 UTF-8, a bad escape or a bad value in ``[ktlsd]`` raise :class:`ConfigError`, whose message
 is one line: ``<file>:<line>: <what is wrong>``. Unknown groups and keys are warned about and
-ignored (tlshd's configuration keeps growing: ``[tags]``, PQ certificates, ...). For tlshd's
-own ``[debug]`` integers ktlsd follows tlshd: an unparsable value counts as 0 (with a warning).
+ignored (tlshd's configuration keeps growing: ``[tags]``, PQ certificates, ...). tlshd's own
+``[debug]`` integers are read as GLib reads them (:func:`glib_integer`: ``loglevel=2 # two`` is
+2), and an unparsable one counts as 0, as for tlshd (with a warning).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from ktlsd.log_output import NOTICE
 from ktlsd.settings import (
     DEFAULT_LEGACY_PSK_SHA384,
     DEFAULT_MAX_CONSUMER_TIMEOUT_MS,
@@ -361,6 +364,30 @@ _KTLSD_KEYS_RETIRED = {
 }
 
 
+_GLIB_INTEGER = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)(?:[ \t\n\f\r]|\Z)")
+_GINT_MIN, _GINT_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def glib_integer(raw: str) -> int:
+    """An integer value as ``g_key_file_get_integer()`` reads it (GLib 2.74, checked against
+    the library itself).
+
+    GLib takes the value as written (no unescaping), converts the leading decimal number with
+    ``strtol(value, &end, 10)`` and accepts it when at least one digit was read and the first
+    character after the number is the end of the value or ASCII whitespace (space, tab,
+    newline, form feed, carriage return); whatever follows that whitespace is ignored. So
+    ``2 # two`` and ``2 3`` are 2, while ``2# two``, ``2abc``, ``0x10``, ``2.5`` and ``2\\s``
+    are errors; ``010`` is 10. The number must fit a 32-bit ``gint``. Raises ValueError.
+    """
+    match = _GLIB_INTEGER.match(raw)
+    if match is None:
+        raise ValueError(f"{raw!r} is not an integer")
+    value = int(match.group(1), 10)
+    if not _GINT_MIN <= value <= _GINT_MAX:
+        raise ValueError(f"{raw!r} is out of range for an integer")
+    return value
+
+
 def _bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("true", "1", "yes", "on"):
@@ -428,12 +455,12 @@ class _Reader:
         return value
 
     def tlshd_int(self, group: str, key: str) -> int | None:
-        """tlshd's integers: g_key_file_get_integer() failing counts as 0."""
+        """tlshd's integers, read as g_key_file_get_integer() reads them; failing counts as 0."""
         entry = self.get(group, key)
         if entry is None:
             return None
         try:
-            return _int(entry.value)
+            return glib_integer(entry.value)
         except ValueError as exc:
             log.warning("%s:%d: [%s] %s: %s; using 0 as tlshd does",
                         self.keyfile.path, entry.line, group, key, exc)
@@ -634,25 +661,28 @@ def _check_pairs(keyfile: KeyFile, config: AgentConfig) -> None:
 
 
 def find_config(path: str | None = None,
-                search: Sequence[str] = SEARCH_PATHS) -> str | None:
-    """The file to read: ``path``, else ``$KTLSD_CONFIG``, else the first of ``search`` that
-    exists, else None (no file: built-in defaults)."""
+                search: Sequence[str] | None = None) -> str | None:
+    """The file to read: ``path``, else ``$KTLSD_CONFIG``, else the first of ``search``
+    (default :data:`SEARCH_PATHS`) that exists, else None (no file: built-in defaults).
+
+    Reading the legacy file is logged at notice level, as tlshd asks to relocate it.
+    """
     if path:
         return path
     from_env = os.environ.get(ENV_CONFIG)
     if from_env:
         return from_env
-    for candidate in search:
+    for candidate in SEARCH_PATHS if search is None else search:
         if os.path.exists(candidate):
             if candidate == LEGACY_CONFIG_PATH:
-                log.info("reading the legacy %s (tlshd now uses %s)",
-                         LEGACY_CONFIG_PATH, CONFIG_PATH)
+                log.log(NOTICE, "reading the legacy %s: please relocate it to %s (as tlshd asks)",
+                        LEGACY_CONFIG_PATH, CONFIG_PATH)
             return candidate
     return None
 
 
 def load_config(path: str | None = None, *,
-                search: Sequence[str] = SEARCH_PATHS) -> AgentConfig:
+                search: Sequence[str] | None = None) -> AgentConfig:
     """Read the configuration (see :func:`find_config` for which file).
 
     An explicitly named file (argument or ``$KTLSD_CONFIG``) must exist; when no file is

@@ -92,8 +92,10 @@ def tcp() -> Any:
 
 
 @pytest.fixture
-def sock_path(tmp_path: Path) -> str:
-    """Overrides the shared one: a directory that does not exist yet (the service makes it)."""
+def sock_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Overrides the shared one: a runtime directory that does not exist yet (the service
+    makes it, as it may for ``$RUNTIME_DIRECTORY``)."""
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "run"))
     return str(tmp_path / "run" / "handshake.sock")
 
 

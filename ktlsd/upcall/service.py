@@ -102,6 +102,23 @@ def peer_credentials(sock: socket.socket) -> ConsumerCredentials:
     return ConsumerCredentials(pid, uid, gid, tuple(groups))
 
 
+RUNTIME_DIRECTORY = "/run/ktlsd"
+"""The runtime directory when no service manager names one (``RuntimeDirectory=ktlsd``)."""
+
+
+def creatable_directory(directory: str) -> bool:
+    """True if ``start()`` may create ``directory``: it is the runtime directory
+    (``$RUNTIME_DIRECTORY``, colon-separated as systemd sets it, or /run/ktlsd) or inside it.
+    No other directory is ever created; the socket's directory must then exist."""
+    roots = [r for r in os.environ.get("RUNTIME_DIRECTORY", "").split(":") if r]
+    target = os.path.normpath(os.path.abspath(directory))
+    for root in [*roots, RUNTIME_DIRECTORY]:
+        root = os.path.normpath(os.path.abspath(root))
+        if os.path.commonpath([root, target]) == root:
+            return True
+    return False
+
+
 def default_pending_limit() -> int:
     """The kernel's per-netns limit: ``clamp(totalram / (25 * mem_unit), 3, 50)``.
 
@@ -296,8 +313,13 @@ class HandshakeService:
         """Bind the socket (atomically replacing a stale one) and start accepting."""
         if self._listener is not None:
             raise RuntimeError("service already started")
-        directory = os.path.dirname(self.path) or "."
-        os.makedirs(directory, mode=0o755, exist_ok=True)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            if not creatable_directory(directory):
+                raise FileNotFoundError(
+                    errno.ENOENT, f"directory {directory} does not exist (ktlsd creates only "
+                    "its runtime directory, $RUNTIME_DIRECTORY or /run/ktlsd)")
+            os.makedirs(directory, mode=0o755, exist_ok=True)
         self._check_not_served()
         temp = f"{self.path}.{os.getpid()}.tmp"
         with contextlib.suppress(FileNotFoundError):

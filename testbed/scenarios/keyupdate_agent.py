@@ -67,7 +67,7 @@ def start_service(sc: Scenario) -> Agent:
         SERVICE,
         "-c",
         str(conf),
-        "-v",
+        "--debug",
     ]
     print(f"$ {' '.join(argv)}", flush=True)
     out = open(log, "wb")  # noqa: SIM115 - owned by the child's lifetime
