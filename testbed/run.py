@@ -48,6 +48,8 @@ DEFAULT_SCENARIOS: tuple[str, ...] = (
     "cli-probe",
     "fleet-nvme",
     "fleet-nfs",
+    "fleet-newtlshd",
+    "fleet-newtlshd-nfs",
 )
 
 
