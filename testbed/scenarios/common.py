@@ -163,8 +163,12 @@ class Agent:
     def successful_handshakes(self, since: int = 0) -> list[str]:
         """Log lines reporting a completed handshake, in each agent's own wording (from
         line ``since`` of the log on)."""
-        marker = "was successful" if self.name.startswith("tlshd") else "status=0 (ok)"
-        return [ln for ln in self.lines()[since:] if marker in ln]
+        # tlshd 1.0 says "... was successful", later ones "Handshake ... succeeded".
+        if self.name.startswith("tlshd"):
+            markers: tuple[str, ...] = ("was successful", "succeeded")
+        else:
+            markers = ("status=0 (ok)",)
+        return [ln for ln in self.lines()[since:] if any(m in ln for m in markers)]
 
     def failure_lines(self, since: int = 0) -> list[str]:
         """Log lines (from line ``since`` on) that report a failed or refused handshake."""
