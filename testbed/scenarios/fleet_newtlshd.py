@@ -133,7 +133,8 @@ def main() -> None:
             f" -- {r.get('wire', '')}{'' if r['ok'] else ' !! ' + str(r.get('why'))}"
             for cid, r in records.items()
         ])  # fmt: skip
-        sc.figure("bytes_verified", sum(int(r.get("bytes_verified", 0)) for r in records.values()))
+        verified = sum(int(str(r.get("bytes_verified", 0))) for r in records.values())
+        sc.figure("bytes_verified", verified)
         bad = [cid for cid, r in records.items() if not r["ok"]]
         sc.figure("cases_as_expected", f"{len(records) - len(bad)}/{len(records)}")
         if bad:

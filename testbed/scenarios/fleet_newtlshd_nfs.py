@@ -80,10 +80,10 @@ def main() -> None:
         }  # fmt: skip
         fleet.start_agents(sc, configs)
         servers = [NfsServer(sc, fleet, side) for side in sorted({s for _c, s in NEW_CROSS})]
-        for server in servers:
-            server.start()
+        for nfsd in servers:
+            nfsd.start()
         t0 = time.monotonic()
-        while not all(server.grace_ended() for server in servers):
+        while not all(nfsd.grace_ended() for nfsd in servers):
             if time.monotonic() - t0 > 20:
                 raise ScenarioFailed("an nfs server's grace period did not end in 20 s")
             time.sleep(0.5)
@@ -103,7 +103,8 @@ def main() -> None:
             f" -- {r.get('wire', '')}{'' if r['ok'] else ' !! ' + str(r.get('why'))}"
             for cid, r in records.items()
         ])  # fmt: skip
-        sc.figure("bytes_verified", sum(int(r.get("bytes_verified", 0)) for r in records.values()))
+        verified = sum(int(str(r.get("bytes_verified", 0))) for r in records.values())
+        sc.figure("bytes_verified", verified)
         bad = [cid for cid, r in records.items() if not r["ok"]]
         sc.figure("cases_as_expected", f"{len(records) - len(bad)}/{len(records)}")
         if bad:
