@@ -56,10 +56,13 @@ CHROOT_MOUNTS = ("proc", "dev", "sys")
 
 def sid_versions(sc: Scenario) -> dict[str, object]:
     """What the build recorded about the sid chroot, checked against the chroot itself."""
-    if not (SID_ROOT / "usr/sbin/tlshd").exists():
-        raise ScenarioFailed(f"no {SID_ROOT}/usr/sbin/tlshd: the guest image predates the "
-                             "sid chroot (rebuild with python -m testbed.build)")  # fmt: skip
+    if not SID_RECORD.exists():
+        raise ScenarioFailed(f"no {SID_RECORD}: the guest image predates the sid chroot "
+                             "(rebuild with python -m testbed.build)")  # fmt: skip
     record: dict[str, object] = json.loads(SID_RECORD.read_text())
+    if "error" in record or not (SID_ROOT / "usr/sbin/tlshd").exists():
+        sc.figure("sid_tlshd", record)
+        raise ScenarioFailed(f"the image has no sid tlshd: {str(record.get('error'))[:300]}")
     live = sc.sh(["chroot", str(SID_ROOT), "dpkg-query", "-W", "-f", "${Package} ${Version}\\n",
                   "ktls-utils", "libgnutls30t64"]).stdout  # fmt: skip
     versions = dict(line.split(" ", 1) for line in live.splitlines() if " " in line)
