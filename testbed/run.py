@@ -48,6 +48,8 @@ DEFAULT_SCENARIOS: tuple[str, ...] = (
     "cli-probe",
     "fleet-nvme",
     "fleet-nfs",
+    "fleet-newtlshd",
+    "fleet-newtlshd-nfs",
 )
 
 
@@ -70,7 +72,7 @@ def scenario_exists(name: str) -> bool:
 def run(
     scenarios: list[str],
     *,
-    timeout: float = 720.0,
+    timeout: float = 960.0,
     scenario_timeout: float = 180.0,
     results_dir: Path | None = None,
 ) -> dict[str, object]:
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         help="scenario to run (repeatable); default: " + ", ".join(default_scenarios()),
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the full report here")
-    parser.add_argument("--timeout", type=float, default=720.0, help="QEMU wall-clock limit")
+    parser.add_argument("--timeout", type=float, default=960.0, help="QEMU wall-clock limit")
     parser.add_argument("--results-dir", type=Path, help="keep guest results and logs here")
     args = parser.parse_args(argv)
     try:

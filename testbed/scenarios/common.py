@@ -28,6 +28,8 @@ from types import TracebackType
 from testbed.scenarios.netns import Netns, netlink_group_members_of
 
 PROJECT = Path(__file__).resolve().parents[2]  # /ktlsd in the guest
+#: The sid chroot with the newest tlshd (agent ``tlshd-sid``), made by testbed/build.py.
+SID_TLSHD_ROOT = "/opt/sid-tlshd"
 
 
 class ScenarioFailed(Exception):
@@ -161,8 +163,12 @@ class Agent:
     def successful_handshakes(self, since: int = 0) -> list[str]:
         """Log lines reporting a completed handshake, in each agent's own wording (from
         line ``since`` of the log on)."""
-        marker = "was successful" if self.name == "tlshd" else "status=0 (ok)"
-        return [ln for ln in self.lines()[since:] if marker in ln]
+        # tlshd 1.0 says "... was successful", later ones "Handshake ... succeeded".
+        if self.name.startswith("tlshd"):
+            markers: tuple[str, ...] = ("was successful", "succeeded")
+        else:
+            markers = ("status=0 (ok)",)
+        return [ln for ln in self.lines()[since:] if any(m in ln for m in markers)]
 
     def failure_lines(self, since: int = 0) -> list[str]:
         """Log lines (from line ``since`` on) that report a failed or refused handshake."""
@@ -232,13 +238,19 @@ def agent_command(agent: str, config: Path) -> list[str]:
     """
     if agent == "tlshd":
         return ["tlshd", "-s", "-c", str(config)]
+    if agent == "tlshd-sid":
+        # Debian unstable's tlshd in the image's chroot; ``config`` must lie inside it. The
+        # chroot keeps the caller's network namespace (netlink) and the kernel's keyrings.
+        root = Path(SID_TLSHD_ROOT)
+        return ["chroot", str(root), "/usr/sbin/tlshd", "-s", "-c",
+                "/" + str(config.relative_to(root))]  # fmt: skip
     if agent == "ktlsd":
         # Kernel upcalls only (fail loudly if the family is missing), no user-space service.
         return [
             sys.executable, "-m", "ktlsd", "run", "--config", str(config),
             "--kernel", "yes", "--socket", "none", "--verbose",
         ]  # fmt: skip
-    raise ValueError(f"unknown agent {agent!r} (expected tlshd or ktlsd)")
+    raise ValueError(f"unknown agent {agent!r} (expected tlshd, tlshd-sid or ktlsd)")
 
 
 def start_agent(

@@ -12,7 +12,14 @@ direction: ``("tlshd", "ktlsd")`` is the tlshd host (NFS client) talking to the 
 (NFS server). Every pairing has ``ktlsd`` at one end, so one capture point -- the veth end in
 fleet-ktlsd that faces the peer -- sees every connection's hellos.
 
-Used by ``fleet_nvme.py`` and ``fleet_nfs.py`` (stdlib only, runs in the guest).
+The fleet-newtlshd topology (:data:`NEW_SIDES`, :data:`NEW_LINKS`) is two machines:
+``tlshd-sid`` -- Debian unstable's tlshd, run from the chroot the image carries at
+:data:`SID_ROOT` -- and ``ktlsd``::
+
+    fleet-newtlshd (tlshd-sid) f-nk 10.77.2.1 ==veth== 10.77.2.2 f-kn  fleet-ktlsd (ktlsd)
+
+Used by ``fleet_nvme.py``, ``fleet_nfs.py`` and ``fleet_newtlshd.py`` (stdlib only, runs in
+the guest).
 """
 
 from __future__ import annotations
@@ -40,9 +47,22 @@ ALL_ADDRESSES = tuple(end[2] for pair in LINKS for end in pair)
 CROSS = (("tlshd", "ktlsd"), ("ktlsd", "tlshd"))
 REFERENCE = ("ktlsd2", "ktlsd")
 
+#: Debian unstable's tlshd: the chroot (in the guest image, see testbed/build.py) and the
+#: build's record of what it holds.
+SID_ROOT = Path("/opt/sid-tlshd")
+SID_RECORD = Path("/opt/sid-tlshd.json")
+NEW_SIDES: dict[str, tuple[str, str]] = {
+    "newtlshd": ("tlshd-sid", "fleet-newtlshd"),
+    "ktlsd": ("ktlsd", "fleet-ktlsd"),
+}
+NEW_LINKS = ((("newtlshd", "f-nk", "10.77.2.1"), ("ktlsd", "f-kn", "10.77.2.2")),)
+NEW_CROSS = (("newtlshd", "ktlsd"), ("ktlsd", "newtlshd"))
+#: Every side of either topology.
+ALL_SIDES: dict[str, tuple[str, str]] = {**SIDES, **NEW_SIDES}
+
 
 def agent_of(side: str) -> str:
-    return SIDES[side][0]
+    return ALL_SIDES[side][0]
 
 
 def pairing_name(client: str, server: str) -> str:
@@ -63,40 +83,50 @@ def package_versions(sc: Scenario) -> dict[str, str]:
     return versions
 
 
+Link = tuple[tuple[str, str, str], tuple[str, str, str]]
+
+
 @dataclass
 class Fleet:
     namespaces: dict[str, Netns] = field(default_factory=dict)
     agents: dict[str, Agent] = field(default_factory=dict)
     configs: dict[str, Path] = field(default_factory=dict)
+    sides: dict[str, tuple[str, str]] = field(default_factory=lambda: dict(SIDES))
+    links: tuple[Link, ...] = LINKS
 
     @classmethod
-    def create(cls, sc: Scenario) -> Fleet:
-        """Make the namespaces and veth pairs (removed when the scenario ends)."""
-        fleet = cls()
-        for side, (_agent, name) in SIDES.items():
+    def create(
+        cls,
+        sc: Scenario,
+        sides: dict[str, tuple[str, str]] = SIDES,
+        links: tuple[Link, ...] = LINKS,
+    ) -> Fleet:
+        """Make the namespaces and veth pairs (removed when the scenario ends); the default
+        topology is the three-machine one above."""
+        fleet = cls(sides=dict(sides), links=links)
+        for side, (_agent, name) in fleet.sides.items():
             fleet.namespaces[side] = netns_mod.create(name)
             sc.cleanup(lambda ns=fleet.namespaces[side]: netns_mod.delete(ns), f"delete {name}")
-        for (a, a_if, a_addr), (b, b_if, b_addr) in LINKS:
+        for (a, a_if, a_addr), (b, b_if, b_addr) in links:
             netns_mod.link(fleet.namespaces[a], a_if, a_addr, fleet.namespaces[b], b_if, b_addr)
         sc.detail(
             "topology: "
-            + "; ".join(f"{a}@{aa} <-veth-> {b}@{ba}" for (a, _, aa), (b, _, ba) in LINKS)
+            + "; ".join(f"{a}@{aa} <-veth-> {b}@{ba}" for (a, _, aa), (b, _, ba) in links)
         )
         return fleet
 
     def start_agents(self, sc: Scenario, configs: dict[str, Path]) -> None:
         """Start every side's agent in its namespace, all at once, and wait for each."""
         self.configs = dict(configs)
-        for side, (agent, _name) in SIDES.items():
+        for side, (agent, _name) in self.sides.items():
             self.agents[side] = launch_agent(
                 sc, agent, configs[side], f"fleet-{side}", self.namespaces[side]
             )
         for handle in self.agents.values():
             wait_ready(sc, handle)
 
-    @staticmethod
-    def _end(side: str, peer: str) -> tuple[str, str, str]:
-        for ends in LINKS:
+    def _end(self, side: str, peer: str) -> tuple[str, str, str]:
+        for ends in self.links:
             by_side = {end[0]: end for end in ends}
             if side in by_side and peer in by_side:
                 return by_side[side]

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from testbed.scenarios.common import Scenario, ScenarioFailed, modprobe, write_tlshd_conf
 from testbed.scenarios.fleet import (
     ALL_ADDRESSES,
+    ALL_SIDES,
     CROSS,
     REFERENCE,
     SIDES,
@@ -128,8 +129,8 @@ def nfs_case(sc: Scenario, fleet: Fleet, client: str, server: str, mode: str) ->
     """Mount, 4 MiB write, remount, read back, unmount; the case's record."""
     rec: dict[str, object] = {
         "kind": f"nfs-{mode}",
-        "pairing": f"client {agent_of(client)} ({SIDES[client][1]}) -> "
-                   f"server {agent_of(server)} ({SIDES[server][1]})",
+        "pairing": f"client {agent_of(client)} ({ALL_SIDES[client][1]}) -> "
+                   f"server {agent_of(server)} ({ALL_SIDES[server][1]})",
         "client": agent_of(client),
         "server": agent_of(server),
         "expected": "pass",

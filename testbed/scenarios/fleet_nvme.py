@@ -48,6 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from testbed.scenarios.common import Agent, Scenario, ScenarioFailed, modprobe, write_tlshd_conf
 from testbed.scenarios.fleet import (
+    ALL_SIDES,
     CROSS,
     REFERENCE,
     SIDES,
@@ -94,7 +95,8 @@ SHA384_CROSS: dict[tuple[str, str, str], str] = {
 #: (host side, target side) -> (port id, TCP port) for TLS-required ports; --concat ports
 #: (TLS allowed, not required) use id + 10 and TCP port + 10.
 PORTS = {("tlshd", "ktlsd"): ("30", 4430), ("ktlsd", "tlshd"): ("31", 4431),
-         ("ktlsd2", "ktlsd"): ("32", 4432)}  # fmt: skip
+         ("ktlsd2", "ktlsd"): ("32", 4432),
+         ("newtlshd", "ktlsd"): ("33", 4433), ("ktlsd", "newtlshd"): ("34", 4434)}  # fmt: skip
 
 
 class Target:
@@ -223,8 +225,8 @@ class Cases:
     def base(self, kind: str, host: str, target: str, expected: str) -> dict[str, object]:
         return {
             "kind": kind,
-            "pairing": f"host {agent_of(host)} ({SIDES[host][1]}) -> "
-                       f"target {agent_of(target)} ({SIDES[target][1]})",
+            "pairing": f"host {agent_of(host)} ({ALL_SIDES[host][1]}) -> "
+                       f"target {agent_of(target)} ({ALL_SIDES[target][1]})",
             "host": agent_of(host),
             "target": agent_of(target),
             "expected": expected,
@@ -310,8 +312,13 @@ class Cases:
             problems.append(f"host agent {agent_of(host)} logged no failure")
 
     # the cases -----------------------------------------------------------------------------
-    def tls(self, psk: str, host: str, target: str, expected: str, want: str) -> None:
-        """NVMe/TCP TLS with a retained PSK of hash ``psk``: connect, 16 MiB, disconnect."""
+    def tls(
+        self, psk: str, host: str, target: str, expected: str, want: str,
+        legacy_log: bool = True,
+    ) -> None:  # fmt: skip
+        """NVMe/TCP TLS with a retained PSK of hash ``psk``: connect, 16 MiB, disconnect.
+        ``legacy_log=False``: a spec-correct SHA-384 cross case, where ktlsd has no legacy
+        binding to log (the case is still labelled with the setting in force)."""
         setting = f" [{self.setting}]" if psk == "sha384" and host != REFERENCE[0] else ""
         case_id = f"nvme-{psk} {pairing_name(host, target)}{setting}"
         subnqn = f"{NQN}-{psk}-{host}-{target}-{self.setting}"
@@ -344,7 +351,7 @@ class Cases:
             else:
                 self.wire_checks(rec, summaries, want, problems, marks, host, target)
                 rec["bytes_verified"] = self.io(subnqn, problems)
-            if setting:
+            if setting and legacy_log:
                 # The legacy binding, taken, refused or offered, is named in ktlsd's log.
                 side = "ktlsd"
                 hits = [ln for ln in self.fleet.agents[side].lines()[marks[side]:]

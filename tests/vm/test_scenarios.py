@@ -222,3 +222,56 @@ def test_fleet_nfs_both_directions(scenario, mode: str) -> None:
     for case in cases.values():
         assert case["outcome"] == "pass" and case["bytes_verified"] == 2 * 4 * MIB
         assert str(case["suite"]).startswith("TLS_")
+
+
+# -- the newest tlshd (Debian unstable, GnuTLS >= 3.8.11) against ktlsd -------------------------
+
+NEW_PAIRINGS = {"tlshd-sid>ktlsd", "ktlsd>tlshd-sid"}
+
+
+def test_fleet_newtlshd_is_built_against_gnutls_3_8_11(scenario) -> None:
+    rec = scenario("fleet-newtlshd")  # the finding holds whatever the cases did
+    figures = rec.get("figures") or {}
+    assert "sid_tlshd" in figures, explain(rec)
+    sid = figures["sid_tlshd"]
+    print(f"sid tlshd: {sid}")
+    gnutls = str(sid["packages"]["libgnutls30t64"]).split("-")[0].split(".")
+    assert tuple(int(x) for x in gnutls[:3]) >= (3, 8, 11), sid
+    assert "libgnutls.so.30" in sid["tlshd_gnutls_ldd"], sid
+
+
+def test_fleet_newtlshd_nvme_sha256_both_directions(scenario) -> None:
+    cases = fleet_cases(scenario("fleet-newtlshd"), {f"nvme-sha256 {p}" for p in NEW_PAIRINGS})
+    for cid, case in cases.items():
+        assert case["outcome"] == "pass" and case["bytes_verified"] == 2 * 16 * MIB, cid
+        assert case["binder_bytes"] == 32 and str(case["suite"]).endswith("SHA256"), cid
+
+
+def test_fleet_newtlshd_nvme_sha384_spec_correct_with_refuse(scenario) -> None:
+    """The new tlshd binds a SHA-384 PSK as such: it works with ktlsd set to ``refuse``."""
+    ids = {f"nvme-sha384 {p} [refuse]" for p in NEW_PAIRINGS}
+    cases = fleet_cases(scenario("fleet-newtlshd"), ids)
+    for cid, case in cases.items():
+        assert case["legacy_psk_sha384"] == "refuse", cid
+        assert case["outcome"] == "pass" and case["bytes_verified"] == 2 * 16 * MIB, cid
+        assert case["suite"] == "TLS_AES_256_GCM_SHA384" and case["binder_bytes"] == 48, cid
+
+
+def test_fleet_newtlshd_nvme_concat_and_wrong_psk(scenario) -> None:
+    ids = {f"nvme-{kind} {p}" for kind in ("concat", "wrong-psk") for p in NEW_PAIRINGS}
+    cases = fleet_cases(scenario("fleet-newtlshd"), ids)
+    for cid, case in cases.items():
+        if cid.startswith("nvme-concat"):
+            assert case["outcome"] == "pass" and case["bytes_verified"] == 2 * MIB, cid
+            assert "NVMe1G" in case["wire"], cid
+        else:
+            assert case["outcome"] == "fail" and case["connect_seconds"] < 6, cid
+            assert case["status"]["host kernel (DONE status)"], cid
+
+
+@pytest.mark.parametrize("mode", ["tls", "mtls"])
+def test_fleet_newtlshd_nfs_both_directions(scenario, mode: str) -> None:
+    cases = fleet_cases(scenario("fleet-newtlshd-nfs"), {f"nfs-{mode} {p}" for p in NEW_PAIRINGS})
+    for cid, case in cases.items():
+        assert case["outcome"] == "pass" and case["bytes_verified"] == 2 * 4 * MIB, cid
+        assert str(case["suite"]).startswith("TLS_"), cid

@@ -76,6 +76,26 @@ def test_scenario_names_map_to_scripts_and_agents() -> None:
         run.run(["no-such-scenario"])
 
 
+def test_debian_versions_compare_by_their_upstream_numbers() -> None:
+    """The sid chroot's GnuTLS is judged >= 3.8.11 from its Debian version."""
+    assert build._version_tuple("3.8.13-1") == (3, 8, 13)
+    assert build._version_tuple("3.8.9-3+deb13u4") == (3, 8, 9)
+    assert build._version_tuple("1:3.8.11~rc1-1") == (3, 8, 11)
+    assert build._version_tuple("3.8.9-3+deb13u4") < build.SID_MIN_GNUTLS
+    assert build._version_tuple("3.8.11-1") >= build.SID_MIN_GNUTLS
+
+
+def test_sid_tlshd_agent_runs_in_the_chroot_with_a_chroot_relative_config() -> None:
+    conf = Path(common.SID_TLSHD_ROOT) / "etc/tlshd/x.conf"
+    argv = common.agent_command("tlshd-sid", conf)
+    assert argv == ["chroot", common.SID_TLSHD_ROOT, "/usr/sbin/tlshd", "-s", "-c",
+                    "/etc/tlshd/x.conf"]  # fmt: skip
+    with pytest.raises(ValueError):  # a config outside the chroot cannot be read by it
+        common.agent_command("tlshd-sid", Path("/tmp/x.conf"))
+    assert "fleet-newtlshd" in run.default_scenarios()
+    assert "fleet-newtlshd-nfs" in run.default_scenarios()
+
+
 def test_compare_agents_pairs_timing_figures() -> None:
     per = [
         {"name": "nvme-tls-tlshd", "figures": {"connect_seconds_sha256": 0.4, "bytes": 1,
