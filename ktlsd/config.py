@@ -30,12 +30,13 @@ ignored (tlshd's configuration keeps growing: ``[tags]``, PQ certificates, ...).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from ktlsd.log_output import NOTICE
 from ktlsd.settings import (
@@ -358,6 +359,24 @@ _KTLSD_KEYS = (
     "max_consumer_timeout_ms", "submit_timeout_ms", "service_max_connections",
     "uid_max_connections", "uid_max_pending", "uid_max_in_flight", "max_file_bytes",
 )
+_KTLSD_INTEGERS: dict[str, tuple[int, int | None]] = {
+    # key: (minimum, maximum or None); the defaults are AgentConfig's (from ktlsd.settings)
+    "max_concurrent": (0, 100_000),
+    "pending_limit": (0, 100_000),
+    "default_timeout_ms": (1, 3_600_000),
+    "session_lifetime": (0, None),
+    "max_kept_sessions": (1, None),
+    "uid_max_kept_sessions": (1, None),
+    "max_consumer_timeout_ms": (1, 3_600_000),
+    "submit_timeout_ms": (1, 600_000),
+    "service_max_connections": (1, 1_000_000),
+    "uid_max_connections": (1, None),
+    "uid_max_pending": (1, None),
+    "uid_max_in_flight": (1, None),
+    "max_file_bytes": (4096, 64 << 20),
+}
+"""The ``[ktlsd]`` keys that are integers, with their ranges: each is an AgentConfig field."""
+
 _KTLSD_KEYS_RETIRED = {
     "record_layer": "user-space consumers choose their record layer themselves "
                     "(ktlsd.client, record_layer=...); kernel consumers always get kTLS",
@@ -568,50 +587,8 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
             defaults.service_mode),
         service_group=_group(reader.string(k, "service_group")),
         kernel=pick(reader.typed(k, "kernel", lambda t: _kernel_mode(t)), defaults.kernel),
-        max_concurrent=pick(
-            reader.typed(k, "max_concurrent", lambda t: _int(t, minimum=0, maximum=100_000)),
-            defaults.max_concurrent),
-        pending_limit=pick(
-            reader.typed(k, "pending_limit", lambda t: _int(t, minimum=0, maximum=100_000)),
-            defaults.pending_limit),
-        default_timeout_ms=pick(
-            reader.typed(k, "default_timeout_ms",
-                         lambda t: _int(t, minimum=1, maximum=3_600_000)),
-            defaults.default_timeout_ms),
-        session_lifetime=pick(
-            reader.typed(k, "session_lifetime", lambda t: _int(t, minimum=0)),
-            defaults.session_lifetime),
         keep_kernel_sessions=pick(reader.typed(k, "keep_kernel_sessions", _bool),
                                   defaults.keep_kernel_sessions),
-        max_kept_sessions=pick(
-            reader.typed(k, "max_kept_sessions", lambda t: _int(t, minimum=1)),
-            defaults.max_kept_sessions),
-        uid_max_kept_sessions=pick(
-            reader.typed(k, "uid_max_kept_sessions", lambda t: _int(t, minimum=1)),
-            defaults.uid_max_kept_sessions),
-        max_consumer_timeout_ms=pick(
-            reader.typed(k, "max_consumer_timeout_ms",
-                         lambda t: _int(t, minimum=1, maximum=3_600_000)),
-            defaults.max_consumer_timeout_ms),
-        submit_timeout_ms=pick(
-            reader.typed(k, "submit_timeout_ms", lambda t: _int(t, minimum=1, maximum=600_000)),
-            defaults.submit_timeout_ms),
-        service_max_connections=pick(
-            reader.typed(k, "service_max_connections",
-                         lambda t: _int(t, minimum=1, maximum=1_000_000)),
-            defaults.service_max_connections),
-        uid_max_connections=pick(
-            reader.typed(k, "uid_max_connections", lambda t: _int(t, minimum=1)),
-            defaults.uid_max_connections),
-        uid_max_pending=pick(
-            reader.typed(k, "uid_max_pending", lambda t: _int(t, minimum=1)),
-            defaults.uid_max_pending),
-        uid_max_in_flight=pick(
-            reader.typed(k, "uid_max_in_flight", lambda t: _int(t, minimum=1)),
-            defaults.uid_max_in_flight),
-        max_file_bytes=pick(
-            reader.typed(k, "max_file_bytes", lambda t: _int(t, minimum=4096, maximum=64 << 20)),
-            defaults.max_file_bytes),
         log_level=reader.typed(k, "log_level", lambda t: _choice(t, LOG_LEVELS)),
         groups=reader.string(k, "groups") or None,
         legacy_psk_sha384=pick(
@@ -619,6 +596,12 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
                          lambda t: _legacy_mode(t)),
             defaults.legacy_psk_sha384),
     )
+    numbers: dict[str, Any] = {}
+    for key, (minimum, maximum) in _KTLSD_INTEGERS.items():
+        value = reader.typed(k, key, functools.partial(_int, minimum=minimum, maximum=maximum))
+        if value is not None:
+            numbers[key] = value
+    config = replace(config, **numbers)
     _check_pairs(keyfile, config)
     return config
 
