@@ -2,7 +2,8 @@
 
 The flow of one request reads off the module list:
 
-upcall source (:mod:`ktlsd.upcall.netlink`, :mod:`ktlsd.upcall.service`) → :mod:`ktlsd.request` →
+upcall source (:mod:`ktlsd.upcall.kernel`, :mod:`ktlsd.upcall.service`) → :mod:`ktlsd.request` →
+:mod:`ktlsd.material` →
 :mod:`ktlsd.tls.handshake` (over :mod:`ktlsd.tls._openssl`) → :mod:`ktlsd.tls.session` →
 record layer (:mod:`ktlsd.tls.ktls`, :mod:`ktlsd.tls.record`, :mod:`ktlsd.tls.connection`) → DONE.
 """

@@ -3,9 +3,15 @@
 One :class:`Agent` serves any number of :class:`~ktlsd.request.UpcallSource` objects (the
 kernel's ``handshake`` family, the user-space handshake service) on one asyncio loop:
 
-* concurrency is bounded: a source is asked for its next request only while a slot is free,
-  so requests beyond the bound stay queued *in the source*, where the kernel's (or the
-  service's) pending limit protects everyone;
+* concurrency is bounded per source: each source has its own ``max_concurrent`` slots and
+  is asked for its next request only while one of them is free, so requests beyond the
+  bound stay queued *in the source*, where the kernel's (or the service's) pending limit
+  protects everyone, and no source's requests can take another's slots: local users of the
+  service can never delay a kernel (NVMe, NFS) handshake;
+* what a consumer may ask for is bounded: its timeout is clamped to
+  ``max_consumer_timeout_ms`` (requests with credentials; the kernel's are its own), and a
+  session is kept for later key updates only when the consumer asked for it (the kernel's
+  when ``keep_kernel_sessions`` is set), within the store's per-owner and total caps;
 * every request runs in its own task with nothing shared but the configuration; whatever
   happens inside — a bad peer, a missing key, a C error, a bug — ends as one DONE with a
   status and one log line, never as a crashed agent;
@@ -25,26 +31,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import errno
+import functools
 import logging
 import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import TYPE_CHECKING
 
 from ktlsd import keyring
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.keyupdate import (
-    KeyInstaller,
-    KtlsInstaller,
-    UserLayerInstaller,
-    apply_key_update,
-    plan_key_update,
-)
-from ktlsd.material import Consumer, build_tls_config
 from ktlsd.request import (
     AuthMode,
+    ConfigurableSource,
     HandshakeDone,
     HandshakeRequest,
     KeyDelivery,
@@ -54,8 +54,14 @@ from ktlsd.request import (
 )
 from ktlsd.session_store import KERNEL_OWNER, SessionStore
 from ktlsd.settings import AgentSettings
-from ktlsd.tls.handshake import perform_handshake
 from ktlsd.tls.session import Role, Session
+
+if TYPE_CHECKING:
+    from ktlsd.keyupdate import KeyInstaller
+
+# The TLS engine (ktlsd.tls.handshake, ktlsd.material, ktlsd.keyupdate: libssl, cryptography)
+# is imported by the first request that needs it, not at start-up: ``ktlsd run`` is ready
+# (and idles) without it.
 
 log = logging.getLogger("ktlsd")
 
@@ -186,13 +192,22 @@ class Agent:
     ) -> None:
         self.settings = settings
         self.sources = list(sources)
-        # A store given by the caller keeps its own lifetime; ours follows the settings.
+        # A store given by the caller keeps its own lifetime and caps; ours follows the
+        # settings.
         self._own_store = store is None
-        self.store = store or SessionStore(lifetime=settings.session_lifetime)
+        self.store = store or SessionStore(
+            lifetime=settings.session_lifetime,
+            max_sessions=settings.max_kept_sessions,
+            max_per_owner=settings.uid_max_kept_sessions,
+        )
         self._session_locks = _KeyedLocks()
-        self._slots = _Slots(settings.concurrency)
+        # One pool of slots per source: the kernel's are never taken by service requests.
+        self._slots = {id(source): _Slots(settings.concurrency) for source in self.sources}
         self._tasks: set[asyncio.Task[HandshakeDone]] = set()
         self._consumers: list[asyncio.Task[None]] = []
+        self._streams_open = 0
+        self.serving = asyncio.Event()
+        """Set once the agent takes requests from every source (their streams are open)."""
         self._stopping = False
         self.completed = 0
         self.failed = 0
@@ -207,13 +222,22 @@ class Agent:
 
         Requests in flight keep what they started with. The concurrency bound changes at
         once: a lower bound lets running handshakes finish and takes new ones only below it.
-        The log line names what changed (settings hold paths and numbers, never secrets).
+        Sources with limits of their own (:class:`~ktlsd.request.ConfigurableSource`: the
+        service's per-uid shares) get the new settings; so does the agent's own session
+        store (lifetime for sessions kept from now on, caps at the next save). The log line
+        names what changed (settings hold paths and numbers, never secrets).
         """
         old, self.settings = self.settings, settings
-        self._slots.resize(settings.concurrency)
-        if self._own_store and self.store.lifetime != settings.session_lifetime:
+        for slots in self._slots.values():
+            slots.resize(settings.concurrency)
+        for source in self.sources:
+            if isinstance(source, ConfigurableSource):
+                source.configure(settings)
+        if self._own_store:
             # New sessions get the new lifetime; kept ones at their next key update.
-            self.store = dataclasses.replace(self.store, lifetime=settings.session_lifetime)
+            self.store.configure(lifetime=settings.session_lifetime,
+                                 max_sessions=settings.max_kept_sessions,
+                                 max_per_owner=settings.uid_max_kept_sessions)
         before, after = vars(old), vars(settings)
         changes = [
             f"{name} {before[name]!r} -> {after[name]!r}"
@@ -246,30 +270,34 @@ class Agent:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _consume(self, source: UpcallSource) -> None:
+        slots = self._slots[id(source)]
         iterator = source.requests().__aiter__()
+        self._streams_open += 1
+        if self._streams_open == len(self.sources):
+            self.serving.set()
         while not self._stopping:
-            await self._slots.acquire()
+            await slots.acquire()
             try:
                 pending = await iterator.__anext__()
             except (StopAsyncIteration, asyncio.CancelledError):
-                self._slots.release()
+                slots.release()
                 return
             except Exception as exc:  # a broken source must not take the agent down
-                self._slots.release()
+                slots.release()
                 log.error("upcall source %s failed: %s", source.name, exc)
                 return
-            if self._slots.used > self._slots.limit:
+            if slots.used > slots.limit:
                 # The bound shrank (SIGHUP) while this slot was waiting for a request: start
                 # the request only once the running ones are below the new bound.
-                self._slots.release()
+                slots.release()
                 try:
-                    await self._slots.acquire()
+                    await slots.acquire()
                 except asyncio.CancelledError:
                     await self._refuse(pending, "the agent is shutting down")
                     return
             task = asyncio.create_task(self.serve(pending))
             self._tasks.add(task)
-            task.add_done_callback(self._finished)
+            task.add_done_callback(functools.partial(self._finished, slots))
 
     async def _refuse(self, pending: PendingRequest, reason: str) -> None:
         """Answer a request taken but never started: ESRCH, as for one still queued."""
@@ -281,15 +309,17 @@ class Agent:
         self.failed += 1
         self._log(pending, answer, None, "-", 0.0)
 
-    def _finished(self, task: asyncio.Task[HandshakeDone]) -> None:
+    def _finished(self, slots: _Slots, task: asyncio.Task[HandshakeDone]) -> None:
         self._tasks.discard(task)
-        self._slots.release()
+        slots.release()
 
     async def serve(self, pending: PendingRequest) -> HandshakeDone:
         """Run one request to its DONE. Never raises."""
         request = pending.request
         settings = self.settings  # a reload meanwhile applies to later requests
         timeout_ms = request.timeout_ms_or(settings.default_timeout_ms)
+        if pending.credentials is not None:  # a consumer's wish, within the agent's cap
+            timeout_ms = min(timeout_ms, settings.max_consumer_timeout_ms)
         timeout = timeout_ms / 1000
         started = time.monotonic()
         log.debug(
@@ -300,7 +330,7 @@ class Agent:
         sock: socket.socket | None = None
         session: Session | None = None
         try:
-            sock = socket.socket(fileno=os.dup(request.sockfd))
+            sock = _borrowed_socket(request.sockfd)
             if request.message_type.is_key_update:
                 answer, session = await self._key_update(pending, sock, timeout)
             else:
@@ -331,6 +361,9 @@ class Agent:
         self, pending: PendingRequest, sock: socket.socket, settings: AgentSettings,
         timeout: float,
     ) -> tuple[HandshakeDone, Session | None]:
+        from ktlsd.material import Consumer, build_tls_config
+        from ktlsd.tls.handshake import perform_handshake
+
         request = pending.request
         files = (
             settings.client_x509
@@ -344,30 +377,34 @@ class Agent:
             request, x509_files=files, groups=settings.groups, psk_keyrings=psk_keyrings,
             consumer=Consumer.from_credentials(pending.credentials),
             legacy_psk_sha384=settings.legacy_psk_sha384,
+            max_file_bytes=settings.max_file_bytes,
         )
         session = await _unless_cancelled(
             pending.cancelled, perform_handshake(sock, config, timeout=timeout)
         )
         if pending.delivery is KeyDelivery.INSTALL_KTLS:
             _install_ktls(sock, session)
-        session_id = self._keep(session, _owner(pending), settings)
+        session_id = self._keep(pending, session, settings)
         return (
             HandshakeDone(
                 status=0,
                 sockfd=request.sockfd,
-                remote_auth=_remote_auth(session),
+                remote_auth=_remote_auth(pending, session),
                 session_id=session_id,
                 session=_delivered(pending, session),
             ),
             session,
         )
 
-    def _keep(self, session: Session, owner: int, settings: AgentSettings) -> int:
-        """Keep the session's secrets for later key updates; 0 when not kept."""
-        if not settings.keep_sessions:
+    def _keep(self, pending: PendingRequest, session: Session, settings: AgentSettings) -> int:
+        """Keep the session's secrets for later key updates when asked to (a consumer's
+        request) or configured to (the kernel's); 0 when not kept."""
+        wanted = (settings.keep_kernel_sessions if pending.credentials is None
+                  else pending.request.keep_session)
+        if not (settings.keep_sessions and wanted):
             return 0
         try:
-            return self.store.save(session, owner)
+            return self.store.save(session, _owner(pending))
         except (keyring.KeyringError, ValueError) as exc:
             # The connection works without it; only a later key update will need a reconnect.
             log.warning("session state not kept (key updates will need a reconnect): %s", exc)
@@ -392,6 +429,8 @@ class Agent:
                     status=0, sockfd=request.sockfd, session=_delivered(pending, state)
                 )
                 return answer, None
+            from ktlsd.keyupdate import apply_key_update, plan_key_update
+
             plan = plan_key_update(
                 state, request.message_type, request.key_update_type,
                 request_peer=request.request_peer_update,
@@ -501,6 +540,8 @@ async def _unless_cancelled(cancelled: asyncio.Event, work: Awaitable[Session]) 
 def _installer_for(pending: PendingRequest, sock: socket.socket, state: Session) -> KeyInstaller:
     """kTLS for consumers whose keys the agent installs, and for consumers that installed kTLS
     themselves (no record numbers sent); else the consumer's user-space record layer state."""
+    from ktlsd.keyupdate import KtlsInstaller, UserLayerInstaller
+
     seqs = pending.request.record_seqs
     if pending.delivery is KeyDelivery.INSTALL_KTLS or seqs is None:
         return KtlsInstaller(sock, state.suite)
@@ -511,11 +552,24 @@ def _auth_name(mode: AuthMode) -> str:
     return mode.name.lower()
 
 
-def _remote_auth(session: Session) -> tuple[int, ...]:
-    """remote-auth: the PSK's serial, or a keyring key holding the peer's certificate."""
+def _borrowed_socket(fd: int) -> socket.socket:
+    """A socket object on a duplicate of the source's descriptor (the source keeps its own);
+    the duplicate is closed again when it is not a socket."""
+    dup = os.dup(fd)
+    try:
+        return socket.socket(fileno=dup)
+    except BaseException:
+        os.close(dup)
+        raise
+
+
+def _remote_auth(pending: PendingRequest, session: Session) -> tuple[int, ...]:
+    """remote-auth: the PSK's serial, or (kernel consumers, which read keys by serial) a
+    keyring key holding the peer's certificate. A consumer that gets the session back has
+    the chain in it: no key is added for it, so consumers cannot fill root's key quota."""
     if session.peer.psk_serial is not None:
         return (session.peer.psk_serial,)
-    if session.peer.certificate_chain:
+    if session.peer.certificate_chain and pending.delivery is KeyDelivery.INSTALL_KTLS:
         try:
             serial = keyring.add_key(
                 "asymmetric", "", session.peer.certificate_chain[0],

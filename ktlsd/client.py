@@ -152,8 +152,11 @@ class HandshakeOptions:
     (made absolute against the current directory when the request is built);
     ``certificate_chain``/``private_key_der`` pass DER directly; the ``*_serial`` arguments
     and ``psk_serials`` name keys in a keyring the agent can read; ``keyring`` is a keyring
-    for the agent to link. ``timeout`` is in seconds (None: the agent's default, 10 s).
-    ``psk`` is a list of ``(identity, key)`` or ``(identity, key, "sha256"/"sha384")``.
+    for the agent to link. ``timeout`` is in seconds (None: the agent's default, 10 s; the
+    agent caps it, by default at 30 s). ``psk`` is a list of ``(identity, key)`` or
+    ``(identity, key, "sha256"/"sha384")``. ``keep_session`` asks the agent to keep the
+    session's state for later :func:`key_update` requests (DONE's ``session_id``); without it
+    nothing is kept and ``session_id`` is 0.
 
     Values are checked when the request is built (:meth:`to_request`), with a
     :class:`ValueError` that never quotes a key. The keys (``psk``, ``private_key_der``) are
@@ -177,6 +180,7 @@ class HandshakeOptions:
     require_client_cert: bool = False
     keyring: int = 0
     timeout: float | None = None
+    keep_session: bool = False
 
     def to_request(self) -> HandshakeRequest:
         """The :class:`HandshakeRequest` that :func:`submit` sends (``sockfd`` still -1)."""
@@ -208,6 +212,7 @@ class HandshakeOptions:
             peername=self.peername,
             keyring=self.keyring,
             inline=inline if inline != InlineMaterial() else None,
+            keep_session=self.keep_session,
         )
 
 
@@ -236,6 +241,7 @@ class HandshakeFields(TypedDict, total=False):
     require_client_cert: bool
     keyring: int
     timeout: float | None
+    keep_session: bool
 
 
 def _merge(options: HandshakeOptions | None, fields: HandshakeFields) -> HandshakeOptions:
@@ -403,8 +409,9 @@ async def key_update(
     timeout: float | None = None,
     service_path: PathLike | None = None,
 ) -> HandshakeDone:
-    """Ask the agent to run a KeyUpdate on a session it kept (``done.session_id`` of the
-    handshake), as the proposed kernel key-update upcall does. For a user-space record layer
+    """Ask the agent to run a KeyUpdate on a session it kept (``done.session_id`` of a
+    handshake that asked for it with ``keep_session=True``), as the proposed kernel
+    key-update upcall does. For a user-space record layer
     pass its ``record_seqs`` (next tx, rx record numbers); the DONE's session carries the
     new secrets to install."""
     request = _session_request(

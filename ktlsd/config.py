@@ -23,27 +23,41 @@ the legacy ``/etc/tlshd.conf`` when it exists, then ``/etc/tlshd/config``; else 
 Errors: a line that is not a comment, group or ``key=value``, a key before any group, bad
 UTF-8, a bad escape or a bad value in ``[ktlsd]`` raise :class:`ConfigError`, whose message
 is one line: ``<file>:<line>: <what is wrong>``. Unknown groups and keys are warned about and
-ignored (tlshd's configuration keeps growing: ``[tags]``, PQ certificates, ...). For tlshd's
-own ``[debug]`` integers ktlsd follows tlshd: an unparsable value counts as 0 (with a warning).
+ignored (tlshd's configuration keeps growing: ``[tags]``, PQ certificates, ...). tlshd's own
+``[debug]`` integers are read as GLib reads them (:func:`glib_integer`: ``loglevel=2 # two`` is
+2), and an unparsable one counts as 0, as for tlshd (with a warning).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
+from ktlsd.log_output import NOTICE
 from ktlsd.settings import (
     DEFAULT_LEGACY_PSK_SHA384,
+    DEFAULT_MAX_CONSUMER_TIMEOUT_MS,
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_KEPT_SESSIONS,
+    DEFAULT_SERVICE_MAX_CONNECTIONS,
     DEFAULT_SERVICE_MODE,
     DEFAULT_SERVICE_PATH,
     DEFAULT_SESSION_LIFETIME,
+    DEFAULT_SUBMIT_TIMEOUT_MS,
     DEFAULT_TIMEOUT_MS,
+    DEFAULT_UID_MAX_CONNECTIONS,
+    DEFAULT_UID_MAX_IN_FLIGHT,
+    DEFAULT_UID_MAX_KEPT_SESSIONS,
+    DEFAULT_UID_MAX_PENDING,
     LEGACY_PSK_SHA384_MODES,
     AgentSettings,
     LegacyPskSha384,
+    ServiceLimits,
     X509Files,
 )
 
@@ -231,6 +245,11 @@ class AgentConfig:
     ``max_concurrent`` (0 = sized to the CPUs by the agent), ``pending_limit`` (0 = the
     kernel's rule), ``default_timeout_ms`` (for requests that carry no timeout),
     ``session_lifetime`` (seconds kept session state lives in the keyring; 0 keeps none),
+    ``keep_kernel_sessions``, ``max_kept_sessions``, ``uid_max_kept_sessions`` (which sessions
+    are kept, how many), ``max_consumer_timeout_ms``, ``submit_timeout_ms``,
+    ``service_max_connections``, ``uid_max_connections``, ``uid_max_pending``,
+    ``uid_max_in_flight`` (each local user's share of the service; docs/service.md, "Limits"),
+    ``max_file_bytes`` (largest certificate/key/truststore/CRL file read),
     ``log_level``, ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them),
     ``legacy_psk_sha384`` ("refuse"/"accept"/"offer": SHA-384 PSKs bound to SHA-256 the way
     tlshd 1.0 does them; see docs/configuration.md).
@@ -252,6 +271,16 @@ class AgentConfig:
     pending_limit: int = 0
     default_timeout_ms: int = DEFAULT_TIMEOUT_MS
     session_lifetime: int = DEFAULT_SESSION_LIFETIME
+    keep_kernel_sessions: bool = False
+    max_kept_sessions: int = DEFAULT_MAX_KEPT_SESSIONS
+    uid_max_kept_sessions: int = DEFAULT_UID_MAX_KEPT_SESSIONS
+    max_consumer_timeout_ms: int = DEFAULT_MAX_CONSUMER_TIMEOUT_MS
+    submit_timeout_ms: int = DEFAULT_SUBMIT_TIMEOUT_MS
+    service_max_connections: int = DEFAULT_SERVICE_MAX_CONNECTIONS
+    uid_max_connections: int = DEFAULT_UID_MAX_CONNECTIONS
+    uid_max_pending: int = DEFAULT_UID_MAX_PENDING
+    uid_max_in_flight: int = DEFAULT_UID_MAX_IN_FLIGHT
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     log_level: str | None = None
     groups: str | None = None
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
@@ -286,6 +315,19 @@ class AgentConfig:
             session_lifetime=self.session_lifetime,
             default_timeout_ms=self.default_timeout_ms,
             legacy_psk_sha384=self.legacy_psk_sha384,
+            max_consumer_timeout_ms=self.max_consumer_timeout_ms,
+            max_file_bytes=self.max_file_bytes,
+            keep_kernel_sessions=self.keep_kernel_sessions,
+            max_kept_sessions=self.max_kept_sessions,
+            uid_max_kept_sessions=self.uid_max_kept_sessions,
+            service_limits=ServiceLimits(
+                pending_limit=self.pending_limit,
+                max_connections=self.service_max_connections,
+                submit_timeout_ms=self.submit_timeout_ms,
+                uid_max_connections=self.uid_max_connections,
+                uid_max_pending=self.uid_max_pending,
+                uid_max_in_flight=self.uid_max_in_flight,
+            ),
         )
 
 
@@ -313,11 +355,56 @@ _KTLSD_KEYS = (
     "service_socket", "service_mode", "service_group", "kernel", "max_concurrent",
     "pending_limit", "default_timeout_ms", "session_lifetime", "log_level", "groups",
     "legacy_psk_sha384",
+    "keep_kernel_sessions", "max_kept_sessions", "uid_max_kept_sessions",
+    "max_consumer_timeout_ms", "submit_timeout_ms", "service_max_connections",
+    "uid_max_connections", "uid_max_pending", "uid_max_in_flight", "max_file_bytes",
 )
+_KTLSD_INTEGERS: dict[str, tuple[int, int | None]] = {
+    # key: (minimum, maximum or None); the defaults are AgentConfig's (from ktlsd.settings)
+    "max_concurrent": (0, 100_000),
+    "pending_limit": (0, 100_000),
+    "default_timeout_ms": (1, 3_600_000),
+    "session_lifetime": (0, None),
+    "max_kept_sessions": (1, None),
+    "uid_max_kept_sessions": (1, None),
+    "max_consumer_timeout_ms": (1, 3_600_000),
+    "submit_timeout_ms": (1, 600_000),
+    "service_max_connections": (1, 1_000_000),
+    "uid_max_connections": (1, None),
+    "uid_max_pending": (1, None),
+    "uid_max_in_flight": (1, None),
+    "max_file_bytes": (4096, 64 << 20),
+}
+"""The ``[ktlsd]`` keys that are integers, with their ranges: each is an AgentConfig field."""
+
 _KTLSD_KEYS_RETIRED = {
     "record_layer": "user-space consumers choose their record layer themselves "
                     "(ktlsd.client, record_layer=...); kernel consumers always get kTLS",
 }
+
+
+_GLIB_INTEGER = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)(?:[ \t\n\f\r]|\Z)")
+_GINT_MIN, _GINT_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def glib_integer(raw: str) -> int:
+    """An integer value as ``g_key_file_get_integer()`` reads it (GLib 2.74, checked against
+    the library itself).
+
+    GLib takes the value as written (no unescaping), converts the leading decimal number with
+    ``strtol(value, &end, 10)`` and accepts it when at least one digit was read and the first
+    character after the number is the end of the value or ASCII whitespace (space, tab,
+    newline, form feed, carriage return); whatever follows that whitespace is ignored. So
+    ``2 # two`` and ``2 3`` are 2, while ``2# two``, ``2abc``, ``0x10``, ``2.5`` and ``2\\s``
+    are errors; ``010`` is 10. The number must fit a 32-bit ``gint``. Raises ValueError.
+    """
+    match = _GLIB_INTEGER.match(raw)
+    if match is None:
+        raise ValueError(f"{raw!r} is not an integer")
+    value = int(match.group(1), 10)
+    if not _GINT_MIN <= value <= _GINT_MAX:
+        raise ValueError(f"{raw!r} is out of range for an integer")
+    return value
 
 
 def _bool(text: str) -> bool:
@@ -387,12 +474,12 @@ class _Reader:
         return value
 
     def tlshd_int(self, group: str, key: str) -> int | None:
-        """tlshd's integers: g_key_file_get_integer() failing counts as 0."""
+        """tlshd's integers, read as g_key_file_get_integer() reads them; failing counts as 0."""
         entry = self.get(group, key)
         if entry is None:
             return None
         try:
-            return _int(entry.value)
+            return glib_integer(entry.value)
         except ValueError as exc:
             log.warning("%s:%d: [%s] %s: %s; using 0 as tlshd does",
                         self.keyfile.path, entry.line, group, key, exc)
@@ -500,19 +587,8 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
             defaults.service_mode),
         service_group=_group(reader.string(k, "service_group")),
         kernel=pick(reader.typed(k, "kernel", lambda t: _kernel_mode(t)), defaults.kernel),
-        max_concurrent=pick(
-            reader.typed(k, "max_concurrent", lambda t: _int(t, minimum=0, maximum=100_000)),
-            defaults.max_concurrent),
-        pending_limit=pick(
-            reader.typed(k, "pending_limit", lambda t: _int(t, minimum=0, maximum=100_000)),
-            defaults.pending_limit),
-        default_timeout_ms=pick(
-            reader.typed(k, "default_timeout_ms",
-                         lambda t: _int(t, minimum=1, maximum=3_600_000)),
-            defaults.default_timeout_ms),
-        session_lifetime=pick(
-            reader.typed(k, "session_lifetime", lambda t: _int(t, minimum=0)),
-            defaults.session_lifetime),
+        keep_kernel_sessions=pick(reader.typed(k, "keep_kernel_sessions", _bool),
+                                  defaults.keep_kernel_sessions),
         log_level=reader.typed(k, "log_level", lambda t: _choice(t, LOG_LEVELS)),
         groups=reader.string(k, "groups") or None,
         legacy_psk_sha384=pick(
@@ -520,6 +596,12 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
                          lambda t: _legacy_mode(t)),
             defaults.legacy_psk_sha384),
     )
+    numbers: dict[str, Any] = {}
+    for key, (minimum, maximum) in _KTLSD_INTEGERS.items():
+        value = reader.typed(k, key, functools.partial(_int, minimum=minimum, maximum=maximum))
+        if value is not None:
+            numbers[key] = value
+    config = replace(config, **numbers)
     _check_pairs(keyfile, config)
     return config
 
@@ -562,25 +644,28 @@ def _check_pairs(keyfile: KeyFile, config: AgentConfig) -> None:
 
 
 def find_config(path: str | None = None,
-                search: Sequence[str] = SEARCH_PATHS) -> str | None:
-    """The file to read: ``path``, else ``$KTLSD_CONFIG``, else the first of ``search`` that
-    exists, else None (no file: built-in defaults)."""
+                search: Sequence[str] | None = None) -> str | None:
+    """The file to read: ``path``, else ``$KTLSD_CONFIG``, else the first of ``search``
+    (default :data:`SEARCH_PATHS`) that exists, else None (no file: built-in defaults).
+
+    Reading the legacy file is logged at notice level, as tlshd asks to relocate it.
+    """
     if path:
         return path
     from_env = os.environ.get(ENV_CONFIG)
     if from_env:
         return from_env
-    for candidate in search:
+    for candidate in SEARCH_PATHS if search is None else search:
         if os.path.exists(candidate):
             if candidate == LEGACY_CONFIG_PATH:
-                log.info("reading the legacy %s (tlshd now uses %s)",
-                         LEGACY_CONFIG_PATH, CONFIG_PATH)
+                log.log(NOTICE, "reading the legacy %s: please relocate it to %s (as tlshd asks)",
+                        LEGACY_CONFIG_PATH, CONFIG_PATH)
             return candidate
     return None
 
 
 def load_config(path: str | None = None, *,
-                search: Sequence[str] = SEARCH_PATHS) -> AgentConfig:
+                search: Sequence[str] | None = None) -> AgentConfig:
     """Read the configuration (see :func:`find_config` for which file).
 
     An explicitly named file (argument or ``$KTLSD_CONFIG``) must exist; when no file is

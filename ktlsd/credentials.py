@@ -31,12 +31,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.files import (
     AGENT,
-    DEFAULT_MAX_FILE_BYTES,
     DEFAULT_READ_TIMEOUT,
     FileAccess,
     FileRefused,
     read_file,
 )
+from ktlsd.settings import DEFAULT_MAX_FILE_BYTES
 
 __all__ = ["X509Credentials", "read_crl", "read_truststore", "split_der_sequence"]
 

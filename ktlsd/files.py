@@ -78,17 +78,16 @@ import time
 from dataclasses import dataclass
 
 from ktlsd.errors import FailureCause, HandshakeError
+from ktlsd.settings import DEFAULT_MAX_FILE_BYTES
 
 __all__ = [
     "AGENT",
-    "DEFAULT_MAX_FILE_BYTES",
     "DEFAULT_READ_TIMEOUT",
     "FileAccess",
     "FileRefused",
     "read_file",
 ]
 
-DEFAULT_MAX_FILE_BYTES = 1 << 20  # the max_file_bytes setting
 DEFAULT_READ_TIMEOUT = 5.0  # seconds a read may wait (for admission, or as a whole)
 MAX_READS_PER_UID = 4  # a consumer uid's reads in flight, stuck ones included
 MAX_CONSUMER_READS = 12  # all consumers' reads in flight

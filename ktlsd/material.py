@@ -49,7 +49,6 @@ from ktlsd.credentials import X509Credentials, read_truststore
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.files import (
     AGENT,
-    DEFAULT_MAX_FILE_BYTES,
     DEFAULT_READ_TIMEOUT,
     FileAccess,
     read_file,
@@ -61,7 +60,12 @@ from ktlsd.request import (
     InlineMaterial,
     MessageType,
 )
-from ktlsd.settings import DEFAULT_LEGACY_PSK_SHA384, LegacyPskSha384, X509Files
+from ktlsd.settings import (
+    DEFAULT_LEGACY_PSK_SHA384,
+    DEFAULT_MAX_FILE_BYTES,
+    LegacyPskSha384,
+    X509Files,
+)
 from ktlsd.tls.handshake import ClientAuth, HashName, PskKey, TlsConfig, prepare_context
 from ktlsd.tls.session import CipherSuite, Role
 

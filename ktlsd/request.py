@@ -19,6 +19,11 @@ back, as typed attributes, so the agent never has to know which source a request
 * :attr:`PendingRequest.cancelled`: set when the consumer withdraws the request; the agent then
   gives up on the handshake. A source whose consumers cannot withdraw never sets it;
 * :attr:`PendingRequest.source_name`: a label for the logs, nothing more.
+
+A consumer's request may ask for its session to be kept for later key updates
+(:attr:`HandshakeRequest.keep_session`); the kernel's sessions are kept when the agent is
+configured to. A source with limits of its own (the service's per-uid shares) is a
+:class:`ConfigurableSource`: the agent hands it new settings on reload.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ import asyncio
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from ktlsd.settings import DEFAULT_TIMEOUT_MS
+from ktlsd.settings import DEFAULT_TIMEOUT_MS, AgentSettings
 from ktlsd.tls.session import Session
 
 
@@ -134,6 +139,9 @@ class HandshakeRequest:
     # The consumer's connection ended: forget the kept session ``session_id`` (service only;
     # the kernel has no teardown upcall, so kernel sessions end with their lifetime).
     forget_session: bool = False
+    # Keep the session's state for later key updates through the agent (service only: a
+    # consumer asks; kernel sessions are kept when the agent is configured to keep them).
+    keep_session: bool = False
 
     def timeout_ms_or(self, default_ms: int) -> int:
         """The request's timeout, or ``default_ms`` when it carries none (the agent passes
@@ -235,3 +243,11 @@ class UpcallSource(Protocol):
     async def close(self) -> None:
         """Stop accepting new requests (in-flight ones still get their DONE)."""
         ...
+
+
+@runtime_checkable
+class ConfigurableSource(Protocol):
+    """An upcall source with limits of its own (the service's per-uid shares): the agent
+    hands it the new settings on reload (SIGHUP)."""
+
+    def configure(self, settings: AgentSettings) -> None: ...

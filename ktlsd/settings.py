@@ -43,6 +43,38 @@ DEFAULT_LEGACY_PSK_SHA384: LegacyPskSha384 = "accept"
 """How SHA-384 PSKs bound to SHA-256 (tlshd 1.0 on GnuTLS < 3.8.11) are treated
 (``[ktlsd] legacy_psk_sha384``; see docs/configuration.md)."""
 
+DEFAULT_MAX_FILE_BYTES = 1 << 20
+"""The largest certificate, key, truststore or CRL file read for a handshake
+(``[ktlsd] max_file_bytes``); bigger files are refused by their size, unread."""
+
+DEFAULT_MAX_CONSUMER_TIMEOUT_MS = 30_000
+"""The longest timeout a service consumer may ask for (``[ktlsd] max_consumer_timeout_ms``):
+three times the default, ample for a TLS 1.3 handshake over any real link, and the longest a
+stalled peer can hold one of its uid's slots."""
+
+DEFAULT_SUBMIT_TIMEOUT_MS = 2_000
+"""How long a new service connection may stay silent before SUBMIT (``[ktlsd]
+submit_timeout_ms``); the client library sends SUBMIT right after connecting."""
+
+DEFAULT_SERVICE_MAX_CONNECTIONS = 1024
+"""Service connections open at once, all uids together (``[ktlsd] service_max_connections``)."""
+
+DEFAULT_UID_MAX_CONNECTIONS = 64
+"""Service connections one uid may hold open (``[ktlsd] uid_max_connections``)."""
+
+DEFAULT_UID_MAX_PENDING = 8
+"""Service requests of one uid queued for the agent (``[ktlsd] uid_max_pending``)."""
+
+DEFAULT_UID_MAX_IN_FLIGHT = 4
+"""Service requests of one uid the agent runs at once (``[ktlsd] uid_max_in_flight``)."""
+
+DEFAULT_MAX_KEPT_SESSIONS = 10_000
+"""Kept session states, all owners together (``[ktlsd] max_kept_sessions``): about 1.6 MB
+and 10,000 keys of root's key quota (docs/service.md, "Limits")."""
+
+DEFAULT_UID_MAX_KEPT_SESSIONS = 256
+"""Kept session states of one consumer uid (``[ktlsd] uid_max_kept_sessions``)."""
+
 MIN_CONCURRENCY = 4
 HANDSHAKES_PER_CPU = 8
 """``max_concurrent = 0`` sizes the bound to ``max(MIN_CONCURRENCY, HANDSHAKES_PER_CPU x CPUs)``:
@@ -61,12 +93,32 @@ class X509Files:
 
 
 @dataclass(frozen=True)
+class ServiceLimits:
+    """What one local user may hold of the user-space handshake service (per uid), and the
+    service's totals. ``pending_limit`` 0 means the kernel's rule (see
+    :func:`ktlsd.upcall.service.default_pending_limit`)."""
+
+    pending_limit: int = 0
+    max_connections: int = DEFAULT_SERVICE_MAX_CONNECTIONS
+    submit_timeout_ms: int = DEFAULT_SUBMIT_TIMEOUT_MS
+    uid_max_connections: int = DEFAULT_UID_MAX_CONNECTIONS
+    uid_max_pending: int = DEFAULT_UID_MAX_PENDING
+    uid_max_in_flight: int = DEFAULT_UID_MAX_IN_FLIGHT
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     """What the agent needs from the configuration, in one place (frozen: reload replaces it).
 
-    ``max_concurrent`` 0 sizes the bound to the CPUs (:attr:`concurrency`); ``keep_sessions``
-    keeps each session's traffic secrets for later key updates, for ``session_lifetime``
-    seconds (0: no expiry); ``default_timeout_ms`` applies to requests that carry no timeout.
+    ``max_concurrent`` 0 sizes the bound to the CPUs (:attr:`concurrency`); it applies to
+    each upcall source separately, so service consumers never take the kernel's slots.
+    ``keep_sessions`` allows keeping a session's traffic secrets for later key updates, for
+    ``session_lifetime`` seconds (0: no expiry): for a service consumer when its request asks
+    for it, for the kernel when ``keep_kernel_sessions`` is set; at most
+    ``uid_max_kept_sessions`` per consumer uid and ``max_kept_sessions`` in all.
+    ``default_timeout_ms`` applies to requests that carry no timeout; a service consumer's
+    timeout is clamped to ``max_consumer_timeout_ms``. ``service_limits`` bound each uid's
+    share of the handshake service.
     """
 
     client_x509: X509Files = field(default_factory=X509Files)
@@ -78,6 +130,12 @@ class AgentSettings:
     session_lifetime: int = DEFAULT_SESSION_LIFETIME
     default_timeout_ms: int = DEFAULT_TIMEOUT_MS
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
+    max_consumer_timeout_ms: int = DEFAULT_MAX_CONSUMER_TIMEOUT_MS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    keep_kernel_sessions: bool = False
+    max_kept_sessions: int = DEFAULT_MAX_KEPT_SESSIONS
+    uid_max_kept_sessions: int = DEFAULT_UID_MAX_KEPT_SESSIONS
+    service_limits: ServiceLimits = field(default_factory=ServiceLimits)
 
     @property
     def concurrency(self) -> int:

@@ -9,6 +9,12 @@ files under ``testbed/guest/``, so editing the recipe forces a rebuild and nothi
 Scenario scripts are deliberately *not* part of the recipe: the guest reads them from the
 shared project tree at run time.
 
+The image also carries a second, much newer tlshd: a ``minbase`` chroot of Debian unstable
+(sid) with its ktls-utils, made by debootstrap straight from the mirror into
+``/opt/sid-tlshd`` (docs, locales and apt caches removed). The fleet-newtlshd scenario runs it
+as a third agent in its own network namespace. What it is built from -- the package versions
+and the GnuTLS it links -- is recorded in ``/opt/sid-tlshd.json`` and in ``build.json``.
+
 Usage: ``python -m testbed.build [--force]`` (prints the cache directory).
 """
 
@@ -55,6 +61,16 @@ GUEST_PACKAGES: tuple[str, ...] = (
     # systemd itself, systemctl and journalctl come in with nfs-kernel-server and ktls-utils.
     "udev",
 )
+
+#: The newest tlshd: Debian unstable's ktls-utils in a chroot inside the guest image.
+SID_SUITE = "sid"
+SID_PACKAGES: tuple[str, ...] = ("ktls-utils",)
+#: Where the chroot lives in the guest (and the scenario looks for it).
+SID_ROOT = "opt/sid-tlshd"
+#: Packages whose versions the build records from the chroot.
+SID_RECORDED: tuple[str, ...] = ("ktls-utils", "libgnutls30t64")
+#: tlshd binds a SHA-384 PSK to SHA-384 (spec-correct) only with GnuTLS >= 3.8.11.
+SID_MIN_GNUTLS = (3, 8, 11)
 
 #: Modules the initramfs must load to mount an ext4 root on virtio-blk (Debian builds them as
 #: modules). crc32c is loaded explicitly: ext4 wants it through the crypto API, which
@@ -166,6 +182,79 @@ def _debootstrap(root: Path) -> None:
         "debootstrap",
     )
     marker.touch()
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``3.8.13-1`` -> (3, 8, 13): the upstream part of a Debian version, numerically."""
+    upstream = version.split(":", 1)[-1].split("-", 1)[0]
+    parts: list[int] = []
+    for piece in upstream.split("."):
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) < len(piece):  # "11~rc1": stop after the numeric head
+            break
+    return tuple(parts)
+
+
+def _sid_tlshd(root: Path) -> dict[str, object]:
+    """debootstrap a sid ``minbase`` chroot with ktls-utils into ``root/SID_ROOT``; return
+    (and store in the image as ``/opt/sid-tlshd.json``) what it holds.
+
+    Only debootstrap is given the suite: the host's apt sources are never touched. The record
+    has the package versions, ktls-utils' Depends line and the GnuTLS ``ldd`` resolves for
+    the sid tlshd, and whether that GnuTLS is >= 3.8.11 (the first to bind SHA-384 PSKs as
+    such). An older GnuTLS is recorded, not fatal: it is the finding the scenario reports.
+    A failed debootstrap raises BuildError; :func:`build` then goes on without the chroot.
+    """
+    chroot = root / SID_ROOT
+    marker = chroot / ".ktlsd-debootstrap-done"
+    if not marker.exists():
+        if chroot.exists():
+            shutil.rmtree(chroot)
+        chroot.parent.mkdir(parents=True, exist_ok=True)
+        _log(f"debootstrap {SID_SUITE} minbase + {','.join(SID_PACKAGES)} into /{SID_ROOT}")
+        _run(
+            ["debootstrap", "--variant=minbase", "--include=" + ",".join(SID_PACKAGES),
+             SID_SUITE, str(chroot), MIRROR],
+            f"debootstrap {SID_SUITE}",
+        )  # fmt: skip
+        marker.touch()
+    query = _chroot(chroot, "dpkg-query", "-W", "-f", "${Package} ${Version}\\n",
+                    *SID_RECORDED, step="dpkg-query in the sid chroot").stdout  # fmt: skip
+    versions = dict(line.split(" ", 1) for line in query.strip().splitlines())
+    depends = _chroot(chroot, "dpkg-query", "-W", "-f", "${Depends}", "ktls-utils",
+                      step="dpkg-query Depends in the sid chroot").stdout.strip()  # fmt: skip
+    ldd = _chroot(chroot, "ldd", "/usr/sbin/tlshd", step="ldd tlshd in the sid chroot").stdout
+    gnutls_lib = next((ln.split(" (0x")[0].strip() for ln in ldd.splitlines()
+                       if "libgnutls" in ln), "")  # fmt: skip
+    gnutls = versions.get("libgnutls30t64", "")
+    record: dict[str, object] = {
+        "suite": SID_SUITE,
+        "root": "/" + SID_ROOT,
+        "packages": versions,
+        "ktls_utils_depends": depends,
+        "tlshd_gnutls_ldd": gnutls_lib,
+        "gnutls_at_least_3_8_11": bool(gnutls) and _version_tuple(gnutls) >= SID_MIN_GNUTLS,
+    }
+    # Dead weight in a chroot that only ever runs tlshd.
+    for d in ("var/lib/apt/lists", "var/cache/apt", "usr/share/doc", "usr/share/man",
+              "usr/share/locale", "usr/share/info"):  # fmt: skip
+        p = chroot / d
+        if p.exists():
+            shutil.rmtree(p)
+            p.mkdir()
+    (chroot / "etc/tlshd").mkdir(parents=True, exist_ok=True)
+    record["size_mb"] = int(_run(["du", "-sxm", str(chroot)], "du sid chroot").stdout.split()[0])
+    (root / (SID_ROOT + ".json")).write_text(json.dumps(record, indent=2) + "\n")
+    _log(f"sid tlshd: {versions} (GnuTLS >= 3.8.11: {record['gnutls_at_least_3_8_11']}), "
+         f"{record['size_mb']} MB")  # fmt: skip
+    return record
 
 
 def _chroot(root: Path, *cmd: str, step: str) -> subprocess.CompletedProcess[str]:
@@ -355,6 +444,17 @@ def build(force: bool = False) -> GuestImage:
     t0 = time.monotonic()
     release, pkg, version = _install_kernel(root)
     t_kernel = time.monotonic() - t0
+    t0 = time.monotonic()
+    try:
+        sid = _sid_tlshd(root)
+    except BuildError as exc:
+        # A broken sid (it happens) must not take the whole test bed down: the image is built
+        # without the chroot, and fleet-newtlshd fails saying why (the record has the error).
+        _log(f"no sid tlshd in this image: {exc}")
+        shutil.rmtree(root / SID_ROOT, ignore_errors=True)
+        sid = {"suite": SID_SUITE, "root": "/" + SID_ROOT, "error": str(exc)[:2000]}
+        (root / (SID_ROOT + ".json")).write_text(json.dumps(sid, indent=2) + "\n")
+    t_sid = time.monotonic() - t0
     _configure_root(root)
     out = work / "out"
     out.mkdir()
@@ -379,11 +479,13 @@ def build(force: bool = False) -> GuestImage:
         "kernel_package": pkg,
         "kernel_package_version": version,
         "guest_packages": list(GUEST_PACKAGES),
+        "sid_tlshd": sid,
         "initramfs_modules": order,
         "rootfs_size_mb": size_mb,
         "seconds": {
             "debootstrap": round(t_debootstrap, 1),
             "kernel": round(t_kernel, 1),
+            "sid_tlshd": round(t_sid, 1),
             "image": round(t_image, 1),
             "total": round(time.monotonic() - started, 1),
         },

@@ -46,6 +46,10 @@ DEFAULT_SCENARIOS: tuple[str, ...] = (
     "dhchap-probe",
     "host-probe",
     "cli-probe",
+    "fleet-nvme",
+    "fleet-nfs",
+    "fleet-newtlshd",
+    "fleet-newtlshd-nfs",
 )
 
 
@@ -68,7 +72,7 @@ def scenario_exists(name: str) -> bool:
 def run(
     scenarios: list[str],
     *,
-    timeout: float = 720.0,
+    timeout: float = 960.0,
     scenario_timeout: float = 180.0,
     results_dir: Path | None = None,
 ) -> dict[str, object]:
@@ -161,11 +165,30 @@ def compare_agents(per: list[dict[str, object]]) -> dict[str, dict[str, object]]
             continue
         base = name.removesuffix("-tlshd")
         other = by_name[f"{base}-ktlsd"]
-        for key, value in (rec.get("figures") or {}).items():  # type: ignore[union-attr]
+        mine_f = rec.get("figures") or {}
+        theirs_f = other.get("figures") or {}
+        for key, value in mine_f.items():  # type: ignore[union-attr]
             if "seconds" in key and key != "scenario_seconds":
-                theirs = (other.get("figures") or {}).get(key)  # type: ignore[union-attr]
-                out[f"{base}:{key}"] = {"tlshd": value, "ktlsd": theirs}
+                theirs = theirs_f.get(key)  # type: ignore[union-attr]
+                pair: dict[str, object] = {"tlshd": value, "ktlsd": theirs}
+                # What each run negotiated (nvme-tls: connect_seconds_X <-> negotiated_X):
+                # a "SHA-384" pair that ran different suites is not a like-for-like comparison.
+                label = key.rsplit("_", 1)[-1]
+                ours_n = mine_f.get(f"negotiated_{label}")  # type: ignore[union-attr]
+                theirs_n = theirs_f.get(f"negotiated_{label}")  # type: ignore[union-attr]
+                if isinstance(ours_n, dict) and isinstance(theirs_n, dict):
+                    pair["tlshd_negotiated"] = negotiated_text(ours_n)
+                    pair["ktlsd_negotiated"] = negotiated_text(theirs_n)
+                    pair["comparable"] = all(
+                        ours_n.get(k) == theirs_n.get(k) for k in ("suite", "binder_bytes")
+                    )
+                out[f"{base}:{key}"] = pair
     return out
+
+
+def negotiated_text(n: dict[str, object]) -> str:
+    """``TLS_AES_256_GCM_SHA384, 48-byte binder`` from a ``negotiated_X`` figure."""
+    return f"{n.get('suite')}, {n.get('binder_bytes')}-byte binder"
 
 
 def format_report(report: dict[str, object]) -> str:
@@ -181,13 +204,25 @@ def format_report(report: dict[str, object]) -> str:
     if report.get("comparison"):
         lines.append("tlshd vs ktlsd (same boot):")
         for key, pair in report["comparison"].items():  # type: ignore[union-attr]
-            lines.append(f"    {key}: tlshd {pair['tlshd']} s, ktlsd {pair['ktlsd']} s")
+            line = f"    {key}: tlshd {pair['tlshd']} s, ktlsd {pair['ktlsd']} s"
+            if "comparable" in pair:
+                line += (
+                    f" (tlshd ran {pair['tlshd_negotiated']}; ktlsd {pair['ktlsd_negotiated']}"
+                    f"{'' if pair['comparable'] else ': NOT like for like'})"
+                )
+            lines.append(line)
     if report.get("guest_problem"):
         lines.append(f"GUEST PROBLEM: {report['guest_problem']}")
     for rec in report["scenarios"]:  # type: ignore[union-attr]
         status = "PASS" if rec.get("passed") else "FAIL"
         lines.append(f"{status} {rec['name']} ({rec.get('seconds', '?')} s)")
         for key, value in (rec.get("figures") or {}).items():
+            if key == "cases":
+                continue  # shown line by line in pairing_table
+            if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+                lines.append(f"    {key}:")
+                lines += [f"        {v}" for v in value]
+                continue
             lines.append(f"    {key}: {value}")
         if not rec.get("passed"):
             for d in rec.get("details") or []:
@@ -212,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         help="scenario to run (repeatable); default: " + ", ".join(default_scenarios()),
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the full report here")
-    parser.add_argument("--timeout", type=float, default=720.0, help="QEMU wall-clock limit")
+    parser.add_argument("--timeout", type=float, default=960.0, help="QEMU wall-clock limit")
     parser.add_argument("--results-dir", type=Path, help="keep guest results and logs here")
     args = parser.parse_args(argv)
     try:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from typing import Any
 from ktlsd.agent import Agent
 from ktlsd.request import ConsumerCredentials, HandshakeDone, HandshakeRequest, KeyDelivery
 from ktlsd.session_store import SessionStore
-from ktlsd.settings import AgentSettings
+from ktlsd.settings import AgentSettings, ServiceLimits
 from ktlsd.upcall.service import HandshakeService
 from tests.processes import ChildProcess
 
@@ -61,15 +62,22 @@ class AgentProcess(ChildProcess):
     the agent's own log, never by sleeping). :meth:`stop` sends SIGTERM and reaps.
     """
 
-    def __init__(self, tmp: Path, config: str = "", *, extra: Iterable[str] = ()) -> None:
+    def __init__(self, tmp: Path, config: str = "", *, extra: Iterable[str] = (),
+                 env: dict[str, str] | None = None,
+                 python_options: Iterable[str] = ()) -> None:
         self.socket_path = str(tmp / "handshake.sock")
         self.config_path = tmp / "ktlsd.conf"
         self.config_path.write_text(config)
         self.lines: list[str] = []
         self._partial = b""
-        argv = [sys.executable, "-m", "ktlsd", "run", "--socket", self.socket_path,
-                "-c", str(self.config_path), "--kernel", "no", *extra]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        argv = [sys.executable, *python_options, "-m", "ktlsd", "run",
+                "--socket", self.socket_path, "-c", str(self.config_path), "--kernel", "no",
+                *extra]
+        # The suite's own service manager and journal are not the agent's ($NOTIFY_SOCKET,
+        # $JOURNAL_STREAM): only what the test passes in ``env``.
+        inherited = {k: v for k, v in os.environ.items()
+                     if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
+        env = {**inherited, "PYTHONPATH": str(REPO), **(env or {})}
         super().__init__(argv, name="agent", stdin=subprocess.DEVNULL, env=env, cwd=str(tmp))
 
     def _received(self, buf: bytearray, chunk: bytes) -> None:
@@ -138,11 +146,23 @@ class AgentProcess(ChildProcess):
         return self
 
 
+ONE_UID_FOR_ALL = ServiceLimits(uid_max_connections=10_000, uid_max_pending=10_000,
+                                uid_max_in_flight=10_000)
+"""Service limits for tests whose many consumers all run as the test's own uid (standing for
+many local programs): no per-uid share applies."""
+
+ONE_UID_FOR_ALL_CONFIG = ("uid_max_connections = 10000\nuid_max_pending = 10000\n"
+                          "uid_max_in_flight = 10000\n")
+"""The same as ``[ktlsd]`` configuration lines, for :class:`AgentProcess`."""
+
+
 @contextlib.asynccontextmanager
 async def running_agent(path: str, settings: AgentSettings | None = None, *,
                         store: SessionStore | None = None,
                         **service_args: Any) -> AsyncIterator[Agent]:
-    """The real agent serving the real handshake service at ``path``, in this process."""
+    """The real agent serving the real handshake service at ``path``, in this process (with
+    :data:`ONE_UID_FOR_ALL` limits unless ``limits`` is given)."""
+    service_args.setdefault("limits", ONE_UID_FOR_ALL)
     service = HandshakeService(path, **service_args)
     await service.start()
     agent = Agent(settings or AgentSettings(), [service], store=store)
@@ -298,3 +318,51 @@ class DirectRequest:
     async def done(self, answer: HandshakeDone) -> None:
         self.answers.append(answer)
         os.close(self.request.sockfd)
+
+
+class NotifyListener:
+    """The service manager's end of sd_notify: a real ``AF_UNIX`` datagram socket.
+
+    ``address`` is what ``$NOTIFY_SOCKET`` should say: a path in ``tmp`` or, with
+    ``abstract=True``, ``@name`` (an abstract socket). :meth:`receive` returns the next
+    message as a dict of its ``VARIABLE=value`` lines; its timeout only turns a hang into a
+    failure.
+    """
+
+    def __init__(self, tmp: Path, *, abstract: bool = False) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        if abstract:
+            name = f"ktlsd-test-notify-{os.getpid()}-{id(self):x}"
+            self.sock.bind(b"\0" + name.encode())
+            self.address = "@" + name
+        else:
+            path = str(tmp / "notify.sock")
+            self.sock.bind(path)
+            self.address = path
+        self.messages: list[dict[str, str]] = []
+
+    def receive(self, timeout: float = 20.0) -> dict[str, str]:
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        if not ready:
+            raise AssertionError(f"no sd_notify message within {timeout:g} s "
+                                 f"(so far: {self.messages})")
+        data = self.sock.recv(65536)
+        message = dict(line.split("=", 1) for line in data.decode().split("\n") if line)
+        self.messages.append(message)
+        return message
+
+    def pending(self) -> list[dict[str, str]]:
+        """Messages already sent and not yet received (without waiting)."""
+        out = []
+        while select.select([self.sock], [], [], 0)[0]:
+            out.append(self.receive(0))
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> NotifyListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

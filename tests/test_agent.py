@@ -509,8 +509,10 @@ def test_sessions_are_kept_for_key_updates_only_when_configured(
                 with a, b:
                     psk = [("kept", PSK)]
                     da, db = await asyncio.gather(
-                        submit(a, role="client", auth="psk", psk=psk, service_path=service_path),
-                        submit(b, role="server", auth="psk", psk=psk, service_path=service_path),
+                        submit(a, role="client", auth="psk", psk=psk, service_path=service_path,
+                               keep_session=True),
+                        submit(b, role="server", auth="psk", psk=psk, service_path=service_path,
+                               keep_session=True),
                     )
                 assert (da.status, db.status) == (0, 0)
                 if not keep:

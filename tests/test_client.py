@@ -31,7 +31,7 @@ from ktlsd.client import (
     submit_request,
 )
 from ktlsd.request import AuthMode, HandshakeDone, MessageType
-from ktlsd.settings import AgentSettings
+from ktlsd.settings import AgentSettings, ServiceLimits
 from ktlsd.tls.connection import TlsConnection
 from ktlsd.tls.record import open_record_layer
 from ktlsd.tls.session import CipherSuite, Role
@@ -41,14 +41,17 @@ from tests.peers import openssl_server
 from tests.pki import Authority
 from tests.waiting import run
 
+ONE_UID_FOR_ALL = ServiceLimits(uid_max_connections=10_000, uid_max_pending=10_000,
+                                uid_max_in_flight=10_000)
 PSK_256 = bytes.fromhex("0b" * 32)
 PSK_384 = bytes.fromhex("3c" * 48)
 
 
 @contextlib.asynccontextmanager
 async def running_agent(path: str, *, concurrency: int = 0, **service_args: Any) -> Any:
-    """The real agent serving the real service at ``path``."""
-    service = HandshakeService(path, **service_args)
+    """The real agent serving the real service at ``path``. Every consumer here runs as this
+    test's uid, standing for many local programs: no per-uid share applies."""
+    service = HandshakeService(path, limits=ONE_UID_FOR_ALL, **service_args)
     await service.start()
     agent = Agent(AgentSettings(keep_sessions=False, max_concurrent=concurrency), [service])
     task = asyncio.create_task(agent.run())
@@ -462,7 +465,8 @@ def test_key_update_through_the_service_for_a_user_space_record_layer(sock_path:
             with a, b:
                 psk = [("ku", PSK_256)]
                 da, db = await asyncio.gather(
-                    submit(a, role="client", auth="psk", psk=psk, service_path=sock_path),
+                    submit(a, role="client", auth="psk", psk=psk, service_path=sock_path,
+                           keep_session=True),
                     submit(b, role="server", auth="psk", psk=psk, service_path=sock_path),
                 )
                 assert (da.status, db.status) == (0, 0), (da.reason, db.reason)

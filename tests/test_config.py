@@ -16,6 +16,7 @@ from ktlsd.config import (
     AgentConfig,
     ConfigError,
     find_config,
+    glib_integer,
     load_config,
     parse_key_file,
     split_list,
@@ -385,3 +386,68 @@ def test_the_configuration_imports_nothing_of_the_agent() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=Path(__file__).resolve().parent.parent)
     assert result.stdout.strip() == ""
+
+
+# What g_key_file_get_integer() (GLib 2.74, libglib-2.0.so.0 on this host) returns for each
+# value, recorded by calling the library: None where it fails (tlshd then uses 0).
+GLIB_INTEGERS: list[tuple[str, int | None]] = [
+    ("2", 2), ("2 # two", 2), ("  7  # c", 7), ("2\tx", 2), ("2 3", 2), ("+2", 2),
+    ("-2", -2), ("010", 10), ("2147483647", 2147483647), ("-2147483648", -2147483648),
+    ("2# two", None), ("2#two", None), ("2abc", None), ("0x10", None), ("2.5", None),
+    ("1e3", None), ("2\\s", None), ("", None), ("- 2", None), ("\uff12", None),
+    ("2147483648", None), ("-2147483649", None), ("99999999999", None), ("1_000", None),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), GLIB_INTEGERS)
+def test_integers_are_read_as_glib_reads_them(raw: str, expected: int | None) -> None:
+    if expected is None:
+        with pytest.raises(ValueError):
+            glib_integer(raw)
+    else:
+        assert glib_integer(raw) == expected
+
+
+def test_a_trailing_comment_after_an_integer_is_ignored_as_glib_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ktlsd.config")
+    config = load_config(write(tmp_path, "[debug]\nloglevel=2 # two\ntls = 1 # one\n"
+                                         "nl=3# three\n"))
+    assert (config.debug_loglevel, config.debug_tls) == (2, 1)
+    assert config.effective_log_level == "debug"
+    # "3# three": no whitespace after the number, so GLib fails and tlshd uses 0
+    assert config.debug_nl == 0
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert ":4: [debug] nl: '3# three' is not an integer; using 0 as tlshd does" in warning
+
+
+def test_the_integer_table_is_what_glib_itself_answers() -> None:
+    """Ask the real libglib (when installed) for every value of :data:`GLIB_INTEGERS`."""
+    import ctypes
+
+    try:
+        glib = ctypes.CDLL("libglib-2.0.so.0")
+    except OSError:
+        pytest.skip("libglib-2.0.so.0 is not installed")
+    glib.g_key_file_new.restype = ctypes.c_void_p
+    glib.g_key_file_free.argtypes = [ctypes.c_void_p]
+    glib.g_key_file_load_from_data.argtypes = [ctypes.c_void_p, ctypes.c_char_p,
+                                               ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+    glib.g_key_file_get_integer.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p,
+                                            ctypes.POINTER(ctypes.c_void_p)]
+    glib.g_error_free.argtypes = [ctypes.c_void_p]
+    for raw, expected in GLIB_INTEGERS:
+        data = f"[debug]\nloglevel={raw}\n".encode()
+        keyfile = glib.g_key_file_new()
+        try:
+            assert glib.g_key_file_load_from_data(keyfile, data, len(data), 0, None)
+            error = ctypes.c_void_p()
+            value = glib.g_key_file_get_integer(keyfile, b"debug", b"loglevel",
+                                                ctypes.byref(error))
+            failed = bool(error.value)
+            if failed:
+                glib.g_error_free(error)
+        finally:
+            glib.g_key_file_free(keyfile)
+        assert (None if failed else value) == expected, raw

@@ -11,16 +11,21 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import select
 import signal
 import socket
 import struct
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ktlsd import keyring
+from ktlsd import __version__, keyring
 from ktlsd.client import connection_from_done, key_update, submit
 from ktlsd.request import KeyUpdateType
 from ktlsd.tls.session import Session
@@ -34,8 +39,11 @@ from ktlsd.upcall.wire import (
     send_message,
 )
 from tests.agent_helpers import (
+    ONE_UID_FOR_ALL_CONFIG,
+    REPO,
     AgentProcess,
     GatedRelay,
+    NotifyListener,
     find_secrets,
     parse_handshake_line,
     tcp_pair,
@@ -47,13 +55,17 @@ PSK_256 = bytes.fromhex("5a17" * 16)
 PSK_384 = bytes.fromhex("c3a9e1" * 16)
 
 
+def psk_calls(path: str, a: socket.socket, b: socket.socket, identity: str,
+              key: bytes = PSK_256, hash_name: str = "sha256",
+              **kw: Any) -> tuple[Coroutine[Any, Any, Any], Coroutine[Any, Any, Any]]:
+    psk = [(identity, key, hash_name)]
+    return (submit(a, role="client", auth="psk", psk=psk, service_path=path, **kw),
+            submit(b, role="server", auth="psk", psk=psk, service_path=path, **kw))
+
+
 async def psk_pair(path: str, a: socket.socket, b: socket.socket, identity: str,
                    key: bytes = PSK_256, hash_name: str = "sha256", **kw: Any) -> tuple[Any, Any]:
-    psk = [(identity, key, hash_name)]
-    return await asyncio.gather(
-        submit(a, role="client", auth="psk", psk=psk, service_path=path, **kw),
-        submit(b, role="server", auth="psk", psk=psk, service_path=path, **kw),
-    )
+    return await asyncio.gather(*psk_calls(path, a, b, identity, key, hash_name, **kw))
 
 
 async def echo_both_ways(da: Any, a: socket.socket, db: Any, b: socket.socket,
@@ -93,7 +105,8 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(tmp_path: Path
                 {"auth": "x509", "certificate": server_cert.cert_path,
                  "private_key": server_cert.key_path})
 
-    with AgentProcess(tmp_path, "[ktlsd]\nmax_concurrent = 64\n", extra=["-v"]) as agent:
+    with AgentProcess(tmp_path, "[ktlsd]\nmax_concurrent = 64\n" + ONE_UID_FOR_ALL_CONFIG,
+                      extra=["--debug"]) as agent:
         path = agent.socket_path
 
         async def main() -> None:
@@ -180,6 +193,157 @@ def test_sighup_reloads_the_configuration(tmp_path: Path, shared_ring: str) -> N
         run(main())
     assert agent.wait_exit() == 0
     assert len(agent.matching(r"configuration reloaded")) == 1
+
+
+# --- the service manager: readiness, reload, stop (sd_notify) ---------------------------------
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_ready_is_sent_once_the_service_takes_requests(tmp_path: Path, abstract: bool) -> None:
+    """READY=1 arrives on a real $NOTIFY_SOCKET (a path, or '@' for an abstract socket) and at
+    that moment a request through the service is already served; STOPPING=1 on SIGTERM."""
+    with NotifyListener(tmp_path, abstract=abstract) as manager:
+        agent = AgentProcess(tmp_path, env={"NOTIFY_SOCKET": manager.address})
+        try:
+            ready = manager.receive()
+            assert ready["READY"] == "1"
+            assert ready["STATUS"] == f"serving service {agent.socket_path}"
+            assert os.path.exists(agent.socket_path)
+
+            async def main() -> None:
+                a, b = tcp_pair()
+                with a, b:
+                    da, db = await psk_pair(agent.socket_path, a, b, "just-ready")
+                assert (da.status, db.status) == (0, 0), (da.reason, db.reason)
+
+            run(main())
+            assert manager.pending() == []  # READY once, nothing else while serving
+            agent.signal(signal.SIGTERM)
+            stopping = manager.receive()
+            assert stopping["STOPPING"] == "1" and stopping["STATUS"].startswith("draining")
+            assert agent.wait_exit() == 0
+        finally:
+            agent.stop()
+        assert manager.pending() == []
+    assert agent.matching(r"ktlsd: NOTICE ktlsd \S+ starting \(configuration: ")
+
+
+def test_no_notify_socket_no_notification_and_no_error(tmp_path: Path) -> None:
+    with AgentProcess(tmp_path) as agent:
+        assert agent.matching(r"ktlsd agent running")
+    assert agent.wait_exit() == 0
+    assert not agent.matching(r"ERROR|WARNING")
+
+
+def test_sigusr1_reloads_without_dropping_a_request(tmp_path: Path) -> None:
+    """tlshd 1.4 reloads on SIGUSR1 as on SIGHUP. A handshake in flight across the reload
+    completes, a new one during the reload window is served, and the service manager sees
+    RELOADING=1 (with MONOTONIC_USEC) then READY=1."""
+    with NotifyListener(tmp_path) as manager:
+        agent = AgentProcess(tmp_path, "[ktlsd]\nmax_concurrent = 8\n", extra=["--debug"],
+                             env={"NOTIFY_SOCKET": manager.address})
+        try:
+            assert manager.receive()["READY"] == "1"
+
+            async def main() -> None:
+                relay = GatedRelay()
+                try:
+                    a, b = await relay.connect()
+                    in_flight = asyncio.gather(
+                        *psk_calls(agent.socket_path, a, b, "across-reload"))
+                    await agent.await_for(r"request taken", 2)
+                    agent.config_path.write_text("[ktlsd]\nmax_concurrent = 5\n")
+                    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+                    agent.signal(signal.SIGUSR1)
+                    reloading = await asyncio.to_thread(manager.receive)
+                    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+                    assert reloading["RELOADING"] == "1"
+                    assert before <= int(reloading["MONOTONIC_USEC"]) <= after
+                    assert (await asyncio.to_thread(manager.receive))["READY"] == "1"
+                    line = (await agent.await_for(r"configuration reloaded"))[0]
+                    assert "max_concurrent 8 -> 5" in line
+                    c, d = tcp_pair()
+                    with c, d:
+                        dc, dd = await psk_pair(agent.socket_path, c, d, "after-reload")
+                    assert (dc.status, dd.status) == (0, 0), (dc.reason, dd.reason)
+                    relay.open()
+                    da, db = await in_flight
+                    assert (da.status, db.status) == (0, 0), (da.reason, db.reason)
+                    await echo_both_ways(da, a, db, b, b"still keyed " * 100)
+                    a.close()
+                    b.close()
+                finally:
+                    await relay.aclose()
+
+            run(main())
+            assert agent.proc.poll() is None
+        finally:
+            assert agent.stop() == 0
+    statuses = [parse_handshake_line(line)["status"] for line in agent.matching(r"handshake ")
+                if "request taken" not in line]
+    assert statuses == ["0", "0", "0", "0"]
+    assert not agent.matching(r"configuration not reloaded")
+
+
+# --- logging for the journal --------------------------------------------------------------------
+
+
+def test_journal_lines_carry_their_priority_and_warnings_are_the_failed_handshakes(
+    tmp_path: Path,
+) -> None:
+    """stderr is the journal when $JOURNAL_STREAM names it: every line starts with <N> and no
+    prefix of ours; `journalctl -p warning` (priority <= 4) would list the failed handshakes
+    and nothing else."""
+    conf = tmp_path / "ktlsd.conf"
+    conf.write_text("")
+    socket_path = str(tmp_path / "handshake.sock")
+    journal = tmp_path / "journal"
+    with NotifyListener(tmp_path) as manager, open(journal, "wb") as stream:
+        st = os.fstat(stream.fileno())
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",)}
+        env.update(JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}", NOTIFY_SOCKET=manager.address,
+                   PYTHONPATH=str(REPO))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ktlsd", "run", "--socket", socket_path, "-c", str(conf),
+             "--kernel", "no"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stream, env=env,
+        )
+        try:
+            assert manager.receive()["READY"] == "1"
+
+            async def main() -> None:
+                a, b = tcp_pair()
+                with a, b:
+                    da, db = await psk_pair(socket_path, a, b, "journal-ok")
+                assert (da.status, db.status) == (0, 0)
+                c, d = tcp_pair()
+                with c, d:
+                    dc, dd = await asyncio.gather(
+                        submit(c, role="client", auth="psk", psk=[("journal-bad", PSK_256)],
+                               service_path=socket_path, timeout=10),
+                        submit(d, role="server", auth="psk",
+                               psk=[("journal-bad", bytes(32))], service_path=socket_path,
+                               timeout=10),
+                    )
+                assert dc.status != 0 and dd.status != 0
+
+            run(main())
+        finally:
+            proc.terminate()
+            assert proc.wait(30) == 0
+    lines = journal.read_text().splitlines()
+    assert lines and all(re.match(r"<[0-7]>\S", line) for line in lines), lines
+    assert lines[0] == f"<5>ktlsd {__version__} starting (configuration: {conf})"
+    assert any(line.startswith(f"<6>service: listening on {socket_path} (") for line in lines)
+    assert not [line for line in lines if "ktlsd: " in line or line.startswith("<6>INFO")]
+    handshakes = [line for line in lines if line[3:].startswith("handshake ")]
+    assert len(handshakes) == 4
+    ok = [line for line in handshakes if parse_handshake_line("ktlsd: I " + line[3:])["status"]
+          == "0"]
+    assert len(ok) == 2 and all(line.startswith("<6>") for line in ok)
+    warnings = [line for line in lines if int(line[1]) <= 4]
+    assert sorted(warnings) == sorted(set(handshakes) - set(ok))
+    assert lines[-1] == "<5>stopped: 2 handshakes completed, 2 failed"
 
 
 # --- the per-handshake log line -----------------------------------------------------------
@@ -346,7 +510,7 @@ def test_no_secret_reaches_the_debug_log_of_a_full_run(tmp_path: Path) -> None:
         known[f"{label} client secret {gen}"] = session.client_secret
         known[f"{label} server secret {gen}"] = session.server_secret
 
-    with AgentProcess(tmp_path, "[debug]\nloglevel = 1\ntls = 1\n", extra=["-v"]) as agent:
+    with AgentProcess(tmp_path, "[debug]\nloglevel = 1\ntls = 1\n", extra=["--debug"]) as agent:
         path = agent.socket_path
 
         async def key_updates(label: str, a: socket.socket, da: Any, b: socket.socket,
@@ -395,7 +559,8 @@ def test_no_secret_reaches_the_debug_log_of_a_full_run(tmp_path: Path) -> None:
                 da, db = await asyncio.gather(
                     submit(a, role="client", auth="x509", peername="localhost",
                            truststore=ca.cert_path, certificate_chain=client_cert.chain_der,
-                           private_key_der=client_cert.key_der, service_path=path),
+                           private_key_der=client_cert.key_der, service_path=path,
+                           keep_session=True),
                     submit(b, role="server", auth="x509", truststore=ca.cert_path,
                            certificate=server_cert.cert_path, private_key=server_cert.key_path,
                            require_client_cert=True, service_path=path),
@@ -407,7 +572,8 @@ def test_no_secret_reaches_the_debug_log_of_a_full_run(tmp_path: Path) -> None:
                                           ("psk384", PSK_384, "sha384")):
                 a, b = tcp_pair()
                 with a, b:
-                    da, db = await psk_pair(path, a, b, f"scan-{label}", key, hash_name)
+                    da, db = await psk_pair(path, a, b, f"scan-{label}", key, hash_name,
+                                            keep_session=True)
                     assert (da.status, db.status) == (0, 0), (da.reason, db.reason)
                     remember(label, da.session)
                     await key_updates(label, a, da, b, db)
@@ -461,7 +627,7 @@ def test_a_key_update_whose_peer_stopped_reading_times_out_without_stalling_othe
         async def main() -> None:
             a, b = tcp_pair()
             with a, b:
-                da, db = await psk_pair(path, a, b, "stalled")
+                da, db = await psk_pair(path, a, b, "stalled", keep_session=True)
                 assert (da.status, db.status) == (0, 0)
                 # Fixed small buffers (no autotuning), then fill them to the last byte.
                 b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

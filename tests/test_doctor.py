@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -18,6 +19,9 @@ from ktlsd.commands.doctor import (
     openssl_version,
     parse_kernel_release,
 )
+from ktlsd.upcall.genl import AttrKind, AttrPolicy, FamilyInfo
+from ktlsd.upcall.kernel import KernelCapabilities
+from ktlsd.upcall.netlink import DoneAttr
 
 LINE = re.compile(r"^(OK|MISSING|INFO) +[^:]+: \S.*$")
 
@@ -138,3 +142,59 @@ def test_openssl_version_matches_the_cli() -> None:
     assert openssl_version() == library
     with pytest.raises(OSError):
         openssl_version("libssl-does-not-exist.so.9")
+
+
+def _kernel(attr4_kind: AttrKind | None) -> KernelCapabilities:
+    """The capabilities a kernel's policy dump yields, DONE attribute 4 typed ``attr4_kind``."""
+    done: dict[int, AttrPolicy] = {
+        DoneAttr.STATUS: AttrPolicy(DoneAttr.STATUS, AttrKind.U32),
+        DoneAttr.SOCKFD: AttrPolicy(DoneAttr.SOCKFD, AttrKind.S32),
+        DoneAttr.REMOTE_AUTH: AttrPolicy(DoneAttr.REMOTE_AUTH, AttrKind.U32),
+    }
+    if attr4_kind is not None:
+        done[DoneAttr.SESSION_ID_OR_TAG] = AttrPolicy(DoneAttr.SESSION_ID_OR_TAG, attr4_kind)
+    family = FamilyInfo("handshake", 23, 1, {"none": 5, "tlshd": 6})
+    return KernelCapabilities(family=family, done_attrs=done, policy_known=True)
+
+
+@pytest.mark.parametrize(("attr4", "present"), [
+    (AttrKind.U32, "DONE session-id (KeyUpdate)"),
+    (AttrKind.NUL_STRING, "DONE tag"),
+    (None, None),
+])
+def test_a_correct_kernel_has_nothing_missing_whichever_series_it_carries(
+    attr4: AttrKind | None, present: str | None
+) -> None:
+    """Session id and tag share DONE attribute 4: one of them is always absent, and that must
+    not make ``--strict`` fail on a correctly set-up host."""
+    checks = doctor.family_checks(_kernel(attr4))
+    assert [c for c in checks if c.status is Status.MISSING] == []
+    by_name = {c.name: c.status for c in checks}
+    assert by_name["handshake family"] is Status.OK
+    for name in ("DONE session-id (KeyUpdate)", "DONE tag"):
+        assert by_name[name] is (Status.OK if name == present else Status.INFO)
+
+
+def test_strict_passes_when_every_check_is_ok_or_info(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      tmp_path: Path) -> None:
+    good = tmp_path / "config"
+    good.write_text("[debug]\nloglevel=0\n")
+    monkeypatch.setattr(doctor, "CHECKS", (lambda: doctor.family_checks(_kernel(AttrKind.U32)),
+                                           doctor.check_libssl))
+    args = argparse.Namespace(strict=True, config=str(good))
+    assert doctor.main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(" checks, 0 missing")
+    # ... and fails on a configuration error
+    bad = tmp_path / "bad"
+    bad.write_text("[ktlsd]\nkernel = warp\n")
+    assert doctor.main(argparse.Namespace(strict=True, config=str(bad))) == 1
+
+
+def test_absent_consumer_keyrings_are_info_not_missing() -> None:
+    """.nvme/.nfs/.nfsd exist only once their modules are loaded: normal, not a fault."""
+    for check in doctor.check_keyrings():
+        if check.name.startswith("keyring "):
+            assert check.status in (Status.OK, Status.INFO), check.line()
+            if check.status is Status.INFO:
+                assert check.detail.startswith("absent until ")

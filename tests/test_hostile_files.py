@@ -34,6 +34,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import tempfile
@@ -47,7 +48,8 @@ from typing import Any
 import pytest
 
 from ktlsd.client import submit
-from ktlsd.files import AGENT, DEFAULT_MAX_FILE_BYTES, FileAccess, FileRefused, read_file
+from ktlsd.files import AGENT, FileAccess, FileRefused, read_file
+from ktlsd.settings import DEFAULT_MAX_FILE_BYTES
 from tests.agent_helpers import REPO, AgentProcess, tcp_pair
 from tests.pki import Authority, Issued
 
@@ -436,6 +438,28 @@ def test_hostile_files_in_the_agent_configuration_are_refused_at_once(world: Wor
             assert max(client[2], server[2]) < PROMPT, (name, client, server)
 
 
+async def _served_by(service: str, request: dict[str, Any]) -> int:
+    """Status of one server handshake through the service, answered by an openssl-free
+    ktlsd client that does not verify (the point is that the server's file was read)."""
+    a, b = tcp_pair()
+    with a, b:
+        server, client = await asyncio.wait_for(asyncio.gather(
+            submit(a, timeout=10, service_path=service, **request),
+            asyncio.to_thread(_unverified_client, b),
+        ), 60)
+    assert client, "the client saw no certificate"
+    return server.status
+
+
+def _unverified_client(sock: socket.socket) -> bool:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    with context.wrap_socket(sock, do_handshake_on_connect=True) as tls:
+        return tls.getpeercert(binary_form=True) is not None
+
+
 # --- 4. the consumer's groups count, and only in the reading thread ------------------------------
 def test_files_are_read_with_the_consumers_supplementary_groups(world: World) -> None:
     """A key readable only through a group (0640 root:4242): uid 65534 in group 4242 may use
@@ -789,3 +813,21 @@ def test_proc_magic_links_do_not_lead_past_closed_directories(world: World) -> N
         assert read_file(str(link), "certificate file", nobody) == world.user.cert_path.read_bytes()
     finally:
         os.close(fd)
+
+
+# --- 5. the size cap is the configuration's -------------------------------------------------------
+def test_max_file_bytes_from_the_configuration_caps_what_is_read(world: World) -> None:
+    """``[ktlsd] max_file_bytes`` reaches the reader: a valid certificate file padded past a
+    4 KiB cap is refused by its size; with the default cap the same file serves a handshake."""
+    padded = world.base / "padded-cert.pem"
+    padded.write_bytes(world.user.cert_path.read_bytes() + b"# padding\n" * 600)  # > 4 KiB
+    padded.chmod(0o644)
+    files = (f"[authenticate.server]\nx509.certificate = {padded}\n"
+             f"x509.private_key = {world.user_dir / 'key.pem'}\n")
+    request = {"role": "server", "auth": "x509"}
+    with agent_running(world, "max_file_bytes = 4096\n" + files):
+        bad, _, _ = asyncio.run(_hostile_and_valid(world.service, request, 900))
+    assert bad[0] == errno.ENOKEY and "larger than" in bad[1], bad
+    with agent_running(world, files):
+        result = asyncio.run(_served_by(world.service, request))
+    assert result == 0

@@ -330,7 +330,7 @@ async def kernel_style_pair(path: str, a: socket.socket, b: socket.socket,
     psk = [("kernel-style", PSK_256)]
     other = "server" if role == "client" else "client"
     da, db = await asyncio.gather(
-        submit(a, role=role, auth="psk", psk=psk, service_path=path),
+        submit(a, role=role, auth="psk", psk=psk, service_path=path, keep_session=True),
         submit(b, role=other, auth="psk", psk=psk, service_path=path),
     )
     assert (da.status, da.reason, db.status, db.reason) == (0, "", 0, "")

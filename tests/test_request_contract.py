@@ -149,7 +149,7 @@ def test_secrets_back_to_a_consumer_that_owns_its_kept_session(store: SessionSto
         me = ConsumerCredentials(os.getpid(), os.getuid(), os.getgid())
         a, b = tcp_pair()
         with a, b, logs.attached():
-            pending = ThirdRequest(client_request(a), credentials=me,
+            pending = ThirdRequest(client_request(a, keep_session=True), credentials=me,
                                    delivery=KeyDelivery.RETURN_SECRETS)
             peer = asyncio.create_task(engine_server(b))
             answer = await serve_one(agent, source, pending)

@@ -32,6 +32,7 @@ from ktlsd.request import (
     KeyUpdateType,
     MessageType,
 )
+from ktlsd.settings import ServiceLimits
 from ktlsd.tls.session import CipherSuite, PeerIdentity, Role, Session
 from ktlsd.upcall.netlink import AcceptAttr, DoneAttr, decode_accept_reply
 from ktlsd.upcall.nlattr import (
@@ -91,8 +92,10 @@ def tcp() -> Any:
 
 
 @pytest.fixture
-def sock_path(tmp_path: Path) -> str:
-    """Overrides the shared one: a directory that does not exist yet (the service makes it)."""
+def sock_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Overrides the shared one: a runtime directory that does not exist yet (the service
+    makes it, as it may for ``$RUNTIME_DIRECTORY``)."""
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "run"))
     return str(tmp_path / "run" / "handshake.sock")
 
 
@@ -419,7 +422,10 @@ def test_pending_limit_answers_eagain_and_nothing_is_lost(sock_path: str, tcp: T
             await asyncio.sleep(0.002)
             return await ok_answer(pending)
 
-        async with HandshakeService(sock_path, pending_limit=5) as service:
+        # All 200 consumers run as this test's uid: no per-uid share applies here.
+        one_uid_for_all = ServiceLimits(uid_max_connections=1000, uid_max_pending=1000)
+        async with HandshakeService(sock_path, limits=one_uid_for_all,
+                                    pending_limit=5) as service:
             agent = EchoAgent(service, slow)
             pairs = [tcp.pair() for _ in range(200)]
             answers = await asyncio.gather(*(submit_raw(sock_path, c) for c, _ in pairs))

@@ -6,6 +6,12 @@ here changes the system (the kTLS probe uses a throwaway loopback connection and
 throwaway key; the keyring checks only look keys up). The exit code is 0 unless
 ``--strict`` is given, in which case anything MISSING makes it 1 -- handy in provisioning
 scripts that must fail on a machine that cannot serve kernel consumers.
+
+MISSING is for what a correctly set-up host has; what depends on the kernel build or on
+modules loaded later is INFO when absent, so ``--strict`` passes on such a host: DONE
+attribute 4 is either the KeyUpdate session id or a TLS session tag (two kernel series use
+the same attribute number, so one of them is always absent), and the consumers' keyrings
+(``.nvme``, ``.nfs``, ``.nfsd``) appear only when their modules are loaded.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ import importlib
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ktlsd.upcall.kernel import KernelCapabilities
 
 NVME_MIN_KERNEL = (6, 5)
 
@@ -105,21 +114,30 @@ def check_ktls(import_module: Callable[[str], Any] = importlib.import_module) ->
     return checks
 
 
+DONE_OPTIONAL = ("DONE remote-auth", "DONE session-id (KeyUpdate)", "DONE tag")
+
+
 def check_handshake_family() -> list[Check]:
     """The ``handshake`` netlink family and the optional DONE attributes it declares."""
     from ktlsd.upcall.kernel import KernelSourceError, probe_kernel_policy
-    from ktlsd.upcall.netlink import DoneAttr4
 
-    optional = ("DONE remote-auth", "DONE session-id (KeyUpdate)", "DONE tag")
     try:
         caps = probe_kernel_policy()
     except KernelSourceError as exc:
         checks = [_missing("handshake family", str(exc))]
-        checks.extend(_missing(name, "no handshake family") for name in optional)
+        checks.extend(_missing(name, "no handshake family") for name in DONE_OPTIONAL)
         return checks
     except OSError as exc:
         reason = f"cannot query generic netlink: {exc.strerror or exc}"
         return [_missing("handshake family", reason)]
+    return family_checks(caps)
+
+
+def family_checks(caps: KernelCapabilities) -> list[Check]:
+    """The report for a kernel whose family declares ``caps``."""
+    from ktlsd.upcall.netlink import DoneAttr4
+
+    optional = DONE_OPTIONAL
     family = caps.family
     groups = ", ".join(f"{n}={i}" for n, i in sorted(family.mcast_groups.items())) or "-"
     checks = [_ok("handshake family",
@@ -137,14 +155,19 @@ def check_handshake_family() -> list[Check]:
         checks.append(_ok(optional[0], "peer identity serials reach the consumer"))
     else:
         checks.append(_missing(optional[0], "not declared by the DONE policy"))
+    # Attribute 4 is the session id (KeyUpdate series) or a tag (tags series), never both.
     if attr4 is DoneAttr4.SESSION_ID:
         checks.append(_ok(optional[1], "DONE attribute 4 is a u32 session id"))
-    else:
-        checks.append(_missing(optional[1], "the KeyUpdate series is not in this kernel"))
-    if attr4 is DoneAttr4.TAG:
+        checks.append(_info(optional[2], "not in this kernel: DONE attribute 4 is the "
+                            "KeyUpdate session id here"))
+    elif attr4 is DoneAttr4.TAG:
+        checks.append(_info(optional[1], "not in this kernel (DONE attribute 4 is a tag "
+                            "here): a key update needs a new handshake"))
         checks.append(_ok(optional[2], "DONE attribute 4 is a string tag"))
     else:
-        checks.append(_missing(optional[2], "TLS session tags are not in this kernel"))
+        checks.append(_info(optional[1], "the KeyUpdate series is not in this kernel: a key "
+                            "update needs a new handshake"))
+        checks.append(_info(optional[2], "TLS session tags are not in this kernel"))
     checks.append(_info(
         "ACCEPT reply attributes",
         "peername, keyring, key-update-request, session-id are parsed when the kernel "
@@ -176,7 +199,7 @@ def check_keyrings() -> list[Check]:
         try:
             found = keyring.find_keyring(name)
         except Exception:
-            checks.append(_missing(f"keyring {name}", f"absent until {who} is loaded"))
+            checks.append(_info(f"keyring {name}", f"absent until {who} is loaded"))
             continue
         checks.append(_ok(f"keyring {name}", f"serial {found}"))
     return checks

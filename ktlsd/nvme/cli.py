@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable
 
 from ktlsd import keyring
-from ktlsd.nvme import dhchap
+from ktlsd.nvme import dhchap_crypto
 from ktlsd.nvme import keys as nvme_keys
 
 HOSTNQN_FILE = "/etc/nvme/hostnqn"
@@ -169,7 +169,7 @@ def cmd_gen_dhchap_key(args: argparse.Namespace) -> int:
     if hmac_id > 3 or hmac_id < 0:
         raise CommandError(f"Invalid HMAC identifier {hmac_id}")
     if hmac_id > 0:
-        want = dhchap.HashFunction(hmac_id).length
+        want = dhchap_crypto.HashFunction(hmac_id).length
         if not key_len:
             key_len = want
         elif key_len != want:
@@ -187,8 +187,8 @@ def cmd_gen_dhchap_key(args: argparse.Namespace) -> int:
         raise CommandError("Could not read host NQN")
     # nvme-cli prints the secret already transformed with the NQN (libnvme's
     # nvme_gen_dhchap_key); we reproduce that so outputs match byte for byte.
-    key = dhchap.DhchapSecret(hmac_id, raw).transform(nqn)
-    print(dhchap.DhchapSecret(hmac_id, key).format())
+    key = dhchap_crypto.DhchapSecret(hmac_id, raw).transform(nqn)
+    print(dhchap_crypto.DhchapSecret(hmac_id, key).format())
     return 0
 
 
@@ -196,7 +196,7 @@ def cmd_check_dhchap_key(args: argparse.Namespace) -> int:
     if not args.key:
         raise CommandError("Key not specified")
     try:
-        secret = dhchap.DhchapSecret.parse(args.key)
+        secret = dhchap_crypto.DhchapSecret.parse(args.key)
     except nvme_keys.KeyFormatError as exc:
         raise CommandError(f"Invalid key: {exc}") from None
     crc = zlib.crc32(secret.key) & 0xFFFFFFFF

@@ -12,9 +12,26 @@ module is the server only (listening socket, admission, queue, cancellation, DON
 Consumers (:mod:`ktlsd.client`) never import it.
 
 Admission mirrors the kernel's ``handshake_req_submit()``: ESRCH while closing, EAGAIN at
-the pending limit (``pending_limit``, default :func:`default_pending_limit`), EBUSY for a
-socket that already has a request, ESRCH when no :meth:`HandshakeService.requests` iterator
-is open -- in that order, after the envelope and decoding checks (EINVAL).
+the pending limit (``pending_limit``, default :func:`default_pending_limit`) or at the
+consumer uid's share of it, EBUSY for a socket that already has a request, ESRCH when no
+:meth:`HandshakeService.requests` iterator is open -- in that order, after the envelope and
+decoding checks (EINVAL).
+
+Fairness between local users (:class:`~ktlsd.settings.ServiceLimits`, per uid from
+``SO_PEERCRED``): a uid holds at most ``uid_max_connections`` connections (a further one is
+answered EAGAIN on connecting and closed), ``uid_max_pending`` queued requests and
+``uid_max_in_flight`` requests taken by the agent. :meth:`HandshakeService.requests` hands
+queued requests out round-robin between uids and skips a uid at its in-flight share, so a
+uid whose peers stall holds its own share and nothing more. A connection that sends no
+SUBMIT within ``submit_timeout_ms`` is closed. :meth:`HandshakeService.configure` applies new
+limits (the agent calls it on reload).
+
+Descriptors: every descriptor received is closed on every path -- a refused or malformed
+SUBMIT, extra descriptors, anything sent after SUBMIT, a connection that drops, a request
+withdrawn from the queue -- except the one SUBMIT socket of an accepted request, which
+belongs to the request until ``done()`` (or its withdrawal) closes it. Passed descriptors are
+inspected in place (``fstat``, then ``getsockopt`` on a borrowed socket object), never
+duplicated.
 
 Notes for the agent
 ===================
@@ -40,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import enum
 import errno
 import logging
@@ -51,7 +69,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ktlsd.request import ConsumerCredentials, HandshakeDone, HandshakeRequest, KeyDelivery
-from ktlsd.settings import DEFAULT_SERVICE_MODE, DEFAULT_SERVICE_PATH
+from ktlsd.settings import DEFAULT_SERVICE_MODE, DEFAULT_SERVICE_PATH, AgentSettings, ServiceLimits
 from ktlsd.upcall.wire import (
     MAX_MESSAGE_SIZE,
     ServiceFormatError,
@@ -64,10 +82,6 @@ from ktlsd.upcall.wire import (
 
 log = logging.getLogger("ktlsd.upcall.service")
 
-SUBMIT_WAIT_SECONDS = 10.0
-"""How long a freshly connected consumer may take to send SUBMIT before being dropped."""
-MAX_CONNECTIONS = 1024
-"""Connections the service keeps open at once (waiting, queued or in flight)."""
 
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13 (asm-generic value)
@@ -86,6 +100,23 @@ def peer_credentials(sock: socket.socket) -> ConsumerCredentials:
     except OSError:
         groups = ()
     return ConsumerCredentials(pid, uid, gid, tuple(groups))
+
+
+RUNTIME_DIRECTORY = "/run/ktlsd"
+"""The runtime directory when no service manager names one (``RuntimeDirectory=ktlsd``)."""
+
+
+def creatable_directory(directory: str) -> bool:
+    """True if ``start()`` may create ``directory``: it is the runtime directory
+    (``$RUNTIME_DIRECTORY``, colon-separated as systemd sets it, or /run/ktlsd) or inside it.
+    No other directory is ever created; the socket's directory must then exist."""
+    roots = [r for r in os.environ.get("RUNTIME_DIRECTORY", "").split(":") if r]
+    target = os.path.normpath(os.path.abspath(directory))
+    for root in [*roots, RUNTIME_DIRECTORY]:
+        root = os.path.normpath(os.path.abspath(root))
+        if os.path.commonpath([root, target]) == root:
+            return True
+    return False
 
 
 def default_pending_limit() -> int:
@@ -154,10 +185,8 @@ class _RequestStream:
     async def __anext__(self) -> ServiceRequest:
         service = self._service
         while self._open:
-            if service._queue:
-                item = service._queue.popleft()
-                item._state = _State.IN_FLIGHT
-                service._in_flight.add(item)
+            item = service._take()
+            if item is not None:
                 return item
             if service._closing:
                 break
@@ -185,10 +214,11 @@ class HandshakeService:
     Use as ``async with HandshakeService(path) as service:`` (or ``await start()`` /
     ``await close()``) and consume :meth:`requests`.
 
-    ``mode``/``group``: permissions of the socket file (who may submit); ``pending_limit``:
-    requests queued but not yet taken before EAGAIN (default: the kernel's);
-    ``submit_wait``: seconds a new connection may stay silent; ``max_connections``: open
-    consumer connections beyond which new ones are closed at once.
+    ``mode``/``group``: permissions of the socket file (who may submit); ``limits``: the
+    totals and each uid's share (:class:`~ktlsd.settings.ServiceLimits`; default its
+    defaults); ``pending_limit`` (requests queued but not yet taken before EAGAIN; default the
+    kernel's) and ``submit_wait`` (seconds a new connection may stay silent) override those
+    two of ``limits``.
     """
 
     name = "service"
@@ -199,24 +229,29 @@ class HandshakeService:
         *,
         mode: int = DEFAULT_SERVICE_MODE,
         group: int | str | None = None,
+        limits: ServiceLimits | None = None,
         pending_limit: int | None = None,
-        submit_wait: float = SUBMIT_WAIT_SECONDS,
-        max_connections: int = MAX_CONNECTIONS,
+        submit_wait: float | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.mode = mode
         self.group = group
-        self.pending_limit = pending_limit if pending_limit is not None else default_pending_limit()
-        if self.pending_limit < 1:
-            raise ValueError("pending limit must be at least 1")
-        self.submit_wait = submit_wait
-        self.max_connections = max_connections
+        limits = limits or ServiceLimits()
+        if pending_limit is not None:
+            limits = dataclasses.replace(limits, pending_limit=pending_limit)
+        if submit_wait is not None:
+            limits = dataclasses.replace(limits, submit_timeout_ms=round(submit_wait * 1000))
+        self.limits = _checked(limits)
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
-        self._queue: collections.deque[ServiceRequest] = collections.deque()
+        # Queued requests per uid; the dict's order is the round-robin order of the uids.
+        self._queues: dict[int, collections.deque[ServiceRequest]] = {}
+        self._queued = 0
         self._in_flight: set[ServiceRequest] = set()
+        self._in_flight_by_uid: collections.Counter[int] = collections.Counter()
         self._by_socket: dict[tuple[int, int], ServiceRequest] = {}
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], int] = {}  # connection task -> uid
+        self._connections_by_uid: collections.Counter[int] = collections.Counter()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._consumers = 0
@@ -226,9 +261,35 @@ class HandshakeService:
     # -- public state ----------------------------------------------------------------
 
     @property
+    def pending_limit(self) -> int:
+        """Requests queued (all uids) before EAGAIN."""
+        return self.limits.pending_limit or default_pending_limit()
+
+    @property
     def pending(self) -> int:
         """Requests submitted but not yet taken by the agent."""
-        return len(self._queue)
+        return self._queued
+
+    def pending_of(self, uid: int) -> int:
+        """Requests of ``uid`` queued, not yet taken by the agent."""
+        return len(self._queues.get(uid, ()))
+
+    def in_flight_of(self, uid: int) -> int:
+        """Requests of ``uid`` taken by the agent and not yet answered."""
+        return self._in_flight_by_uid[uid]
+
+    def connections_of(self, uid: int) -> int:
+        """Service connections ``uid`` holds open."""
+        return self._connections_by_uid[uid]
+
+    def configure(self, settings: AgentSettings) -> None:
+        """Apply new limits (SIGHUP): at once for admission; what a uid already holds beyond a
+        lowered share is kept until it ends."""
+        limits = _checked(settings.service_limits)
+        if limits != self.limits:
+            self.limits = limits
+            log.info("service: limits now %s", _describe(limits))
+        self._wakeup.set()  # a larger in-flight share may let queued requests go
 
     @property
     def in_flight(self) -> int:
@@ -252,8 +313,13 @@ class HandshakeService:
         """Bind the socket (atomically replacing a stale one) and start accepting."""
         if self._listener is not None:
             raise RuntimeError("service already started")
-        directory = os.path.dirname(self.path) or "."
-        os.makedirs(directory, mode=0o755, exist_ok=True)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            if not creatable_directory(directory):
+                raise FileNotFoundError(
+                    errno.ENOENT, f"directory {directory} does not exist (ktlsd creates only "
+                    "its runtime directory, $RUNTIME_DIRECTORY or /run/ktlsd)")
+            os.makedirs(directory, mode=0o755, exist_ok=True)
         self._check_not_served()
         temp = f"{self.path}.{os.getpid()}.tmp"
         with contextlib.suppress(FileNotFoundError):
@@ -277,8 +343,8 @@ class HandshakeService:
         self._listener = listener
         self._inode = os.stat(self.path).st_ino
         self._accept_task = asyncio.create_task(self._accept_loop(), name="ktlsd-service-accept")
-        log.info("service: listening on %s (mode %o, pending limit %d)",
-                 self.path, self.mode, self.pending_limit)
+        log.info("service: listening on %s (mode %o, pending limit %d; %s)",
+                 self.path, self.mode, self.pending_limit, _describe(self.limits))
 
     def _check_not_served(self) -> None:
         try:
@@ -317,8 +383,8 @@ class HandshakeService:
             self._accept_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._accept_task
-        while self._queue:
-            item = self._queue.popleft()
+        while self._queues:
+            item = self._unqueue_first()
             await self._answer_and_release(
                 item, HandshakeDone(errno.ESRCH, -1, reason="handshake service is shutting down")
             )
@@ -348,17 +414,42 @@ class HandshakeService:
                 await asyncio.sleep(0.05)  # EMFILE and friends: do not spin
                 continue
             conn.setblocking(False)
-            if len(self._connections) >= self.max_connections:
+            if len(self._connections) >= self.limits.max_connections:
                 self.counters["overloaded"] += 1
-                log.warning("service: too many connections, dropping one")
+                log.warning("service: too many connections (%d), dropping one",
+                            self.limits.max_connections)
                 conn.close()
                 continue
-            task = asyncio.create_task(self._serve(conn))
-            self._connections.add(task)
+            try:
+                creds = peer_credentials(conn)
+            except OSError:
+                creds = ConsumerCredentials(0, -1, -1)
+            if self._connections_by_uid[creds.uid] >= self.limits.uid_max_connections:
+                self._refuse_connection(conn, creds)
+                continue
+            task = asyncio.create_task(self._serve(conn, creds))
+            self._connections[task] = creds.uid
+            self._connections_by_uid[creds.uid] += 1
             task.add_done_callback(self._connection_ended)
 
+    def _refuse_connection(self, conn: socket.socket, creds: ConsumerCredentials) -> None:
+        """A uid at its connection share: answer EAGAIN at once (without reading what it
+        sent; closing the connection frees any descriptor it passed) and close."""
+        limit = self.limits.uid_max_connections
+        reason = f"too many handshake service connections of uid {creds.uid} ({limit})"
+        self.counters["EAGAIN"] += 1
+        self.counters["uid connections"] += 1
+        log.info("service: pid %d uid %d: connection refused: %s", creds.pid, creds.uid, reason)
+        with contextlib.suppress(OSError):  # non-blocking; a fresh connection has room
+            conn.send(encode_error_done(errno.EAGAIN, reason))
+        conn.close()
+
     def _connection_ended(self, task: asyncio.Task[None]) -> None:
-        self._connections.discard(task)
+        uid = self._connections.pop(task, None)
+        if uid is not None:
+            self._connections_by_uid[uid] -= 1
+            if self._connections_by_uid[uid] <= 0:
+                del self._connections_by_uid[uid]
         if not task.cancelled() and task.exception() is not None:
             log.error("service: connection handler failed: %r", task.exception())
         self._maybe_idle()
@@ -367,20 +458,19 @@ class HandshakeService:
         if not self._in_flight and not self._connections:
             self._idle.set()
 
-    async def _serve(self, conn: socket.socket) -> None:
+    async def _serve(self, conn: socket.socket, creds: ConsumerCredentials) -> None:
         """One consumer connection: receive SUBMIT, admit or refuse, then watch for EOF.
 
-        This task owns ``conn`` and closes it when it ends; once a request is queued,
-        answering it (or cancelling it) ends the task.
+        This task owns ``conn`` and every descriptor received on it, and closes them when it
+        ends; once a request is queued, answering it (or cancelling it) ends the task. A
+        request still queued when the task ends otherwise is withdrawn.
         """
         fds: list[int] = []
+        item: ServiceRequest | None = None
         try:
             try:
-                creds = peer_credentials(conn)
-            except OSError:
-                creds = ConsumerCredentials(0, -1, -1)
-            try:
-                data, fds, flags = await asyncio.wait_for(recv_message(conn), self.submit_wait)
+                data, fds, flags = await asyncio.wait_for(
+                    recv_message(conn), self.limits.submit_timeout_ms / 1000)
             except (TimeoutError, OSError):
                 log.info("service: pid %d uid %d sent no request", creds.pid, creds.uid)
                 return
@@ -397,7 +487,7 @@ class HandshakeService:
                             creds.pid, creds.uid, exc)
                 await _try_send(conn, encode_error_done(exc.status, str(exc), seq=seq))
                 return
-            refusal = self._admission(identity)
+            refusal = self._admission(identity, creds.uid)
             if refusal is not None:
                 status, reason = refusal
                 self.counters[errno.errorcode[status]] += 1
@@ -410,7 +500,8 @@ class HandshakeService:
                                   _watcher=asyncio.current_task())
             fds = []  # the descriptor now belongs to the request (released by _release)
             self._by_socket[identity] = item
-            self._queue.append(item)
+            self._queues.setdefault(creds.uid, collections.deque()).append(item)
+            self._queued += 1
             self.counters["queued"] += 1
             log.info("service: pid %d uid %d gid %d submitted a %s %s request",
                      creds.pid, creds.uid, creds.gid, request.message_type.name.lower(),
@@ -420,6 +511,8 @@ class HandshakeService:
         finally:
             for fd in fds:
                 _close_fd(fd)
+            if item is not None and item._state is _State.QUEUED:
+                self._withdraw(item)  # this task was cancelled with its request queued
             conn.close()
 
     def _check_envelope(self, data: bytes, fds: list[int], flags: int) -> None:
@@ -432,8 +525,16 @@ class HandshakeService:
             raise ServiceFormatError("SUBMIT without a socket (pass the TCP socket as SCM_RIGHTS)")
         if len(fds) > 1:
             raise ServiceFormatError(f"SUBMIT with {len(fds)} descriptors, expected exactly one")
+        # Inspected in place: the descriptor stays in ``fds`` (closed by the caller on every
+        # path), the socket object only borrows it and is detached, never closed.
         try:
-            probe = socket.socket(fileno=os.dup(fds[0]))
+            is_socket = stat.S_ISSOCK(os.fstat(fds[0]).st_mode)
+        except OSError:
+            is_socket = False
+        if not is_socket:
+            raise ServiceFormatError("the passed descriptor is not a socket")
+        try:
+            probe = socket.socket(fileno=fds[0])
         except OSError:
             raise ServiceFormatError("the passed descriptor is not a socket") from None
         try:
@@ -447,14 +548,18 @@ class HandshakeService:
             except OSError:
                 raise ServiceFormatError("the passed TCP socket is not connected") from None
         finally:
-            probe.close()
+            probe.detach()
 
-    def _admission(self, identity: tuple[int, int]) -> tuple[int, str] | None:
-        """The kernel's order: draining/no listener, pending limit, duplicate socket."""
+    def _admission(self, identity: tuple[int, int], uid: int) -> tuple[int, str] | None:
+        """The kernel's order: draining/no listener, pending limit (all uids, then the
+        consumer's share), duplicate socket."""
         if self._closing:
             return errno.ESRCH, "handshake service is shutting down"
-        if len(self._queue) >= self.pending_limit:
+        if self._queued >= self.pending_limit:
             return errno.EAGAIN, f"too many pending handshake requests ({self.pending_limit})"
+        if self.pending_of(uid) >= self.limits.uid_max_pending:
+            return errno.EAGAIN, (f"too many pending handshake requests of uid {uid} "
+                                  f"({self.limits.uid_max_pending})")
         if identity in self._by_socket:
             return errno.EBUSY, "this socket already has a handshake request"
         if self._consumers == 0:
@@ -480,12 +585,51 @@ class HandshakeService:
         log.info("service: pid %d %s: request cancelled (%s)", item.credentials.pid, why,
                  item._state.value)
         self.counters["cancelled"] += 1
-        item.cancelled.set()
         if item._state is _State.QUEUED:
-            with contextlib.suppress(ValueError):
-                self._queue.remove(item)
-            self._release(item)
+            self._withdraw(item)
+        item.cancelled.set()
         # IN_FLIGHT: the agent still owns the fd; done() releases it and sends nothing.
+
+    # -- the queue ---------------------------------------------------------------------
+
+    def _take(self) -> ServiceRequest | None:
+        """The next request for the agent: round-robin between uids, skipping a uid that
+        has its in-flight share; None when no queued request may start now."""
+        cap = self.limits.uid_max_in_flight
+        for uid in list(self._queues):
+            if self._in_flight_by_uid[uid] >= cap:
+                continue
+            queue = self._queues.pop(uid)
+            item = queue.popleft()
+            if queue:
+                self._queues[uid] = queue  # the uid goes to the end of the round
+            self._queued -= 1
+            item._state = _State.IN_FLIGHT
+            self._in_flight.add(item)
+            self._in_flight_by_uid[uid] += 1
+            return item
+        return None
+
+    def _unqueue_first(self) -> ServiceRequest:
+        uid = next(iter(self._queues))
+        queue = self._queues[uid]
+        item = queue.popleft()
+        if not queue:
+            del self._queues[uid]
+        self._queued -= 1
+        return item
+
+    def _withdraw(self, item: ServiceRequest) -> None:
+        """Take a queued request out of the queue and close its descriptor."""
+        uid = item.credentials.uid
+        queue = self._queues.get(uid)
+        if queue is not None and item in queue:
+            queue.remove(item)
+            self._queued -= 1
+            if not queue:
+                del self._queues[uid]
+        item.cancelled.set()
+        self._release(item)
 
     async def _finish(self, item: ServiceRequest, answer: HandshakeDone) -> None:
         if item._state is not _State.IN_FLIGHT:
@@ -518,8 +662,30 @@ class HandshakeService:
         _close_fd(item.request.sockfd)
         if self._by_socket.get(item._identity) is item:
             del self._by_socket[item._identity]
-        self._in_flight.discard(item)
+        if item in self._in_flight:
+            self._in_flight.discard(item)
+            uid = item.credentials.uid
+            self._in_flight_by_uid[uid] -= 1
+            if self._in_flight_by_uid[uid] <= 0:
+                del self._in_flight_by_uid[uid]
+            self._wakeup.set()  # the uid may be below its share again
         self._maybe_idle()
+
+
+def _checked(limits: ServiceLimits) -> ServiceLimits:
+    for name in ("max_connections", "submit_timeout_ms", "uid_max_connections",
+                 "uid_max_pending", "uid_max_in_flight"):
+        if getattr(limits, name) < 1:
+            raise ValueError(f"service limit {name} must be at least 1")
+    if limits.pending_limit < 0:
+        raise ValueError("pending limit must be at least 1 (0: the kernel's rule)")
+    return limits
+
+
+def _describe(limits: ServiceLimits) -> str:
+    return (f"per uid: {limits.uid_max_connections} connections, {limits.uid_max_pending} "
+            f"pending, {limits.uid_max_in_flight} in flight; {limits.max_connections} "
+            f"connections in all; SUBMIT within {limits.submit_timeout_ms} ms")
 
 
 def _group_id(group: int | str) -> int:
@@ -549,8 +715,6 @@ async def _try_send(conn: socket.socket, message: bytes) -> None:
 
 
 __all__ = [
-    "MAX_CONNECTIONS",
-    "SUBMIT_WAIT_SECONDS",
     "HandshakeService",
     "ServiceRequest",
     "default_pending_limit",

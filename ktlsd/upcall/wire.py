@@ -16,9 +16,11 @@ Transport and lifecycle
   connected TCP socket as the message's only ``SCM_RIGHTS`` descriptor; the service answers
   one DONE and closes the connection.
 * Closing the connection before DONE cancels the request, and so does sending anything after
-  SUBMIT (the service then sends nothing). A consumer that sends no SUBMIT within 10 s is
-  disconnected without an answer; so is one connecting while 1,024 connections are open
-  (server defaults).
+  SUBMIT (the service then sends nothing). A consumer that sends no SUBMIT within 2 s is
+  disconnected without an answer; so is one connecting while 1,024 connections are open.
+  A connection of a uid that already holds 64 open connections is answered at once with a
+  DONE ``EAGAIN`` (``seq`` 0) and closed, whatever it sent. (Server defaults; every limit is
+  configurable, see "Limits" below.)
 * Until DONE the socket belongs to the agent: the consumer must not use it. The service
   closes its own copy of the descriptor *before* sending DONE.
 
@@ -54,7 +56,8 @@ parses both, **without sockfd**:
  3  message-type         u32, required: 1 clienthello (the agent is the TLS client on
                          the socket), 2 serverhello (TLS server), 3 clientkeyupdate,
                          4 serverkeyupdate (key update of a kept session)
- 4  timeout              u32 milliseconds; absent or 0: the agent's default (10 s)
+ 4  timeout              u32 milliseconds; absent or 0: the agent's default (10 s);
+                         more than the agent's cap (30 s) counts as the cap
  5  auth-mode            u32: 1 unauth, 2 psk, 3 x509; required for messages 1 and 2
  6  peer-identity        u32 PSK key serial, repeated, at most 5
  7  certificate          nested { 1 cert: s32 key serial, 2 privkey: s32 key serial }
@@ -91,10 +94,14 @@ errors):
                             layer's next record numbers (key updates)
 111  FORGET_SESSION         u32, nonzero = yes (with message 3/4 and session-id: the
                             connection ended; drop the kept session, run no update)
+112  KEEP_SESSION           u32, nonzero = yes (messages 1, 2: keep the session's state
+                            for later key updates through the agent; absent: not kept)
 ===  =====================  ======================================================
 
 A key-update request (message 3 or 4) concerns the session the agent kept after a
-successful handshake (DONE's session-id) and is served only for the uid that made it.
+successful handshake that asked for it (KEEP_SESSION; DONE's session-id) and is served only
+for the uid that made it. The agent keeps a bounded number of sessions per uid and in all;
+keeping one more evicts the oldest (see "Limits"), whose id then answers ``ENOKEY``.
 
 DONE (service -> consumer)
 ==========================
@@ -106,7 +113,9 @@ meaning session-id, without sockfd, plus :class:`DoneExtAttr`:
   #  attribute              payload
 ===  =====================  ======================================================
   1  status                 u32, always present: 0 success, else a positive errno
-  3  remote-auth            u32 key serial of the authenticated peer, repeated, at most 5
+  3  remote-auth            u32 key serial of the authenticated peer, repeated, at most 5:
+                            the PSK's serial when it came from a keyring; never for a
+                            certificate (its chain is in SESSION)
   4  session-id             u32, when the agent keeps the session for later key
                             updates (absent or 0: not kept)
 100  REASON                 string, one line of at most 1,024 characters, never a
@@ -136,7 +145,9 @@ The service itself answers, checking in the order of the kernel's
 
 * ``ESRCH``  -- the service is shutting down;
 * ``EAGAIN`` -- the pending limit is reached (requests queued and not yet taken by the
-  agent; default the kernel's ``clamp(totalram / (25 * mem_unit), 3, 50)``);
+  agent; default the kernel's ``clamp(totalram / (25 * mem_unit), 3, 50)``), or the
+  consumer's uid already has its share queued (``uid_max_pending``, default 8), or holds
+  its share of connections (``uid_max_connections``, default 64; answered on connecting);
 * ``EBUSY``  -- the same socket (same st_dev/st_ino: dups of one socket count as one)
   already has a request queued or in flight;
 * ``ESRCH``  -- no agent is taking requests;
@@ -155,6 +166,29 @@ common, ``ETIMEDOUT`` timeout or peer closed, ``EIO`` protocol or internal error
 missing key, certificate or serial, ``EOPNOTSUPP`` a request it cannot serve, ``EINVAL``
 bad parameters); ``ENOKEY`` for a session-id that is unknown, expired or another uid's;
 ``ESRCH`` for a request taken but not started because the agent is stopping.
+
+Limits
+======
+
+Each local user (uid, from ``SO_PEERCRED``) gets a bounded share of the service; the server
+defaults, each an ``[ktlsd]`` configuration key (docs/configuration.md):
+
+* ``uid_max_connections`` 64 open connections (waiting, queued or in flight), beyond which a
+  new connection gets DONE ``EAGAIN`` and is closed; ``service_max_connections`` 1,024 in all,
+  beyond which new connections are closed without an answer;
+* ``submit_timeout_ms`` 2 s to send SUBMIT after connecting;
+* ``uid_max_pending`` 8 requests queued (``EAGAIN`` beyond), within the service's
+  ``pending_limit``;
+* ``uid_max_in_flight`` 4 requests handed to the agent at once: the service hands out queued
+  requests round-robin between uids, skipping a uid at this limit, so one uid's stalled
+  handshakes never hold another's back;
+* ``max_consumer_timeout_ms`` 30 s: a longer requested timeout counts as 30 s;
+* ``uid_max_kept_sessions`` 256 kept sessions (KEEP_SESSION) per uid and
+  ``max_kept_sessions`` 10,000 in all (fewer when root's key quota is small); keeping one
+  more evicts the uid's oldest, or at the total the oldest of the uid keeping the most.
+
+The kernel's requests never wait for the service's: the agent runs each upcall source with
+its own ``max_concurrent`` slots.
 
 A consumer library answers for itself when no DONE arrives (:mod:`ktlsd.client`): ``ESRCH``
 no service socket, nobody listening or the SUBMIT could not be sent, ``EACCES`` no
@@ -238,6 +272,7 @@ class SubmitAttr(enum.IntEnum):
     REQUEST_PEER_UPDATE = 109
     RECORD_SEQS = 110
     FORGET_SESSION = 111
+    KEEP_SESSION = 112
 
 
 class PskAttr(enum.IntEnum):
@@ -328,6 +363,8 @@ def encode_submit(request: HandshakeRequest, *, seq: int = 0) -> bytes:
         extra.append((SubmitAttr.RECORD_SEQS, struct.pack("=QQ", tx, rx)))
     if request.forget_session:
         extra.append((SubmitAttr.FORGET_SESSION, u32(1)))
+    if request.keep_session:
+        extra.append((SubmitAttr.KEEP_SESSION, u32(1)))
     attrs += encode_attrs(extra)
     message = _frame(ServiceCommand.SUBMIT, attrs, seq)
     if len(message) > MAX_MESSAGE_SIZE:
@@ -392,6 +429,8 @@ def decode_submit(data: bytes, sockfd: int) -> tuple[int, HandshakeRequest]:
                 request.record_seqs = (tx, rx)
             elif attr_type == SubmitAttr.FORGET_SESSION:
                 request.forget_session = as_u32(payload, "forget-session") != 0
+            elif attr_type == SubmitAttr.KEEP_SESSION:
+                request.keep_session = as_u32(payload, "keep-session") != 0
     except NetlinkFormatError as exc:
         raise ServiceFormatError(f"bad attribute: {exc}") from None
     if request.message_type is MessageType.UNSPEC:
@@ -405,7 +444,8 @@ def decode_submit(data: bytes, sockfd: int) -> tuple[int, HandshakeRequest]:
     return seq, request
 
 
-_REQUEST_ATTRS = (SubmitAttr.REQUEST_PEER_UPDATE, SubmitAttr.RECORD_SEQS, SubmitAttr.FORGET_SESSION)
+_REQUEST_ATTRS = (SubmitAttr.REQUEST_PEER_UPDATE, SubmitAttr.RECORD_SEQS, SubmitAttr.FORGET_SESSION,
+                  SubmitAttr.KEEP_SESSION)
 
 
 def _decode_inline(parsed: list[Attribute]) -> InlineMaterial | None:

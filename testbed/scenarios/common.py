@@ -25,7 +25,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from testbed.scenarios.netns import Netns, netlink_group_members_of
+
 PROJECT = Path(__file__).resolve().parents[2]  # /ktlsd in the guest
+#: The sid chroot with the newest tlshd (agent ``tlshd-sid``), made by testbed/build.py.
+SID_TLSHD_ROOT = "/opt/sid-tlshd"
 
 
 class ScenarioFailed(Exception):
@@ -144,14 +148,50 @@ class Agent:
 
     def __init__(self, name: str, proc: subprocess.Popen[bytes], log: Path) -> None:
         self.name, self.proc, self.log = name, proc, log
+        self.netns: Netns | None = None
+        self.group = 0
+        self.before = 0
+        self.started = time.monotonic()
+        self.tag = ""
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def successful_handshakes(self) -> list[str]:
-        """Log lines reporting a completed handshake, in each agent's own wording."""
-        marker = "was successful" if self.name == "tlshd" else "status=0 (ok)"
-        return [ln for ln in self.output().splitlines() if marker in ln]
+    def lines(self) -> list[str]:
+        return self.output().splitlines()
+
+    def successful_handshakes(self, since: int = 0) -> list[str]:
+        """Log lines reporting a completed handshake, in each agent's own wording (from
+        line ``since`` of the log on)."""
+        # tlshd 1.0 says "... was successful", later ones "Handshake ... succeeded".
+        if self.name.startswith("tlshd"):
+            markers: tuple[str, ...] = ("was successful", "succeeded")
+        else:
+            markers = ("status=0 (ok)",)
+        return [ln for ln in self.lines()[since:] if any(m in ln for m in markers)]
+
+    def failure_lines(self, since: int = 0) -> list[str]:
+        """Log lines (from line ``since`` on) that report a failed or refused handshake."""
+        words = ("fail", "error", "denied", "reject", "alert", "refus")
+        return [
+            ln for ln in self.lines()[since:]
+            if any(w in ln.lower() for w in words)
+            or (" handshake " in ln and "status=" in ln and "status=0 " not in ln)
+        ]  # fmt: skip
+
+    def reload(self, timeout: float = 20.0) -> str:
+        """SIGHUP (ktlsd re-reads its configuration); return ktlsd's log line about it."""
+        import signal
+
+        mark = len(self.lines())
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines()[mark:]:
+                if "configuration reloaded" in line or "not reloaded" in line:
+                    return line
+            time.sleep(0.05)
+        raise ScenarioFailed(f"{self.name}: no reload logged {timeout:.0f} s after SIGHUP")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -174,14 +214,18 @@ def write_tlshd_conf(
     keyrings: str = ".nvme",
     client: dict[str, str] | None = None,
     server: dict[str, str] | None = None,
+    ktlsd: dict[str, str] | None = None,
 ) -> Path:
-    """tlshd.conf: debug logging, the keyrings to search, optional x509 material per side."""
+    """tlshd.conf: debug logging, the keyrings to search, optional x509 material per side,
+    and optionally ktlsd's own ``[ktlsd]`` group (tlshd ignores it; only give it to ktlsd)."""
     lines = ["[debug]", "loglevel=2", "tls=0", "nl=0", "", "[authenticate]"]
     lines.append(f"keyrings={keyrings}")
     for section, items in (("client", client), ("server", server)):
         lines += ["", f"[authenticate.{section}]"]
         for key, value in (items or {}).items():
             lines.append(f"{key}={value}")
+    if ktlsd:
+        lines += ["", "[ktlsd]"] + [f"{key}={value}" for key, value in ktlsd.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -194,45 +238,85 @@ def agent_command(agent: str, config: Path) -> list[str]:
     """
     if agent == "tlshd":
         return ["tlshd", "-s", "-c", str(config)]
+    if agent == "tlshd-sid":
+        # Debian unstable's tlshd in the image's chroot; ``config`` must lie inside it. The
+        # chroot keeps the caller's network namespace (netlink) and the kernel's keyrings.
+        root = Path(SID_TLSHD_ROOT)
+        return ["chroot", str(root), "/usr/sbin/tlshd", "-s", "-c",
+                "/" + str(config.relative_to(root))]  # fmt: skip
     if agent == "ktlsd":
         # Kernel upcalls only (fail loudly if the family is missing), no user-space service.
         return [
             sys.executable, "-m", "ktlsd", "run", "--config", str(config),
             "--kernel", "yes", "--socket", "none", "--verbose",
         ]  # fmt: skip
-    raise ValueError(f"unknown agent {agent!r} (expected tlshd or ktlsd)")
+    raise ValueError(f"unknown agent {agent!r} (expected tlshd, tlshd-sid or ktlsd)")
 
 
-def start_agent(sc: Scenario, agent: str, config: Path, tag: str = "") -> Agent:
+def start_agent(
+    sc: Scenario, agent: str, config: Path, tag: str = "", netns: Netns | None = None
+) -> Agent:
     """Start ``agent`` with ``config``; return once it listens on the handshake family.
 
     Readiness is observed, not guessed: the agent is ready when some generic netlink socket
     has joined the family's ``tlshd`` multicast group (/proc/net/netlink). Until then the
     kernel's upcall has no listener and consumers fail with ESRCH. The agent is stopped when
-    the scenario ends; its log is shown if the scenario fails.
+    the scenario ends; its log is shown if the scenario fails. With ``netns`` the agent runs
+    in that network namespace and serves the consumers whose sockets live there.
     """
+    return wait_ready(sc, launch_agent(sc, agent, config, tag, netns))
+
+
+def launch_agent(
+    sc: Scenario, agent: str, config: Path, tag: str = "", netns: Netns | None = None
+) -> Agent:
+    """Start ``agent`` without waiting (see :func:`start_agent`; then :func:`wait_ready`):
+    lets several agents import their code at the same time."""
     log = Path(f"/tmp/agent-{agent}{'-' + tag if tag else ''}.log")
     env = dict(os.environ, PYTHONPATH=str(PROJECT))
     group = handshake_group_id()
-    before = netlink_group_members(group)
+    before = 0 if netns is not None else netlink_group_members(group)
+    argv = agent_command(agent, config)
     out = open(log, "wb")  # noqa: SIM115 - owned by the child's lifetime
     started = time.monotonic()
     proc = subprocess.Popen(
-        agent_command(agent, config), stdout=out, stderr=subprocess.STDOUT, env=env, cwd="/tmp"
-    )
+        netns.cmd(argv) if netns else argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+        cwd="/tmp",
+    )  # fmt: skip
     handle = Agent(agent, proc, log)
-    sc.cleanup(handle.stop, f"stop {agent}")
+    handle.group, handle.netns, handle.tag = group, netns, tag
+    handle.before, handle.started = before, started
+    sc.cleanup(handle.stop, f"stop {agent}{' in ' + netns.name if netns else ''}")
     sc.agents.append(handle)
-    deadline = started + 60
-    while netlink_group_members(group) <= before:
+    return handle
+
+
+def wait_ready(sc: Scenario, handle: Agent, timeout: float = 60) -> Agent:
+    """Wait until ``handle``'s agent has joined the handshake multicast group."""
+    proc, netns = handle.proc, handle.netns
+
+    def members() -> int:
+        if netns is None:
+            return netlink_group_members(handle.group)
+        # A fresh namespace has no other member: count the agent's once nsenter is in.
+        if not netns.pid_inside(proc.pid):
+            return 0
+        return netlink_group_members_of(proc.pid, handle.group)
+
+    deadline = handle.started + timeout
+    while members() <= handle.before:
         if proc.poll() is not None:
             raise ScenarioFailed(
-                f"{agent} exited at start ({proc.returncode}): {handle.output().strip()[-300:]}"
+                f"{handle.name} exited at start ({proc.returncode}): "
+                f"{handle.output().strip()[-300:]}"
             )
         if time.monotonic() > deadline:
-            raise ScenarioFailed(f"{agent} did not join the handshake multicast group in 60 s")
+            raise ScenarioFailed(
+                f"{handle.name} did not join the handshake multicast group in {timeout:.0f} s"
+            )
         time.sleep(0.05)
-    sc.figure(f"agent_ready_seconds_{tag or agent}", round(time.monotonic() - started, 2))
+    tag = handle.tag or handle.name
+    sc.figure(f"agent_ready_seconds_{tag}", round(time.monotonic() - handle.started, 2))
     return handle
 
 

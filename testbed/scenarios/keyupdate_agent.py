@@ -67,7 +67,7 @@ def start_service(sc: Scenario) -> Agent:
         SERVICE,
         "-c",
         str(conf),
-        "-v",
+        "--debug",
     ]
     print(f"$ {' '.join(argv)}", flush=True)
     out = open(log, "wb")  # noqa: SIM115 - owned by the child's lifetime
@@ -221,8 +221,9 @@ async def handshake_pair(a_sock: socket.socket, b_sock: socket.socket, psk: byte
 
     ident = "ktlsd-keyupdate-agent"
     return await asyncio.gather(
-        client.submit(
-            a_sock, role="client", auth="psk", psk=[(ident, psk)], service_path=SERVICE, timeout=20
+        client.submit(  # A's key updates run through the agent: it must keep the session
+            a_sock, role="client", auth="psk", psk=[(ident, psk)], service_path=SERVICE, timeout=20,
+            keep_session=True,
         ),
         client.submit(
             b_sock, role="server", auth="psk", psk=[(ident, psk)], service_path=SERVICE, timeout=20

@@ -31,10 +31,14 @@ PKI = Path("/tmp/nfs-pki")
 DATA_BYTES = 4 * 1024 * 1024
 
 
-def make_pki(sc: Scenario) -> dict[str, Path]:
-    """CA + server cert (SAN IP:127.0.0.1) + client cert, EC P-256, via the openssl CLI."""
-    PKI.mkdir(exist_ok=True)
-    p = {n: PKI / n for n in ("ca.key", "ca.pem", "srv.key", "srv.pem", "cli.key", "cli.pem")}
+def make_pki(
+    sc: Scenario, pki: Path = PKI, server_ips: tuple[str, ...] = ("127.0.0.1",)
+) -> dict[str, Path]:
+    """CA + server cert (SAN IP:127.0.0.1, or ``server_ips``) + client cert, EC P-256, via
+    the openssl CLI, in ``pki``."""
+    pki.mkdir(exist_ok=True)
+    san = ",".join(f"IP:{ip}" for ip in server_ips)
+    p = {n: pki / n for n in ("ca.key", "ca.pem", "srv.key", "srv.pem", "cli.key", "cli.pem")}
     if p["cli.pem"].exists():
         return p
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
@@ -43,11 +47,11 @@ def make_pki(sc: Scenario) -> dict[str, Path]:
            "-addext", "basicConstraints=critical,CA:TRUE",
            "-addext", "keyUsage=critical,keyCertSign"])  # fmt: skip
     for who, cn, eku in (("srv", "127.0.0.1", "serverAuth"), ("cli", "ktlsd-client", "clientAuth")):
-        csr = PKI / f"{who}.csr"
+        csr = pki / f"{who}.csr"
         sc.sh(["openssl", "req", "-new", *ec, "-keyout", str(p[f"{who}.key"]), "-out", str(csr),
                "-subj", f"/CN={cn}"])  # fmt: skip
-        ext = PKI / f"{who}.ext"
-        ext.write_text(f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage={eku}\n")
+        ext = pki / f"{who}.ext"
+        ext.write_text(f"subjectAltName={san}\nextendedKeyUsage={eku}\n")
         sc.sh(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(p["ca.pem"]),
                "-CAkey", str(p["ca.key"]), "-CAcreateserial", "-days", "2",
                "-extfile", str(ext), "-out", str(p[f"{who}.pem"])])  # fmt: skip

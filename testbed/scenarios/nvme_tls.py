@@ -7,7 +7,11 @@ subsystem so the key in use is unambiguous), keys made and inserted into ``.nvme
 nvme-cli; 16 MiB of random data written with O_DIRECT through the TLS connection reads back
 byte-exact, and is also found on the target's ram disk (so it really crossed the wire);
 disconnect is clean. Figures: connect time per key, throughput, bytes verified, handshakes
-seen in the agent's log, kTLS session counters.
+seen in the agent's log, kTLS session counters, and per key what was *negotiated*, read off
+the wire (tls_wire.Capture on ``lo``): suite, binder size and hash. tlshd 1.0 on GnuTLS 3.8.9
+binds a SHA-384 PSK to SHA-256 (32-byte binder, a SHA-256 suite); the ``sha384`` figures then
+say so (``negotiated_sha384``, ``label_sha384``), and the side-by-side comparison in the
+report marks the pair as not comparable.
 
 AGENT comes from the environment (``tlshd`` or ``ktlsd``); NQNs carry the agent's name so
 both variants can run in one boot.
@@ -32,6 +36,7 @@ from testbed.scenarios.common import (
     tls_stat,
     write_tlshd_conf,
 )
+from testbed.scenarios.tls_wire import Capture, describe, legacy_binding, suite_hash
 
 NVMET = Path("/sys/kernel/config/nvmet")
 DATA_BYTES = 16 * 1024 * 1024
@@ -152,6 +157,38 @@ def direct_io(device: Path, data: bytes | None) -> tuple[bytes, float]:
     return bytes(out), time.monotonic() - started
 
 
+def label_negotiated(
+    sc: Scenario, agent: str, label: str, summaries: list[dict[str, object]]
+) -> None:
+    """Record what the connect's TLS handshakes negotiated, labelled for what it is."""
+    sc.figure(f"wire_{label}", describe(summaries))
+    sc.check(len(summaries) >= 2, f"{label}: the TLS hellos of admin and I/O queues seen on lo")
+    first = summaries[0]
+    sc.figure(
+        f"negotiated_{label}",
+        {k: first.get(k) for k in ("suite", "binder_bytes", "binder_hash", "psk_hash")},
+    )
+    for s in summaries:
+        suite = str(s.get("suite"))
+        sc.check(
+            s.get("binder_hash") == suite_hash(suite),
+            f"{label}: binder hash {s.get('binder_hash')} is the suite's ({suite})",
+        )
+    if any(legacy_binding(s) for s in summaries):
+        sc.figure(
+            f"label_{label}",
+            f"SHA-384 PSK bound to SHA-256 by {agent} (32-byte binder): ran {first.get('suite')}, "
+            "not a SHA-384 suite -- tlshd 1.0 on GnuTLS < 3.8.11 cannot use a SHA-384 PSK as such",
+        )
+    else:
+        sc.figure(f"label_{label}", f"{first.get('suite')}, {first.get('binder_hash')} binder")
+    if agent == "ktlsd":  # ktlsd with itself is spec-correct for both hashes
+        sc.check(
+            all(s.get("psk_hash") == s.get("binder_hash") for s in summaries),
+            f"{label}: ktlsd bound the PSK to its own hash",
+        )
+
+
 def main() -> None:
     with Scenario() as sc:
         agent = sc.agent
@@ -175,13 +212,15 @@ def main() -> None:
         stat_before = tls_stat()
         verified = 0
         for (label, _hmac), (subnqn, ramdev) in zip(HMACS, subsystems.items(), strict=True):
-            t0 = time.monotonic()
-            sc.sh(
-                ["nvme", "connect", "-t", "tcp", "-a", "127.0.0.1", "-s", TRSVCID[agent],
-                 "-n", subnqn, f"--hostnqn={hostnqn}", "--tls"],
-                timeout=60,
-            )  # fmt: skip
-            connect_s = time.monotonic() - t0
+            with Capture("lo", {int(TRSVCID[agent])}) as cap:
+                t0 = time.monotonic()
+                sc.sh(
+                    ["nvme", "connect", "-t", "tcp", "-a", "127.0.0.1", "-s", TRSVCID[agent],
+                     "-n", subnqn, f"--hostnqn={hostnqn}", "--tls"],
+                    timeout=60,
+                )  # fmt: skip
+                connect_s = time.monotonic() - t0
+            label_negotiated(sc, agent, label, cap.summaries())
             dev = find_block_device(subnqn)
             sc.figure(f"connect_seconds_{label}", round(connect_s, 3))
             ctrl = controller_for(subnqn)

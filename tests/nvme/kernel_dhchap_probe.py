@@ -43,16 +43,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ktlsd import keyring
-from ktlsd.nvme.dhchap import (
-    Authenticated,
-    DhchapHost,
-    DhchapSecret,
-    Failed,
-    Failure,
-    Message,
-    SecureChannel,
-    decode_message,
-)
+from ktlsd.nvme.dhchap import Authenticated, DhchapHost, Failed
+from ktlsd.nvme.dhchap_crypto import DhchapSecret
+from ktlsd.nvme.dhchap_messages import Failure, Message, SecureChannel, decode_message
 
 NVMET = Path("/sys/kernel/config/nvmet")
 PORT_ID, TRSVCID = "7", "4430"

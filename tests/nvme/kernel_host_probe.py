@@ -26,13 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ktlsd import keyring
-from ktlsd.nvme.dhchap import (
-    Authenticated,
-    DhchapController,
-    DhchapSecret,
-    Failed,
-    decode_message,
-)
+from ktlsd.nvme.dhchap import Authenticated, DhchapController, Failed
+from ktlsd.nvme.dhchap_crypto import DhchapSecret
+from ktlsd.nvme.dhchap_messages import decode_message
 
 HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:9a8b7c6d-ktlsd-host-probe"
 HOSTID = "9a8b7c6d-0000-4000-8000-000000000001"

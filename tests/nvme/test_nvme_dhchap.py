@@ -17,28 +17,27 @@ from hypothesis import strategies as st
 
 from ktlsd import keyring
 from ktlsd.nvme import keys as nvme_keys
-from ktlsd.nvme.dhchap import (
-    Authenticated,
-    Challenge,
-    DhchapController,
-    DhchapHost,
+from ktlsd.nvme.dhchap import Authenticated, DhchapController, DhchapHost, Failed
+from ktlsd.nvme.dhchap_crypto import (
     DhchapSecret,
     DhGroup,
-    Failed,
-    Failure,
-    FailureReason,
     HashFunction,
     KeyringPskStore,
+    augmented_challenge,
+    derive_generated_tls_key,
+    ffdhe_prime,
+)
+from ktlsd.nvme.dhchap_messages import (
+    Challenge,
+    Failure,
+    FailureReason,
     MessageError,
     Negotiate,
     Reply,
     SecureChannel,
     Success1,
     Success2,
-    augmented_challenge,
     decode_message,
-    derive_generated_tls_key,
-    ffdhe_prime,
 )
 
 HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:0f7a54c4-4ab4-4a3c-9f3e-1a0cf2b7c001"

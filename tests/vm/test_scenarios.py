@@ -125,3 +125,153 @@ def test_nvme_concat_with_ktlsd(scenario) -> None:
     figures = assert_passed(scenario("nvme-concat"))
     assert figures["agent_nvme1g_handshakes_first"] >= 2
     assert figures["agent_nvme1g_handshakes_reconnect"] >= 2
+
+
+@pytest.mark.parametrize("agent", AGENTS)
+def test_nvme_tls_labels_what_was_negotiated(scenario, agent: str) -> None:
+    """The "SHA-384" case says which suite and binder really ran (tlshd 1.0: SHA-256 ones)."""
+    figures = assert_passed(scenario(f"nvme-tls-{agent}"))
+    for label in ("sha256", "sha384"):
+        negotiated = figures[f"negotiated_{label}"]
+        assert negotiated["binder_bytes"] in (32, 48), negotiated
+        assert str(negotiated["suite"]).startswith("TLS_"), negotiated
+    sha384 = figures["negotiated_sha384"]
+    if agent == "ktlsd":
+        assert sha384["suite"] == "TLS_AES_256_GCM_SHA384" and sha384["binder_bytes"] == 48
+    if sha384["binder_bytes"] == 32:  # the PSK was bound to SHA-256: the label must say so
+        assert "bound to SHA-256" in figures["label_sha384"], figures["label_sha384"]
+    assert figures["negotiated_sha256"]["binder_bytes"] == 32
+
+
+# -- mixed fleet: ktlsd and tlshd in separate network namespaces --------------------------------
+
+MIB = 1024 * 1024
+
+
+def fleet_cases(rec: dict[str, object], expected_ids: set[str]) -> dict[str, dict[str, object]]:
+    """The scenario's records of the cases ``expected_ids``; fails (with the scenario's log)
+    unless each of them ran and met its expectation. Judged per case, so one kind's failure
+    does not hide another's result."""
+    figures = rec.get("figures") or {}
+    print(f"\n{rec['name']}:\n" + "\n".join(figures.get("pairing_table") or []))
+    every = figures.get("cases") or {}
+    cases = {k: v for k, v in every.items() if k in expected_ids}
+    problems = [f"case {cid} did not run" for cid in sorted(expected_ids - set(cases))]
+    problems += [f"{cid}: {c.get('why')}" for cid, c in cases.items() if not c.get("ok")]
+    if problems:
+        pytest.fail("\n".join(problems) + "\n" + explain(rec), pytrace=False)
+    return cases
+
+
+PAIRINGS = {"tlshd>ktlsd", "ktlsd>tlshd", "ktlsd>ktlsd"}
+#: The rows the scenario's SHA384_CROSS table must hold (ktlsd setting, host, target).
+FLEET_SHA384_TABLE = {
+    ("accept", "tlshd", "ktlsd"), ("accept", "ktlsd", "tlshd"), ("offer", "ktlsd", "tlshd"),
+    ("refuse", "tlshd", "ktlsd"), ("refuse", "ktlsd", "tlshd"),
+}  # fmt: skip
+
+
+def test_fleet_nvme_sha256_both_directions_and_reference(scenario) -> None:
+    cases = fleet_cases(scenario("fleet-nvme"), {f"nvme-sha256 {p}" for p in PAIRINGS})
+    for case in cases.values():
+        assert case["outcome"] == "pass" and case["bytes_verified"] == 2 * 16 * MIB
+        assert case["binder_bytes"] == 32 and str(case["suite"]).endswith("SHA256")
+
+
+def test_fleet_nvme_sha384_ktlsd_with_ktlsd_is_spec_correct(scenario) -> None:
+    cases = fleet_cases(scenario("fleet-nvme"), {"nvme-sha384 ktlsd>ktlsd"})
+    reference = cases["nvme-sha384 ktlsd>ktlsd"]
+    assert reference["suite"] == "TLS_AES_256_GCM_SHA384" and reference["binder_bytes"] == 48
+    assert reference["bytes_verified"] == 2 * 16 * MIB
+
+
+def test_fleet_nvme_sha384_cross_follows_legacy_psk_sha384(scenario) -> None:
+    """Needs ``[ktlsd] legacy_psk_sha384``: until it is in the tree these rows fail."""
+    ids = {f"nvme-sha384 {h}>{t} [{s}]" for s, h, t in FLEET_SHA384_TABLE}
+    cases = fleet_cases(scenario("fleet-nvme"), ids)
+    for cid, case in cases.items():
+        if case["expected"] == "pass-legacy":  # the old binding, and it carried the data
+            assert case["binder_bytes"] == 32 and str(case["suite"]).endswith("SHA256"), cid
+            assert case["bytes_verified"] == 2 * 16 * MIB, cid
+        else:  # refused at once, and the log says why
+            assert case["expected"] == "fail", cid
+            assert case["outcome"] == "fail" and case["connect_seconds"] < 6, cid
+            assert "legacy_psk_sha384" in case["ktlsd_log"], cid
+    assert cases["nvme-sha384 tlshd>ktlsd [accept]"]["outcome"] == "pass"  # default setting
+    assert cases["nvme-sha384 ktlsd>tlshd [offer]"]["outcome"] == "pass"
+
+
+def test_fleet_nvme_concat_both_directions(scenario) -> None:
+    cases = fleet_cases(scenario("fleet-nvme"), {f"nvme-concat {p}" for p in PAIRINGS})
+    for case in cases.values():
+        assert case["outcome"] == "pass" and case["bytes_verified"] == 2 * MIB
+        assert "NVMe1G" in case["wire"]
+
+
+def test_fleet_nvme_wrong_psk_fails_promptly_both_directions(scenario) -> None:
+    cases = fleet_cases(scenario("fleet-nvme"), {f"nvme-wrong-psk {p}" for p in PAIRINGS})
+    for cid, case in cases.items():
+        assert case["outcome"] == "fail" and case["connect_seconds"] < 6, cid
+        assert case["status"]["host kernel (DONE status)"], cid
+        print(f"{cid}: {case['status']}")
+
+
+@pytest.mark.parametrize("mode", ["tls", "mtls"])
+def test_fleet_nfs_both_directions(scenario, mode: str) -> None:
+    cases = fleet_cases(scenario("fleet-nfs"), {f"nfs-{mode} {p}" for p in PAIRINGS})
+    for case in cases.values():
+        assert case["outcome"] == "pass" and case["bytes_verified"] == 2 * 4 * MIB
+        assert str(case["suite"]).startswith("TLS_")
+
+
+# -- the newest tlshd (Debian unstable, GnuTLS >= 3.8.11) against ktlsd -------------------------
+
+NEW_PAIRINGS = {"tlshd-sid>ktlsd", "ktlsd>tlshd-sid"}
+
+
+def test_fleet_newtlshd_is_built_against_gnutls_3_8_11(scenario) -> None:
+    rec = scenario("fleet-newtlshd")  # the finding holds whatever the cases did
+    figures = rec.get("figures") or {}
+    assert "sid_tlshd" in figures, explain(rec)
+    sid = figures["sid_tlshd"]
+    print(f"sid tlshd: {sid}")
+    gnutls = str(sid["packages"]["libgnutls30t64"]).split("-")[0].split(".")
+    assert tuple(int(x) for x in gnutls[:3]) >= (3, 8, 11), sid
+    assert "libgnutls.so.30" in sid["tlshd_gnutls_ldd"], sid
+
+
+def test_fleet_newtlshd_nvme_sha256_both_directions(scenario) -> None:
+    cases = fleet_cases(scenario("fleet-newtlshd"), {f"nvme-sha256 {p}" for p in NEW_PAIRINGS})
+    for cid, case in cases.items():
+        assert case["outcome"] == "pass" and case["bytes_verified"] == 2 * 16 * MIB, cid
+        assert case["binder_bytes"] == 32 and str(case["suite"]).endswith("SHA256"), cid
+
+
+def test_fleet_newtlshd_nvme_sha384_spec_correct_with_refuse(scenario) -> None:
+    """The new tlshd binds a SHA-384 PSK as such: it works with ktlsd set to ``refuse``."""
+    ids = {f"nvme-sha384 {p} [refuse]" for p in NEW_PAIRINGS}
+    cases = fleet_cases(scenario("fleet-newtlshd"), ids)
+    for cid, case in cases.items():
+        assert case["legacy_psk_sha384"] == "refuse", cid
+        assert case["outcome"] == "pass" and case["bytes_verified"] == 2 * 16 * MIB, cid
+        assert case["suite"] == "TLS_AES_256_GCM_SHA384" and case["binder_bytes"] == 48, cid
+
+
+def test_fleet_newtlshd_nvme_concat_and_wrong_psk(scenario) -> None:
+    ids = {f"nvme-{kind} {p}" for kind in ("concat", "wrong-psk") for p in NEW_PAIRINGS}
+    cases = fleet_cases(scenario("fleet-newtlshd"), ids)
+    for cid, case in cases.items():
+        if cid.startswith("nvme-concat"):
+            assert case["outcome"] == "pass" and case["bytes_verified"] == 2 * MIB, cid
+            assert "NVMe1G" in case["wire"], cid
+        else:
+            assert case["outcome"] == "fail" and case["connect_seconds"] < 6, cid
+            assert case["status"]["host kernel (DONE status)"], cid
+
+
+@pytest.mark.parametrize("mode", ["tls", "mtls"])
+def test_fleet_newtlshd_nfs_both_directions(scenario, mode: str) -> None:
+    cases = fleet_cases(scenario("fleet-newtlshd-nfs"), {f"nfs-{mode} {p}" for p in NEW_PAIRINGS})
+    for cid, case in cases.items():
+        assert case["outcome"] == "pass" and case["bytes_verified"] == 2 * 4 * MIB, cid
+        assert str(case["suite"]).startswith("TLS_"), cid

@@ -78,6 +78,26 @@ def test_scenario_names_map_to_scripts_and_agents() -> None:
         run.run(["no-such-scenario"])
 
 
+def test_debian_versions_compare_by_their_upstream_numbers() -> None:
+    """The sid chroot's GnuTLS is judged >= 3.8.11 from its Debian version."""
+    assert build._version_tuple("3.8.13-1") == (3, 8, 13)
+    assert build._version_tuple("3.8.9-3+deb13u4") == (3, 8, 9)
+    assert build._version_tuple("1:3.8.11~rc1-1") == (3, 8, 11)
+    assert build._version_tuple("3.8.9-3+deb13u4") < build.SID_MIN_GNUTLS
+    assert build._version_tuple("3.8.11-1") >= build.SID_MIN_GNUTLS
+
+
+def test_sid_tlshd_agent_runs_in_the_chroot_with_a_chroot_relative_config() -> None:
+    conf = Path(common.SID_TLSHD_ROOT) / "etc/tlshd/x.conf"
+    argv = common.agent_command("tlshd-sid", conf)
+    assert argv == ["chroot", common.SID_TLSHD_ROOT, "/usr/sbin/tlshd", "-s", "-c",
+                    "/etc/tlshd/x.conf"]  # fmt: skip
+    with pytest.raises(ValueError):  # a config outside the chroot cannot be read by it
+        common.agent_command("tlshd-sid", Path("/tmp/x.conf"))
+    assert "fleet-newtlshd" in run.default_scenarios()
+    assert "fleet-newtlshd-nfs" in run.default_scenarios()
+
+
 def test_compare_agents_pairs_timing_figures() -> None:
     per = [
         {"name": "nvme-tls-tlshd", "figures": {"connect_seconds_sha256": 0.4, "bytes": 1,
@@ -131,6 +151,159 @@ def test_secret_output_is_withheld(tmp_path: Path, capsys: pytest.CaptureFixture
     proc = sc.sh(["cat", str(secret_file)], secret_output=True)
     assert "NVMeTLSkey-1" in proc.stdout  # the caller still gets it ...
     assert "NVMeTLSkey-1" not in capsys.readouterr().out  # ... the log never does
+
+
+# -- tls_wire: the hellos the fleet scenarios read off the wire --------------------------------
+
+
+def _tlslite_exchange(identity: bytes, key: bytes, hash_name: str) -> tuple[bytes, bytes]:
+    """A real tlslite-ng PSK handshake through a relay; the bytes each way (client first)."""
+    import socket
+    import threading
+
+    from tlslite.api import HandshakeSettings, TLSConnection
+
+    settings = HandshakeSettings()
+    settings.minVersion = settings.maxVersion = (3, 4)
+    settings.pskConfigs = [(identity, key, hash_name)]
+    settings.ticket_count = 0
+    server_listener = socket.create_server(("127.0.0.1", 0))
+    relay_listener = socket.create_server(("127.0.0.1", 0))
+    recorded = {"up": bytearray(), "down": bytearray()}
+    errors: list[BaseException] = []
+
+    def server() -> None:
+        sock, _ = server_listener.accept()
+        try:
+            TLSConnection(sock).handshakeServer(settings=settings)
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+        finally:
+            sock.close()
+
+    def pump(src: socket.socket, dst: socket.socket, into: bytearray) -> None:
+        while data := src.recv(65536):
+            into += data
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+
+    def relay() -> None:
+        down_sock, _ = relay_listener.accept()
+        up_sock = socket.create_connection(server_listener.getsockname())
+        pumps = [
+            threading.Thread(target=pump, args=(down_sock, up_sock, recorded["up"])),
+            threading.Thread(target=pump, args=(up_sock, down_sock, recorded["down"])),
+        ]
+        for t in pumps:
+            t.start()
+        for t in pumps:
+            t.join()
+        down_sock.close()
+        up_sock.close()
+
+    threads = [threading.Thread(target=server), threading.Thread(target=relay)]
+    for t in threads:
+        t.start()
+    client = TLSConnection(socket.create_connection(relay_listener.getsockname()))
+    client.handshakeClientCert(settings=settings)
+    client.sock.shutdown(socket.SHUT_WR)
+    for t in threads:
+        t.join(timeout=10)
+    client.sock.close()
+    server_listener.close()
+    relay_listener.close()
+    assert not errors, errors
+    return bytes(recorded["up"]), bytes(recorded["down"])
+
+
+IDENT_384 = b"NVMe0R02 nqn.2014-08.org.nvmexpress:uuid:h nqn.2026-12.io.ktlsd:s"
+
+
+@pytest.mark.parametrize(
+    ("hash_name", "binder", "suite", "legacy"),
+    [("sha384", 48, "TLS_AES_256_GCM_SHA384", False),
+     ("sha256", 32, "TLS_AES_128_GCM_SHA256", True)],
+)  # fmt: skip
+def test_hello_parsers_read_binder_and_suite_of_a_real_handshake(
+    hash_name: str, binder: int, suite: str, legacy: bool
+) -> None:
+    """A SHA-384-named NVMe identity bound to SHA-384 (spec) and to SHA-256 (as tlshd 1.0)."""
+    from testbed.scenarios import tls_wire
+
+    up, down = _tlslite_exchange(IDENT_384, bytes(range(48)), hash_name)
+    hello = tls_wire.parse_client_hello(up)
+    assert hello.psk_identities == (IDENT_384.decode(),) and hello.tls13
+    assert hello.binder_lengths == (binder,)
+    answer = tls_wire.parse_server_hello(down)
+    assert answer.suite == suite and answer.selected_identity == 0 and not answer.hello_retry
+    hs = tls_wire.Handshake("c:1", "s:2", hello, answer)
+    summary = hs.summary()
+    assert summary["binder_hash"] == tls_wire.suite_hash(suite)
+    assert summary["psk_hash"] == "SHA-384" and summary["identity_kind"] == "NVMe0R02"
+    assert tls_wire.legacy_binding(summary) is legacy
+    assert tls_wire.describe([summary, summary]).startswith(f"2 x {suite}, {binder}-byte binder")
+    with pytest.raises(tls_wire.WireError):
+        tls_wire.parse_client_hello(down)  # a ServerHello is not a ClientHello
+    with pytest.raises(tls_wire.WireError):
+        tls_wire.parse_client_hello(up[:60])  # truncated
+
+
+def _ipv4_tcp(src: str, sport: int, dst: str, dport: int, seq: int, data: bytes,
+              syn: bool = False) -> bytes:  # fmt: skip
+    import socket
+    import struct
+
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x02 if syn else 0x18,
+                      65535, 0, 0) + data  # fmt: skip
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))  # fmt: skip
+    return ip + tcp
+
+
+@pytest.mark.parametrize("rpc", [False, True])
+def test_tcp_streams_reassemble_the_hellos_from_packets(rpc: bool) -> None:
+    """Segments out of order and duplicated, a plain connection and RPC records skipped."""
+    from testbed.scenarios import tls_wire
+
+    up, down = _tlslite_exchange(IDENT_384, bytes(48), "sha384")
+    if rpc:  # RFC 9289: a clear-text AUTH_TLS NULL call and its reply come first
+        up = (0x80000000 | 40).to_bytes(4, "big") + bytes(40) + up
+        down = (0x80000000 | 24).to_bytes(4, "big") + bytes(24) + down
+    streams = tls_wire.TcpStreams({2049}, rpc=rpc)
+    streams.add_ipv4(_ipv4_tcp("10.0.0.1", 5000, "10.0.0.2", 2049, 99, b"", syn=True))
+    streams.add_ipv4(_ipv4_tcp("10.0.0.2", 2049, "10.0.0.1", 5000, 7, b"", syn=True))
+    chunks = [(100 + i, up[i : i + 90]) for i in range(0, len(up), 90)]
+    for seq, data in [*reversed(chunks), chunks[0]]:  # reversed, one retransmitted
+        streams.add_ipv4(_ipv4_tcp("10.0.0.1", 5000, "10.0.0.2", 2049, seq, data))
+    streams.add_ipv4(_ipv4_tcp("10.0.0.2", 2049, "10.0.0.1", 5000, 8, down))
+    # another connection that never speaks TLS, and traffic to another port: both ignored
+    streams.add_ipv4(_ipv4_tcp("10.0.0.1", 5001, "10.0.0.2", 2049, 1, b"\x00\x01plain"))
+    streams.add_ipv4(_ipv4_tcp("10.0.0.1", 5002, "10.0.0.2", 22, 1, up))
+    handshakes = streams.handshakes()
+    assert [(h.client, h.server) for h in handshakes] == [("10.0.0.1:5000", "10.0.0.2:2049")]
+    summary = handshakes[0].summary()
+    assert summary["suite"] == "TLS_AES_256_GCM_SHA384" and summary["binder_bytes"] == 48
+
+
+def test_compare_agents_labels_pairs_that_negotiated_different_suites() -> None:
+    legacy = {"suite": "TLS_CHACHA20_POLY1305_SHA256", "binder_bytes": 32}
+    spec = {"suite": "TLS_AES_256_GCM_SHA384", "binder_bytes": 48}
+    per = [
+        {"name": "nvme-tls-tlshd", "figures": {"connect_seconds_sha384": 1.3,
+                                               "negotiated_sha384": legacy}},
+        {"name": "nvme-tls-ktlsd", "figures": {"connect_seconds_sha384": 0.5,
+                                               "negotiated_sha384": spec}},
+    ]  # fmt: skip
+    pair = run.compare_agents(per)["nvme-tls:connect_seconds_sha384"]
+    assert pair["comparable"] is False
+    assert pair["tlshd_negotiated"] == "TLS_CHACHA20_POLY1305_SHA256, 32-byte binder"
+    report = {
+        "kernel": "7.3.4", "kernel_package": "p 1", "accel": "tcg", "build_seconds": 0,
+        "boot_seconds": 8, "qemu_seconds": 20, "wall_seconds": 21, "passed": True,
+        "guest_problem": None, "boots": [], "scenarios": [],
+        "comparison": run.compare_agents(per),
+    }  # fmt: skip
+    assert "NOT like for like" in run.format_report(report)
 
 
 # -- the systemd flavour (testbed/systemd_run.py, testbed/systemd_guest/) --------------------
