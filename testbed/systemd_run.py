@@ -38,10 +38,6 @@ from testbed.systemd_guest import names
 PROJECT = Path(__file__).resolve().parent.parent
 CMDLINE = "ktlsd.systemd=1"
 PHASES: tuple[str, ...] = tuple(names.RESULT_NAMES[p] for p in names.PHASES.values())
-#: TEMPORARY: the agent on this branch sends no READY=1 yet (issue 11's daemon work), so
-#: the guest adds a drop-in starting ktlsd.service as Type=simple with a readiness wait
-#: (testbed/systemd_guest/temporary-type-simple.conf). Remove once ``ktlsd run`` notifies.
-TEMPORARY_TYPE_SIMPLE = True
 DEFAULT_TIMEOUT = 1200.0
 
 
@@ -64,7 +60,7 @@ def build_deb(out_dir: Path) -> Path:
 
 def plan(deb: Path) -> dict[str, object]:
     """What the guest reads from ``systemd-plan.json``."""
-    return {"deb": deb.name, "temporary_type_simple": TEMPORARY_TYPE_SIMPLE, "phases": PHASES}
+    return {"deb": deb.name, "phases": PHASES}
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -138,7 +134,6 @@ def run(*, timeout: float = DEFAULT_TIMEOUT, results_dir: Path | None = None) ->
         "guest_problem": problem,
         "results_dir": str(results),
         "deb": deb.name,
-        "temporary_type_simple": TEMPORARY_TYPE_SIMPLE,
         "passed": all(r.get("passed") for r in per) and problem is None,
         "scenarios": per,
     }

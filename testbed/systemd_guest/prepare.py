@@ -21,7 +21,6 @@ never reaches the console or the results.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -34,7 +33,6 @@ from testbed.systemd_guest import names
 HERE = Path(__file__).resolve().parent
 UNITS = HERE / "units"
 SYSTEMD_DIR = Path("/etc/systemd/system")
-TEMPORARY_DROPIN = SYSTEMD_DIR / "ktlsd.service.d" / "zz-testbed-temporary-type-simple.conf"
 
 
 def log(message: str) -> None:
@@ -148,7 +146,7 @@ def write_nvme() -> None:
     )
 
 
-def install_units(temporary_type_simple: bool) -> None:
+def install_units() -> None:
     sbin = Path("/usr/local/sbin")
     sbin.mkdir(parents=True, exist_ok=True)
     target = sbin / "ktlsd-testbed-nvmet"
@@ -157,10 +155,6 @@ def install_units(temporary_type_simple: bool) -> None:
     for unit in sorted(UNITS.glob("*.service")):
         shutil.copyfile(unit, SYSTEMD_DIR / unit.name)
     run(["systemctl", "enable", *(u.name for u in sorted(UNITS.glob("*.service")))])
-    if temporary_type_simple:
-        TEMPORARY_DROPIN.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(HERE / "temporary-type-simple.conf", TEMPORARY_DROPIN)
-        log(f"TEMPORARY drop-in {TEMPORARY_DROPIN} (agent without READY=1)")
 
 
 def main() -> int:
@@ -175,12 +169,11 @@ def main() -> int:
     (names.STATE_DIR / "phase").write_text(phase + "\n")
     log(f"boot {boots}: phase {phase}")
     if boots == 1:
-        plan = json.loads((results / names.PLAN_NAME).read_text())
         make_pki()
         write_agent_conf()
         write_nfs()
         write_nvme()
-        install_units(bool(plan.get("temporary_type_simple")))
+        install_units()
         os.sync()
         log("configured: fstab NFS mount, NVMe target + autoconnect, tlshd.service enabled")
     return 0

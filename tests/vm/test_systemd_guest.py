@@ -49,9 +49,7 @@ def test_systemd_guest_ran_both_boots(systemd_report: dict[str, object]) -> None
     assert systemd_report["guest_problem"] is None, systemd_report["guest_problem"]
     for rec in systemd_report["scenarios"]:  # type: ignore[union-attr]
         assert rec.get("checks"), f"{rec['name']}: {rec.get('details')}"
-    print(f"\nqemu {systemd_report['qemu_seconds']} s for both boots, "
-          f"deb {systemd_report['deb']}, temporary Type=simple drop-in: "
-          f"{systemd_report['temporary_type_simple']}")  # fmt: skip
+    print(f"\nqemu {systemd_report['qemu_seconds']} s for both boots, deb {systemd_report['deb']}")
 
 
 def test_upgrade_from_tlshd_keeps_the_mount_and_hands_over(systemd_report) -> None:
@@ -64,6 +62,7 @@ def test_upgrade_from_tlshd_keeps_the_mount_and_hands_over(systemd_report) -> No
 
 def test_boot_brings_up_fstab_nfs_and_nvme_autoconnect_through_ktlsd(systemd_report) -> None:
     figures = assert_part(systemd_report, "systemd-boot", "boot")
+    assert figures["ktlsd_unit_type"] == "notify"  # the package's unit as shipped
     at_boot = figures["ktlsd_handshakes_at_boot"]
     assert at_boot["nfs"] >= 2 and at_boot["nvme_subsystem"] >= 2
     assert figures["ktlsd_boot_start_to_active_seconds"] > 0

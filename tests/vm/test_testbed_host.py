@@ -325,8 +325,7 @@ def test_systemd_flavour_phases_and_plan() -> None:
     assert systemd_run.PHASES == ("systemd-upgrade", "systemd-boot")
     assert names.PHASES == {1: "upgrade", 2: "boot"}
     plan = systemd_run.plan(Path("/x/ktlsd_0.1.0_all.deb"))
-    assert plan["deb"] == "ktlsd_0.1.0_all.deb"
-    assert plan["temporary_type_simple"] is systemd_run.TEMPORARY_TYPE_SIMPLE
+    assert plan == {"deb": "ktlsd_0.1.0_all.deb", "phases": systemd_run.PHASES}
 
 
 def test_systemd_flavour_files_agree_on_names() -> None:
