@@ -619,16 +619,30 @@ class WorkerPool:
 
     async def _answer(self, worker: _Worker, job: int, future: asyncio.Future[bytes],
                       pending: PendingRequest, deadline: float) -> bytes:
+        """The worker's RESULT for ``job``; CANCEL when the consumer withdraws, the worker
+        killed when it is past the deadline. One waiter woken by callbacks (this runs once
+        per request in the one supervisor process, so it stays lean)."""
         loop = asyncio.get_running_loop()
-        watcher: asyncio.Future[Any] = asyncio.ensure_future(pending.cancelled.wait())
-        waiting: set[asyncio.Future[Any]] = {future, watcher}
+        wake: asyncio.Future[None] = loop.create_future()
+
+        def woken(_: object = None) -> None:
+            if not wake.done():
+                wake.set_result(None)
+
+        future.add_done_callback(woken)
+        timer = loop.call_at(deadline, woken)
+        watcher = loop.create_task(pending.cancelled.wait())
+        watcher.add_done_callback(woken)
         try:
-            await asyncio.wait(waiting, timeout=max(0.0, deadline - loop.time()),
-                               return_when=asyncio.FIRST_COMPLETED)
-            if not future.done() and watcher.done():
+            await wake
+            if not future.done() and watcher.done() and loop.time() < deadline:
                 self._cancel(worker, job)  # the worker answers at once
-                await asyncio.wait({future}, timeout=max(0.0, deadline - loop.time()))
+                wake = loop.create_future()
+                future.add_done_callback(woken)
+                await wake
         finally:
+            timer.cancel()
+            watcher.remove_done_callback(woken)
             watcher.cancel()
         if not future.done():
             worker.kill(f"did not answer job {job} within its timeout")
