@@ -24,6 +24,11 @@ consumer; the kernel then owns the encrypted connection), or the
 :class:`~ktlsd.tls.session.Session` in DONE (a user-space consumer, which then runs a record
 layer itself). Its credentials decide which material it may use and who owns its kept session;
 its ``cancelled`` event ends the handshake early when the consumer withdraws.
+
+The handshake step itself (:func:`run_handshake`: material, TLS handshake, kTLS install) runs
+in this process, or, with a :class:`HandshakeRunner` (``ktlsd run --workers N``:
+:mod:`ktlsd.workers`), in worker processes; slots, kept sessions, key updates, DONE and the
+log line stay with the agent either way.
 """
 
 from __future__ import annotations
