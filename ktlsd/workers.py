@@ -118,7 +118,7 @@ from ktlsd.request import (
     KeyDelivery,
     PendingRequest,
 )
-from ktlsd.settings import AgentSettings, parse_workers, worker_processes
+from ktlsd.settings import AgentSettings
 from ktlsd.tls.session import Session
 from ktlsd.upcall.wire import (
     MAX_MESSAGE_SIZE,
@@ -244,14 +244,6 @@ def decode_job(flags: int, aux: int, payload: bytes, sockfd: int) -> _WorkerRequ
     return _WorkerRequest(request, credentials, delivery, aux)
 
 
-def workers_option(text: str) -> int:
-    """``--workers N|auto`` (argparse type)."""
-    try:
-        return parse_workers(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _cause(status: int) -> FailureCause:
     """The failure cause for a DONE status (EACCES: the first of its two causes)."""
     for cause in FailureCause:
@@ -312,7 +304,7 @@ class _Worker:
 
     @property
     def name(self) -> str:
-        return f"handshake worker {self.index} (pid {self.pid})"
+        return f"worker {self.index} (pid {self.pid})"
 
     def kill(self, reason: str) -> None:
         if not self.gone and not self.kill_reason:
@@ -330,12 +322,10 @@ class WorkerPool:
     them once the agent has drained.
     """
 
-    def __init__(self, count: int, *, log_level: str = "info",
-                 python: str = sys.executable) -> None:
+    def __init__(self, count: int, *, python: str = sys.executable) -> None:
         if count < 1:
             raise ValueError("a worker pool needs at least one worker")
         self.count = count
-        self.log_level = log_level
         self.python = python
         self.workers: list[_Worker | None] = [None] * count
         self.respawned = 0
@@ -346,17 +336,6 @@ class WorkerPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._delays = [0.0] * count
 
-    @classmethod
-    async def for_config(cls, workers: int, log_level: str = "info") -> WorkerPool | None:
-        """A started pool of :func:`~ktlsd.settings.worker_processes` workers, or None when
-        that is none (handshakes then run in the agent's own process)."""
-        count = worker_processes(workers)
-        if count == 0:
-            return None
-        pool = cls(count, log_level=log_level)
-        await pool.start()
-        return pool
-
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -366,7 +345,7 @@ class WorkerPool:
         except BaseException:
             await self.close()
             raise
-        log.info("handshake workers: %d processes (pids %s)", self.count,
+        log.info("worker processes: %d (pids %s)", self.count,
                  ", ".join(str(w.pid) for w in self.workers if w is not None))
 
     @property
@@ -385,7 +364,8 @@ class WorkerPool:
                 p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
             process = await asyncio.create_subprocess_exec(
                 self.python, "-m", "ktlsd.workers", "--channel", str(theirs.fileno()),
-                "--index", str(index), "--log-level", self.log_level,
+                "--index", str(index), "--log-level", _log_level(),
+                "--log-to", ",".join(_log_destinations()),
                 stdin=asyncio.subprocess.DEVNULL, pass_fds=(theirs.fileno(),), env=env,
             )
         except BaseException:
@@ -403,7 +383,7 @@ class WorkerPool:
             version = await asyncio.wait_for(asyncio.shield(worker.hello), START_TIMEOUT)
         except TimeoutError:
             worker.kill(f"said nothing within {START_TIMEOUT:g} s of starting")
-            raise WorkerStartError(f"{worker.name} did not start") from None
+            raise WorkerStartError(f"{worker.name} did not start in time") from None
         except WorkerStartError:
             raise
         if version != PROTOCOL_VERSION:
@@ -506,7 +486,8 @@ class WorkerPool:
         worker.jobs.clear()
         for future in jobs:
             if not future.done():
-                future.set_exception(HandshakeError(FailureCause.PROTOCOL_ERROR, reason))
+                future.set_exception(HandshakeError(FailureCause.PROTOCOL_ERROR,
+                                                    f"handshake {reason}"))
         self._changed.set()
         if self._closing or not worker.started_serving:
             if returncode and self._closing:
@@ -524,14 +505,14 @@ class WorkerPool:
         self._delays[index] = delay
         while not self._closing:
             if delay:
-                log.warning("handshake worker %d: starting again in %.0f s", index, delay)
+                log.warning("worker %d: starting again in %.0f s", index, delay)
                 await asyncio.sleep(delay)
             try:
                 await self._spawn(index)
                 self.respawned += 1
                 return
             except (WorkerStartError, OSError) as exc:
-                log.error("handshake worker %d could not be started: %s", index, exc)
+                log.error("worker %d could not be started: %s", index, exc)
                 delay = min(MAX_RESPAWN_DELAY, max(1.0, 2 * delay))
                 self._delays[index] = delay
 
@@ -551,7 +532,7 @@ class WorkerPool:
                 return chosen
             if self._closing:
                 raise HandshakeError(FailureCause.PROTOCOL_ERROR,
-                                     "handshake workers are shutting down")
+                                     "the handshake workers are shutting down")
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise HandshakeError(FailureCause.PROTOCOL_ERROR,
@@ -592,8 +573,9 @@ class WorkerPool:
         try:
             async with worker.send_lock:
                 if worker.configured is not settings:
+                    level = logging.getLogger("ktlsd").getEffectiveLevel()
                     await send_message(worker.channel,
-                                       _HEADER.pack(CONFIGURE, 0, 0, 0, 0)
+                                       _HEADER.pack(CONFIGURE, 0, 0, level, 0)
                                        + encode_settings(settings))
                     worker.configured = settings
                 await send_message(worker.channel, message, (pending.request.sockfd,))
@@ -602,7 +584,8 @@ class WorkerPool:
             if future.done():  # the worker went away meanwhile: its answer says so
                 _result(future)
             raise HandshakeError(FailureCause.PROTOCOL_ERROR,
-                                 f"cannot reach {worker.name}: {exc.strerror or exc}") from None
+                                 f"cannot reach handshake {worker.name}: "
+                                 f"{exc.strerror or exc}") from None
         except asyncio.CancelledError:
             self._cancel(worker, job)
             worker.jobs.pop(job, None)
@@ -650,7 +633,8 @@ class WorkerPool:
             await asyncio.wait({future}, timeout=EXIT_GRACE + WORKER_GRACE)
         if not future.done():
             worker.jobs.pop(job, None)
-            raise HandshakeError(FailureCause.PROTOCOL_ERROR, f"{worker.name} did not answer")
+            raise HandshakeError(FailureCause.PROTOCOL_ERROR,
+                                 f"handshake {worker.name} did not answer")
         return _result(future)
 
     def _cancel(self, worker: _Worker, job: int) -> None:
@@ -710,9 +694,6 @@ class _WorkerServer:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        from ktlsd.agent import run_handshake  # the engine, loaded before saying HELLO
-
-        self._run_handshake = run_handshake
         await send_message(self.channel, _HEADER.pack(HELLO, 0, 0, PROTOCOL_VERSION, 0))
         loop.add_reader(self.channel.fileno(), self._readable)
         try:
@@ -758,6 +739,8 @@ class _WorkerServer:
         _close_fds(fds)
         if kind == CONFIGURE:
             self.settings = decode_settings(payload)
+            if aux:  # the supervisor's log level, which a reload may have changed
+                logging.getLogger("ktlsd").setLevel(aux)
         elif kind == CANCEL:
             entry = self.jobs.get(job)
             if entry is not None:
@@ -785,12 +768,15 @@ class _WorkerServer:
         return asyncio.get_running_loop().create_task(work)
 
     async def _run(self, job: int, pending: _WorkerRequest, settings: AgentSettings) -> None:
+        # The TLS engine is loaded by the first request, as in the single-process agent: an
+        # idle worker stays small.
+        from ktlsd.agent import run_handshake
+
         fd = pending.request.sockfd
         sock: socket.socket | None = None
         try:
             sock = socket.socket(fileno=fd)
-            session = await self._run_handshake(pending, sock, settings,
-                                                pending.timeout_ms / 1000)
+            session = await run_handshake(pending, sock, settings, pending.timeout_ms / 1000)
             answer = HandshakeDone(status=0, sockfd=-1, session=session)
         except HandshakeError as exc:
             answer = HandshakeDone(status=exc.errno, sockfd=-1, reason=exc.reason)
@@ -818,6 +804,42 @@ class _WorkerServer:
                 await send_message(self.channel, _HEADER.pack(RESULT, 0, 0, 0, job) + done)
 
 
+def _log_level() -> str:
+    """The supervisor's level, for a new worker."""
+    return logging.getLevelName(logging.getLogger("ktlsd").getEffectiveLevel())
+
+
+def _log_destinations() -> list[str]:
+    """Where the supervisor's ``ktlsd`` logger writes (:mod:`ktlsd.log_output`), so that a
+    worker's lines go to the same places in the same form; stderr when it has no handler."""
+    from ktlsd import log_output
+
+    found: list[str] = []
+    for handler in logging.getLogger("ktlsd").handlers:
+        if isinstance(handler, log_output.SyslogHandler):
+            found.append(log_output.Destination.SYSLOG.value)
+        elif isinstance(handler, logging.StreamHandler):
+            journal = isinstance(handler.formatter, log_output.JournalFormatter)
+            found.append((log_output.Destination.JOURNAL if journal
+                          else log_output.Destination.STDERR).value)
+    return list(dict.fromkeys(found)) or [log_output.Destination.STDERR.value]
+
+
+class _Prefix(logging.Filter):
+    """``worker N: `` before each of a worker's log lines."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "ktlsd_worker", False):  # once, whatever the handlers
+            record.msg = self.prefix + record.getMessage()
+            record.args = ()
+            record.ktlsd_worker = True
+        return True
+
+
 def _ignore_stop_signals() -> None:
     """The supervisor decides when a worker stops: it drains, then closes the channel."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
@@ -829,16 +851,18 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ktlsd.workers", description=__doc__.split("\n")[0])
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--index", type=int, default=0)
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-to", default="stderr",
+                        help="the supervisor's log destinations: journal, syslog, stderr")
     args = parser.parse_args(argv)
     _ignore_stop_signals()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        f"ktlsd: %(levelname)s worker {args.index}: %(message)s"))
-    root = logging.getLogger("ktlsd")
-    root.handlers[:] = [handler]
-    root.setLevel(args.log_level.upper())
-    root.propagate = False
+    from ktlsd import log_output
+
+    log_output.configure(args.log_level, destinations=[
+        log_output.Destination(name) for name in args.log_to.split(",") if name])
+    prefix = _Prefix(f"worker {args.index}: ")
+    for handler in logging.getLogger("ktlsd").handlers:  # child loggers' records too
+        handler.addFilter(prefix)
     channel = socket.socket(fileno=args.channel)
     channel.setblocking(False)
     os.set_inheritable(channel.fileno(), False)
@@ -857,7 +881,6 @@ __all__ = [
     "describe_exit",
     "encode_settings",
     "worker_main",
-    "workers_option",
 ]
 
 if __name__ == "__main__":

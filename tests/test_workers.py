@@ -2,7 +2,7 @@
 
 Each agent test starts the real ``python -m ktlsd run --workers 2`` and talks to it only as
 consumers do (``ktlsd.client``, loopback TCP, a gated relay that holds every byte until the
-test opens it). Worker process ids come from the agent's own log ("handshake worker 0 (pid
+test opens it). Worker process ids come from the agent's own log ("worker 0 (pid
 N) started"), and readiness from its lines; nothing sleeps to synchronise, nothing is timed.
 
 * A worker killed with SIGKILL while 100 requests are in flight: every request gets a DONE
@@ -86,7 +86,7 @@ from tests.waiting import run
 __all__ = ["public_dir"]  # the fixture, imported for the cross-uid test
 
 PSK = bytes.fromhex("7c" * 32)
-STARTED = re.compile(r"handshake worker (\d+) \(pid (\d+)\) started")
+STARTED = re.compile(r"ktlsd: INFO worker (\d+) \(pid (\d+)\) started")
 
 
 def worker_pids(agent: AgentProcess) -> dict[int, int]:
@@ -105,7 +105,7 @@ def handed_to(agent: AgentProcess, since: int = 0) -> set[int]:
     with agent._cond:
         lines = list(agent.lines[since:])
     for line in lines:
-        match = re.search(r"request handed to handshake worker \d+ \(pid (\d+)\)", line)
+        match = re.search(r"request handed to worker \d+ \(pid (\d+)\)", line)
         if match:
             found.add(int(match.group(1)))
     return found
@@ -228,11 +228,11 @@ def test_kill_9_of_a_worker_during_100_requests(tmp_path: Path) -> None:
             try:
                 ends = [await relay.connect() for _ in range(requests)]
                 answers = asyncio.gather(*(one(a, b) for a, b in ends))
-                await agent.await_for(r"request handed to handshake worker", requests)
+                await agent.await_for(r"request handed to worker", requests)
                 assert handed_to(agent) == set(pids.values())
                 os.kill(victim, signal.SIGKILL)
                 lost = (await agent.await_for(
-                    rf"handshake worker 0 \(pid {victim}\) was killed by signal 9 "
+                    rf"worker 0 \(pid {victim}\) was killed by signal 9 "
                     r"\(SIGKILL\); (\d+) requests in flight on it answered EIO"))[0]
                 on_victim = int(re.findall(r"; (\d+) requests", lost)[0])
                 assert 0 < on_victim < requests
@@ -251,7 +251,7 @@ def test_kill_9_of_a_worker_during_100_requests(tmp_path: Path) -> None:
                 await relay.aclose()
 
         run(main(), 120)
-        new = agent.wait_for(r"handshake worker 0 \(pid \d+\) started", count=2)[-1]
+        new = agent.wait_for(r"INFO worker 0 \(pid \d+\) started", count=2)[-1]
         assert str(victim) not in new
         mark = len(agent.lines)
         later = run(fresh_pairs(path, 6, "after"))
@@ -281,8 +281,8 @@ def test_a_worker_that_stops_answering_is_killed_and_its_request_answered(
         statuses = sorted([(da.status, da.reason), (db.status, db.reason)])
         assert statuses[0][0] == errno.EIO and "did not answer" in statuses[0][1], statuses
         assert statuses[1][0] == errno.ETIMEDOUT, statuses
-        agent.wait_for(rf"handshake worker 1 \(pid {pids[1]}\) was killed by signal 9")
-        agent.wait_for(r"handshake worker 1 \(pid \d+\) started", count=2)
+        agent.wait_for(rf"worker 1 \(pid {pids[1]}\) was killed by signal 9")
+        agent.wait_for(r"INFO worker 1 \(pid \d+\) started", count=2)
         later = run(fresh_pairs(agent.socket_path, 2, "revived"))
         assert all((da.status, db.status) == (0, 0) for da, db in later)
     assert agent.wait_exit() == 0
@@ -307,7 +307,7 @@ def test_a_withdrawn_request_reaches_its_worker(tmp_path: Path) -> None:
                     timeout_ms=30_000, inline=InlineMaterial(psk_keys=(InlinePsk(b"w", PSK),)))
                 conn = await connect_service(agent.socket_path)
                 await send_message(conn, encode_submit(request), (a.fileno(),))
-                await agent.await_for(r"request handed to handshake worker")
+                await agent.await_for(r"request handed to worker")
                 conn.close()
                 line = (await agent.await_for(r"handshake source=service"))[0]
                 fields = parse_handshake_line(line)
@@ -385,7 +385,7 @@ def test_a_uids_in_flight_share_holds_across_workers(public_dir: Path) -> None:
                         tasks.append(asyncio.create_task(submit(
                             sock, role=role, auth="psk", psk=psk, service_path=path)))
                         await agent.await_for(r"uid 0 gid 0 submitted", len(tasks))
-                await agent.await_for(r"request handed to handshake worker", 2)
+                await agent.await_for(r"request handed to worker", 2)
                 nobody = await Nobody.start(NOBODY_PAIR, path)
                 try:
                     assert (await nobody.lines_at_least(1))[0] == "0 0"
