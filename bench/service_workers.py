@@ -10,8 +10,9 @@ going. The client is lean on purpose (SUBMIT messages encoded once, DONE read fo
 only) so that the CPU goes to the agent; it still takes some, on the same cores.
 
 Per round and agent it prints handshakes (connections, both ends) per wall-second and per
-agent CPU-second (the supervisor and its workers, from /proc), the client's CPU, and the
-ratio of the two agents' wall rates. Rounds are interleaved (1, 2, 2, 1, 1, 2, ...) so slow
+agent CPU-second (the supervisor and its workers, from /proc), the agent's CPU per handshake
+and the supervisor's part of it, the client's CPU, and the ratio of the two agents' wall
+rates. Rounds are interleaved (1, 2, 2, 1, 1, 2, ...) so slow
 drift in the machine's load hits both alike; the summary gives the median and the range.
 The CPU-bound case is x509 (ECDSA P-256 server certificate sent inline, the client verifying
 it against a CA file); ``--auth psk`` measures external PSKs.
@@ -70,17 +71,20 @@ class Agent:
     process: subprocess.Popen[bytes]
     log: Path
 
-    def cpu_seconds(self) -> float:
-        """CPU time of the agent and its live children (the workers)."""
-        total = 0
-        for pid in [self.process.pid, *children(self.process.pid)]:
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as handle:
-                    fields = handle.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / CLK_TCK
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time of the agent's own process and of its live children (the workers)."""
+        return (process_cpu(self.process.pid),
+                sum(process_cpu(pid) for pid in children(self.process.pid)))
+
+
+def process_cpu(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def children(pid: int) -> list[int]:
@@ -175,22 +179,25 @@ async def drive(path: str, listener: socket.socket, messages: tuple[bytes, bytes
 class Sample:
     wall_rate: float
     cpu_rate: float
-    agent_cpu: float
+    agent_cpu: float  # ms per handshake, supervisor and workers
+    supervisor_cpu: float  # ms per handshake, the agent's own process
     client_cpu: float
 
 
 def measure(agent: Agent, listener: socket.socket, messages: tuple[bytes, bytes],
             count: int, inflight: int) -> Sample:
-    cpu0, client0, wall0 = agent.cpu_seconds(), time.process_time(), time.perf_counter()
+    (own0, kids0), client0, wall0 = (agent.cpu_seconds(), time.process_time(),
+                                     time.perf_counter())
     failures = asyncio.run(drive(agent.path, listener, messages, count, inflight))
     wall = time.perf_counter() - wall0
     client = time.process_time() - client0
-    cpu = agent.cpu_seconds() - cpu0
+    own1, kids1 = agent.cpu_seconds()
+    own, cpu = own1 - own0, own1 - own0 + kids1 - kids0
     if failures:
         raise SystemExit(f"--workers {agent.workers}: {failures} failed requests; see "
                          f"{agent.log}")
     return Sample(count / wall, count / cpu if cpu else float("inf"), cpu / count * 1000,
-                  client / count * 1000)
+                  own / count * 1000, client / count * 1000)
 
 
 def spread(values: list[float]) -> str:
@@ -224,7 +231,8 @@ def main() -> int:
                 print(f"\n{kind}: {args.count} connections (both ends through the service) "
                       f"per measurement, {args.inflight} at once, {args.rounds} rounds")
                 print(f"{'round':<7}{'workers':>8}{'hs/s wall':>11}{'hs/agent-CPU-s':>16}"
-                      f"{'agent CPU ms/hs':>17}{'client CPU ms/hs':>18}")
+                      f"{'agent CPU ms/hs':>17}{'of it supervisor':>18}"
+                      f"{'client CPU ms/hs':>18}")
                 for round_ in range(args.rounds):
                     order = (1, 2) if round_ % 2 == 0 else (2, 1)
                     for n in order:
@@ -233,7 +241,7 @@ def main() -> int:
                         samples[n].append(sample)
                         print(f"{round_ + 1:<7}{n:>8}{sample.wall_rate:>11.0f}"
                               f"{sample.cpu_rate:>16.0f}{sample.agent_cpu:>17.2f}"
-                              f"{sample.client_cpu:>18.2f}")
+                              f"{sample.supervisor_cpu:>18.2f}{sample.client_cpu:>18.2f}")
                     ratios.append(samples[2][-1].wall_rate / samples[1][-1].wall_rate)
                 for n in (1, 2):
                     wall = [s.wall_rate for s in samples[n]]
