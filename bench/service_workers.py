@@ -17,7 +17,10 @@ drift in the machine's load hits both alike; the summary gives the median and th
 The CPU-bound case is x509 (ECDSA P-256 server certificate sent inline, the client verifying
 it against a CA file); ``--auth psk`` measures external PSKs.
 
-Usage: python bench/service_workers.py [--rounds 5] [--count 400] [--inflight 16]
+"agent cores" (agent CPU-seconds per wall-second) shows how much of the machine the agent got:
+on a shared machine the other work takes the rest.
+
+Usage: python bench/service_workers.py [--rounds 5] [--count 600] [--inflight 64]
                                        [--auth x509|psk|both]
 """
 
@@ -182,6 +185,7 @@ class Sample:
     agent_cpu: float  # ms per handshake, supervisor and workers
     supervisor_cpu: float  # ms per handshake, the agent's own process
     client_cpu: float
+    agent_cores: float  # agent CPU-seconds per wall-second
 
 
 def measure(agent: Agent, listener: socket.socket, messages: tuple[bytes, bytes],
@@ -197,7 +201,7 @@ def measure(agent: Agent, listener: socket.socket, messages: tuple[bytes, bytes]
         raise SystemExit(f"--workers {agent.workers}: {failures} failed requests; see "
                          f"{agent.log}")
     return Sample(count / wall, count / cpu if cpu else float("inf"), cpu / count * 1000,
-                  own / count * 1000, client / count * 1000)
+                  own / count * 1000, client / count * 1000, cpu / wall)
 
 
 def spread(values: list[float]) -> str:
@@ -208,8 +212,8 @@ def spread(values: list[float]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--count", type=int, default=400, help="connections per measurement")
-    parser.add_argument("--inflight", type=int, default=16, help="connections at once")
+    parser.add_argument("--count", type=int, default=600, help="connections per measurement")
+    parser.add_argument("--inflight", type=int, default=64, help="connections at once")
     parser.add_argument("--auth", choices=("x509", "psk", "both"), default="x509")
     args = parser.parse_args()
     kinds = ("x509", "psk") if args.auth == "both" else (args.auth,)
@@ -232,7 +236,7 @@ def main() -> int:
                       f"per measurement, {args.inflight} at once, {args.rounds} rounds")
                 print(f"{'round':<7}{'workers':>8}{'hs/s wall':>11}{'hs/agent-CPU-s':>16}"
                       f"{'agent CPU ms/hs':>17}{'of it supervisor':>18}"
-                      f"{'client CPU ms/hs':>18}")
+                      f"{'client CPU ms/hs':>18}{'agent cores':>13}")
                 for round_ in range(args.rounds):
                     order = (1, 2) if round_ % 2 == 0 else (2, 1)
                     for n in order:
@@ -241,7 +245,8 @@ def main() -> int:
                         samples[n].append(sample)
                         print(f"{round_ + 1:<7}{n:>8}{sample.wall_rate:>11.0f}"
                               f"{sample.cpu_rate:>16.0f}{sample.agent_cpu:>17.2f}"
-                              f"{sample.supervisor_cpu:>18.2f}{sample.client_cpu:>18.2f}")
+                              f"{sample.supervisor_cpu:>18.2f}{sample.client_cpu:>18.2f}"
+                              f"{sample.agent_cores:>13.2f}")
                     ratios.append(samples[2][-1].wall_rate / samples[1][-1].wall_rate)
                 for n in (1, 2):
                     wall = [s.wall_rate for s in samples[n]]
