@@ -255,6 +255,8 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
             log_output.set_level(fresh.effective_log_level)
             relink_keyrings(fresh)
             agent.reload(fresh.agent_settings())
+            if fresh.workers != config.workers:
+                log.warning("%s: [ktlsd] workers takes effect at the next start", signame)
         finally:
             if announce:
                 sdnotify.ready(status)

@@ -340,6 +340,11 @@ def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
         after = run(fresh_pairs(agent.socket_path, 4, "after"))
         assert {d.session.group for pair in after for d in pair} == {"secp256r1"}, after
         assert handed_to(agent, mark) == set(worker_pids(agent).values())
+        # The number of workers is read at start only, and a reload that changes it says so.
+        agent.config_path.write_text("[ktlsd]\nworkers = 3\ngroups = P-256\n")
+        agent.signal(signal.SIGHUP)
+        agent.wait_for(r"SIGHUP: \[ktlsd\] workers takes effect at the next start")
+        assert len(worker_pids(agent)) == 2
     assert agent.wait_exit() == 0
 
 
