@@ -69,8 +69,8 @@ The channel
 ===========
 
 One ``AF_UNIX`` ``SOCK_SEQPACKET`` socket pair per worker, private to the two processes; the
-worker is this module run as a program (``python -m ktlsd.workers --channel FD``), started
-fresh (never a fork of the multi-threaded supervisor). Each message is a 16-byte header
+worker is a new interpreter running :func:`worker_main` (``python -c ... --channel FD``),
+started fresh (never a fork of the multi-threaded supervisor). Each message is a 16-byte header
 (:data:`_HEADER`: kind u8, flags u8, reserved u16, aux u32, job u64; host byte order) and a
 payload:
 
@@ -104,6 +104,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -151,6 +152,16 @@ _BUFFER = 2 * MAX_MESSAGE_SIZE + 4096  # a JOB: header, credentials and a SUBMIT
 _ANCBUF = socket.CMSG_SPACE(4 * 4)  # room to notice (and close) stray descriptors
 
 HELLO, CONFIGURE, JOB, CANCEL, RESULT = 1, 2, 3, 4, 5
+
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_WORKER_PROGRAM = (
+    # The same ktlsd as the supervisor's: its directory is searched first only when the
+    # interpreter would not search it anyway (a source tree), never ahead of the standard
+    # library for an installed package.
+    "import sys; path = sys.argv.pop(1)\n"
+    "if path not in sys.path: sys.path.insert(0, path)\n"
+    "from ktlsd.workers import worker_main; sys.exit(worker_main(sys.argv[1:]))"
+)
 _INSTALL_KTLS, _HAS_CREDENTIALS = 1, 2
 
 
@@ -359,11 +370,12 @@ class WorkerPool:
             ours.setblocking(False)
             env = {k: v for k, v in os.environ.items()
                    if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")}
-            package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
+            # The supervisor's interpreter options (-X importtime, -B, -I, ...), as
+            # multiprocessing's spawn passes them.
+            options = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
             process = await asyncio.create_subprocess_exec(
-                self.python, "-m", "ktlsd.workers", "--channel", str(theirs.fileno()),
+                self.python, *options, "-c", _WORKER_PROGRAM, _PACKAGE_PARENT,
+                "--channel", str(theirs.fileno()),
                 "--index", str(index), "--log-level", _log_level(),
                 "--log-to", ",".join(_log_destinations()),
                 stdin=asyncio.subprocess.DEVNULL, pass_fds=(theirs.fileno(),), env=env,
@@ -561,7 +573,31 @@ class WorkerPool:
             raise HandshakeError(FailureCause.PEER_CLOSED, "consumer cancelled the request")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout + WORKER_GRACE
-        worker = await self._pick(pending, deadline)
+        while True:
+            worker = await self._pick(pending, deadline)
+            delivered = await self._deliver(worker, pending, settings, deadline)
+            if delivered is not None:
+                job, future = delivered
+                break
+            # The channel broke before the job got through (the worker is dying): the job
+            # is not lost, another worker takes it.
+        log.debug("request handed to %s (job %d, %d in flight there)", worker.name, job,
+                  len(worker.jobs))
+        try:
+            payload = await self._answer(worker, job, future, pending, deadline)
+        except asyncio.CancelledError:
+            self._cancel(worker, job)
+            worker.jobs.pop(job, None)
+            raise
+        return _session_from(payload)
+
+    async def _deliver(
+        self, worker: _Worker, pending: PendingRequest, settings: AgentSettings,
+        deadline: float,
+    ) -> tuple[int, asyncio.Future[bytes]] | None:
+        """Send the JOB (after CONFIGURE when the worker has other settings); its id and the
+        future of its RESULT, or None when the channel is broken (nothing was delivered)."""
+        loop = asyncio.get_running_loop()
         job = next(self._jobs)
         remaining_ms = round(max(0.0, deadline - loop.time() - WORKER_GRACE) * 1000)
         try:
@@ -581,24 +617,20 @@ class WorkerPool:
                 await send_message(worker.channel, message, (pending.request.sockfd,))
         except OSError as exc:
             worker.jobs.pop(job, None)
-            if future.done():  # the worker went away meanwhile: its answer says so
-                _result(future)
-            raise HandshakeError(FailureCause.PROTOCOL_ERROR,
-                                 f"cannot reach handshake {worker.name}: "
-                                 f"{exc.strerror or exc}") from None
+            if future.done():  # the pool learnt of the worker's end meanwhile
+                future.exception()
+            else:
+                future.cancel()
+            log.warning("%s: channel broken (%s); the request goes to another worker",
+                        worker.name, exc.strerror or exc)
+            if worker.ready:
+                self._lost(worker)
+            return None
         except asyncio.CancelledError:
             self._cancel(worker, job)
             worker.jobs.pop(job, None)
             raise
-        log.debug("request handed to %s (job %d, %d in flight there)", worker.name, job,
-                  len(worker.jobs))
-        try:
-            payload = await self._answer(worker, job, future, pending, deadline)
-        except asyncio.CancelledError:
-            self._cancel(worker, job)
-            worker.jobs.pop(job, None)
-            raise
-        return _session_from(payload)
+        return job, future
 
     async def _answer(self, worker: _Worker, job: int, future: asyncio.Future[bytes],
                       pending: PendingRequest, deadline: float) -> bytes:
@@ -847,7 +879,8 @@ def _ignore_stop_signals() -> None:
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    """``python -m ktlsd.workers --channel FD --index N``: serve one supervisor's channel."""
+    """``--channel FD --index N``: serve one supervisor's channel (:data:`_WORKER_PROGRAM`
+    calls this in a new interpreter)."""
     parser = argparse.ArgumentParser(prog="ktlsd.workers", description=__doc__.split("\n")[0])
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--index", type=int, default=0)
@@ -882,6 +915,3 @@ __all__ = [
     "encode_settings",
     "worker_main",
 ]
-
-if __name__ == "__main__":
-    sys.exit(worker_main())
