@@ -24,6 +24,11 @@ consumer; the kernel then owns the encrypted connection), or the
 :class:`~ktlsd.tls.session.Session` in DONE (a user-space consumer, which then runs a record
 layer itself). Its credentials decide which material it may use and who owns its kept session;
 its ``cancelled`` event ends the handshake early when the consumer withdraws.
+
+The handshake step itself (:func:`run_handshake`: material, TLS handshake, kTLS install) runs
+in this process, or, with a :class:`HandshakeRunner` (``ktlsd run --workers N``:
+:mod:`ktlsd.workers`), in worker processes; slots, kept sessions, key updates, DONE and the
+log line stay with the agent either way.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ktlsd import keyring
 from ktlsd.errors import FailureCause, HandshakeError
@@ -180,8 +185,57 @@ class _Slots:
                 free -= 1
 
 
+class HandshakeRunner(Protocol):
+    """Runs the CPU-heavy part of a handshake request elsewhere (:mod:`ktlsd.workers`: in
+    worker processes): material, TLS handshake and, for :attr:`KeyDelivery.INSTALL_KTLS`, the
+    kTLS install -- what :func:`run_handshake` does in this process. It watches
+    ``pending.cancelled`` itself. Everything else stays with the agent: admission and slots,
+    kept sessions, DONE and the log line."""
+
+    async def handshake(
+        self, pending: PendingRequest, settings: AgentSettings, timeout: float
+    ) -> Session:
+        """The session, or :class:`~ktlsd.errors.HandshakeError` with the DONE status."""
+        ...
+
+
+async def run_handshake(
+    pending: PendingRequest, sock: socket.socket, settings: AgentSettings, timeout: float
+) -> Session:
+    """Material, handshake and (kernel consumers) kTLS install for one request, in this
+    process: what a worker process runs for the agent (:class:`HandshakeRunner`)."""
+    from ktlsd.material import Consumer, build_tls_config
+    from ktlsd.tls.handshake import perform_handshake
+
+    request = pending.request
+    files = (
+        settings.client_x509
+        if request.message_type is MessageType.CLIENTHELLO
+        else settings.server_x509
+    )
+    psk_keyrings = [keyring.KEY_SPEC_SESSION_KEYRING, keyring.KEY_SPEC_PROCESS_KEYRING]
+    if request.keyring:
+        psk_keyrings.insert(0, request.keyring)
+    config = await build_tls_config(
+        request, x509_files=files, groups=settings.groups, psk_keyrings=psk_keyrings,
+        consumer=Consumer.from_credentials(pending.credentials),
+        legacy_psk_sha384=settings.legacy_psk_sha384,
+        max_file_bytes=settings.max_file_bytes,
+    )
+    session = await _unless_cancelled(
+        pending.cancelled, perform_handshake(sock, config, timeout=timeout)
+    )
+    if pending.delivery is KeyDelivery.INSTALL_KTLS:
+        _install_ktls(sock, session)
+    return session
+
+
 class Agent:
-    """Serve handshake requests from the given sources until :meth:`stop`."""
+    """Serve handshake requests from the given sources until :meth:`stop`.
+
+    ``runner`` (optional) runs the handshakes themselves in other processes
+    (:class:`HandshakeRunner`); key updates and everything around a handshake stay here.
+    """
 
     def __init__(
         self,
@@ -189,9 +243,12 @@ class Agent:
         sources: Sequence[UpcallSource],
         *,
         store: SessionStore | None = None,
+        runner: HandshakeRunner | None = None,
     ) -> None:
         self.settings = settings
         self.sources = list(sources)
+        # Where handshakes run: here (None), or in worker processes (ktlsd.workers).
+        self.runner = runner
         # A store given by the caller keeps its own lifetime and caps; ours follows the
         # settings.
         self._own_store = store is None
@@ -361,29 +418,11 @@ class Agent:
         self, pending: PendingRequest, sock: socket.socket, settings: AgentSettings,
         timeout: float,
     ) -> tuple[HandshakeDone, Session | None]:
-        from ktlsd.material import Consumer, build_tls_config
-        from ktlsd.tls.handshake import perform_handshake
-
         request = pending.request
-        files = (
-            settings.client_x509
-            if request.message_type is MessageType.CLIENTHELLO
-            else settings.server_x509
-        )
-        psk_keyrings = [keyring.KEY_SPEC_SESSION_KEYRING, keyring.KEY_SPEC_PROCESS_KEYRING]
-        if request.keyring:
-            psk_keyrings.insert(0, request.keyring)
-        config = await build_tls_config(
-            request, x509_files=files, groups=settings.groups, psk_keyrings=psk_keyrings,
-            consumer=Consumer.from_credentials(pending.credentials),
-            legacy_psk_sha384=settings.legacy_psk_sha384,
-            max_file_bytes=settings.max_file_bytes,
-        )
-        session = await _unless_cancelled(
-            pending.cancelled, perform_handshake(sock, config, timeout=timeout)
-        )
-        if pending.delivery is KeyDelivery.INSTALL_KTLS:
-            _install_ktls(sock, session)
+        if self.runner is None:
+            session = await run_handshake(pending, sock, settings, timeout)
+        else:  # in a worker process, on its own copy of the socket
+            session = await self.runner.handshake(pending, settings, timeout)
         session_id = self._keep(pending, session, settings)
         return (
             HandshakeDone(

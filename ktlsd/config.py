@@ -54,11 +54,13 @@ from ktlsd.settings import (
     DEFAULT_UID_MAX_IN_FLIGHT,
     DEFAULT_UID_MAX_KEPT_SESSIONS,
     DEFAULT_UID_MAX_PENDING,
+    DEFAULT_WORKERS,
     LEGACY_PSK_SHA384_MODES,
     AgentSettings,
     LegacyPskSha384,
     ServiceLimits,
     X509Files,
+    parse_workers,
 )
 
 log = logging.getLogger("ktlsd.config")
@@ -249,7 +251,9 @@ class AgentConfig:
     are kept, how many), ``max_consumer_timeout_ms``, ``submit_timeout_ms``,
     ``service_max_connections``, ``uid_max_connections``, ``uid_max_pending``,
     ``uid_max_in_flight`` (each local user's share of the service; docs/service.md, "Limits"),
-    ``max_file_bytes`` (largest certificate/key/truststore/CRL file read),
+    ``max_file_bytes`` (largest certificate/key/truststore/CRL file read), ``workers``
+    (handshake worker processes: ``auto`` = one per CPU, stored as ``WORKERS_AUTO``; 0 or 1
+    = none, handshakes run in the agent's process; read at start only),
     ``log_level``, ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them),
     ``legacy_psk_sha384`` ("refuse"/"accept"/"offer": SHA-384 PSKs bound to SHA-256 the way
     tlshd 1.0 does them; see docs/configuration.md).
@@ -284,6 +288,7 @@ class AgentConfig:
     log_level: str | None = None
     groups: str | None = None
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
+    workers: int = DEFAULT_WORKERS
 
     @property
     def effective_log_level(self) -> str:
@@ -358,6 +363,7 @@ _KTLSD_KEYS = (
     "keep_kernel_sessions", "max_kept_sessions", "uid_max_kept_sessions",
     "max_consumer_timeout_ms", "submit_timeout_ms", "service_max_connections",
     "uid_max_connections", "uid_max_pending", "uid_max_in_flight", "max_file_bytes",
+    "workers",
 )
 _KTLSD_INTEGERS: dict[str, tuple[int, int | None]] = {
     # key: (minimum, maximum or None); the defaults are AgentConfig's (from ktlsd.settings)
@@ -595,6 +601,7 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
             reader.typed(k, "legacy_psk_sha384",
                          lambda t: _legacy_mode(t)),
             defaults.legacy_psk_sha384),
+        workers=pick(reader.typed(k, "workers", parse_workers), defaults.workers),
     )
     numbers: dict[str, Any] = {}
     for key, (minimum, maximum) in _KTLSD_INTEGERS.items():

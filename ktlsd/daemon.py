@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ktlsd.agent import Agent
     from ktlsd.config import AgentConfig
     from ktlsd.request import UpcallSource
+    from ktlsd.workers import WorkerPool
 
 log = logging.getLogger("ktlsd")
 
@@ -74,7 +75,37 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--max-concurrent", type=int, metavar="N", help="handshakes run at once")
     p.add_argument("--pending-limit", type=int, metavar="N",
                    help="service requests queued at most")
+    p.add_argument("--workers", type=_workers_option, metavar="N|auto",
+                   help="handshake worker processes (default from config: auto = one per "
+                   "CPU; 0 or 1: handshakes run in the agent's own process)")
     p.set_defaults(func=run_command)
+
+
+def _workers_option(text: str) -> int:
+    from ktlsd.settings import parse_workers
+
+    try:
+        return parse_workers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+async def start_workers(config: AgentConfig) -> WorkerPool | None:
+    """The handshake worker processes ``workers`` asks for, started after the session keyring
+    is ours (they inherit it); None when handshakes run in this process."""
+    from ktlsd.settings import worker_processes
+
+    count = worker_processes(config.workers)
+    if count == 0:
+        return None
+    from ktlsd.workers import WorkerPool, WorkerStartError
+
+    pool = WorkerPool(count)
+    try:
+        await pool.start()
+    except (WorkerStartError, OSError) as exc:
+        raise SystemExit(f"ktlsd: handshake workers: {exc}") from None
+    return pool
 
 
 def setup_logging(level: str) -> None:
@@ -96,6 +127,8 @@ def _apply_overrides(config: AgentConfig, args: argparse.Namespace) -> AgentConf
         config = replace(config, max_concurrent=args.max_concurrent)
     if args.pending_limit is not None:
         config = replace(config, pending_limit=args.pending_limit)
+    if getattr(args, "workers", None) is not None:
+        config = replace(config, workers=args.workers)
     if getattr(args, "debug", False):
         config = replace(config, log_level="debug")
     return config
@@ -194,8 +227,9 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
     from ktlsd.config import ConfigError, load_config
 
     prepare_keyrings(config)
+    pool = await start_workers(config)  # None: handshakes run in this process
     sources = await open_sources(config)
-    agent: Agent = Agent(config.agent_settings(), sources)
+    agent: Agent = Agent(config.agent_settings(), sources, runner=pool)
     loop = asyncio.get_running_loop()
     status = serving_status(sources)
     stopping: list[asyncio.Task[None]] = []
@@ -221,6 +255,8 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
             log_output.set_level(fresh.effective_log_level)
             relink_keyrings(fresh)
             agent.reload(fresh.agent_settings())
+            if fresh.workers != config.workers:
+                log.warning("%s: [ktlsd] workers takes effect at the next start", signame)
         finally:
             if announce:
                 sdnotify.ready(status)
@@ -248,6 +284,8 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
                 await source.close()
             except Exception as exc:  # closing is best effort; say what failed
                 log.debug("closing %s: %s", source.name, exc)
+        if pool is not None:
+            await pool.close()
     log.log(log_output.NOTICE, "stopped: %d handshakes completed, %d failed",
             agent.completed, agent.failed)
     return 0

@@ -75,6 +75,34 @@ and 10,000 keys of root's key quota (docs/service.md, "Limits")."""
 DEFAULT_UID_MAX_KEPT_SESSIONS = 256
 """Kept session states of one consumer uid (``[ktlsd] uid_max_kept_sessions``)."""
 
+WORKERS_AUTO = -1
+MAX_WORKERS = 256
+DEFAULT_WORKERS = WORKERS_AUTO
+"""Handshake worker processes (``[ktlsd] workers``, ``ktlsd run --workers N``): ``auto``
+(:data:`WORKERS_AUTO`) is one per CPU; 0 or 1 runs every handshake in the agent's own process,
+as a single process (see :func:`worker_processes`)."""
+
+
+def parse_workers(text: str) -> int:
+    """``auto`` (:data:`WORKERS_AUTO`) or a number of worker processes (0 to
+    :data:`MAX_WORKERS`); ValueError with a one-line reason otherwise."""
+    value = text.strip().lower()
+    if value == "auto":
+        return WORKERS_AUTO
+    if not value.isdigit():
+        raise ValueError(f"{text!r} is not auto or a number of processes")
+    if int(value) > MAX_WORKERS:
+        raise ValueError(f"{int(value)} is above the maximum {MAX_WORKERS}")
+    return int(value)
+
+
+def worker_processes(workers: int) -> int:
+    """How many worker processes ``workers`` starts: the CPUs for :data:`WORKERS_AUTO`, and
+    none (handshakes in the agent's process) for 0 or 1, or on a machine with one CPU."""
+    count = (os.cpu_count() or 1) if workers == WORKERS_AUTO else workers
+    return count if count >= 2 else 0
+
+
 MIN_CONCURRENCY = 4
 HANDSHAKES_PER_CPU = 8
 """``max_concurrent = 0`` sizes the bound to ``max(MIN_CONCURRENCY, HANDSHAKES_PER_CPU x CPUs)``:

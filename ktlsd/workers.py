@@ -1,0 +1,917 @@
+"""Handshake worker processes: every CPU for the handshakes, one process for everything else.
+
+``ktlsd run --workers N`` (``[ktlsd] workers``) runs the TLS handshakes themselves in N worker
+processes. The agent's own process -- the *supervisor* -- keeps everything that must exist
+once: the upcall sources (the kernel's ACCEPT and DONE, the service socket with its per-uid
+admission, queues and consumer connections), the agent's slots per source, kept sessions
+(the store with its caps, key updates and their per-session locks), each request's DONE and
+its log line. A worker runs what costs CPU: the request's material (files read with the
+consumer's rights, keyring keys), the TLS handshake and, for a kernel consumer, the kTLS
+install. The supervisor's :class:`~ktlsd.agent.Agent` hands those to a :class:`WorkerPool`
+(its :class:`~ktlsd.agent.HandshakeRunner`); everything else is the single-process agent,
+unchanged.
+
+One request
+===========
+
+1. The agent takes a request from its source, within its slots and (service) the uid's
+   in-flight share, exactly as without workers.
+2. The pool picks the worker with the fewest requests in flight (a service request that
+   names files to read with an unprivileged consumer's rights always goes to worker
+   ``uid % N``, so the per-uid cap on file reads in flight, stuck ones included, holds
+   across workers) and sends it a JOB: the request (encoded with
+   :func:`ktlsd.upcall.wire.encode_submit`), the consumer's credentials, how the keys are
+   delivered and the timeout, with a duplicate of the TCP socket as ``SCM_RIGHTS``. Before
+   a worker's first job under new settings it gets them (CONFIGURE), so a request runs with
+   the settings it started under, as in one process.
+3. The worker runs :func:`ktlsd.agent.run_handshake` on its copy of the socket, closes that
+   copy, and answers RESULT: the status, a reason, and on success the
+   :class:`~ktlsd.tls.session.Session` (encoded as the service's DONE,
+   :func:`ktlsd.upcall.wire.encode_done_message`).
+4. The supervisor keeps the session if asked (one store, global caps), sends the one DONE --
+   the kernel's from the process that ACCEPTed and still holds the socket, the service's to
+   the consumer's connection -- and logs the one line.
+
+A consumer that withdraws its request (``cancelled``) makes the pool send CANCEL; the worker
+ends the handshake and answers, as the in-process agent would.
+
+Crashes
+=======
+
+A worker that dies (killed, crashed, or stuck past a request's timeout plus
+:data:`WORKER_GRACE` seconds, when the pool kills it) closes its end of the channel. The pool
+then waits until the process is gone -- so its copies of the sockets are closed -- and
+answers each of its requests in flight ``EIO`` with the reason ("handshake worker 1 (pid
+1234) was killed by signal 9 (SIGKILL)"); the agent sends those DONEs as for any failure.
+Nothing is lost silently. A new worker starts in its place (after a pause that doubles, up to
+:data:`MAX_RESPAWN_DELAY`, while workers keep dying young); requests wait for a live worker
+within their own timeout.
+
+Why the kernel's requests go through the supervisor too: the kernel gives a request to
+whichever process ACCEPTs it and installs the socket in *that* process's descriptor table;
+DONE names the socket by descriptor number, looked up in the *sender's* table
+(``sockfd_lookup()`` in ``handshake_nl_done_doit()``), and nothing in ``net/handshake``
+notices a handler that goes away: an accepted request has no timer, and a closed netlink
+socket or descriptor does not complete it. If a worker ACCEPTed for itself and died
+mid-handshake, the request would stay accepted until the consumer's own handshake timeout
+cancelled it (``handshake_req_cancel()``), with no DONE. ACCEPT and DONE in the supervisor,
+the handshake in a worker on a passed duplicate, gives every kernel request its DONE with a
+status, the same as a service request.
+
+Reload: the supervisor re-reads the configuration (SIGHUP); the next job each worker gets
+carries the new settings first. The number of workers is read at start only.
+
+Shutdown: workers ignore SIGTERM, SIGINT, SIGHUP and SIGUSR1 (a service manager signals the
+whole control group; the supervisor drains): they finish what they were given and exit when
+the supervisor closes their channel (or dies).
+
+The channel
+===========
+
+One ``AF_UNIX`` ``SOCK_SEQPACKET`` socket pair per worker, private to the two processes; the
+worker is a new interpreter running :func:`worker_main` (``python -c ... --channel FD``),
+started fresh (never a fork of the multi-threaded supervisor). Each message is a 16-byte header
+(:data:`_HEADER`: kind u8, flags u8, reserved u16, aux u32, job u64; host byte order) and a
+payload:
+
+=========  =========  ==========================================================
+kind       direction  payload
+=========  =========  ==========================================================
+HELLO      worker     aux = :data:`PROTOCOL_VERSION`; sent once at start
+CONFIGURE  pool       the :class:`~ktlsd.settings.AgentSettings` as JSON
+JOB        pool       aux = timeout in ms; flags: 1 install kTLS, 2 credentials;
+                      [pid i32, uid i32, gid i32, n u16, n groups u32]; SUBMIT;
+                      one descriptor (the TCP socket)
+CANCEL     pool       none: the consumer withdrew job ``job``
+RESULT     worker     DONE (status, reason, session) for job ``job``
+=========  =========  ==========================================================
+
+The channel carries the requests' inline keys and the sessions' traffic secrets between the
+two processes only; nothing of it is logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ktlsd.errors import FailureCause, HandshakeError
+from ktlsd.request import (
+    ConsumerCredentials,
+    HandshakeDone,
+    HandshakeRequest,
+    KeyDelivery,
+    PendingRequest,
+)
+from ktlsd.settings import AgentSettings
+from ktlsd.tls.session import Session
+from ktlsd.upcall.wire import (
+    MAX_MESSAGE_SIZE,
+    ServiceFormatError,
+    decode_done_message,
+    decode_submit,
+    encode_done_message,
+    encode_submit,
+    send_message,
+)
+
+log = logging.getLogger("ktlsd.workers")
+
+PROTOCOL_VERSION = 1
+WORKER_GRACE = 2.0
+"""Seconds past a request's timeout before the pool takes its worker for stuck and kills it
+(less than the consumer library's own grace, so the consumer hears the EIO)."""
+START_TIMEOUT = 60.0
+"""Seconds a new worker has to say HELLO."""
+MIN_UPTIME = 5.0
+"""A worker that dies younger than this is respawned only after a pause."""
+MAX_RESPAWN_DELAY = 30.0
+EXIT_GRACE = 5.0
+"""Seconds a worker has to exit after its channel is closed, before it is killed."""
+
+_HEADER = struct.Struct("=BBHIQ")
+_CREDENTIALS = struct.Struct("=iiiH")
+_MAX_GROUPS = 65535
+_BUFFER = 2 * MAX_MESSAGE_SIZE + 4096  # a JOB: header, credentials and a SUBMIT
+_ANCBUF = socket.CMSG_SPACE(4 * 4)  # room to notice (and close) stray descriptors
+
+HELLO, CONFIGURE, JOB, CANCEL, RESULT = 1, 2, 3, 4, 5
+
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_WORKER_PROGRAM = (
+    # The same ktlsd as the supervisor's: its directory is searched first only when the
+    # interpreter would not search it anyway (a source tree), never ahead of the standard
+    # library for an installed package.
+    "import sys; path = sys.argv.pop(1)\n"
+    "if path not in sys.path: sys.path.insert(0, path)\n"
+    "from ktlsd.workers import worker_main; sys.exit(worker_main(sys.argv[1:]))"
+)
+_INSTALL_KTLS, _HAS_CREDENTIALS = 1, 2
+
+
+class WorkerStartError(RuntimeError):
+    """Worker processes could not be started; ``str()`` is one line saying why."""
+
+
+# --- the channel's codec (pure) ------------------------------------------------------------
+
+
+def encode_settings(settings: AgentSettings) -> bytes:
+    """The settings as JSON (plain values only: paths, numbers, names; never a secret)."""
+    return json.dumps(dataclasses.asdict(settings), separators=(",", ":")).encode()
+
+
+def decode_settings(data: bytes) -> AgentSettings:
+    """The inverse of :func:`encode_settings`."""
+    settings: AgentSettings = _from_plain(AgentSettings, json.loads(data))
+    return settings
+
+
+def _from_plain(cls: Any, raw: dict[str, Any]) -> Any:
+    """A (frozen) dataclass from ``dataclasses.asdict`` output: nested dataclasses rebuilt
+    from their field defaults' types, lists back to tuples."""
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(cls):
+        if item.name not in raw:
+            continue
+        value = raw[item.name]
+        if item.default_factory is not dataclasses.MISSING:
+            default = item.default_factory()
+        else:
+            default = item.default
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = _from_plain(type(default), value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[item.name] = value
+    return cls(**values)
+
+
+def encode_job(job: int, pending: PendingRequest, timeout_ms: int) -> bytes:
+    """A JOB message for ``pending`` (its socket travels as SCM_RIGHTS)."""
+    flags = _INSTALL_KTLS if pending.delivery is KeyDelivery.INSTALL_KTLS else 0
+    credentials = b""
+    if pending.credentials is not None:
+        flags |= _HAS_CREDENTIALS
+        creds = pending.credentials
+        groups = creds.groups[:_MAX_GROUPS]
+        credentials = (_CREDENTIALS.pack(creds.pid, creds.uid, creds.gid, len(groups))
+                       + struct.pack(f"={len(groups)}I", *groups))
+    timeout_ms = max(1, min(timeout_ms, 0xFFFFFFFF))
+    return (_HEADER.pack(JOB, flags, 0, timeout_ms, job) + credentials
+            + encode_submit(pending.request))
+
+
+@dataclass
+class _WorkerRequest:
+    """A JOB as the worker sees it: what :func:`ktlsd.agent.run_handshake` reads."""
+
+    request: HandshakeRequest
+    credentials: ConsumerCredentials | None
+    delivery: KeyDelivery
+    timeout_ms: int
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    source_name: str = "worker"
+
+    async def done(self, answer: HandshakeDone) -> None:
+        raise RuntimeError("a worker never answers a request itself; the supervisor does")
+
+
+def decode_job(flags: int, aux: int, payload: bytes, sockfd: int) -> _WorkerRequest:
+    """Parse a JOB's payload; ``sockfd`` is the descriptor that came with it.
+
+    Raises :class:`~ktlsd.upcall.wire.ServiceFormatError` (one line) when it does not parse.
+    """
+    credentials: ConsumerCredentials | None = None
+    offset = 0
+    if flags & _HAS_CREDENTIALS:
+        if len(payload) < _CREDENTIALS.size:
+            raise ServiceFormatError("JOB too short for its credentials")
+        pid, uid, gid, count = _CREDENTIALS.unpack_from(payload)
+        offset = _CREDENTIALS.size + 4 * count
+        if len(payload) < offset:
+            raise ServiceFormatError("JOB too short for its groups")
+        groups = struct.unpack_from(f"={count}I", payload, _CREDENTIALS.size)
+        credentials = ConsumerCredentials(pid, uid, gid, tuple(groups))
+    _, request = decode_submit(payload[offset:], sockfd)
+    delivery = (KeyDelivery.INSTALL_KTLS if flags & _INSTALL_KTLS
+                else KeyDelivery.RETURN_SECRETS)
+    return _WorkerRequest(request, credentials, delivery, aux)
+
+
+def _cause(status: int) -> FailureCause:
+    """The failure cause for a DONE status (EACCES: the first of its two causes)."""
+    for cause in FailureCause:
+        if cause.errno == status:
+            return cause
+    return FailureCause.PROTOCOL_ERROR
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``exited with status 3`` / ``was killed by signal 9 (SIGKILL)``."""
+    if returncode is None:
+        return "is gone"
+    if returncode < 0:
+        try:
+            name = f" ({signal.Signals(-returncode).name})"
+        except ValueError:
+            name = ""
+        return f"was killed by signal {-returncode}{name}"
+    return f"exited with status {returncode}"
+
+
+def _received_fds(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(cdata) - len(cdata) % 4
+            fds.extend(struct.unpack(f"={usable // 4}i", cdata[:usable]))
+    return fds
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+# --- the supervisor's side ---------------------------------------------------------------------
+
+
+class _Worker:
+    """One worker process and the supervisor's end of its channel."""
+
+    def __init__(self, index: int, process: asyncio.subprocess.Process,
+                 channel: socket.socket) -> None:
+        self.index = index
+        self.process = process
+        self.pid = process.pid
+        self.channel = channel
+        self.started = time.monotonic()
+        self.jobs: dict[int, asyncio.Future[bytes]] = {}
+        self.configured: AgentSettings | None = None
+        self.send_lock = asyncio.Lock()
+        self.hello = asyncio.get_running_loop().create_future()
+        self.ready = False  # said HELLO, not yet gone
+        self.started_serving = False  # said HELLO once
+        self.gone = False
+        self.kill_reason = ""
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index} (pid {self.pid})"
+
+    def kill(self, reason: str) -> None:
+        if not self.gone and not self.kill_reason:
+            self.kill_reason = reason
+            log.error("%s %s; killing it", self.name, reason)
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+
+
+class WorkerPool:
+    """N worker processes running handshakes for the agent (a
+    :class:`~ktlsd.agent.HandshakeRunner`); see the module docstring.
+
+    ``await start()`` starts them (raises :class:`WorkerStartError`); ``await close()`` stops
+    them once the agent has drained.
+    """
+
+    def __init__(self, count: int, *, python: str = sys.executable) -> None:
+        if count < 1:
+            raise ValueError("a worker pool needs at least one worker")
+        self.count = count
+        self.python = python
+        self.workers: list[_Worker | None] = [None] * count
+        self.respawned = 0
+        self._jobs = itertools.count(1)
+        self._changed = asyncio.Event()  # a worker became ready or went away
+        self._next = 0
+        self._closing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._delays = [0.0] * count
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every worker and wait for each one's HELLO."""
+        try:
+            await asyncio.gather(*(self._spawn(i) for i in range(self.count)))
+        except BaseException:
+            await self.close()
+            raise
+        log.info("worker processes: %d (pids %s)", self.count,
+                 ", ".join(str(w.pid) for w in self.workers if w is not None))
+
+    @property
+    def pids(self) -> list[int]:
+        """The live workers' process ids (tests, status)."""
+        return [w.pid for w in self.workers if w is not None and not w.gone]
+
+    async def _spawn(self, index: int) -> _Worker:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours.setblocking(False)
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")}
+            # The supervisor's interpreter options (-X importtime, -B, -I, ...), as
+            # multiprocessing's spawn passes them.
+            options = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+            process = await asyncio.create_subprocess_exec(
+                self.python, *options, "-c", _WORKER_PROGRAM, _PACKAGE_PARENT,
+                "--channel", str(theirs.fileno()),
+                "--index", str(index), "--log-level", _log_level(),
+                "--log-to", ",".join(_log_destinations()),
+                stdin=asyncio.subprocess.DEVNULL, pass_fds=(theirs.fileno(),), env=env,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        worker = _Worker(index, process, ours)
+        self.workers[index] = worker
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._readable, worker)
+        watcher = asyncio.create_task(self._watch(worker))
+        self._tasks.add(watcher)
+        watcher.add_done_callback(self._tasks.discard)
+        try:
+            version = await asyncio.wait_for(asyncio.shield(worker.hello), START_TIMEOUT)
+        except TimeoutError:
+            worker.kill(f"said nothing within {START_TIMEOUT:g} s of starting")
+            raise WorkerStartError(f"{worker.name} did not start in time") from None
+        except WorkerStartError:
+            raise
+        if version != PROTOCOL_VERSION:
+            worker.kill(f"speaks protocol {version}, not {PROTOCOL_VERSION}")
+            raise WorkerStartError(f"{worker.name} speaks another protocol version "
+                                   f"({version}; a different ktlsd installed meanwhile?)")
+        worker.ready = worker.started_serving = True
+        self._changed.set()
+        log.info("%s started", worker.name)
+        return worker
+
+    async def close(self) -> None:
+        """Stop respawning; close every channel (workers exit when it ends) and reap them."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        for worker in self.workers:
+            if worker is not None and not worker.gone:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(worker.channel.fileno())
+                with contextlib.suppress(OSError):
+                    worker.channel.shutdown(socket.SHUT_RDWR)
+        for worker in self.workers:
+            if worker is None:
+                continue
+            try:
+                await asyncio.wait_for(worker.process.wait(), EXIT_GRACE)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+                await worker.process.wait()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+    # -- the channel -----------------------------------------------------------------------
+
+    def _readable(self, worker: _Worker) -> None:
+        while True:
+            try:
+                data, ancdata, _, _ = worker.channel.recvmsg(
+                    _BUFFER, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, ancdata = b"", []
+            _close_fds(_received_fds(ancdata))  # a worker sends none
+            if not data:
+                self._lost(worker)
+                return
+            if len(data) < _HEADER.size:
+                worker.kill("sent a malformed message")
+                continue
+            kind, _, _, aux, job = _HEADER.unpack_from(data)
+            if kind == RESULT:
+                future = worker.jobs.pop(job, None)
+                if future is not None and not future.done():
+                    future.set_result(data[_HEADER.size:])
+            elif kind == HELLO and not worker.hello.done():
+                worker.hello.set_result(aux)
+            else:
+                worker.kill(f"sent an unexpected message (kind {kind})")
+
+    def _lost(self, worker: _Worker) -> None:
+        """The worker's end of the channel closed: it exited, or is about to."""
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(worker.channel.fileno())
+        worker.ready = False
+        self._changed.set()
+        if not self._closing:
+            # Usually it died; if it closed the channel but lives on, it may still hold
+            # sockets: make sure it is gone. (Not at once: signalling reaps a dead child
+            # first, and its exit status would be lost to the watcher.)
+            task = asyncio.get_running_loop().create_task(self._reap_later(worker))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _reap_later(self, worker: _Worker) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(worker.process.wait()), EXIT_GRACE)
+            return
+        worker.kill("closed its channel")
+
+    async def _watch(self, worker: _Worker) -> None:
+        """Wait for the process to end; answer its jobs; start another one."""
+        returncode = await worker.process.wait()
+        worker.gone = True
+        worker.ready = False
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(worker.channel.fileno())
+        worker.channel.close()
+        how = describe_exit(returncode)
+        reason = f"{worker.name} {how}"
+        if worker.kill_reason:
+            reason += f" ({worker.kill_reason})"
+        if not worker.hello.done():
+            worker.hello.set_exception(WorkerStartError(reason))
+        jobs = list(worker.jobs.values())
+        worker.jobs.clear()
+        for future in jobs:
+            if not future.done():
+                future.set_exception(HandshakeError(FailureCause.PROTOCOL_ERROR,
+                                                    f"handshake {reason}"))
+        self._changed.set()
+        if self._closing or not worker.started_serving:
+            if returncode and self._closing:
+                log.warning("%s", reason)
+            return
+        log.error("%s; %d requests in flight on it answered EIO; starting another",
+                  reason, len(jobs))
+        if worker.started_serving:  # else its spawner is told, and retries or gives up
+            await self._respawn(worker)
+
+    async def _respawn(self, dead: _Worker) -> None:
+        index = dead.index
+        young = time.monotonic() - dead.started < MIN_UPTIME
+        delay = min(MAX_RESPAWN_DELAY, max(1.0, 2 * self._delays[index])) if young else 0.0
+        self._delays[index] = delay
+        while not self._closing:
+            if delay:
+                log.warning("worker %d: starting again in %.0f s", index, delay)
+                await asyncio.sleep(delay)
+            try:
+                await self._spawn(index)
+                self.respawned += 1
+                return
+            except (WorkerStartError, OSError) as exc:
+                log.error("worker %d could not be started: %s", index, exc)
+                delay = min(MAX_RESPAWN_DELAY, max(1.0, 2 * delay))
+                self._delays[index] = delay
+
+    # -- running a handshake --------------------------------------------------------------
+
+    async def _pick(self, pending: PendingRequest, deadline: float) -> _Worker:
+        """A ready worker for this request; waits (until ``deadline``) while none is."""
+        loop = asyncio.get_running_loop()
+        affinity = _file_reader_uid(pending)
+        while True:
+            if affinity is not None:
+                candidate = self.workers[affinity % self.count]
+                chosen = candidate if candidate is not None and candidate.ready else None
+            else:
+                chosen = self._least_loaded()
+            if chosen is not None:
+                return chosen
+            if self._closing:
+                raise HandshakeError(FailureCause.PROTOCOL_ERROR,
+                                     "the handshake workers are shutting down")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise HandshakeError(FailureCause.PROTOCOL_ERROR,
+                                     "no handshake worker available (restarting)")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def _least_loaded(self) -> _Worker | None:
+        best: _Worker | None = None
+        for offset in range(self.count):
+            worker = self.workers[(self._next + offset) % self.count]
+            if worker is None or not worker.ready:
+                continue
+            if best is None or len(worker.jobs) < len(best.jobs):
+                best = worker
+        if best is not None:
+            self._next = (best.index + 1) % self.count
+        return best
+
+    async def handshake(
+        self, pending: PendingRequest, settings: AgentSettings, timeout: float
+    ) -> Session:
+        """Run ``pending``'s handshake in a worker; the session, or HandshakeError."""
+        if pending.cancelled.is_set():
+            raise HandshakeError(FailureCause.PEER_CLOSED, "consumer cancelled the request")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout + WORKER_GRACE
+        while True:
+            worker = await self._pick(pending, deadline)
+            delivered = await self._deliver(worker, pending, settings, deadline)
+            if delivered is not None:
+                job, future = delivered
+                break
+            # The channel broke before the job got through (the worker is dying): the job
+            # is not lost, another worker takes it.
+        log.debug("request handed to %s (job %d, %d in flight there)", worker.name, job,
+                  len(worker.jobs))
+        try:
+            payload = await self._answer(worker, job, future, pending, deadline)
+        except asyncio.CancelledError:
+            self._cancel(worker, job)
+            worker.jobs.pop(job, None)
+            raise
+        return _session_from(payload)
+
+    async def _deliver(
+        self, worker: _Worker, pending: PendingRequest, settings: AgentSettings,
+        deadline: float,
+    ) -> tuple[int, asyncio.Future[bytes]] | None:
+        """Send the JOB (after CONFIGURE when the worker has other settings); its id and the
+        future of its RESULT, or None when the channel is broken (nothing was delivered)."""
+        loop = asyncio.get_running_loop()
+        job = next(self._jobs)
+        remaining_ms = round(max(0.0, deadline - loop.time() - WORKER_GRACE) * 1000)
+        try:
+            message = encode_job(job, pending, remaining_ms)
+        except ValueError as exc:
+            raise HandshakeError(FailureCause.INVALID_REQUEST, str(exc)) from None
+        future: asyncio.Future[bytes] = loop.create_future()
+        worker.jobs[job] = future
+        try:
+            async with worker.send_lock:
+                if worker.configured is not settings:
+                    level = logging.getLogger("ktlsd").getEffectiveLevel()
+                    await send_message(worker.channel,
+                                       _HEADER.pack(CONFIGURE, 0, 0, level, 0)
+                                       + encode_settings(settings))
+                    worker.configured = settings
+                await send_message(worker.channel, message, (pending.request.sockfd,))
+        except OSError as exc:
+            worker.jobs.pop(job, None)
+            if future.done():  # the pool learnt of the worker's end meanwhile
+                future.exception()
+            else:
+                future.cancel()
+            log.warning("%s: channel broken (%s); the request goes to another worker",
+                        worker.name, exc.strerror or exc)
+            if worker.ready:
+                self._lost(worker)
+            return None
+        except asyncio.CancelledError:
+            self._cancel(worker, job)
+            worker.jobs.pop(job, None)
+            raise
+        return job, future
+
+    async def _answer(self, worker: _Worker, job: int, future: asyncio.Future[bytes],
+                      pending: PendingRequest, deadline: float) -> bytes:
+        """The worker's RESULT for ``job``; CANCEL when the consumer withdraws, the worker
+        killed when it is past the deadline. One waiter woken by callbacks (this runs once
+        per request in the one supervisor process, so it stays lean)."""
+        loop = asyncio.get_running_loop()
+        wake: asyncio.Future[None] = loop.create_future()
+
+        def woken(_: object = None) -> None:
+            if not wake.done():
+                wake.set_result(None)
+
+        future.add_done_callback(woken)
+        timer = loop.call_at(deadline, woken)
+        watcher = loop.create_task(pending.cancelled.wait())
+        watcher.add_done_callback(woken)
+        try:
+            await wake
+            if not future.done() and watcher.done() and loop.time() < deadline:
+                self._cancel(worker, job)  # the worker answers at once
+                wake = loop.create_future()
+                future.add_done_callback(woken)
+                await wake
+        finally:
+            timer.cancel()
+            watcher.remove_done_callback(woken)
+            watcher.cancel()
+        if not future.done():
+            worker.kill(f"did not answer job {job} within its timeout")
+            # Its jobs are answered once the process is gone.
+            await asyncio.wait({future}, timeout=EXIT_GRACE + WORKER_GRACE)
+        if not future.done():
+            worker.jobs.pop(job, None)
+            raise HandshakeError(FailureCause.PROTOCOL_ERROR,
+                                 f"handshake {worker.name} did not answer")
+        return _result(future)
+
+    def _cancel(self, worker: _Worker, job: int) -> None:
+        """Tell the worker its job was withdrawn (best effort; the job answers anyway)."""
+        if worker.gone or job not in worker.jobs:
+            return
+
+        async def send() -> None:
+            with contextlib.suppress(OSError):
+                async with worker.send_lock:
+                    await send_message(worker.channel, _HEADER.pack(CANCEL, 0, 0, 0, job))
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _result(future: asyncio.Future[bytes]) -> bytes:
+    return future.result()  # raises the HandshakeError of a worker that went away
+
+
+def _session_from(payload: bytes) -> Session:
+    try:
+        _, done = decode_done_message(payload)
+    except ServiceFormatError as exc:
+        raise HandshakeError(FailureCause.PROTOCOL_ERROR,
+                             f"unreadable answer from a handshake worker: {exc}") from None
+    if done.status != 0:
+        raise HandshakeError(_cause(done.status), done.reason or os.strerror(done.status))
+    assert done.session is not None  # decode_done_message checks this
+    return done.session
+
+
+def _file_reader_uid(pending: PendingRequest) -> int | None:
+    """The uid whose rights a request's files are read with, when it is an unprivileged
+    consumer's (its reads in flight are capped per uid, in one process); else None."""
+    credentials, inline = pending.credentials, pending.request.inline
+    if credentials is None or credentials.uid == 0 or inline is None:
+        return None
+    if inline.certificate_file or inline.private_key_file or inline.truststore or inline.crl:
+        return max(credentials.uid, 0)
+    return None
+
+
+# --- the worker's side -------------------------------------------------------------------------
+
+
+class _WorkerServer:
+    """The worker process: jobs in, handshakes run, results out, until the channel ends."""
+
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+        self.settings: AgentSettings | None = None
+        self.jobs: dict[int, tuple[asyncio.Task[None], _WorkerRequest]] = {}
+        self.send_lock = asyncio.Lock()
+        self.ended = asyncio.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        await send_message(self.channel, _HEADER.pack(HELLO, 0, 0, PROTOCOL_VERSION, 0))
+        loop.add_reader(self.channel.fileno(), self._readable)
+        try:
+            await self.ended.wait()
+        finally:
+            loop.remove_reader(self.channel.fileno())
+        # The supervisor closed the channel (shutdown) or died: nobody will read a result.
+        tasks = [task for task, _ in self.jobs.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _readable(self) -> None:
+        while not self.ended.is_set():
+            try:
+                data, ancdata, flags, _ = self.channel.recvmsg(
+                    _BUFFER, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, ancdata, flags = b"", [], 0
+            fds = _received_fds(ancdata)
+            if not data:
+                _close_fds(fds)
+                self.ended.set()
+                return
+            try:
+                self._handle(data, fds, flags)
+            except Exception as exc:  # never take the worker down for one message
+                _close_fds(fds)
+                log.error("bad message from the supervisor: %s", exc)
+
+    def _handle(self, data: bytes, fds: list[int], flags: int) -> None:
+        if len(data) < _HEADER.size or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            _close_fds(fds)
+            log.error("truncated message from the supervisor ignored")
+            return
+        kind, job_flags, _, aux, job = _HEADER.unpack_from(data)
+        payload = data[_HEADER.size:]
+        if kind == JOB:
+            self._start(job, job_flags, aux, payload, fds)
+            return
+        _close_fds(fds)
+        if kind == CONFIGURE:
+            self.settings = decode_settings(payload)
+            if aux:  # the supervisor's log level, which a reload may have changed
+                logging.getLogger("ktlsd").setLevel(aux)
+        elif kind == CANCEL:
+            entry = self.jobs.get(job)
+            if entry is not None:
+                entry[1].cancelled.set()
+        else:
+            log.error("unknown message kind %d from the supervisor ignored", kind)
+
+    def _start(self, job: int, flags: int, aux: int, payload: bytes, fds: list[int]) -> None:
+        if len(fds) != 1 or self.settings is None:
+            _close_fds(fds)
+            why = "no configuration yet" if self.settings is None else "no socket"
+            self._spawn(self._answer(job, HandshakeDone(errno.EIO, -1, reason=f"worker: {why}")))
+            return
+        try:
+            pending = decode_job(flags, aux, payload, fds[0])
+        except ServiceFormatError as exc:
+            _close_fds(fds)
+            self._spawn(self._answer(job, HandshakeDone(exc.status, -1, reason=str(exc))))
+            return
+        task = self._spawn(self._run(job, pending, self.settings))
+        self.jobs[job] = (task, pending)
+        task.add_done_callback(lambda _: self.jobs.pop(job, None))
+
+    def _spawn(self, work: Any) -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(work)
+
+    async def _run(self, job: int, pending: _WorkerRequest, settings: AgentSettings) -> None:
+        # The TLS engine is loaded by the first request, as in the single-process agent: an
+        # idle worker stays small.
+        from ktlsd.agent import run_handshake
+
+        fd = pending.request.sockfd
+        sock: socket.socket | None = None
+        try:
+            sock = socket.socket(fileno=fd)
+            session = await run_handshake(pending, sock, settings, pending.timeout_ms / 1000)
+            answer = HandshakeDone(status=0, sockfd=-1, session=session)
+        except HandshakeError as exc:
+            answer = HandshakeDone(status=exc.errno, sockfd=-1, reason=exc.reason)
+        except OSError as exc:
+            answer = HandshakeDone(status=errno.EIO, sockfd=-1,
+                                   reason=f"socket: {exc.strerror or exc}")
+        except Exception as exc:  # the worker keeps serving whatever went wrong here
+            reason = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
+            answer = HandshakeDone(status=errno.EIO, sockfd=-1, reason=reason)
+        finally:
+            # Closed before the answer: when the consumer gets DONE, its socket is its own.
+            if sock is not None:
+                sock.close()
+            else:
+                _close_fds([fd])
+        await self._answer(job, answer)
+
+    async def _answer(self, job: int, answer: HandshakeDone) -> None:
+        try:
+            done = encode_done_message(answer)
+        except ValueError as exc:
+            done = encode_done_message(HandshakeDone(errno.EIO, -1, reason=f"worker: {exc}"))
+        with contextlib.suppress(OSError):
+            async with self.send_lock:
+                await send_message(self.channel, _HEADER.pack(RESULT, 0, 0, 0, job) + done)
+
+
+def _log_level() -> str:
+    """The supervisor's level, for a new worker."""
+    return logging.getLevelName(logging.getLogger("ktlsd").getEffectiveLevel())
+
+
+def _log_destinations() -> list[str]:
+    """Where the supervisor's ``ktlsd`` logger writes (:mod:`ktlsd.log_output`), so that a
+    worker's lines go to the same places in the same form; stderr when it has no handler."""
+    from ktlsd import log_output
+
+    found: list[str] = []
+    for handler in logging.getLogger("ktlsd").handlers:
+        if isinstance(handler, log_output.SyslogHandler):
+            found.append(log_output.Destination.SYSLOG.value)
+        elif isinstance(handler, logging.StreamHandler):
+            journal = isinstance(handler.formatter, log_output.JournalFormatter)
+            found.append((log_output.Destination.JOURNAL if journal
+                          else log_output.Destination.STDERR).value)
+    return list(dict.fromkeys(found)) or [log_output.Destination.STDERR.value]
+
+
+class _Prefix(logging.Filter):
+    """``worker N: `` before each of a worker's log lines."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "ktlsd_worker", False):  # once, whatever the handlers
+            record.msg = self.prefix + record.getMessage()
+            record.args = ()
+            record.ktlsd_worker = True
+        return True
+
+
+def _ignore_stop_signals() -> None:
+    """The supervisor decides when a worker stops: it drains, then closes the channel."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """``--channel FD --index N``: serve one supervisor's channel (:data:`_WORKER_PROGRAM`
+    calls this in a new interpreter)."""
+    parser = argparse.ArgumentParser(prog="ktlsd.workers", description=__doc__.split("\n")[0])
+    parser.add_argument("--channel", type=int, required=True)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-to", default="stderr",
+                        help="the supervisor's log destinations: journal, syslog, stderr")
+    args = parser.parse_args(argv)
+    _ignore_stop_signals()
+    from ktlsd import log_output
+
+    log_output.configure(args.log_level, destinations=[
+        log_output.Destination(name) for name in args.log_to.split(",") if name])
+    prefix = _Prefix(f"worker {args.index}: ")
+    for handler in logging.getLogger("ktlsd").handlers:  # child loggers' records too
+        handler.addFilter(prefix)
+    channel = socket.socket(fileno=args.channel)
+    channel.setblocking(False)
+    os.set_inheritable(channel.fileno(), False)
+    try:
+        asyncio.run(_WorkerServer(channel).run())
+    finally:
+        channel.close()
+    return 0
+
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "WorkerPool",
+    "WorkerStartError",
+    "decode_settings",
+    "describe_exit",
+    "encode_settings",
+    "worker_main",
+]
