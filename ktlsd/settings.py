@@ -77,10 +77,13 @@ DEFAULT_UID_MAX_KEPT_SESSIONS = 256
 
 WORKERS_AUTO = -1
 MAX_WORKERS = 256
-DEFAULT_WORKERS = WORKERS_AUTO
+DEFAULT_WORKERS = 1
 """Handshake worker processes (``[ktlsd] workers``, ``ktlsd run --workers N``): ``auto``
 (:data:`WORKERS_AUTO`) is one per CPU; 0 or 1 runs every handshake in the agent's own process,
-as a single process (see :func:`worker_processes`)."""
+as a single process (see :func:`worker_processes`). The default is 1: on the 2-CPU machines
+measured so far two workers were 1.09x one process for x509 and 0.81x for PSK (the
+supervisor's share per request and the extra hop cost more than the second CPU gave), and
+each idle worker costs ~20 MiB (docs/benchmarks.md, "Workers")."""
 
 
 def parse_workers(text: str) -> int:

@@ -177,7 +177,7 @@ def parse_config_text(text: str, path: str = "<config>") -> AgentConfig:
 
 
 def test_workers_key_and_option() -> None:
-    assert parse_config_text("").workers == WORKERS_AUTO
+    assert parse_config_text("").workers == 1  # the default: one process (see settings)
     assert parse_config_text("[ktlsd]\nworkers = auto\n").workers == WORKERS_AUTO
     assert parse_config_text("[ktlsd]\nworkers = 3\n").workers == 3
     for bad in ("-1", "many", "257"):
