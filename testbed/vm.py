@@ -25,6 +25,8 @@ QEMU = "qemu-system-x86_64"
 TCG_ACCEL = ["-accel", "tcg,thread=multi", "-cpu", "max"]
 KVM_ACCEL = ["-accel", "kvm", "-cpu", "host"]
 PROBE_TIMEOUT = 20.0
+#: vCPUs of a normal boot; ``python -m testbed.run --vcpus N`` (or KTLSD_VM_VCPUS) for more.
+DEFAULT_CPUS = 2
 
 _accel_choice: str | None = None
 
@@ -56,7 +58,7 @@ def qemu_command(
     results_dir: Path | None = None,
     extra_cmdline: str = "",
     memory: str = "2G",
-    cpus: int = 2,
+    cpus: int = DEFAULT_CPUS,
 ) -> list[str]:
     """The QEMU command line for one boot (no network, serial console to a file)."""
     cmdline = f"console=ttyS0 loglevel=4 panic=-1 rw {extra_cmdline}".strip()
@@ -139,9 +141,16 @@ def boot(
     results_dir: Path,
     timeout: float,
     console_log: Path,
+    *,
+    cpus: int = DEFAULT_CPUS,
 ) -> BootResult:
-    """Boot once; the guest runs ``testbed/guest_runner.py`` on ``results_dir/plan.json``."""
+    """Boot once; the guest runs ``testbed/guest_runner.py`` on ``results_dir/plan.json``.
+
+    ``cpus`` is the guest's vCPU count; under TCG (``thread=multi``) each vCPU is a host
+    thread, so more vCPUs than host cores still run in parallel on every host core."""
     accel = choose_accel(image, results_dir)
     console_log.unlink(missing_ok=True)
-    cmd = qemu_command(image, accel, console_log, project_dir=project_dir, results_dir=results_dir)
+    cmd = qemu_command(
+        image, accel, console_log, project_dir=project_dir, results_dir=results_dir, cpus=cpus
+    )
     return _run_qemu(cmd, timeout, accel, console_log)
