@@ -1,6 +1,7 @@
 """Boot ONE guest, run a list of scenarios in it, collect per-scenario results.
 
-``python -m testbed.run [--scenario NAME ...] [--json REPORT] [--timeout SECONDS] [--vcpus N]``
+``python -m testbed.run [--scenario NAME ...] [--json REPORT] [--timeout SECONDS]
+[--vcpus N] [--memory SIZE] [--scenario-timeout SECONDS]``
 
 Builds the guest first if the recipe's cache entry is missing (see :mod:`testbed.build`).
 One boot serves all scenarios: booting costs seconds under TCG, a scenario often less.
@@ -77,12 +78,14 @@ def run(
     scenario_timeout: float = 180.0,
     results_dir: Path | None = None,
     vcpus: int | None = None,
+    memory: str | None = None,
 ) -> dict[str, object]:
     """Build (if needed), boot once, return the report dict (see module docstring)."""
     unknown = [n for n in scenarios if not scenario_exists(n)]
     if unknown:
         raise ValueError(f"unknown scenario(s): {', '.join(unknown)} (see testbed/scenarios/)")
     cpus = vcpus or int(os.environ.get("KTLSD_VM_VCPUS") or vm.DEFAULT_CPUS)
+    ram = memory or os.environ.get("KTLSD_VM_MEMORY") or vm.DEFAULT_MEMORY
     wall = time.monotonic()
     t0 = time.monotonic()
     image = build_mod.build()
@@ -101,7 +104,7 @@ def run(
         plan = {"scenarios": pending, "scenario_timeout": scenario_timeout}
         (results / "plan.json").write_text(json.dumps(plan))
         log = console if attempt == 0 else results / f"console-retry{attempt}.log"
-        boot = vm.boot(image, PROJECT, results, timeout, log, cpus=cpus)
+        boot = vm.boot(image, PROJECT, results, timeout, log, cpus=cpus, memory=ram)
         text = log.read_text(errors="replace") if log.exists() else ""
         if (results / "runner.json").exists():
             runner = json.loads((results / "runner.json").read_text())
@@ -147,6 +150,7 @@ def run(
         "kernel_package": f"{image.kernel_package} {image.kernel_package_version}",
         "accel": boot.accel,
         "vcpus": cpus,
+        "memory": ram,
         "build_seconds": round(build_seconds, 1),
         "boot_seconds": runner.get("uptime_at_start"),
         "qemu_seconds": round(boot.seconds, 1),
@@ -199,6 +203,7 @@ def format_report(report: dict[str, object]) -> str:
     lines = [
         f"kernel {report['kernel']} ({report['kernel_package']}), accel {report['accel']}, "
         f"{report.get('vcpus', vm.DEFAULT_CPUS)} vCPUs, "
+        f"{report.get('memory', vm.DEFAULT_MEMORY)} RAM, "
         f"build {report['build_seconds']} s, boot {report['boot_seconds']} s, "
         f"qemu {report['qemu_seconds']} s, wall {report['wall_seconds']} s",
     ]
@@ -260,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         "the nvme-storm benchmark wants more so ktlsd --workers matters",
     )  # fmt: skip
     parser.add_argument(
+        "--memory", metavar="SIZE",
+        help=f"guest RAM, QEMU -m syntax (default: KTLSD_VM_MEMORY or {vm.DEFAULT_MEMORY})",
+    )  # fmt: skip
+    parser.add_argument(
         "--scenario-timeout", type=float, default=180.0, metavar="SECONDS",
         help="limit per scenario in the guest (nvme-storm needs ~900)",
     )  # fmt: skip
@@ -269,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args.scenarios or default_scenarios(), timeout=args.timeout,
                      scenario_timeout=args.scenario_timeout, results_dir=args.results_dir,
-                     vcpus=args.vcpus)  # fmt: skip
+                     vcpus=args.vcpus, memory=args.memory)  # fmt: skip
     except build_mod.BuildError as exc:
         print(f"testbed.run: cannot build the guest: {exc}", file=sys.stderr)
         return 2

@@ -27,6 +27,8 @@ KVM_ACCEL = ["-accel", "kvm", "-cpu", "host"]
 PROBE_TIMEOUT = 20.0
 #: vCPUs of a normal boot; ``python -m testbed.run --vcpus N`` (or KTLSD_VM_VCPUS) for more.
 DEFAULT_CPUS = 2
+#: Guest RAM of a normal boot (QEMU ``-m``); ``--memory`` / KTLSD_VM_MEMORY for more.
+DEFAULT_MEMORY = "2G"
 
 _accel_choice: str | None = None
 
@@ -57,7 +59,7 @@ def qemu_command(
     project_dir: Path | None = None,
     results_dir: Path | None = None,
     extra_cmdline: str = "",
-    memory: str = "2G",
+    memory: str = DEFAULT_MEMORY,
     cpus: int = DEFAULT_CPUS,
 ) -> list[str]:
     """The QEMU command line for one boot (no network, serial console to a file)."""
@@ -143,14 +145,18 @@ def boot(
     console_log: Path,
     *,
     cpus: int = DEFAULT_CPUS,
+    memory: str = DEFAULT_MEMORY,
 ) -> BootResult:
     """Boot once; the guest runs ``testbed/guest_runner.py`` on ``results_dir/plan.json``.
 
     ``cpus`` is the guest's vCPU count; under TCG (``thread=multi``) each vCPU is a host
-    thread, so more vCPUs than host cores still run in parallel on every host core."""
+    thread, so more vCPUs than host cores still run in parallel on every host core.
+    ``memory`` (QEMU ``-m``) also sets the kernel's limit of queued handshake requests
+    (total RAM / 100 MiB, 3..50: 4 with 2 GiB), which a reset storm runs into."""
     accel = choose_accel(image, results_dir)
     console_log.unlink(missing_ok=True)
     cmd = qemu_command(
-        image, accel, console_log, project_dir=project_dir, results_dir=results_dir, cpus=cpus
-    )
+        image, accel, console_log, project_dir=project_dir, results_dir=results_dir,
+        cpus=cpus, memory=memory,
+    )  # fmt: skip
     return _run_qemu(cmd, timeout, accel, console_log)
