@@ -1,16 +1,20 @@
 """nvme-storm: a benchmark (prints figures, asserts little): tlshd against ktlsd serving a
 connect and a reset storm of many NVMe/TCP TLS controllers, in one guest boot.
 
-Not in the default scenario list; run on demand with more vCPUs, e.g.
-``python -m testbed.run --scenario nvme-storm --vcpus 4 --scenario-timeout 900``.
+Not in the default scenario list; run on demand with more vCPUs and RAM, e.g.
+``python -m testbed.run --scenario nvme-storm --vcpus 4 --memory 16G --scenario-timeout 1500
+--timeout 1600``. Guest RAM sets the kernel's cap on queued handshake requests (see
+:func:`pending_max`): at the default 2 GiB a storm measures mostly the kernel's refusals and
+the controllers' 10 s reconnect delay, not the agent. Figures: docs/benchmarks.md.
 
 Set-up (once): an nvmet port on 127.0.0.1 with TLS required and ``CONTROLLERS`` subsystems,
 each on its own small ram disk and with its own retained PSK (``nvme gen-tls-key --insert``
 into ``.nvme``). Both ends of every handshake (nvme host and nvmet) are served by the one
 agent under test.
 
-Then ``ROUNDS`` interleaved rounds (the order alternates: tlshd first, then ktlsd first, ...);
-in each, per agent:
+Agents: ``tlshd``; ``ktlsd`` as one process; ``ktlsd-workers`` (``--workers N``, N = vCPUs)
+only if this tree's ``ktlsd run`` has ``--workers``. Then ``ROUNDS`` interleaved rounds (the
+order rotates each round); in each, per agent:
 
 1. start the agent alone, in its own cgroup v2 (so its CPU and memory include every child:
    tlshd forks per handshake; ktlsd's workers, if the tree has ``--workers``);
@@ -23,8 +27,8 @@ in each, per agent:
    (``memory.peak``: every process of the agent together, page cache included);
 5. disconnect all, stop the agent (the cgroup is killed and removed).
 
-Figures: one row per (round, agent), the ktlsd/tlshd ratios of wall and CPU per round and
-their medians, and a printed table. Under TCG absolute numbers mean little; only ratios of the
+Figures: one row per (round, agent), the ratios to tlshd of wall and CPU per round and their
+medians, and a printed table. Under TCG absolute numbers mean little; only ratios of the
 same boot do. The scenario fails only if the set-up fails or a phase does not finish.
 """
 
