@@ -1,6 +1,7 @@
 """Boot ONE guest, run a list of scenarios in it, collect per-scenario results.
 
-``python -m testbed.run [--scenario NAME ...] [--json REPORT] [--timeout SECONDS]``
+``python -m testbed.run [--scenario NAME ...] [--json REPORT] [--timeout SECONDS]
+[--vcpus N] [--memory SIZE] [--scenario-timeout SECONDS]``
 
 Builds the guest first if the recipe's cache entry is missing (see :mod:`testbed.build`).
 One boot serves all scenarios: booting costs seconds under TCG, a scenario often less.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -75,11 +77,15 @@ def run(
     timeout: float = 960.0,
     scenario_timeout: float = 180.0,
     results_dir: Path | None = None,
+    vcpus: int | None = None,
+    memory: str | None = None,
 ) -> dict[str, object]:
     """Build (if needed), boot once, return the report dict (see module docstring)."""
     unknown = [n for n in scenarios if not scenario_exists(n)]
     if unknown:
         raise ValueError(f"unknown scenario(s): {', '.join(unknown)} (see testbed/scenarios/)")
+    cpus = vcpus or int(os.environ.get("KTLSD_VM_VCPUS") or vm.DEFAULT_CPUS)
+    ram = memory or os.environ.get("KTLSD_VM_MEMORY") or vm.DEFAULT_MEMORY
     wall = time.monotonic()
     t0 = time.monotonic()
     image = build_mod.build()
@@ -98,7 +104,7 @@ def run(
         plan = {"scenarios": pending, "scenario_timeout": scenario_timeout}
         (results / "plan.json").write_text(json.dumps(plan))
         log = console if attempt == 0 else results / f"console-retry{attempt}.log"
-        boot = vm.boot(image, PROJECT, results, timeout, log)
+        boot = vm.boot(image, PROJECT, results, timeout, log, cpus=cpus, memory=ram)
         text = log.read_text(errors="replace") if log.exists() else ""
         if (results / "runner.json").exists():
             runner = json.loads((results / "runner.json").read_text())
@@ -143,6 +149,8 @@ def run(
         "kernel": runner.get("kernel") or image.kernel_release,
         "kernel_package": f"{image.kernel_package} {image.kernel_package_version}",
         "accel": boot.accel,
+        "vcpus": cpus,
+        "memory": ram,
         "build_seconds": round(build_seconds, 1),
         "boot_seconds": runner.get("uptime_at_start"),
         "qemu_seconds": round(boot.seconds, 1),
@@ -194,6 +202,8 @@ def negotiated_text(n: dict[str, object]) -> str:
 def format_report(report: dict[str, object]) -> str:
     lines = [
         f"kernel {report['kernel']} ({report['kernel_package']}), accel {report['accel']}, "
+        f"{report.get('vcpus', vm.DEFAULT_CPUS)} vCPUs, "
+        f"{report.get('memory', vm.DEFAULT_MEMORY)} RAM, "
         f"build {report['build_seconds']} s, boot {report['boot_seconds']} s, "
         f"qemu {report['qemu_seconds']} s, wall {report['wall_seconds']} s",
     ]
@@ -249,10 +259,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the full report here")
     parser.add_argument("--timeout", type=float, default=960.0, help="QEMU wall-clock limit")
     parser.add_argument("--results-dir", type=Path, help="keep guest results and logs here")
+    parser.add_argument(
+        "--vcpus", type=int, metavar="N",
+        help=f"guest vCPUs (default: KTLSD_VM_VCPUS or {vm.DEFAULT_CPUS}); "
+        "the nvme-storm benchmark wants more so ktlsd --workers matters",
+    )  # fmt: skip
+    parser.add_argument(
+        "--memory", metavar="SIZE",
+        help=f"guest RAM, QEMU -m syntax (default: KTLSD_VM_MEMORY or {vm.DEFAULT_MEMORY})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scenario-timeout", type=float, default=180.0, metavar="SECONDS",
+        help="limit per scenario in the guest (nvme-storm needs ~900)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.vcpus is not None and args.vcpus < 1:
+        parser.error("--vcpus must be at least 1")
     try:
         report = run(args.scenarios or default_scenarios(), timeout=args.timeout,
-                     results_dir=args.results_dir)  # fmt: skip
+                     scenario_timeout=args.scenario_timeout, results_dir=args.results_dir,
+                     vcpus=args.vcpus, memory=args.memory)  # fmt: skip
     except build_mod.BuildError as exc:
         print(f"testbed.run: cannot build the guest: {exc}", file=sys.stderr)
         return 2

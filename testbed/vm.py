@@ -25,6 +25,10 @@ QEMU = "qemu-system-x86_64"
 TCG_ACCEL = ["-accel", "tcg,thread=multi", "-cpu", "max"]
 KVM_ACCEL = ["-accel", "kvm", "-cpu", "host"]
 PROBE_TIMEOUT = 20.0
+#: vCPUs of a normal boot; ``python -m testbed.run --vcpus N`` (or KTLSD_VM_VCPUS) for more.
+DEFAULT_CPUS = 2
+#: Guest RAM of a normal boot (QEMU ``-m``); ``--memory`` / KTLSD_VM_MEMORY for more.
+DEFAULT_MEMORY = "2G"
 
 _accel_choice: str | None = None
 
@@ -55,8 +59,8 @@ def qemu_command(
     project_dir: Path | None = None,
     results_dir: Path | None = None,
     extra_cmdline: str = "",
-    memory: str = "2G",
-    cpus: int = 2,
+    memory: str = DEFAULT_MEMORY,
+    cpus: int = DEFAULT_CPUS,
     allow_reboot: bool = False,
 ) -> list[str]:
     """The QEMU command line for one boot (no network, serial console to a file).
@@ -149,12 +153,20 @@ def boot(
     *,
     extra_cmdline: str = "",
     allow_reboot: bool = False,
+    cpus: int = DEFAULT_CPUS,
+    memory: str = DEFAULT_MEMORY,
 ) -> BootResult:
     """Boot once; the guest runs ``testbed/guest_runner.py`` on ``results_dir/plan.json``
-    (or, with ``ktlsd.systemd=1`` in ``extra_cmdline``, the systemd flavour)."""
+    (or, with ``ktlsd.systemd=1`` in ``extra_cmdline``, the systemd flavour).
+
+    ``cpus`` is the guest's vCPU count; under TCG (``thread=multi``) each vCPU is a host
+    thread, so more vCPUs than host cores still run in parallel on every host core.
+    ``memory`` (QEMU ``-m``) also sets the kernel's limit of queued handshake requests
+    (total RAM / 100 MiB, 3..50: 4 with 2 GiB), which a reset storm runs into."""
     accel = choose_accel(image, results_dir)
     console_log.unlink(missing_ok=True)
-    cmd = qemu_command(image, accel, console_log, project_dir=project_dir,
-                       results_dir=results_dir, extra_cmdline=extra_cmdline,
-                       allow_reboot=allow_reboot)  # fmt: skip
+    cmd = qemu_command(
+        image, accel, console_log, project_dir=project_dir, results_dir=results_dir,
+        extra_cmdline=extra_cmdline, allow_reboot=allow_reboot, cpus=cpus, memory=memory,
+    )  # fmt: skip
     return _run_qemu(cmd, timeout, accel, console_log)
