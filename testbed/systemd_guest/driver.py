@@ -369,6 +369,9 @@ asyncio.run(main())
 FLOOR_PROGRAMS: dict[str, tuple[str, ...]] = {
     "python_pass": ("python3", "-c", "pass"),
     "python_import_asyncio": ("python3", "-c", "import asyncio"),
+    # The same two without the interpreter's teardown (under TCG a large share of start -> exit).
+    "python_pass_no_teardown": ("python3", "-c", "import os; os._exit(0)"),
+    "python_import_asyncio_no_teardown": ("python3", "-c", "import asyncio, os; os._exit(0)"),
     "python_asyncio_notify": ("python3", "-c", FLOOR_NOTIFY_PROGRAM),
 }
 
