@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,10 +56,47 @@ def chosen_command(argv: Sequence[str]) -> str | None:
     return None
 
 
+def terminal_columns() -> int:
+    """What ``shutil.get_terminal_size().columns`` answers, without importing shutil (and with
+    it bz2/lzma): ``$COLUMNS``, else stdout's terminal, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, its width found without the ``import shutil`` argparse does each
+    time it makes one (``add_argument`` makes one per argument)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:  # fmt: skip
+        if width is None:
+            width = terminal_columns() - 2  # as argparse does
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` that formats with :class:`HelpFormatter` where argparse's
+    default formatter was asked for; ``add_subparsers`` makes the sub-command parsers of this
+    class too (it uses the parent's type)."""
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        if self.formatter_class is argparse.HelpFormatter:
+            return HelpFormatter(prog=self.prog)
+        return super()._get_formatter()
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser for ``argv``: only the chosen sub-command's module is imported (every
     module when ``argv`` is None, for tools that want the full parser)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="ktlsd",
         description="TLS 1.3 handshake agent for in-kernel TLS consumers and user-space programs.",
     )

@@ -50,7 +50,6 @@ import collections
 import contextlib
 import errno
 import os
-import secrets
 import struct
 from dataclasses import dataclass, field
 
@@ -206,6 +205,8 @@ class SessionStore:
         (EDQUOT) when a consumer's session cannot be kept without evicting the kernel's.
         """
         self._make_room(owner)
+        import secrets  # here, not at the top: hmac/random/hashlib stay out of the ready set
+
         description = DESCRIPTION_PREFIX + secrets.token_hex(_DESCRIPTION_HEX // 2)
         # Create empty, lock the permissions down, only then write the secrets.
         serial = keyring.add_key(KEY_TYPE, description, b"\0", self.keyring_id)

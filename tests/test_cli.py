@@ -30,6 +30,10 @@ HEAVY = ("ktlsd.tls.handshake", "ktlsd.tls._openssl", "ktlsd.material", "ktlsd.c
          "ktlsd.keyupdate", "ktlsd.tls.record", "ktlsd.tls.keyschedule", "cryptography",
          "cryptography.x509", "ktlsd.nvme", "ktlsd.nvme.dhchap", "ktlsd.commands.demo",
          "ktlsd.commands.tools", "ktlsd.commands.doctor")
+# Standard modules nothing needs before ready: shutil (with bz2/lzma, what argparse imports
+# for the terminal width) and secrets (with hmac/random/hashlib, for session-key names).
+NOT_BEFORE_READY = ("shutil", "bz2", "lzma", "_compression", "secrets", "hmac", "random",
+                    "hashlib")
 
 
 def ktlsd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -59,6 +63,7 @@ def test_help_and_version_import_no_command_module(argv: list[str]) -> None:
     loaded = modules_after(argv)
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
     assert "ktlsd.agent" not in loaded and "asyncio" not in loaded
+    assert not loaded & set(NOT_BEFORE_READY), sorted(loaded & set(NOT_BEFORE_READY))
 
 
 def test_a_command_imports_its_own_module_only() -> None:
@@ -79,6 +84,7 @@ def test_run_is_ready_without_the_engine_and_loads_it_for_the_first_handshake(
                     if line.startswith("import time:") and "|" in line}
         assert "ktlsd.agent" in imported and "ktlsd.upcall.service" in imported
         assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+        assert not imported & set(NOT_BEFORE_READY), sorted(imported & set(NOT_BEFORE_READY))
 
         run(_one_psk_handshake(agent.socket_path))
         assert agent.matching(r"import time:.*\| +ktlsd\.tls\.handshake$")

@@ -351,6 +351,68 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+# The floor of any Python daemon, measured beside the agents: the guest's python3 running
+# nothing, importing asyncio, and a minimal asyncio daemon (AF_UNIX listener, then READY=1 to
+# systemd by the sd_notify protocol, then idle), each as a transient unit.
+FLOOR_NOTIFY_PROGRAM = """\
+import asyncio, os, socket
+async def main():
+    server = await asyncio.start_unix_server(lambda r, w: w.close(), path="\\0ktlsd-floor")
+    target = os.environ["NOTIFY_SOCKET"]
+    target = "\\0" + target[1:] if target.startswith("@") else target
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(b"READY=1", target)
+    async with server:
+        await asyncio.Event().wait()
+asyncio.run(main())
+"""
+FLOOR_PROGRAMS: dict[str, tuple[str, ...]] = {
+    "python_pass": ("python3", "-c", "pass"),
+    "python_import_asyncio": ("python3", "-c", "import asyncio"),
+    # The same two without the interpreter's teardown (under TCG a large share of start -> exit).
+    "python_pass_no_teardown": ("python3", "-c", "import os; os._exit(0)"),
+    "python_import_asyncio_no_teardown": ("python3", "-c", "import asyncio, os; os._exit(0)"),
+    "python_asyncio_notify": ("python3", "-c", FLOOR_NOTIFY_PROGRAM),
+}
+
+
+def floor_round(name: str, argv: tuple[str, ...], unit: str) -> dict[str, float]:
+    """One transient unit: main process start -> exit (or -> READY=1), CPU, idle RSS."""
+    notify = name == "python_asyncio_notify"
+    python = run(["sh", "-c", "command -v python3"]).stdout.strip() or "/usr/bin/python3"
+    kind = ["-p", "Type=notify"] if notify else ["-p", "Type=exec", "-p", "RemainAfterExit=yes"]
+    run(["systemd-run", f"--unit={unit}", "--quiet", "-p", "CPUAccounting=yes", *kind,
+         python, *argv[1:]], check=True, timeout=120)  # fmt: skip
+    if notify:
+        p = props(unit, "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic",
+                  "MainPID")  # fmt: skip
+        pid = int(p["MainPID"] or 0)
+        end = seconds(p["ActiveEnterTimestampMonotonic"])
+        cpu = cpu_seconds(pid) if pid else 0.0
+        time.sleep(2)  # idle, as the agents
+        rss = rss_kib(pid) if pid else 0
+    else:
+        wait_for(f"{unit} exited",
+                 lambda: seconds(props(unit, "ExecMainExitTimestampMonotonic")
+                                 ["ExecMainExitTimestampMonotonic"]) > 0, 90)  # fmt: skip
+        p = props(unit, "ExecMainStartTimestampMonotonic", "ExecMainExitTimestampMonotonic",
+                  "CPUUsageNSec")  # fmt: skip
+        end = seconds(p["ExecMainExitTimestampMonotonic"])
+        usage = p.get("CPUUsageNSec", "")
+        cpu = int(usage) / 1e9 if usage.isdigit() else 0.0
+        rss = 0
+    start = seconds(p["ExecMainStartTimestampMonotonic"])
+    run(["systemctl", "stop", unit], timeout=60)
+    run(["systemctl", "reset-failed", unit], timeout=60)
+    return {"ready_seconds": round(end - start, 3), "cpu_seconds": round(cpu, 3),
+            "idle_rss_kib": rss}  # fmt: skip
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 def set_default_timeout(value: int) -> None:
     """Change ``[ktlsd] default_timeout_ms`` in the configuration both agents read."""
     text = names.AGENT_CONF.read_text()
@@ -776,8 +838,12 @@ def phase_boot(sc: Scenario, plan: dict[str, object]) -> None:
         nfs_roundtrip(sc, "stop", names.FSTAB_MOUNT, names.NFS_EXPORT, "stopped.bin")
 
     def startup() -> None:
-        """tlshd and ktlsd started in turn in this boot: start -> multicast group joined."""
+        """tlshd and ktlsd started in turn in this boot: start -> multicast group joined.
+
+        Each round also runs the Python floor (:data:`FLOOR_PROGRAMS`): start -> exit, or
+        start -> ``READY=1`` for the minimal asyncio daemon."""
         figures: dict[str, list[dict[str, float]]] = {"tlshd": [], "ktlsd": []}
+        floors: dict[str, list[dict[str, float]]] = {name: [] for name in FLOOR_PROGRAMS}
         for unit in ("ktlsd.service", "tlshd.service"):
             run(["systemctl", "stop", unit], timeout=60)
         for _ in range(STARTUP_ROUNDS):
@@ -804,10 +870,26 @@ def phase_boot(sc: Scenario, plan: dict[str, object]) -> None:
                     "idle_rss_kib": rss_kib(pid) if pid else 0,
                 })  # fmt: skip
                 run(["systemctl", "stop", unit], check=True, timeout=60)
+            for name, argv in FLOOR_PROGRAMS.items():
+                unit = f"ktlsd-floor-{name.replace('_', '-')}-{len(floors[name])}.service"
+                floors[name].append(floor_round(name, argv, unit))
+                sc.check(floors[name][-1]["ready_seconds"] > 0,
+                         f"startup: {name} measured as {unit}")  # fmt: skip
         sc.figure("startup_same_boot", figures)
-        for agent, rows in figures.items():
-            ready = sorted(r["ready_seconds"] for r in rows)
-            sc.figure(f"startup_{agent}_ready_seconds_median", ready[len(ready) // 2])
+        sc.figure("startup_python_floor_same_boot", floors)
+        medians = {agent: median([r["ready_seconds"] for r in rows])
+                   for agent, rows in {**figures, **floors}.items()}  # fmt: skip
+        for agent, value in medians.items():
+            sc.figure(f"startup_{agent}_ready_seconds_median", value)
+        floor = medians["python_asyncio_notify"]
+        sc.figure("startup_ratios_of_medians", {
+            "ktlsd_over_tlshd": round(medians["ktlsd"] / medians["tlshd"], 2),
+            "ktlsd_over_asyncio_notify_floor": round(medians["ktlsd"] / floor, 2),
+            "asyncio_notify_floor_over_tlshd": round(floor / medians["tlshd"], 2),
+            "python_pass_over_tlshd": round(medians["python_pass"] / medians["tlshd"], 2),
+            "import_asyncio_over_tlshd":
+                round(medians["python_import_asyncio"] / medians["tlshd"], 2),
+        })  # fmt: skip
         run(["systemctl", "start", "ktlsd.service"], timeout=120)
 
     section(sc, "boot", at_boot)

@@ -94,3 +94,9 @@ def test_startup_against_tlshd_in_the_same_boot(systemd_report) -> None:
         assert len(rounds[agent]) == 3
         assert all(r["ready_seconds"] > 0 and r["idle_rss_kib"] > 0 for r in rounds[agent])
         print(f"\n{agent}: {rounds[agent]}")
+    floors = figures["startup_python_floor_same_boot"]
+    for name in ("python_pass", "python_import_asyncio", "python_asyncio_notify"):
+        assert len(floors[name]) == 3
+        assert all(r["ready_seconds"] > 0 for r in floors[name])
+    assert all(r["idle_rss_kib"] > 0 for r in floors["python_asyncio_notify"])
+    print(f"\nfloor: {floors}\nratios: {figures['startup_ratios_of_medians']}")
