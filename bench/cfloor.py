@@ -29,7 +29,8 @@ def build(name: str) -> Path:
     binary = out_dir / f"{name}-{digest}"
     if not binary.exists():
         partial = binary.with_suffix(".partial")
-        command = [compiler, "-O2", "-Wall", "-o", str(partial), str(source), "-lssl", "-lcrypto"]
+        command = [compiler, "-O2", "-Wall", "-pthread", "-o", str(partial), str(source),
+                   "-lssl", "-lcrypto"]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(
