@@ -40,9 +40,10 @@ def build(name: str) -> Path:
     return binary
 
 
-def run_floor(binary: Path, *args: str) -> dict[str, float]:
-    """Run a C reference; parse its one line of ``key value`` pairs."""
+def run_floor(binary: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, float]:
+    """Run a C reference (``env``: extra environment); parse its line of ``key value`` pairs."""
     line = subprocess.run(
-        [str(binary), *args], capture_output=True, text=True, check=True, timeout=600
+        [str(binary), *args], capture_output=True, text=True, check=True, timeout=600,
+        env={**os.environ, **(env or {})},
     ).stdout.split()
     return {key: float(value) for key, value in zip(line[::2], line[1::2], strict=True)}

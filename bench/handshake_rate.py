@@ -19,7 +19,16 @@ median of the per-round ratios.
     python bench/handshake_rate.py [--rounds 3] [--count 1000] [--cases x509,psk]
     python bench/handshake_rate.py --inflight 64        # also ktlsd with 64 handshakes at once
     python bench/handshake_rate.py --profile psk        # cProfile: top functions per handshake
+    python bench/handshake_rate.py --breakdown          # where ktlsd's CPU goes, see below
     python bench/handshake_rate.py --rss 2000           # leak check: RSS over N handshakes
+
+``--breakdown`` measures, per case and round: ktlsd's CPU inside ``SSL_do_handshake`` (thread
+CPU time around each call; the keylog/PSK callbacks, which run in there, separately), the C
+floor with an empty keylog callback (what OpenSSL spends formatting the secrets ktlsd needs),
+the C floor's own time inside ``SSL_do_handshake``, and an asyncio floor: both ends doing what
+the driver does (a future, a timer, a reader registration, peek and consume, send) for three
+flights of the real handshake's sizes, without TLS. Timing the calls costs a little CPU of its
+own, so these figures are a breakdown, not the headline.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ from pki import Authority
 
 from ktlsd.credentials import X509Credentials
 from ktlsd.errors import HandshakeError
-from ktlsd.tls.handshake import PskKey, TlsConfig, perform_handshake
+from ktlsd.tls.handshake import PskKey, TlsConfig, TlsHandshake, perform_handshake
 from ktlsd.tls.session import Role
 
 CASES = ("x509", "psk")
@@ -169,6 +178,172 @@ def measure_ktlsd(
     return spent * 1e6 / count
 
 
+class _FlightEnd:
+    """One end of a handshake without TLS: the driver's event-loop work for given flights."""
+
+    def __init__(self, sock: socket.socket, sends: list[bytes], expects: list[int]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock, self.fd = sock, sock.fileno()
+        self.sends, self.expects = sends, expects
+        self.buf = memoryview(bytearray(1 << 15))
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.timer = self.loop.call_later(30, self.done.cancel)
+        self.reading = False
+
+    def start(self, send_first: bool) -> None:
+        if send_first:
+            self.sock.send(self.sends.pop(0), socket.MSG_DONTWAIT)
+        else:
+            self.on_readable()
+        if not self.done.done() and not self.reading:
+            self.reading = True
+            self.loop.add_reader(self.fd, self.on_readable)
+
+    def on_readable(self) -> None:
+        try:
+            size = self.sock.recv_into(self.buf, 1 << 15, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        if size < self.expects[0]:
+            return
+        self.sock.recv_into(self.buf, self.expects.pop(0), socket.MSG_DONTWAIT)
+        if self.sends:
+            self.sock.send(self.sends.pop(0), socket.MSG_DONTWAIT)
+        if not self.expects:
+            self.timer.cancel()
+            if self.reading:
+                self.loop.remove_reader(self.fd)
+            self.done.set_result(None)
+
+
+def flight_sizes(material: Material, case: str) -> tuple[int, int, int]:
+    """Bytes of the ClientHello, of the server's flight and of the client's last flight."""
+    client_config, server_config = material.configs[case]
+    with TlsHandshake(client_config) as client, TlsHandshake(server_config) as server:
+        hello = client.start()
+        flight = server.receive(hello)[1]
+        last = client.receive(flight)[1]
+        return len(hello), len(flight), len(last)
+
+
+def measure_asyncio_floor(material: Material, case: str, count: int) -> float:
+    """CPU microseconds per pseudo-handshake: the two ends' event-loop and socket work."""
+    hello, flight, last = flight_sizes(material, case)
+    spent = 0.0
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(BATCH)
+
+        async def both(pair: tuple[socket.socket, socket.socket]) -> None:
+            client = _FlightEnd(pair[0], [bytes(hello), bytes(last)], [flight])
+            server = _FlightEnd(pair[1], [bytes(flight)], [hello, last])
+            client.start(send_first=True)
+
+            async def serve() -> None:
+                server.start(send_first=False)
+                await server.done
+
+            server_end = asyncio.ensure_future(serve())
+            await client.done
+            await server_end
+
+        async def main() -> None:
+            nonlocal spent
+            done = 0
+            while done < count:
+                pairs = connect_pairs(listener, min(BATCH, count - done))
+                before = cpu_seconds()
+                for pair in pairs:
+                    await both(pair)
+                spent += cpu_seconds() - before
+                for a, b in pairs:
+                    a.close()
+                    b.close()
+                done += len(pairs)
+
+        asyncio.run(main())
+    return spent * 1e6 / count
+
+
+def child_inside(case: str, count: int) -> None:
+    """ktlsd's CPU inside SSL_do_handshake and in the Python callbacks (fresh process: the
+    callbacks are wrapped before any context installs them)."""
+    from time import thread_time
+
+    from ktlsd.tls import _openssl as ossl
+
+    spent = {"inside": 0.0, "callbacks": 0.0}
+    do_handshake = ossl.SSL_do_handshake
+
+    def timed_do_handshake(ssl: int) -> int:
+        before = thread_time()
+        try:
+            return int(do_handshake(ssl))
+        finally:
+            spent["inside"] += thread_time() - before
+
+    def timed(callback, c_type):  # type: ignore[no-untyped-def]
+        def wrapper(*args):  # type: ignore[no-untyped-def]
+            before = thread_time()
+            try:
+                return callback(*args)
+            finally:
+                spent["callbacks"] += thread_time() - before
+
+        return c_type(wrapper)
+
+    ossl.SSL_do_handshake = timed_do_handshake
+    ossl._KEYLOG = timed(ossl._keylog_cb, ossl.KEYLOG_CB)
+    ossl._PSK_USE = timed(ossl._psk_use_cb, ossl.PSK_USE_CB)
+    ossl._PSK_FIND = timed(ossl._psk_find_cb, ossl.PSK_FIND_CB)
+    ossl._CLIENT_HELLO = timed(ossl._client_hello_cb, ossl.CLIENT_HELLO_CB)
+    with tempfile.TemporaryDirectory() as directory:
+        material = Material(Path(directory))
+        measure_ktlsd(material, case, 20)
+        spent["inside"] = spent["callbacks"] = 0.0
+        total = measure_ktlsd(material, case, count)
+        asyncio_floor = measure_asyncio_floor(material, case, count)
+    print(f"total {total:.1f} inside {spent['inside'] * 1e6 / count:.1f} "
+          f"callbacks {spent['callbacks'] * 1e6 / count:.1f} asyncio_floor {asyncio_floor:.1f}")
+
+
+def breakdown(material: Material, cases: list[str], rounds: int, count: int) -> None:
+    floor = cfloor.build("handshake_floor")
+    print(f"Where the CPU per handshake goes (both ends, us), {count} handshakes per figure, "
+          f"{rounds} rounds; load average {os.getloadavg()[0]:.1f}")
+    for case in cases:
+        rows: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            out = subprocess.run(
+                [sys.executable, __file__, "--child-inside", case, "--count", str(count)],
+                capture_output=True, text=True, check=True, timeout=900,
+            ).stdout.split()
+            ktlsd = {k: float(v) for k, v in zip(out[::2], out[1::2], strict=True)}
+            args = material.floor_args(case, count)
+            plain = cfloor.run_floor(floor, *args)["cpu_us_per_handshake"]
+            keylog = cfloor.run_floor(floor, *args, env={"KTLSD_FLOOR_KEYLOG": "1"})
+            inside = cfloor.run_floor(floor, *args, env={"KTLSD_FLOOR_INSIDE": "1"})
+            for name, value in (
+                ("ktlsd, total (timed calls included)", ktlsd["total"]),
+                ("ktlsd, inside SSL_do_handshake", ktlsd["inside"]),
+                ("  of which Python callbacks (keylog, PSK)", ktlsd["callbacks"]),
+                ("ktlsd, outside SSL_do_handshake", ktlsd["total"] - ktlsd["inside"]),
+                ("asyncio floor (both ends, no TLS)", ktlsd["asyncio_floor"]),
+                ("C floor", plain),
+                ("C floor with an empty keylog callback", keylog["cpu_us_per_handshake"]),
+                ("C floor, inside SSL_do_handshake", inside["inside_us_per_handshake"]),
+            ):
+                rows.setdefault(name, []).append(value)
+        print(f"{case}:")
+        for name, values in rows.items():
+            print(f"  {name:<44} {spread(values):>24}")
+        inside_ratio = [
+            k / c for k, c in zip(rows["ktlsd, inside SSL_do_handshake"], rows["C floor"],
+                                  strict=True)
+        ]
+        print(f"  ktlsd inside SSL_do_handshake / C floor: {statistics.median(inside_ratio):.2f}")
+
+
 def child(case: str, count: int, inflight: int) -> None:
     """Measure ktlsd in this (fresh) process; print the figure like the C floor does."""
     with tempfile.TemporaryDirectory() as directory:
@@ -284,11 +459,16 @@ def main() -> int:
     ap.add_argument("--profile", choices=CASES, help="cProfile one case instead")
     ap.add_argument("--top", type=int, default=15, help="functions shown by --profile")
     ap.add_argument("--rss", type=int, default=0, help="leak check over N handshakes per kind")
+    ap.add_argument("--breakdown", action="store_true", help="where the CPU goes, per case")
     ap.add_argument("--child", choices=(*CASES, "failing"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-inside", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
         child(args.child, args.count, args.inflight)
+        return 0
+    if args.child_inside:
+        child_inside(args.child_inside, args.count)
         return 0
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if unknown := set(cases) - set(CASES):
@@ -299,6 +479,8 @@ def main() -> int:
             profile(material, args.profile, args.count, args.top)
         elif args.rss:
             rss_check(material, args.rss)
+        elif args.breakdown:
+            breakdown(material, cases, args.rounds, args.count)
         else:
             compare(material, cases, args.rounds, args.count, args.inflight)
     return 0
