@@ -442,8 +442,7 @@ class TlsHandshake(ossl.ConnectionHooks):
                 FailureCause.MISSING_MATERIAL, "server has neither a certificate nor PSKs"
             )
         if not server and config.psk_keys:
-            allowed = {s.hash_name for s in config.ciphersuites}
-            usable = [k for k in config.psk_keys if self._client_binding(k) in allowed]
+            usable = [k for k in config.psk_keys if config.suites_for(self._client_binding(k))]
             if not usable:
                 raise HandshakeError(
                     FailureCause.MISSING_MATERIAL,
