@@ -158,7 +158,11 @@ def measure_ktlsd(
 
         async def main() -> None:
             nonlocal spent
-            await handshake_pairs(connect_pairs(listener, 20), client, server)  # warm-up
+            warm_up = connect_pairs(listener, 20)
+            await handshake_pairs(warm_up, client, server, strict=strict)
+            for a, b in warm_up:
+                a.close()
+                b.close()
             done = 0
             while done < count:
                 pairs = connect_pairs(listener, min(BATCH, count - done))
