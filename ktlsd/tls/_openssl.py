@@ -687,6 +687,20 @@ def _output_buffer() -> tuple[ctypes.Array[ctypes.c_char], memoryview]:
     return pair
 
 
+def _read_bio(bio: int) -> bytes:
+    """Everything a memory BIO holds, read through this thread's output buffer."""
+    buf, view = _output_buffer()
+    n = BIO_read(bio, buf, _OUTPUT_CHUNK)
+    if n <= 0:
+        return b""
+    if n < _OUTPUT_CHUNK:
+        return view[:n].tobytes()
+    parts = [view.tobytes()]
+    while (n := BIO_read(bio, buf, _OUTPUT_CHUNK)) > 0:
+        parts.append(view[:n].tobytes())
+    return b"".join(parts)
+
+
 class HandshakeStep:
     """Outcome of one :meth:`SslConnection.do_handshake` call."""
 
@@ -797,16 +811,7 @@ class SslConnection:
 
     def take_output(self) -> bytes:
         """Everything OpenSSL wants sent to the peer so far."""
-        buf, view = _output_buffer()
-        n = BIO_read(self._wbio, buf, _OUTPUT_CHUNK)
-        if n <= 0:
-            return b""
-        if n < _OUTPUT_CHUNK:
-            return view[:n].tobytes()
-        parts = [view.tobytes()]
-        while (n := BIO_read(self._wbio, buf, _OUTPUT_CHUNK)) > 0:
-            parts.append(view[:n].tobytes())
-        return b"".join(parts)
+        return _read_bio(self._wbio)
 
     def step(self, data: memoryview | None = None) -> tuple[str, bytes, int]:
         """:meth:`feed` ``data`` (if any), :meth:`do_handshake`, :meth:`take_output`: one call
@@ -817,7 +822,7 @@ class SslConnection:
         if data is not None:
             size = data.nbytes
             if size:
-                try:
+                try:  # a writable buffer goes to C in place; ``data`` keeps it alive
                     source: bytes | int = ctypes.addressof(ctypes.c_char.from_buffer(data))
                 except TypeError:  # a read-only buffer
                     source = data.tobytes()
@@ -835,14 +840,7 @@ class SslConnection:
                 step = HandshakeStep.FAILED
                 self.last_error = code
                 self.errors = drain_errors()
-        buf, view = _output_buffer()
-        n = BIO_read(self._wbio, buf, _OUTPUT_CHUNK)
-        if n <= 0:
-            out = b""
-        elif n < _OUTPUT_CHUNK:
-            out = view[:n].tobytes()
-        else:
-            out = view.tobytes() + self.take_output()
+        out = _read_bio(self._wbio)
         return step, out, (int(BIO_ctrl_pending(rbio)) if data is not None else 0)
 
     def do_handshake(self) -> str:
