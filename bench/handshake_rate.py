@@ -20,6 +20,7 @@ median of the per-round ratios.
     python bench/handshake_rate.py --inflight 64        # also ktlsd with 64 handshakes at once
     python bench/handshake_rate.py --profile psk        # cProfile: top functions per handshake
     python bench/handshake_rate.py --breakdown          # where ktlsd's CPU goes, see below
+    python bench/handshake_rate.py --per-end            # each end against the C floor's other
     python bench/handshake_rate.py --rss 2000           # leak check: RSS over N handshakes
 
 ``--breakdown`` measures, per case and round: ktlsd's CPU inside ``SSL_do_handshake`` (thread
@@ -29,6 +30,11 @@ the C floor's own time inside ``SSL_do_handshake``, and an asyncio floor: both e
 the driver does (a future, a timer, a reader registration, peek and consume, send) for three
 flights of the real handshake's sizes, without TLS. Timing the calls costs a little CPU of its
 own, so these figures are a breakdown, not the headline.
+
+``--per-end`` runs one end in ktlsd and the other in the C floor program (its own process),
+then the other way round: ktlsd's client against the C server, the C client against ktlsd's
+server. Each process counts its own CPU per handshake (connecting and closing included), so
+each of ktlsd's ends stands next to the C floor's same end.
 """
 
 from __future__ import annotations
@@ -348,6 +354,71 @@ def breakdown(material: Material, cases: list[str], rounds: int, count: int) -> 
         print(f"  ktlsd inside SSL_do_handshake / C floor: {statistics.median(inside_ratio):.2f}")
 
 
+async def _ktlsd_end(role: Role, config: TlsConfig, count: int, port: int,
+                     listener: socket.socket | None) -> float:
+    """ktlsd's end of ``count`` (+20 warm-up) handshakes against the C floor's process."""
+    loop = asyncio.get_running_loop()
+    before = 0.0
+    for i in range(count + 20):
+        if i == 20:
+            before = cpu_seconds()
+        if listener is not None:
+            sock, _ = await loop.sock_accept(listener)
+        else:
+            sock = socket.socket()
+            sock.connect(("127.0.0.1", port))
+        with sock:
+            await perform_handshake(sock, config, timeout=30)
+    return (cpu_seconds() - before) * 1e6 / count
+
+
+def per_end(material: Material, cases: list[str], rounds: int, count: int) -> None:
+    floor = cfloor.build("handshake_floor")
+    print(f"CPU per handshake of each end alone (us), ktlsd against the C floor's other end, "
+          f"{count} handshakes per figure, {rounds} rounds; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    for case in cases:
+        client_config, server_config = material.configs[case]
+        figures: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            # ktlsd's server, the C floor's client
+            with socket.socket() as listener:
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(64)
+                listener.setblocking(False)
+                port = listener.getsockname()[1]
+                c_client = subprocess.Popen(
+                    [str(floor), *material.floor_args(case, count)],
+                    env={**os.environ, "KTLSD_FLOOR_END": f"client:{port}"},
+                    stdout=subprocess.PIPE, text=True,
+                )
+                ours = asyncio.run(_ktlsd_end(Role.SERVER, server_config, count, port, listener))
+                out, _ = c_client.communicate(timeout=600)
+            figures.setdefault("ktlsd server", []).append(ours)
+            figures.setdefault("C server", [])
+            figures.setdefault("C client", []).append(float(out.split()[1]))
+            # ktlsd's client, the C floor's server
+            c_server = subprocess.Popen(
+                [str(floor), *material.floor_args(case, count)],
+                env={**os.environ, "KTLSD_FLOOR_END": "server"},
+                stdout=subprocess.PIPE, text=True,
+            )
+            assert c_server.stdout is not None
+            port = int(c_server.stdout.readline().split()[1])
+            ours = asyncio.run(_ktlsd_end(Role.CLIENT, client_config, count, port, None))
+            out, _ = c_server.communicate(timeout=600)
+            figures.setdefault("ktlsd client", []).append(ours)
+            figures["C server"].append(float(out.split()[1]))
+        print(f"{case}: client: ktlsd {spread(figures['ktlsd client'])}, C floor "
+              f"{spread(figures['C client'])}; server: ktlsd {spread(figures['ktlsd server'])}, "
+              f"C floor {spread(figures['C server'])}")
+        for end in ("client", "server"):
+            ratios = [k / c for k, c in zip(figures[f"ktlsd {end}"], figures[f"C {end}"],
+                                            strict=True)]
+            print(f"  ktlsd/C-floor {case} {end} end: {statistics.median(ratios):.2f} "
+                  f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+
+
 def child(case: str, count: int, inflight: int) -> None:
     """Measure ktlsd in this (fresh) process; print the figure like the C floor does."""
     with tempfile.TemporaryDirectory() as directory:
@@ -464,6 +535,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=15, help="functions shown by --profile")
     ap.add_argument("--rss", type=int, default=0, help="leak check over N handshakes per kind")
     ap.add_argument("--breakdown", action="store_true", help="where the CPU goes, per case")
+    ap.add_argument("--per-end", action="store_true", help="each end against the C floor's")
     ap.add_argument("--child", choices=(*CASES, "failing"), help=argparse.SUPPRESS)
     ap.add_argument("--child-inside", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -485,6 +557,8 @@ def main() -> int:
             rss_check(material, args.rss)
         elif args.breakdown:
             breakdown(material, cases, args.rounds, args.count)
+        elif args.per_end:
+            per_end(material, cases, args.rounds, args.count)
         else:
             compare(material, cases, args.rounds, args.count, args.inflight)
     return 0

@@ -12,6 +12,11 @@
  * the CPU time spent inside SSL_do_handshake is measured too (CLOCK_THREAD_CPUTIME_ID around
  * each call, which costs a little) and printed as "inside_us_per_handshake <f>".
  *
+ * One end only, against a peer in another process (KTLSD_FLOOR_END): "server" prints
+ * "port <n>", then accepts N+20 connections on it; "client:<port>" connects N+20 times. Each
+ * connection: blocking SSL_accept / SSL_connect, SSL_free, close. The last line gives this
+ * process's CPU per handshake over the last N (connecting and closing included).
+ *
  * Each handshake runs on a fresh TCP loopback connection made beforehand (connections are made
  * and closed 100 at a time, outside the measured spans): SSL_new on both ends over the sockets
  * (non-blocking), SSL_do_handshake on client and server in turn until both are done, SSL_free.
@@ -199,6 +204,43 @@ static double run(int listener, const struct sockaddr_in *addr, SSL_CTX *cctx, S
     return cpu;
 }
 
+/* One end of n handshakes against a peer process: see the header. */
+static void one_end(const char *end, SSL_CTX *cctx, SSL_CTX *sctx, int x509, long n)
+{
+    int server = strcmp(end, "server") == 0;
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof addr;
+    int listener = -1;
+    if (server) {
+        listener = socket(AF_INET, SOCK_STREAM, 0);
+        if (listener < 0 || bind(listener, (struct sockaddr *)&addr, sizeof addr) != 0 ||
+            listen(listener, 64) != 0 || getsockname(listener, (struct sockaddr *)&addr, &len))
+            die("listen");
+        printf("port %d\n", ntohs(addr.sin_port));
+        fflush(stdout);
+    } else if (strncmp(end, "client:", 7) == 0) {
+        addr.sin_port = htons((unsigned short)atoi(end + 7));
+    } else {
+        die("KTLSD_FLOOR_END must be server or client:PORT");
+    }
+    double cpu0 = 0;
+    for (long i = 0; i < n + 20; i++) {
+        if (i == 20)
+            cpu0 = cpu_seconds();
+        int fd = server ? accept(listener, NULL, NULL) : socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0 || (!server && connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0))
+            die("connect/accept");
+        SSL *ssl = SSL_new(server ? sctx : cctx);
+        if (!ssl || !SSL_set_fd(ssl, fd) || (!server && x509 && !SSL_set1_host(ssl, "localhost")))
+            die("SSL_new");
+        if ((server ? SSL_accept(ssl) : SSL_connect(ssl)) != 1)
+            die("handshake failed");
+        SSL_free(ssl);
+        close(fd);
+    }
+    printf("cpu_us_per_handshake %.1f handshakes %ld\n", (cpu_seconds() - cpu0) * 1e6 / n, n);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3)
@@ -225,6 +267,10 @@ int main(int argc, char **argv)
         SSL_CTX_set_psk_use_session_callback(cctx, use_psk);
     }
 
+    if (getenv("KTLSD_FLOOR_END")) {
+        one_end(getenv("KTLSD_FLOOR_END"), cctx, sctx, x509, n);
+        return 0;
+    }
     int listener = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     socklen_t len = sizeof addr;
