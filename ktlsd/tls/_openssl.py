@@ -86,9 +86,11 @@ SSL_ERROR_WANT_WRITE = 3
 SSL_ERROR_SYSCALL = 5
 SSL_ERROR_ZERO_RETURN = 6
 
-SSL_CB_READ = 0x04
-SSL_CB_WRITE = 0x08
-SSL_CB_ALERT = 0x4000
+# A fatal alert from the peer is queued as an SSL library error with this reason plus the
+# alert's description (SSL_AD_REASON_OFFSET in ssl.h).
+ERR_LIB_SSL = 20
+SSL_AD_REASON_OFFSET = 1000
+ERR_SYSTEM_FLAG = 0x80000000
 
 SSL_CLIENT_HELLO_SUCCESS = 1
 SSL_CLIENT_HELLO_ERROR = 0
@@ -103,7 +105,6 @@ TLSEXT_TYPE_pre_shared_key = 41
 
 # --- callback types -----------------------------------------------------------------------------
 KEYLOG_CB = ctypes.CFUNCTYPE(None, c_void_p, c_char_p)
-INFO_CB = ctypes.CFUNCTYPE(None, c_void_p, c_int, c_int)
 # int (*)(SSL *, const EVP_MD *, const unsigned char **id, size_t *idlen, SSL_SESSION **)
 PSK_USE_CB = ctypes.CFUNCTYPE(
     c_int, c_void_p, c_void_p, POINTER(c_void_p), POINTER(c_size_t), POINTER(c_void_p)
@@ -170,7 +171,6 @@ SSL_CTX_set_options = _bind(_ssl, "SSL_CTX_set_options", c_uint64, c_void_p, c_u
 SSL_CTX_set_ciphersuites = _bind(_ssl, "SSL_CTX_set_ciphersuites", c_int, c_void_p, c_char_p)
 SSL_CTX_set_num_tickets = _bind(_ssl, "SSL_CTX_set_num_tickets", c_int, c_void_p, c_size_t)
 SSL_CTX_set_keylog_callback = _bind(_ssl, "SSL_CTX_set_keylog_callback", None, c_void_p, KEYLOG_CB)
-SSL_CTX_set_info_callback = _bind(_ssl, "SSL_CTX_set_info_callback", None, c_void_p, INFO_CB)
 SSL_CTX_set_psk_use_session_callback = _bind(
     _ssl, "SSL_CTX_set_psk_use_session_callback", None, c_void_p, PSK_USE_CB
 )
@@ -257,20 +257,28 @@ class QueuedError:
 
     @property
     def library(self) -> int:
-        # ERR_GET_LIB in OpenSSL 3: bits 23..30 (system errors aside).
+        # ERR_GET_LIB in OpenSSL 3 (system errors aside).
         return (self.code >> 23) & 0xFF
+
+    @property
+    def received_alert(self) -> int | None:
+        """The description of the fatal alert from the peer this error reports, if it does."""
+        if self.code & ERR_SYSTEM_FLAG or self.library != ERR_LIB_SSL:
+            return None
+        alert = self.reason_code - SSL_AD_REASON_OFFSET
+        return alert if 0 <= alert < 256 else None
 
 
 def drain_errors() -> list[QueuedError]:
     """Empty this thread's OpenSSL error queue and return what was in it."""
     errors: list[QueuedError] = []
-    buf = ctypes.create_string_buffer(256)
     while True:
         code = ERR_get_error()
         if code == 0:
             return errors
         reason = ERR_reason_error_string(code)
         if reason is None:
+            buf = ctypes.create_string_buffer(256)
             ERR_error_string_n(code, buf, len(buf))
             text = buf.value.decode("ascii", "replace")
         else:
@@ -327,12 +335,6 @@ class ConnectionHooks:
     they are stored in ``SslConnection.callback_error`` and the callback reports failure.
     """
 
-    def on_keylog(self, line: str) -> None:  # pragma: no cover - default no-op
-        pass
-
-    def on_alert(self, sent: bool, level: int, description: int) -> None:  # pragma: no cover
-        pass
-
     def psk_for_client(self, md_size: int | None) -> tuple[bytes, bytes, int] | None:
         """Client: (identity, key, cipher code) to offer, or None."""
         return None
@@ -375,24 +377,18 @@ def _make_psk_session(ssl: int, key: bytes, cipher_code: int) -> int:
     return int(sess)
 
 
+# The keylog lines the hand-off needs. OpenSSL logs five secrets per handshake and end (the
+# handshake traffic secrets and the exporter secret too); the callback drops the other three
+# at the first bytes and keeps these two lines unparsed: they are parsed once, at the end.
+TRAFFIC_SECRET_LABELS = (b"CLIENT_TRAFFIC_SECRET_0", b"SERVER_TRAFFIC_SECRET_0")
+_TRAFFIC_SECRET_PREFIXES = tuple(label + b" " for label in TRAFFIC_SECRET_LABELS)
+
+
 def _keylog_cb(ssl: int | None, line: bytes | None) -> None:
-    conn = _lookup(ssl)
-    if conn is not None and line:
-        try:
-            conn.hooks.on_keylog(line.decode("ascii", "replace"))
-        except Exception as exc:  # never let an exception unwind into C
-            conn.callback_error = exc
-
-
-def _info_cb(ssl: int | None, where: int, ret: int) -> None:
-    if not where & SSL_CB_ALERT:
-        return
-    conn = _lookup(ssl)
-    if conn is not None:
-        try:
-            conn.hooks.on_alert(bool(where & SSL_CB_WRITE), (ret >> 8) & 0xFF, ret & 0xFF)
-        except Exception as exc:
-            conn.callback_error = exc
+    if line and line.startswith(_TRAFFIC_SECRET_PREFIXES):
+        conn = _lookup(ssl)
+        if conn is not None:
+            conn.secret_lines.append(line)
 
 
 def _psk_use_cb(ssl, md, id_out, idlen_out, sess_out) -> int:  # type: ignore[no-untyped-def]
@@ -479,7 +475,6 @@ def _no_password_cb(_buf: int | None, _size: int, _rwflag: int, _u: int | None) 
 # Module-level C callback objects: alive for the life of the process, so OpenSSL can never call
 # a freed trampoline.
 _KEYLOG = KEYLOG_CB(_keylog_cb)
-_INFO = INFO_CB(_info_cb)
 _PSK_USE = PSK_USE_CB(_psk_use_cb)
 _PSK_FIND = PSK_FIND_CB(_psk_find_cb)
 _CLIENT_HELLO = CLIENT_HELLO_CB(_client_hello_cb)
@@ -565,8 +560,9 @@ class SslContext:
                 SSL_CTX_set_psk_use_session_callback(ctx, _PSK_USE)
             # Send exactly the configured chain; don't complete it from the trust store.
             SSL_CTX_ctrl(ctx, SSL_CTRL_MODE, SSL_MODE_NO_AUTO_CHAIN, None)
+            # No info callback: OpenSSL calls it at every state change (about 15 times per
+            # handshake and end); received alerts are read from the error queue instead.
             SSL_CTX_set_keylog_callback(ctx, _KEYLOG)
-            SSL_CTX_set_info_callback(ctx, _INFO)
         except BaseException:
             self.free()
             raise
@@ -675,6 +671,36 @@ class SslContext:
 
 
 # --- SSL -----------------------------------------------------------------------------------------
+_BIO_MEM = BIO_s_mem()  # a static method table inside libcrypto
+
+# Output is read from the write BIO through one buffer per thread, allocated once.
+_OUTPUT_CHUNK = 1 << 14
+_per_thread = threading.local()
+
+
+def _output_buffer() -> tuple[ctypes.Array[ctypes.c_char], memoryview]:
+    try:
+        pair: tuple[ctypes.Array[ctypes.c_char], memoryview] = _per_thread.output
+    except AttributeError:
+        buf = ctypes.create_string_buffer(_OUTPUT_CHUNK)
+        pair = _per_thread.output = (buf, memoryview(buf).cast("B"))
+    return pair
+
+
+def _read_bio(bio: int) -> bytes:
+    """Everything a memory BIO holds, read through this thread's output buffer."""
+    buf, view = _output_buffer()
+    n = BIO_read(bio, buf, _OUTPUT_CHUNK)
+    if n <= 0:
+        return b""
+    if n < _OUTPUT_CHUNK:
+        return view[:n].tobytes()
+    parts = [view.tobytes()]
+    while (n := BIO_read(bio, buf, _OUTPUT_CHUNK)) > 0:
+        parts.append(view[:n].tobytes())
+    return b"".join(parts)
+
+
 class HandshakeStep:
     """Outcome of one :meth:`SslConnection.do_handshake` call."""
 
@@ -696,12 +722,15 @@ class SslConnection:
         self.keep_alive: list[object] = []
         self.callback_error: Exception | None = None
         self.errors: list[QueuedError] = []
+        self.last_error = SSL_ERROR_NONE  # SSL_get_error after the last failed step
+        # Keylog lines of the two application traffic secrets (see traffic_secrets).
+        self.secret_lines: list[bytes] = []
         ssl = SSL_new(ctx.ptr)
         if not ssl:
             raise _fail("SSL_new")
         self._ptr: int | None = ssl
-        rbio = BIO_new(BIO_s_mem())
-        wbio = BIO_new(BIO_s_mem())
+        rbio = BIO_new(_BIO_MEM)
+        wbio = BIO_new(_BIO_MEM)
         if not rbio or not wbio:
             for bio in (rbio, wbio):
                 if bio:
@@ -731,13 +760,15 @@ class SslConnection:
             SSL_free(self._ptr)
             self._ptr = None
             self.keep_alive.clear()
+            self.secret_lines.clear()
 
     def __del__(self) -> None:
         self.free()
 
     # configuration
-    def set_ciphersuites(self, names: str) -> None:
-        _check(SSL_set_ciphersuites(self.ptr, names.encode()), "cannot set cipher suites")
+    def set_ciphersuites(self, names: str | bytes) -> None:
+        encoded = names.encode() if isinstance(names, str) else names
+        _check(SSL_set_ciphersuites(self.ptr, encoded), "cannot set cipher suites")
 
     def set_expected_host(self, name: str) -> None:
         _check(SSL_set1_host(self.ptr, name.encode()), f"cannot set expected host {name!r}")
@@ -754,9 +785,24 @@ class SslConnection:
         _check(int(ok), "cannot set server name")
 
     # the handshake
-    def feed(self, data: bytes) -> None:
-        """Give OpenSSL bytes that arrived from the peer."""
-        if BIO_write(self._rbio, data, len(data)) != len(data):
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Give OpenSSL bytes that arrived from the peer (copied; no reference is kept).
+
+        A writable buffer (a bytearray or a memoryview of one) is handed to C in place.
+        """
+        size = data.nbytes if isinstance(data, memoryview) else len(data)
+        if not size:
+            return
+        source: bytes | int
+        if isinstance(data, bytes):
+            source = data
+        else:
+            try:
+                source = ctypes.addressof(ctypes.c_char.from_buffer(data))
+            except TypeError:  # a read-only buffer
+                data = source = bytes(data)
+        # ``data`` holds the buffer until BIO_write has copied it.
+        if BIO_write(self._rbio, source, size) != size:
             raise _fail("BIO_write")
 
     def unread_input(self) -> int:
@@ -765,23 +811,50 @@ class SslConnection:
 
     def take_output(self) -> bytes:
         """Everything OpenSSL wants sent to the peer so far."""
-        pending = int(BIO_ctrl_pending(self._wbio))
-        if pending == 0:
-            return b""
-        buf = ctypes.create_string_buffer(pending)
-        n = BIO_read(self._wbio, buf, pending)
-        return buf.raw[: max(n, 0)]
+        return _read_bio(self._wbio)
+
+    def step(self, data: memoryview | None = None) -> tuple[str, bytes, int]:
+        """:meth:`feed` ``data`` (if any), :meth:`do_handshake`, :meth:`take_output`: one call
+        per flight; returns the step, the output and how many fed bytes OpenSSL left unread."""
+        ssl, rbio = self._ptr, self._rbio
+        if ssl is None:
+            raise ValueError("SSL already freed")
+        if data is not None:
+            size = data.nbytes
+            if size:
+                try:  # a writable buffer goes to C in place; ``data`` keeps it alive
+                    source: bytes | int = ctypes.addressof(ctypes.c_char.from_buffer(data))
+                except TypeError:  # a read-only buffer
+                    source = data.tobytes()
+                if BIO_write(rbio, source, size) != size:
+                    raise _fail("BIO_write")
+        ERR_clear_error()  # SSL_get_error reads the queue: start it empty
+        ret = SSL_do_handshake(ssl)
+        if ret == 1:
+            step = HandshakeStep.DONE
+        else:
+            code = SSL_get_error(ssl, ret)
+            if code == SSL_ERROR_WANT_READ:
+                step = HandshakeStep.WANT_READ
+            else:
+                step = HandshakeStep.FAILED
+                self.last_error = code
+                self.errors = drain_errors()
+        out = _read_bio(self._wbio)
+        return step, out, (int(BIO_ctrl_pending(rbio)) if data is not None else 0)
 
     def do_handshake(self) -> str:
-        """Advance the handshake; on FAILED, :attr:`errors` holds OpenSSL's error queue."""
-        ERR_clear_error()
-        ret = SSL_do_handshake(self.ptr)
+        """Advance the handshake; on FAILED, :attr:`errors` holds OpenSSL's error queue and
+        :attr:`last_error` the ``SSL_ERROR_*`` code."""
+        ssl = self.ptr
+        ERR_clear_error()  # SSL_get_error reads the queue: start it empty
+        ret = SSL_do_handshake(ssl)
         if ret == 1:
             return HandshakeStep.DONE
-        code = SSL_get_error(self.ptr, ret)
+        code = SSL_get_error(ssl, ret)
         if code == SSL_ERROR_WANT_READ:
-            drain_errors()
             return HandshakeStep.WANT_READ
+        self.last_error = code
         self.errors = drain_errors()
         return HandshakeStep.FAILED
 
@@ -791,9 +864,37 @@ class SslConnection:
         return int(SSL_CIPHER_get_protocol_id(cipher)) if cipher else 0
 
     def client_random(self) -> bytes:
-        buf = ctypes.create_string_buffer(32)
+        buf, view = _output_buffer()
         n = SSL_get_client_random(self.ptr, buf, 32)
-        return buf.raw[:n]
+        return view[:n].tobytes()
+
+    def traffic_secrets(self) -> tuple[bytes, bytes] | None:
+        """The client and server application traffic secrets OpenSSL logged for this
+        connection, or None when either is missing or was logged with another client random."""
+        random_hex = self.client_random().hex().encode()
+        found: dict[bytes, bytes] = {}
+        for line in self.secret_lines:
+            fields = line.split(b" ")
+            if len(fields) == 3 and fields[1].lower() == random_hex:
+                try:
+                    found[fields[0]] = bytes.fromhex(fields[2].decode("ascii"))
+                except (UnicodeDecodeError, ValueError):
+                    return None
+        client, server = (found.get(label) for label in TRAFFIC_SECRET_LABELS)
+        if not client or not server:
+            return None
+        return client, server
+
+    def received_alert(self) -> int | None:
+        """The alert the peer sent that ended the last (failed) step, if any: close_notify (0)
+        or the fatal alert OpenSSL queued as an error."""
+        for error in self.errors:
+            alert = error.received_alert
+            if alert is not None:
+                return alert
+        if self.last_error == SSL_ERROR_ZERO_RETURN:
+            return 0  # close_notify
+        return None
 
     def verify_result(self) -> int:
         return int(SSL_get_verify_result(self.ptr))

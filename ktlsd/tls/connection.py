@@ -76,6 +76,7 @@ __all__ = [
     "DEFAULT",
     "DEFAULT_REKEY_AFTER_RECORDS",
     "Action",
+    "SendData",
     "SendRecord",
     "SwitchTxKey",
     "TlsConnection",
@@ -119,6 +120,21 @@ class SendRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class SendData:
+    """Action: write ``payload`` as application data, ``records`` records of at most 2^14
+    bytes each, in as few writes as the record layer can (:meth:`RecordLayer.send_data`).
+
+    ``repr`` shows the payload's length only.
+    """
+
+    payload: bytes | memoryview = field(repr=False)
+    records: int
+
+    def __repr__(self) -> str:
+        return f"SendData(<{len(self.payload)} bytes>, records={self.records})"
+
+
+@dataclass(frozen=True, slots=True)
 class SwitchTxKey:
     """Action: our KeyUpdate is out; move the transmit direction to its next key (sequence 0).
 
@@ -130,7 +146,10 @@ class SwitchTxKey:
 
 
 #: What the sans-I/O core asks its drivers to do, in order.
-Action = SendRecord | SwitchTxKey
+Action = SendRecord | SendData | SwitchTxKey
+
+#: Application data records sealed and written at once, at most (256 KiB of data).
+BATCH_RECORDS: Final = 16
 
 
 class TlsProtocolError(OSError):
@@ -270,6 +289,8 @@ class TlsConnection:
                 self._count_tx(len(action.payload))
             case SendRecord():
                 pass
+            case SendData(payload=payload, records=records):
+                self._count_tx(len(payload), records)
             case SwitchTxKey(request_peer=request_peer):
                 self._advance(tx=True)
                 self._key_updates_sent += 1
@@ -297,34 +318,65 @@ class TlsConnection:
             and self._tx_bytes_key + upcoming_bytes > size
         )
 
-    def _plan_record(self, chunk: bytes) -> list[Action]:
-        actions = self._plan_due(len(chunk))
-        actions.append(SendRecord(ContentType.APPLICATION_DATA, chunk))
-        return actions
+    def _plan_data(self, view: memoryview) -> tuple[list[Action], int]:
+        """The actions for the next part of ``view``: the KeyUpdates due, then as many records
+        (up to :data:`BATCH_RECORDS`) as the transmit key may still protect. Returns them and
+        how many bytes of ``view`` they send."""
+        total = len(view)
+        actions = self._plan_due(min(total, MAX_PLAINTEXT))
+        # A KeyUpdate planned above starts the next key from zero.
+        used_records, used_bytes = (
+            (0, 0) if actions else (self._tx_records_key, self._tx_bytes_key)
+        )
+        limit_records, limit_bytes = self._rekey_records, self._rekey_bytes
+        records = min(BATCH_RECORDS, -(-total // MAX_PLAINTEXT))
+        size = min(total, records * MAX_PLAINTEXT)
+        if limit_bytes is not None or (
+            limit_records is not None and used_records + records > limit_records
+        ):
+            # Stop before the record that would wear the key out (the first one is fine:
+            # _plan_due rekeyed if it was not). The same rule as _tx_key_worn, per record.
+            records = size = 0
+            while size < total and records < BATCH_RECORDS:
+                chunk = min(MAX_PLAINTEXT, total - size)
+                if records and (
+                    (limit_records is not None and used_records + records >= limit_records)
+                    or (
+                        limit_bytes is not None
+                        and used_bytes + size > 0
+                        and used_bytes + size + chunk > limit_bytes
+                    )
+                ):
+                    break
+                records += 1
+                size += chunk
+        actions.append(SendData(view[:size], records))
+        return actions, size
 
-    def _count_tx(self, size: int) -> None:
-        self._records_sent += 1
+    def _count_tx(self, size: int, records: int = 1) -> None:
+        self._records_sent += records
         self._bytes_sent += size
-        self._tx_records_key += 1
+        self._tx_records_key += records
         self._tx_bytes_key += size
 
-    def _chunks(self, data: bytes) -> list[bytes]:
+    def _data_view(self, data: bytes | bytearray | memoryview) -> memoryview:
         self._check_usable()
         if self._closed:
             raise BrokenPipeError(errno.EPIPE, "TLS connection closed for sending")
-        view = memoryview(bytes(data))
-        return [bytes(view[i : i + MAX_PLAINTEXT]) for i in range(0, len(view), MAX_PLAINTEXT)]
+        view = memoryview(data)
+        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
     # -- sans-I/O core: receive ----------------------------------------------------------
 
-    def _on_record(self, record: Record) -> bytes | None:
-        """Digest one record: application bytes, b"" (nothing for the caller) or None (EOF)."""
+    def _on_record(self, record: Record, records: int = 1) -> bytes | None:
+        """Digest one record (or ``records`` records of application data merged into one):
+        application bytes, b"" (nothing for the caller) or None (EOF)."""
         if record.eof:
             return None
         if record.content_type == ContentType.APPLICATION_DATA:
-            self._records_received += 1
+            self._records_received += records
             self._bytes_received += len(record.data)
-            self._rx_records_key += 1
+            self._rx_records_key += records
             self._rx_bytes_key += len(record.data)
             if self._rx_key_worn() and not self._awaiting_peer:
                 self._request_due = True
@@ -418,15 +470,21 @@ class TlsConnection:
 
     def _run(self, actions: list[Action]) -> None:
         for action in actions:
-            if isinstance(action, SendRecord):
+            if isinstance(action, SendData):
+                self._layer.send_data(action.payload)
+            elif isinstance(action, SendRecord):
                 self._layer.send(action.payload, action.content_type)
             self._completed(action)
 
-    def send(self, data: bytes) -> None:
-        """Send application data (any length; records of at most 16 KiB)."""
-        for chunk in self._chunks(data):
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Send application data (any length; records of at most 16 KiB, written up to
+        :data:`BATCH_RECORDS` at a time)."""
+        view = self._data_view(data)
+        while view:
             with self._tx_lock:
-                self._run(self._plan_record(chunk))
+                actions, size = self._plan_data(view)
+                self._run(actions)
+            view = view[size:]
         self._flush_due()  # a reader may have made a KeyUpdate due while we held the lock
 
     def key_update(self, request_peer: bool = False) -> None:
@@ -480,9 +538,9 @@ class TlsConnection:
             if self._eof:
                 return b""
             self._check_usable()
-            record = self._layer.recv(MAX_PLAINTEXT)
+            record, records = self._layer.recv_many(max(bufsize, MAX_PLAINTEXT))
             try:
-                data = self._on_record(record)
+                data = self._on_record(record, records)
             except TlsProtocolError as exc:
                 self._send_alert(exc)
                 raise
@@ -515,15 +573,20 @@ class TlsConnection:
 
     async def _arun(self, actions: list[Action]) -> None:
         for action in actions:
-            if isinstance(action, SendRecord):
+            if isinstance(action, SendData):
+                await self._layer.asend_data(action.payload)
+            elif isinstance(action, SendRecord):
                 await self._layer.asend(action.payload, action.content_type)
             self._completed(action)
 
-    async def asend(self, data: bytes) -> None:
+    async def asend(self, data: bytes | bytearray | memoryview) -> None:
         """asyncio version of :meth:`send` (the layer's socket must be non-blocking)."""
-        for chunk in self._chunks(data):
+        view = self._data_view(data)
+        while view:
             async with self._alock():
-                await self._arun(self._plan_record(chunk))
+                actions, size = self._plan_data(view)
+                await self._arun(actions)
+            view = view[size:]
         await self._aflush_due()
 
     async def akey_update(self, request_peer: bool = False) -> None:
@@ -555,9 +618,9 @@ class TlsConnection:
             if self._eof:
                 return b""
             self._check_usable()
-            record = await self._layer.arecv(MAX_PLAINTEXT)
+            record, records = await self._layer.arecv_many(max(bufsize, MAX_PLAINTEXT))
             try:
-                data = self._on_record(record)
+                data = self._on_record(record, records)
             except TlsProtocolError as exc:
                 await self._asend_alert(exc)
                 raise

@@ -1,21 +1,30 @@
 """The TLS 1.3 handshake engine: a sans-I/O core over OpenSSL plus a thin asyncio driver.
 
-:class:`TlsHandshake` is the core. It never touches a socket: the driver gives it the peer's
-records one at a time and sends whatever it produces. That split is what makes the hand-off to a
-record layer exact: the driver reads exactly one TLS record (5-byte header, then the body) and
-only when OpenSSL asks for input, so when the handshake completes nothing after the handshake's
-last record has been taken from the socket. kTLS (or ktlsd's user-space record layer) then starts
-at exactly the next record, with sequence numbers 0/0:
+:class:`TlsHandshake` is the core. It never touches a socket: the driver gives it the bytes the
+peer sent and sends whatever it produces. :meth:`TlsHandshake.receive` takes any number of
+records at once (all complete ones go to OpenSSL in one step) and says how many bytes it took.
+That is what makes the hand-off to a record layer exact: OpenSSL reads one record at a time
+from its memory BIO and stops after the handshake's last one, so once the handshake completes
+the bytes after that record are not taken. The driver peeks at the socket (``MSG_PEEK``) and
+then consumes exactly the bytes the core took, so nothing after the handshake's last record
+leaves the socket. kTLS (or ktlsd's user-space record layer) then starts at exactly the next
+record, with sequence numbers 0/0:
 
 * as a server we send no NewSessionTicket (``SSL_CTX_set_num_tickets(0)``), so our first
   application record is record 0 under the application secret;
 * as a client, tickets a server sends after its Finished stay unread in the socket. The record
   layer reads them at receive sequence 0, 1, ... as handshake-type records and skips them.
 
+An incomplete record at the end of what was peeked is taken (and held by the core) only while
+the handshake still wants input: then the next record can only belong to the handshake.
+
 :func:`perform_handshake` is the asyncio driver. The socket belongs to someone else (a kernel fd,
 or an fd shared over ``SCM_RIGHTS`` with a consumer process), so the driver never changes its
 ``O_NONBLOCK`` flag: every ``recv``/``send`` carries ``MSG_DONTWAIT`` and waits for readiness
-with ``loop.add_reader``/``add_writer``. Many handshakes therefore share one event loop.
+with ``loop.add_reader``/``add_writer``. It runs in event-loop callbacks, one turn per flight
+the peer sends (peek, hand over, consume, answer). Many handshakes therefore share one event
+loop. The traffic secrets come from OpenSSL's keylog callback, which OpenSSL calls five times
+per handshake and end; the two lines needed are kept as they come and parsed once, at the end.
 
 External PSKs. OpenSSL's public API offers exactly one external PSK per ClientHello: the
 ``psk_use_session`` callback returns a single identity (a resumption ticket is the only other
@@ -43,10 +52,13 @@ legacy binding was used. Nothing is guessed by retrying.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import functools
 import hashlib
 import ipaddress
 import logging
 import socket
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -81,7 +93,9 @@ log = logging.getLogger(__name__)
 HashName = Literal["sha256", "sha384"]
 ClientAuth = Literal["none", "request", "require"]
 
-_RECORD_TYPES = frozenset(ContentType)
+_RECORD_TYPES = frozenset(int(t) for t in ContentType)
+_MAJOR_VERSION = ProtocolVersion.TLS_1_2 >> 8  # any 3.x: a ClientHello may say 3.1
+_RECORD_HEADER = struct.Struct(">BHH")  # content type, legacy version, length
 
 # Alerts received that mean the peer refused us (rather than a protocol error).
 _REJECTION_ALERTS = frozenset(
@@ -185,6 +199,12 @@ class TlsConfig:
     ciphersuites: tuple[CipherSuite, ...] = _ALL_SUITES
     groups: str | None = None
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
+    # Derived once here rather than in every handshake (not settings: not compared or shown):
+    # the configured suites of each hash with their OpenSSL list, and the context cache key.
+    _suites_by_hash: dict[str, tuple[tuple[CipherSuite, ...], bytes]] = field(
+        init=False, repr=False, compare=False
+    )
+    _context_key: _ContextKey = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.legacy_psk_sha384 not in LEGACY_PSK_SHA384_MODES:
@@ -201,6 +221,20 @@ class TlsConfig:
         for suite in self.ciphersuites:
             if not isinstance(suite, CipherSuite):
                 raise ValueError(f"not a CipherSuite: {suite!r}")
+        by_hash = {}
+        for hash_name in ("sha256", "sha384"):
+            suites = tuple(s for s in self.ciphersuites if s.hash_name == hash_name)
+            by_hash[hash_name] = (suites, _suite_names(suites).encode())
+        object.__setattr__(self, "_suites_by_hash", by_hash)
+        object.__setattr__(self, "_context_key", _ContextKey(self))
+
+    def suites_for(self, hash_name: str) -> tuple[CipherSuite, ...]:
+        """The configured suites whose hash is ``hash_name`` (for a PSK bound to it)."""
+        return self._suites_by_hash[hash_name][0]
+
+    def suite_list_for(self, hash_name: str) -> bytes:
+        """:meth:`suites_for` as an OpenSSL cipher suite list."""
+        return self._suites_by_hash[hash_name][1]
 
     @property
     def uses_psk(self) -> bool:
@@ -213,12 +247,24 @@ def _suite_names(suites: tuple[CipherSuite, ...]) -> str:
     return ":".join(s.iana_name for s in suites)
 
 
+_SUITES_BY_CODE = {suite.code: suite for suite in CipherSuite}
+
+
+@functools.lru_cache(maxsize=256)
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 # --- SSL_CTX cache --------------------------------------------------------------------------------
 # Building an SSL_CTX (parsing the chain, loading a truststore) costs more than a handshake's CPU,
 # so contexts are shared between handshakes with the same non-PSK settings. PSK keys never enter
 # the context or the cache key: they are handed out per connection by callbacks.
 _CTX_CACHE_SIZE = 32
-_ctx_cache: OrderedDict[tuple[object, ...], ossl.SslContext] = OrderedDict()
+_ctx_cache: OrderedDict[_ContextKey, ossl.SslContext] = OrderedDict()
 _ctx_lock = threading.Lock()
 
 
@@ -227,20 +273,44 @@ def _digest(contents: bytes | None) -> bytes | None:
     return None if contents is None else hashlib.sha256(contents).digest()
 
 
-def _context_key(config: TlsConfig) -> tuple[object, ...]:
-    return (
-        config.role,
-        config.credentials,
-        config.truststore,
-        config.crl,
-        _digest(config.truststore_contents),
-        _digest(config.crl_contents),
-        config.client_auth,
-        config.verify_peer,
-        config.ciphersuites,
-        config.groups,
-        config.uses_psk,
-    )
+_ctx_hits = _ctx_misses = 0
+
+
+class _ContextKey:
+    """The settings an SSL_CTX is built from, with the hash computed once (a configuration is
+    looked up once per handshake; hashing its enums and credentials each time adds up)."""
+
+    __slots__ = ("_hash", "settings")
+
+    def __init__(self, config: TlsConfig) -> None:
+        self.settings = (
+            config.role,
+            config.credentials,
+            config.truststore,
+            config.crl,
+            _digest(config.truststore_contents),
+            _digest(config.crl_contents),
+            config.client_auth,
+            config.verify_peer,
+            config.ciphersuites,
+            config.groups,
+            config.uses_psk,
+        )
+        self._hash = hash(self.settings)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ContextKey) and (
+            other is self or (other._hash == self._hash and other.settings == self.settings)
+        )
+
+
+def context_cache_stats() -> tuple[int, int, int]:
+    """``(hits, misses, contexts held)`` of the SSL_CTX cache since the process started."""
+    with _ctx_lock:
+        return _ctx_hits, _ctx_misses, len(_ctx_cache)
 
 
 def _build_context(config: TlsConfig) -> ossl.SslContext:
@@ -302,12 +372,15 @@ def prepare_context(config: TlsConfig) -> None:
 
 
 def _get_context(config: TlsConfig) -> ossl.SslContext:
-    key = _context_key(config)
+    global _ctx_hits, _ctx_misses
+    key = config._context_key
     with _ctx_lock:
         ctx = _ctx_cache.get(key)
         if ctx is not None:
+            _ctx_hits += 1
             _ctx_cache.move_to_end(key)
             return ctx
+        _ctx_misses += 1
     ctx = _build_context(config)
     with _ctx_lock:
         _ctx_cache[key] = ctx
@@ -327,20 +400,29 @@ def clear_context_cache() -> None:
 class TlsHandshake(ossl.ConnectionHooks):
     """One TLS 1.3 handshake, driven by records in and bytes out; no I/O of its own.
 
-    Use: ``data = hs.start()``; send it; while not ``hs.complete``: read one record, ``data =
-    hs.receive_record(record)``, send ``data``; then ``hs.check()`` (raises on failure) and
-    ``hs.session()``. Always call :meth:`close` (or use it as a context manager).
+    Use: ``data = hs.start()``; send it; while :attr:`wants_input`: ``taken, data =
+    hs.receive(received)``, drop ``taken`` bytes of what was received, send ``data``; then
+    ``hs.check()`` (raises on failure) and ``hs.session()``. :meth:`receive_record` is the same
+    for exactly one complete record. Always call :meth:`close` (or use it as a context manager).
     """
 
-    def __init__(self, config: TlsConfig, *, peer: str | None = None) -> None:
+    def __init__(
+        self,
+        config: TlsConfig,
+        *,
+        peer: str | None = None,
+        peer_socket: socket.socket | None = None,
+    ) -> None:
         self.config = config
         self.role = config.role
-        self.peer = peer or "(no address)"  # the peer's address, for log lines
+        # The peer's address for log lines and reasons: ``peer``, or looked up from
+        # ``peer_socket`` when first needed (most handshakes never need it).
+        self._peer = peer
+        self._peer_socket = peer_socket
         self.complete = False
         self.failure: HandshakeError | None = None
-        self._secrets: dict[str, bytes] = {}
-        self._alert_received: int | None = None
-        self._alert_sent: int | None = None
+        self._secrets: tuple[bytes, bytes] | None = None  # (client, server) traffic secrets
+        self._held = bytearray()  # an incomplete record taken by receive(), see there
         self._offered_psk: PskKey | None = None
         self._selected_psk: PskKey | None = None
         # The hash the offered/selected PSK is bound to (binder, key schedule, suites): the
@@ -360,8 +442,7 @@ class TlsHandshake(ossl.ConnectionHooks):
                 FailureCause.MISSING_MATERIAL, "server has neither a certificate nor PSKs"
             )
         if not server and config.psk_keys:
-            allowed = {s.hash_name for s in config.ciphersuites}
-            usable = [k for k in config.psk_keys if self._client_binding(k) in allowed]
+            usable = [k for k in config.psk_keys if config.suites_for(self._client_binding(k))]
             if not usable:
                 raise HandshakeError(
                     FailureCause.MISSING_MATERIAL,
@@ -385,23 +466,26 @@ class TlsHandshake(ossl.ConnectionHooks):
         try:
             self._conn = ossl.SslConnection(ctx, self, server=server)
             if self._psk_hash is not None:
-                self._conn.set_ciphersuites(_suite_names(self._psk_suites(self._psk_hash)))
+                self._conn.set_ciphersuites(config.suite_list_for(self._psk_hash))
             if config.peername:
                 self._set_peername(config.peername, server=server)
         except ossl.OpenSSLError as exc:
             self.close()
             raise HandshakeError(FailureCause.MISSING_MATERIAL, str(exc)) from None
 
+    @property
+    def peer(self) -> str:
+        """The peer's address (``host:port``), for log lines and failure reasons."""
+        if self._peer is None:
+            label = _peer_label(self._peer_socket) if self._peer_socket is not None else None
+            self._peer = label or "(no address)"
+        return self._peer
+
     def _set_peername(self, name: str, *, server: bool) -> None:
         """Client: send ``name`` as SNI when it is a DNS name. Both roles: when the peer's
         certificate is verified, require ``name`` among its DNS or IP SANs."""
         assert self._conn is not None
-        try:
-            ipaddress.ip_address(name)
-        except ValueError:
-            is_ip = False
-        else:
-            is_ip = True
+        is_ip = _is_ip_address(name)
         if not server and not is_ip:
             self._conn.set_server_name(name)
         if not self.config.verify_peer or (not server and self._offered_psk is not None):
@@ -412,7 +496,7 @@ class TlsHandshake(ossl.ConnectionHooks):
             self._conn.set_expected_host(name)
 
     def _psk_suites(self, hash_name: str) -> tuple[CipherSuite, ...]:
-        return tuple(s for s in self.config.ciphersuites if s.hash_name == hash_name)
+        return self.config.suites_for(hash_name)
 
     def _client_binding(self, psk: PskKey) -> str:
         """The hash our client binds ``psk`` to: its own, except that ``offer`` binds SHA-384
@@ -437,22 +521,9 @@ class TlsHandshake(ossl.ConnectionHooks):
         if self._conn is not None:
             self._conn.free()
             self._conn = None
-        self._secrets.clear()
+        self._secrets = None
 
     # --- OpenSSL callbacks (ConnectionHooks) ---------------------------------------------------
-    def on_keylog(self, line: str) -> None:
-        parts = line.split()
-        if len(parts) == 3 and parts[0] in ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0"):
-            self._secrets[parts[0]] = bytes.fromhex(parts[2])
-            self._secrets["random:" + parts[0]] = bytes.fromhex(parts[1])
-
-    def on_alert(self, sent: bool, level: int, description: int) -> None:
-        if sent:
-            if self._alert_sent is None:
-                self._alert_sent = description
-        elif self._alert_received is None:
-            self._alert_received = description
-
     def psk_for_client(self, md_size: int | None) -> tuple[bytes, bytes, int] | None:
         psk = self._offered_psk
         if psk is None or self._psk_hash is None:
@@ -493,11 +564,10 @@ class TlsHandshake(ossl.ConnectionHooks):
             binding = self._server_binding(psk, offer)
             if binding is None:
                 continue
-            suites = self._psk_suites(binding)
-            if not suites:
+            if not self._psk_suites(binding):
                 continue
             assert self._conn is not None
-            self._conn.set_ciphersuites(_suite_names(suites))
+            self._conn.set_ciphersuites(self.config.suite_list_for(binding))
             self._selected_psk = psk
             self._psk_hash = binding
             self._psk_refusal = None
@@ -556,15 +626,80 @@ class TlsHandshake(ossl.ConnectionHooks):
 
     def start(self) -> bytes:
         """Begin; return the bytes to send (the ClientHello, or nothing for a server)."""
-        return self._advance()
+        if self.role is Role.SERVER:
+            return b""  # a server's first step only finds that there is no input yet
+        return self._advance()[1]
+
+    def receive(self, data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        """Feed bytes as they came from the peer; return ``(taken, out)``.
+
+        ``data`` may hold any number of records, the last one possibly incomplete. ``taken`` is
+        how many of its bytes the handshake took: the caller drops exactly those from its input
+        and keeps the rest. ``out`` is what to send. All complete records go to OpenSSL in one
+        step; once the handshake completes, the bytes after its last record are not taken, so
+        the record layer that follows starts at exactly the next record. A trailing incomplete
+        record is taken (and held here until it is complete) only while the handshake still
+        wants input, when it can only belong to the handshake. ``data`` is not kept.
+        """
+        if self.complete or self.failure is not None:
+            raise HandshakeError(FailureCause.PROTOCOL_ERROR, "record after the handshake ended")
+        held = len(self._held)
+        view = memoryview(self._held + data) if held else memoryview(data).cast("B")
+        size = len(view)
+        ends: list[int] = []  # where each complete record ends in view
+        offset = 0
+        unpack = _RECORD_HEADER.unpack_from
+        oversized = 0
+        while size - offset >= RECORD_HEADER_LENGTH:
+            content_type, version, length = unpack(view, offset)
+            if content_type not in _RECORD_TYPES or version >> 8 != _MAJOR_VERSION:
+                self.failure = HandshakeError(
+                    FailureCause.PROTOCOL_ERROR,
+                    "peer sent data that is not a TLS record "
+                    f"(starts {view[offset : offset + 3].hex()})",
+                )
+                raise self.failure
+            if length > MAX_CIPHERTEXT:
+                # OpenSSL gets the header alone: it refuses the record from its length and
+                # answers with the record_overflow alert the peer must get (RFC 8446 §5.2).
+                oversized = length
+                break
+            end = offset + RECORD_HEADER_LENGTH + length
+            if end > size:
+                break
+            ends.append(end)
+            offset = end
+        if oversized:
+            taken, out = self._advance(view[: offset + RECORD_HEADER_LENGTH], ends, header=True)
+            if not self.complete and self.failure is None:  # OpenSSL waits for the body
+                self.failure = HandshakeError(
+                    FailureCause.PROTOCOL_ERROR,
+                    f"TLS record of {oversized} bytes exceeds 2^14+256",
+                )
+            return (taken - held if taken > held else 0), out
+        taken, out = self._advance(view[:offset], ends) if offset else (0, b"")
+        if offset < size and not self.complete and self.failure is None:
+            self._held = bytearray(view[offset:])
+            taken = size
+        elif held:
+            self._held = bytearray()
+        return (taken - held if taken > held else 0), out
+
+    @property
+    def holds_partial_record(self) -> bool:
+        """Whether :meth:`receive` holds the start of a record it still needs the rest of."""
+        return bool(self._held)
 
     def receive_record(self, record: bytes) -> bytes:
         """Feed exactly one complete record from the peer; return the bytes to send."""
-        if self.complete or self.failure is not None:
-            raise HandshakeError(FailureCause.PROTOCOL_ERROR, "record after the handshake ended")
-        self._records_in += 1
-        self._ssl.feed(record)
-        return self._advance()
+        taken, out = self.receive(record)
+        if self.complete and taken != len(record):
+            self.complete = False
+            self.failure = HandshakeError(
+                FailureCause.PROTOCOL_ERROR,
+                f"{len(record) - taken} bytes left unconsumed after the handshake",
+            )
+        return out
 
     @property
     def wants_input(self) -> bool:
@@ -575,24 +710,42 @@ class TlsHandshake(ossl.ConnectionHooks):
         if self.failure is not None:
             raise self.failure
 
-    def _advance(self) -> bytes:
+    def _advance(
+        self,
+        records: memoryview | None = None,
+        ends: list[int] | None = None,
+        *,
+        header: bool = False,
+    ) -> tuple[int, bytes]:
+        """Feed ``records`` (complete ones, ending at ``ends``; with ``header``, then the
+        header of an oversized record), run OpenSSL as far as it goes; return how many of the
+        fed bytes it took and what it wants sent."""
         conn = self._ssl
-        step = conn.do_handshake()
-        out = conn.take_output()
+        step, out, unread = conn.step(records)
+        taken = fed = records.nbytes if records is not None else 0
+        if fed:
+            if unread:
+                taken = fed - unread
+                if not header and (
+                    step == ossl.HandshakeStep.WANT_READ
+                    or (step == ossl.HandshakeStep.DONE and taken not in (ends or ()))
+                ):
+                    # OpenSSL reads exactly one record at a time from a memory BIO and only
+                    # stops reading when it is done: anything else would lose or repeat bytes.
+                    self.failure = HandshakeError(
+                        FailureCause.PROTOCOL_ERROR,
+                        f"OpenSSL left {unread} of {fed} bytes unread mid-handshake",
+                    )
+                    return taken, out
+            self._records_in += bisect.bisect_right(ends, taken) if ends else 0
         if step == ossl.HandshakeStep.DONE:
             self._finish_checks()
         elif step == ossl.HandshakeStep.FAILED:
             self.failure = self.explain(self._classify(conn))
-        return out
+        return taken, out
 
     def _finish_checks(self) -> None:
         conn = self._ssl
-        if conn.unread_input():
-            self.failure = HandshakeError(
-                FailureCause.PROTOCOL_ERROR,
-                f"{conn.unread_input()} bytes left unconsumed after the handshake",
-            )
-            return
         if self.role is Role.CLIENT and self._offered_psk is not None and not conn.session_reused():
             self.failure = HandshakeError(
                 FailureCause.PEER_REJECTED,
@@ -607,16 +760,8 @@ class TlsHandshake(ossl.ConnectionHooks):
             self._selected_psk = None  # accepted by certificate instead
             self._psk_hash = None
             self._legacy_binding = False
-        missing = [
-            name
-            for name in ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
-            if name not in self._secrets
-        ]
-        random = conn.client_random()
-        if missing or any(
-            self._secrets["random:" + n] != random
-            for n in ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
-        ):
+        self._secrets = conn.traffic_secrets()
+        if self._secrets is None:
             self.failure = HandshakeError(
                 FailureCause.PROTOCOL_ERROR, "OpenSSL did not report the traffic secrets"
             )
@@ -654,7 +799,7 @@ class TlsHandshake(ossl.ConnectionHooks):
             return HandshakeError(
                 FailureCause.UNKNOWN_PSK_IDENTITY, f"client offered unknown PSK identity {names}"
             )
-        received = self._alert_received
+        received = conn.received_alert()
         if received is not None:
             text = f"peer sent alert {ossl.alert_description(received)}"
             if received == AlertDescription.UNKNOWN_PSK_IDENTITY:
@@ -733,11 +878,15 @@ class TlsHandshake(ossl.ConnectionHooks):
         if not self.complete:
             raise HandshakeError(FailureCause.PROTOCOL_ERROR, "handshake not complete")
         conn = self._ssl
+        secrets = self._secrets
+        assert secrets is not None  # set when the handshake completed
         server = self.role is Role.SERVER
-        try:
-            suite = CipherSuite.from_code(conn.cipher_code())
-        except ValueError as exc:
-            raise HandshakeError(FailureCause.PROTOCOL_ERROR, str(exc)) from None
+        code = conn.cipher_code()
+        suite = _SUITES_BY_CODE.get(code)
+        if suite is None:
+            raise HandshakeError(
+                FailureCause.PROTOCOL_ERROR, f"unsupported cipher suite 0x{code:04x}"
+            )
         psk = self._offered_psk if not server else self._selected_psk
         if psk is not None and suite.hash_name != self._psk_hash:
             raise HandshakeError(
@@ -752,8 +901,8 @@ class TlsHandshake(ossl.ConnectionHooks):
         return Session(
             role=self.role,
             suite=suite,
-            client_secret=self._secrets["CLIENT_TRAFFIC_SECRET_0"],
-            server_secret=self._secrets["SERVER_TRAFFIC_SECRET_0"],
+            client_secret=secrets[0],
+            server_secret=secrets[1],
             tx_seq=0,
             rx_seq=0,
             peer=peer,
@@ -764,79 +913,205 @@ class TlsHandshake(ossl.ConnectionHooks):
 
 
 # --- the asyncio driver --------------------------------------------------------------------------
-async def _wait(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
-    fut = loop.create_future()
+_READ_CHUNK = 1 << 15  # bytes peeked per read; a flight larger than this takes several reads
+# Plain ints: or-ing the socket module's IntFlag members costs an enum call each time.
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+_per_thread = threading.local()
 
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
 
-    if write:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
+def _read_buffer() -> memoryview:
+    """This thread's peek buffer, allocated once (the driver runs in event-loop callbacks, which
+    never interleave within one thread; the core copies what it keeps)."""
     try:
-        await fut
-    finally:
-        if write:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
+        view: memoryview = _per_thread.read
+    except AttributeError:
+        view = _per_thread.read = memoryview(bytearray(_READ_CHUNK))
+    return view
 
 
-async def _recv_exactly(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, *, started: bool
-) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        try:
-            chunk = sock.recv(n - len(buf), socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            await _wait(loop, sock.fileno(), write=False)
-            continue
-        except ConnectionError as exc:
-            raise HandshakeError(
-                FailureCause.PEER_CLOSED, f"connection lost: {exc.strerror or exc}"
-            ) from None
-        if not chunk:
-            where = "in the middle of a record" if buf or started else "before the handshake ended"
-            raise HandshakeError(FailureCause.PEER_CLOSED, f"peer closed the connection {where}")
-        buf += chunk
-    return bytes(buf)
+class _Driver:
+    """Runs one :class:`TlsHandshake` on a socket from event-loop callbacks.
 
-
-async def read_record(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
-    """Read exactly one TLS record (header + body) from ``sock``, and not one byte more.
-
-    Of an oversized record (beyond 2^14+256 bytes, RFC 8446 §5.2) only the header is returned:
-    OpenSSL refuses it from the header alone, with the record_overflow alert the peer must get.
+    Each time the socket is readable, one callback peeks at everything there (``MSG_PEEK``),
+    hands it to the core at once, consumes exactly the bytes the core took and sends the
+    answer: one event-loop turn per flight, two ``recv`` calls per flight, and the reader stays
+    registered for the whole handshake. What the core did not take (records after the
+    handshake's last one) stays in the socket. ``done`` resolves when the handshake completed
+    or failed and everything we had to send (a Finished, an alert) went out.
     """
-    header = await _recv_exactly(loop, sock, RECORD_HEADER_LENGTH, started=False)
-    length = int.from_bytes(header[3:RECORD_HEADER_LENGTH], "big")
-    major_version = ProtocolVersion.TLS_1_2 >> 8  # any 3.x: a ClientHello may say 3.1
-    if header[0] not in _RECORD_TYPES or header[1] != major_version:
-        raise HandshakeError(
-            FailureCause.PROTOCOL_ERROR,
-            f"peer sent data that is not a TLS record (starts {header[:3].hex()})",
-        )
-    if length > MAX_CIPHERTEXT:
-        return header
-    return header + await _recv_exactly(loop, sock, length, started=True)
 
+    __slots__ = (
+        "_buf",
+        "_fd",
+        "_hs",
+        "_loop",
+        "_reading",
+        "_sock",
+        "_timeout",
+        "_timer",
+        "_unsent",
+        "_writing",
+        "done",
+    )
 
-async def _send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, hs: TlsHandshake,
+        timeout: float,
+    ) -> None:
+        self._hs = hs
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._buf = _read_buffer()
+        self._timeout = timeout
+        self._unsent = b""
+        self._reading = self._writing = False
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._timer = loop.call_later(timeout, self._on_timeout)
+
+    def start(self) -> None:
         try:
-            sent = sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            hs = self._hs
+            if hs.role is Role.SERVER:
+                self._read()  # the ClientHello is often there already
+            else:
+                self._send(hs.start())
+            self._settle()
+        except Exception as exc:
+            self._finish(exc)
+
+    def stop(self) -> None:
+        """Unregister from the event loop (idempotent; the socket is left as it was)."""
+        self._timer.cancel()
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+
+    def _finish(self, error: BaseException | None) -> None:
+        self.stop()
+        if not self.done.done():
+            if error is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(error)
+
+    def _settle(self) -> None:
+        """Register for what the handshake waits for next, or finish."""
+        hs = self._hs
+        if self._unsent and not self._writing:
+            self._writing = True
+            self._loop.add_writer(self._fd, self._on_writable)
+        if not hs.complete and hs.failure is None:
+            if not self._reading:
+                self._reading = True
+                self._loop.add_reader(self._fd, self._on_readable)
+        elif not self._unsent:
+            self._finish(None)
+
+    def _on_timeout(self) -> None:
+        self._finish(
+            self._hs.explain(
+                HandshakeError(
+                    FailureCause.TIMEOUT, f"handshake did not finish within {self._timeout:g} s"
+                )
+            )
+        )
+
+    def _on_readable(self) -> None:
+        try:
+            self._read()
+            self._settle()
+        except Exception as exc:
+            self._finish(exc)
+
+    def _on_writable(self) -> None:
+        try:
+            data, self._unsent = self._unsent, b""
+            self._send(data)
+            if not self._unsent and self._writing:
+                self._writing = False
+                self._loop.remove_writer(self._fd)
+            self._settle()
+        except Exception as exc:
+            self._finish(exc)
+
+    def _read(self) -> None:
+        hs, sock, buf = self._hs, self._sock, self._buf
+        while True:
+            try:
+                n = sock.recv_into(buf, _READ_CHUNK, _PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionError as exc:
+                raise hs.explain(
+                    HandshakeError(
+                        FailureCause.PEER_CLOSED, f"connection lost: {exc.strerror or exc}"
+                    )
+                ) from None
+            if not n:
+                where = (
+                    "in the middle of a record"
+                    if hs.holds_partial_record
+                    else "before the handshake ended"
+                )
+                raise hs.explain(
+                    HandshakeError(FailureCause.PEER_CLOSED, f"peer closed the connection {where}")
+                )
+            try:
+                taken, out = hs.receive(buf[:n])
+            except HandshakeError as exc:
+                raise hs.explain(exc) from None
+            if taken:
+                try:
+                    got = sock.recv_into(buf, taken, _DONTWAIT)
+                except OSError:
+                    got = 0
+                if got != taken:
+                    self._consume(buf, taken - got)
+            if out:
+                self._send(out)
+            if n < _READ_CHUNK or hs.complete or hs.failure is not None:
+                return  # everything there was taken, or the handshake is over
+
+    def _consume(self, buf: memoryview, count: int) -> None:
+        """Drop the ``count`` bytes a first ``recv`` left of those the core took."""
+        while count:
+            try:
+                got = self._sock.recv_into(buf, count, _DONTWAIT)
+            except InterruptedError:
+                continue
+            except OSError:
+                got = 0
+            if not got:
+                raise HandshakeError(
+                    FailureCause.PROTOCOL_ERROR,
+                    "bytes peeked from the socket vanished (is someone else reading it?)",
+                )
+            count -= got
+
+    def _send(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._unsent:  # queue behind what the socket did not take yet
+            self._unsent += data
+            return
+        try:
+            sent = self._sock.send(data, _SEND_FLAGS)
         except (BlockingIOError, InterruptedError):
-            await _wait(loop, sock.fileno(), write=True)
-            continue
+            sent = 0
         except ConnectionError as exc:
+            if self._hs.failure is not None:
+                return  # the alert did not get out; the failure says what happened
             raise HandshakeError(
                 FailureCause.PEER_CLOSED, f"connection lost: {exc.strerror or exc}"
             ) from None
-        view = view[sent:]
+        if sent < len(data):
+            self._unsent = data[sent:]
 
 
 def _borrow(sock: socket.socket) -> socket.socket:
@@ -870,40 +1145,21 @@ async def perform_handshake(sock: socket.socket, config: TlsConfig, *, timeout: 
     if sock.type != socket.SOCK_STREAM:
         raise HandshakeError(FailureCause.INVALID_REQUEST, "handshake needs a stream socket")
     loop = asyncio.get_running_loop()
-    view = _borrow(sock)
+    # A socket object with a timeout polls before every recv; use a view without one.
+    view = sock if sock.gettimeout() in (None, 0.0) else _borrow(sock)
     try:
-        with TlsHandshake(config, peer=_peer_label(sock)) as hs:
+        with TlsHandshake(config, peer_socket=sock) as hs:
+            driver = _Driver(loop, view, hs, timeout)
             try:
-                async with asyncio.timeout(timeout):
-                    await _send_all(loop, view, hs.start())
-                    while hs.wants_input:
-                        try:
-                            record = await read_record(loop, view)
-                        except HandshakeError as exc:
-                            raise hs.explain(exc) from None
-                        out = hs.receive_record(record)
-                        if out:
-                            try:
-                                await _send_all(loop, view, out)
-                            except HandshakeError:
-                                if hs.failure is None:
-                                    raise
-                        length = int.from_bytes(record[3:5], "big")
-                        if length > MAX_CIPHERTEXT and hs.wants_input:  # OpenSSL waits
-                            raise HandshakeError(
-                                FailureCause.PROTOCOL_ERROR,
-                                f"TLS record of {length} bytes exceeds 2^14+256",
-                            )
-                    hs.check()
-                    return hs.session()
-            except TimeoutError:
-                raise hs.explain(
-                    HandshakeError(
-                        FailureCause.TIMEOUT, f"handshake did not finish within {timeout:g} s"
-                    )
-                ) from None
+                driver.start()
+                await driver.done
+            finally:
+                driver.stop()
+            hs.check()
+            return hs.session()
     finally:
-        view.detach()
+        if view is not sock:
+            view.detach()
 
 
 def handshake_blocking(sock: socket.socket, config: TlsConfig, *, timeout: float) -> Session:

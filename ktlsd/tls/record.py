@@ -54,6 +54,7 @@ import asyncio
 import contextlib
 import errno
 import socket
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Literal
@@ -62,7 +63,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from ktlsd.tls import ktls
-from ktlsd.tls.keyschedule import record_nonce, traffic_keys
+from ktlsd.tls.keyschedule import traffic_keys
 from ktlsd.tls.protocol import (
     MAX_CIPHERTEXT,
     MAX_PLAINTEXT,
@@ -89,6 +90,7 @@ __all__ = [
 TAG_SIZE = 16  # every TLS 1.3 AEAD here (AES-GCM, ChaCha20-Poly1305) has a 16-byte tag
 _LEGACY_VERSION = ProtocolVersion.TLS_1_2.to_bytes(2, "big")  # legacy_record_version
 _CLOSE_NOTIFY = bytes((AlertLevel.WARNING, AlertDescription.CLOSE_NOTIFY))
+_KEY_UPDATE = bytes((HandshakeType.KEY_UPDATE,))
 
 #: kTLS receive errors that are TLS protocol errors, and the alert each calls for.
 _KERNEL_ERROR_ALERTS = {
@@ -158,6 +160,18 @@ def _interpret_alert(data: bytes) -> Record | None:
     if description == AlertDescription.USER_CANCELED:
         return None
     raise AlertReceived(description)
+
+
+def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _records_in(record: Record) -> int:
+    """How many records at least made ``record`` (kTLS merges application data ones)."""
+    if record.content_type != ContentType.APPLICATION_DATA:
+        return 1
+    return max(1, -(-len(record.data) // MAX_PLAINTEXT))
 
 
 def _check_send(data: bytes, content_type: int) -> None:
@@ -233,9 +247,68 @@ class RecordLayer(abc.ABC):
             # ours to send.
             self._try_finish_failure()
 
+    def send_data(self, data: bytes | bytearray | memoryview) -> int:
+        """Protect and send application data as records of at most 2^14 bytes each, in as
+        few writes as the layer can; returns how many records that made.
+
+        The records are those :meth:`send` would make of each 2^14-byte piece in turn; the
+        user layer seals them all into one buffer and writes it with one ``sendall``.
+        """
+        view = _byte_view(data)
+        try:
+            with self._send_mutex:
+                self._check_writable()
+                try:
+                    return self._send_data(view) if len(view) else 0
+                finally:
+                    self._finish_failure()  # a reader failed the connection meanwhile
+        finally:
+            self._try_finish_failure()
+
+    async def asend_data(self, data: bytes | bytearray | memoryview) -> int:
+        """asyncio version of :meth:`send_data` (non-blocking socket)."""
+        _require_nonblocking(self._sock)
+        view = _byte_view(data)
+        async with self._lock():
+            self._check_writable()
+            try:
+                return await self._asend_data(view) if len(view) else 0
+            finally:
+                await self._afinish_failure()
+
+    def _send_data(self, view: memoryview) -> int:
+        """Put application data on the wire as records (blocking); no checks, no locking."""
+        records = 0
+        for start in range(0, len(view), MAX_PLAINTEXT):
+            self._send_record(view[start : start + MAX_PLAINTEXT], ContentType.APPLICATION_DATA)
+            records += 1
+        return records
+
+    async def _asend_data(self, view: memoryview) -> int:
+        """asyncio version of :meth:`_send_data`."""
+        records = 0
+        for start in range(0, len(view), MAX_PLAINTEXT):
+            chunk = view[start : start + MAX_PLAINTEXT]
+            await self._asend_record(chunk, ContentType.APPLICATION_DATA)
+            records += 1
+        return records
+
     @abc.abstractmethod
     def recv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
         """Receive one record (at most ``bufsize`` bytes of it; the rest comes next time)."""
+
+    def recv_many(self, bufsize: int) -> tuple[Record, int]:
+        """Like :meth:`recv`, but the application data of consecutive records may come as one
+        :class:`Record` of up to ``bufsize`` bytes (never across a record of another type, as
+        kTLS does); also returns how many records were received for it (0 for the rest of a
+        record that came in part before)."""
+        record = self.recv(min(bufsize, _MERGE))
+        return record, _records_in(record)
+
+    async def arecv_many(self, bufsize: int) -> tuple[Record, int]:
+        """asyncio version of :meth:`recv_many`."""
+        record = await self.arecv(min(bufsize, _MERGE))
+        return record, _records_in(record)
 
     async def asend(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> None:
         """asyncio version of :meth:`send` (non-blocking socket)."""
@@ -250,11 +323,11 @@ class RecordLayer(abc.ABC):
                 await self._afinish_failure()
 
     @abc.abstractmethod
-    def _send_record(self, data: bytes, content_type: int) -> None:
+    def _send_record(self, data: bytes | memoryview, content_type: int) -> None:
         """Put one non-empty record on the wire (blocking); no checks, no locking."""
 
     @abc.abstractmethod
-    async def _asend_record(self, data: bytes, content_type: int) -> None:
+    async def _asend_record(self, data: bytes | memoryview, content_type: int) -> None:
         """asyncio version of :meth:`_send_record`."""
 
     @abc.abstractmethod
@@ -441,8 +514,22 @@ class RecordLayer(abc.ABC):
 # --- user space ------------------------------------------------------------------------
 
 
+_HEADER = struct.Struct(">BHH")  # outer content type, legacy version, length
+_VERSION = int(ProtocolVersion.TLS_1_2)
+_MIN_BODY = TAG_SIZE + 1
+_MAX_BODY = MAX_PLAINTEXT + 1 + TAG_SIZE
+_SEQ_LIMIT = 2**64 - 1
+
+
 class _Protection:
-    """One direction's AEAD state: key, write IV and the next record number."""
+    """One direction's AEAD state: key, write IV and the next record number.
+
+    The nonce of record ``seq`` is the write IV xor ``seq`` (RFC 8446 §5.3), computed from the
+    IV kept as an integer. ``seal_into``/``open_into`` work on caller buffers: one AEAD call
+    per record and no copy of their own.
+    """
+
+    __slots__ = ("_aead", "_iv", "seq")
 
     def __init__(self, suite: CipherSuite, secret: bytes, seq: int) -> None:
         keys = traffic_keys(suite, secret)
@@ -450,7 +537,7 @@ class _Protection:
             self._aead: AESGCM | ChaCha20Poly1305 = ChaCha20Poly1305(keys.key)
         else:
             self._aead = AESGCM(keys.key)
-        self._iv = keys.iv
+        self._iv = int.from_bytes(keys.iv, "big")
         if not 0 <= seq < 2**64:
             raise ValueError(f"record sequence number {seq} outside 0..2^64-1")
         self.seq = seq
@@ -458,26 +545,80 @@ class _Protection:
     def __repr__(self) -> str:
         return f"_Protection(seq={self.seq})"
 
-    def _next_nonce(self) -> bytes:
-        if self.seq >= 2**64 - 1:
+    def _nonce(self) -> bytes:
+        if self.seq >= _SEQ_LIMIT:
             raise OSError(errno.EOVERFLOW, "record sequence numbers exhausted: rekey first")
-        nonce = record_nonce(self._iv, self.seq)
-        self.seq += 1
-        return nonce
+        return (self._iv ^ self.seq).to_bytes(12, "big")
 
-    def seal(self, content_type: int, data: bytes) -> bytes:
+    def seal(self, content_type: int, data: bytes | memoryview) -> bytes:
         inner = bytes(data) + bytes((content_type,))
-        header = (
-            bytes((ContentType.APPLICATION_DATA,))
-            + _LEGACY_VERSION
-            + (len(inner) + TAG_SIZE).to_bytes(2, "big")
+        header = _HEADER.pack(ContentType.APPLICATION_DATA, ProtocolVersion.TLS_1_2,
+                              len(inner) + TAG_SIZE)
+        sealed = header + self._aead.encrypt(self._nonce(), inner, header)
+        self.seq += 1
+        return sealed
+
+    def seal_into(
+        self, content_type: int, data: memoryview, out: memoryview, scratch: memoryview
+    ) -> int:
+        """Seal ``data`` (at most 2^14 bytes) as the next record at the start of ``out``;
+        return the record's length. ``scratch`` holds the inner plaintext on the way."""
+        size = len(data)
+        length = size + 1 + TAG_SIZE
+        _HEADER.pack_into(out, 0, ContentType.APPLICATION_DATA, ProtocolVersion.TLS_1_2, length)
+        scratch[:size] = data
+        scratch[size] = content_type
+        end = RECORD_HEADER_LENGTH + length
+        self._aead.encrypt_into(
+            self._nonce(), scratch[: size + 1], out[:RECORD_HEADER_LENGTH],
+            out[RECORD_HEADER_LENGTH:end],
         )
-        return header + self._aead.encrypt(self._next_nonce(), inner, header)
+        self.seq += 1
+        return end
+
+    def seal_data(self, view: memoryview, wire: memoryview, scratch: memoryview) -> int:
+        """Seal all of ``view`` as application data records of 2^14 bytes (the last one
+        shorter) one after the other into ``wire``; return their total length. The loop of
+        :meth:`seal_into`, with the per-record work kept to the minimum."""
+        total = len(view)
+        seq, iv = self.seq, self._iv
+        if seq + -(-total // MAX_PLAINTEXT) > _SEQ_LIMIT:
+            raise OSError(errno.EOVERFLOW, "record sequence numbers exhausted: rekey first")
+        encrypt_into, pack_into = self._aead.encrypt_into, _HEADER.pack_into
+        data_type, version = ContentType.APPLICATION_DATA, ProtocolVersion.TLS_1_2
+        end = 0
+        try:
+            for start in range(0, total, MAX_PLAINTEXT):
+                chunk = view[start : start + MAX_PLAINTEXT]
+                size = len(chunk)
+                body = end + RECORD_HEADER_LENGTH
+                length = size + 1 + TAG_SIZE
+                pack_into(wire, end, data_type, version, length)
+                scratch[:size] = chunk
+                scratch[size] = data_type
+                encrypt_into(
+                    (iv ^ seq).to_bytes(12, "big"), scratch[: size + 1], wire[end:body],
+                    wire[body : body + length],
+                )
+                seq += 1
+                end = body + length
+        finally:
+            self.seq = seq
+        return end
 
     def open(self, header: bytes, body: bytes) -> tuple[int, bytes]:
-        nonce = record_nonce(self._iv, self.seq)
+        out = bytearray(len(body) - TAG_SIZE)
+        content_type, size = self.open_into(header, body, memoryview(out))
+        return content_type, bytes(out[:size])
+
+    def open_into(
+        self, header: bytes | memoryview, body: bytes | memoryview, out: memoryview
+    ) -> tuple[int, int]:
+        """Open the next record into ``out`` (room for its inner plaintext at least);
+        return its content type and how many bytes of content ``out`` now starts with."""
+        inner = len(body) - TAG_SIZE
         try:
-            inner = self._aead.decrypt(nonce, body, header)
+            self._aead.decrypt_into(self._nonce(), body, header, out[:inner])
         except InvalidTag:
             raise RecordError(
                 errno.EBADMSG,
@@ -485,98 +626,87 @@ class _Protection:
                 AlertDescription.BAD_RECORD_MAC,
             ) from None
         self.seq += 1
-        stripped = inner.rstrip(b"\x00")
-        if not stripped:
-            raise RecordError(
-                errno.EBADMSG,
-                "TLS record has no content type (all padding)",
-                AlertDescription.UNEXPECTED_MESSAGE,
-            )
-        if len(stripped) - 1 > MAX_PLAINTEXT:
+        end = inner
+        if not out[end - 1]:  # padding: zeros after the content type (rare)
+            end = len(out[:inner].tobytes().rstrip(b"\x00"))
+            if not end:
+                raise RecordError(
+                    errno.EBADMSG,
+                    "TLS record has no content type (all padding)",
+                    AlertDescription.UNEXPECTED_MESSAGE,
+                )
+        if end - 1 > MAX_PLAINTEXT:
             raise RecordError(
                 errno.EMSGSIZE,
                 "TLS record plaintext exceeds 2^14 (record_overflow)",
                 AlertDescription.RECORD_OVERFLOW,
             )
-        return stripped[-1], stripped[:-1]
+        return out[end - 1], end - 1
 
 
-class _RecordReader:
-    """Sans-I/O framing: says how many bytes the next record still needs, never more."""
+def _record_length(header: bytes | bytearray | memoryview) -> int:
+    """The body length a protected record's header announces; raises for a bad header."""
+    outer, version, length = _HEADER.unpack_from(header)
+    if outer != ContentType.APPLICATION_DATA:
+        raise RecordError(
+            errno.EBADMSG,
+            f"unexpected outer record type {outer} (protected TLS 1.3 records are 23)",
+            AlertDescription.UNEXPECTED_MESSAGE,
+        )
+    if version != ProtocolVersion.TLS_1_2:
+        raise RecordError(
+            errno.EBADMSG,
+            f"bad record version 0x{version:04x}",
+            AlertDescription.DECODE_ERROR,
+        )
+    if length > MAX_CIPHERTEXT:
+        raise RecordError(
+            errno.EMSGSIZE,
+            f"TLS record of {length} bytes exceeds 2^14+256 (record_overflow)",
+            AlertDescription.RECORD_OVERFLOW,
+        )
+    if length > MAX_PLAINTEXT + 1 + TAG_SIZE:
+        # RFC 8446 §5.4: the inner plaintext, padding included, is at most 2^14+1 bytes;
+        # kTLS checks it on the length alone as well, before decrypting.
+        raise RecordError(
+            errno.EMSGSIZE,
+            f"TLS record of {length} bytes carries more than 2^14+1 bytes of plaintext "
+            "and padding (record_overflow)",
+            AlertDescription.RECORD_OVERFLOW,
+        )
+    if length < TAG_SIZE + 1:
+        raise RecordError(
+            errno.EBADMSG,
+            f"TLS record of {length} bytes is too short",
+            AlertDescription.BAD_RECORD_MAC,
+        )
+    return int(length)
 
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self.eof = False
 
-    def need(self) -> int:
-        if len(self._buf) < RECORD_HEADER_LENGTH:
-            return RECORD_HEADER_LENGTH - len(self._buf)
-        return RECORD_HEADER_LENGTH + self._length() - len(self._buf)
-
-    def _length(self) -> int:
-        return int.from_bytes(self._buf[3:5], "big")
-
-    def feed(self, data: bytes) -> None:
-        if not data:
-            self.eof = True
-            return
-        self._buf += data
-        if len(self._buf) >= RECORD_HEADER_LENGTH:
-            self._check_header()
-
-    def _check_header(self) -> None:
-        outer = self._buf[0]
-        if outer != ContentType.APPLICATION_DATA:
-            raise RecordError(
-                errno.EBADMSG,
-                f"unexpected outer record type {outer} (protected TLS 1.3 records are 23)",
-                AlertDescription.UNEXPECTED_MESSAGE,
-            )
-        if bytes(self._buf[1:3]) != _LEGACY_VERSION:
-            raise RecordError(
-                errno.EBADMSG,
-                f"bad record version 0x{self._buf[1:3].hex()}",
-                AlertDescription.DECODE_ERROR,
-            )
-        length = self._length()
-        if length > MAX_CIPHERTEXT:
-            raise RecordError(
-                errno.EMSGSIZE,
-                f"TLS record of {length} bytes exceeds 2^14+256 (record_overflow)",
-                AlertDescription.RECORD_OVERFLOW,
-            )
-        if length > MAX_PLAINTEXT + 1 + TAG_SIZE:
-            # RFC 8446 §5.4: the inner plaintext, padding included, is at most 2^14+1 bytes;
-            # kTLS checks it on the length alone as well, before decrypting.
-            raise RecordError(
-                errno.EMSGSIZE,
-                f"TLS record of {length} bytes carries more than 2^14+1 bytes of plaintext "
-                "and padding (record_overflow)",
-                AlertDescription.RECORD_OVERFLOW,
-            )
-        if length < TAG_SIZE + 1:
-            raise RecordError(
-                errno.EBADMSG,
-                f"TLS record of {length} bytes is too short",
-                AlertDescription.BAD_RECORD_MAC,
-            )
-
-    def take(self) -> tuple[bytes, bytes] | None:
-        """The next complete record as ``(header, body)``, or None if more bytes are needed."""
-        if self.need() > 0:
-            if self.eof and self._buf:
-                raise ConnectionResetError(
-                    errno.ECONNRESET, "connection closed in the middle of a TLS record"
-                )
-            return None
-        header = bytes(self._buf[:RECORD_HEADER_LENGTH])
-        body = bytes(self._buf[RECORD_HEADER_LENGTH:])
-        self._buf.clear()
-        return header, body
+# The user layer's receive window: what one peek at the socket may show, and how much
+# plaintext one recv_many call may merge (16 full records each).
+_WINDOW = 1 << 18
+_MERGE = 1 << 18
+_PEEK = -1  # I/O requests of UserRecordLayer._step: peek at the socket
+_ADOPT = -2  # take the incomplete record the window shows off the socket
+_PEEK_FLAGS = int(socket.MSG_PEEK)
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+# Consuming bytes already peeked at: TCP discards them without copying; other stream
+# sockets ignore the flag and copy them into the buffer given, which is then overwritten.
+_DISCARD = int(socket.MSG_TRUNC)
 
 
 class UserRecordLayer(RecordLayer):
-    """TLS 1.3 records protected in user space; same semantics as :class:`KernelRecordLayer`."""
+    """TLS 1.3 records protected in user space; same semantics as :class:`KernelRecordLayer`.
+
+    Receiving peeks at the socket (``MSG_PEEK``, up to 256 KiB at a time), opens the complete
+    records it shows one after the other and then consumes exactly the bytes of those it
+    opened: never past a KeyUpdate record, so what follows one stays in the socket until the
+    next key is installed, as with kTLS, and socket readiness stays truthful. A record the
+    socket holds only part of is taken off it and completed with reads of exactly the missing
+    bytes. Sending seals all records of a :meth:`send_data` call into one buffer (reused)
+    and writes it at once.
+    """
 
     kind = "user"
 
@@ -584,11 +714,19 @@ class UserRecordLayer(RecordLayer):
         super().__init__(sock, session)
         self._tx = _Protection(session.suite, session.tx_secret, session.tx_seq)
         self._rx = _Protection(session.suite, session.rx_secret, session.rx_seq)
-        self._reader = _RecordReader()
         self._plain_type: int = ContentType.APPLICATION_DATA
-        self._plain = b""
+        self._plain = b""  # the undelivered rest of a record
+        self._stash: Record | None = None  # an opened record due after the data before it
         self._key_expired = False
         self._eof = False
+        # Receive window, allocated at first use: _wend bytes peeked (still in the socket),
+        # the first _wpos of them opened (consumed before the next peek).
+        self._window: memoryview | None = None
+        self._wpos = self._wend = 0
+        self._partial = bytearray()  # a record read off the socket in pieces
+        self._out: memoryview | None = None  # plaintext of the records being delivered
+        self._wire: memoryview | None = None  # records sealed by send_data
+        self._scratch: memoryview | None = None  # one inner plaintext on its way to the AEAD
 
     def __repr__(self) -> str:
         tx, rx = self.sequence_numbers()
@@ -609,12 +747,36 @@ class UserRecordLayer(RecordLayer):
             return None  # like kTLS: an empty application data send emits nothing
         return self._tx.seal(content_type, data)
 
-    def _send_record(self, data: bytes, content_type: int) -> None:
+    def _send_record(self, data: bytes | memoryview, content_type: int) -> None:
         self._sock.sendall(self._tx.seal(content_type, data))
 
-    async def _asend_record(self, data: bytes, content_type: int) -> None:
+    async def _asend_record(self, data: bytes | memoryview, content_type: int) -> None:
         wire = self._tx.seal(content_type, data)
         await asyncio.get_running_loop().sock_sendall(self._sock, wire)
+
+    def _seal_data(self, view: memoryview) -> tuple[memoryview, int]:
+        """All records of ``view`` sealed one after the other into the wire buffer."""
+        total = len(view)
+        records = -(-total // MAX_PLAINTEXT)
+        size = total + records * (RECORD_HEADER_LENGTH + 1 + TAG_SIZE)
+        wire = self._wire
+        if wire is None or len(wire) < size:
+            wire = self._wire = memoryview(bytearray(max(size, _MERGE)))
+        scratch = self._scratch
+        if scratch is None:
+            scratch = self._scratch = memoryview(bytearray(MAX_PLAINTEXT + 1))
+        return wire[: self._tx.seal_data(view, wire, scratch)], records
+
+    def _send_data(self, view: memoryview) -> int:
+        wire, records = self._seal_data(view)
+        self._sock.sendall(wire)
+        return records
+
+    async def _asend_data(self, view: memoryview) -> int:
+        wire, records = self._seal_data(view)
+        # The wire buffer is reused only under the send lock, which this coroutine holds.
+        await asyncio.get_running_loop().sock_sendall(self._sock, wire)
+        return records
 
     def install_tx_key(self, secret: bytes, seq: int = 0) -> None:
         self._tx = _Protection(self.suite, secret, seq)
@@ -629,91 +791,246 @@ class UserRecordLayer(RecordLayer):
         return self._tx.seq, self._rx.seq
 
     def pending(self) -> int:
-        return len(self._plain)
+        return len(self._plain) + (len(self._stash.data) if self._stash is not None else 0)
 
     def recv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
+        return self._recv(bufsize, merge=False)[0]
+
+    def recv_many(self, bufsize: int) -> tuple[Record, int]:
+        return self._recv(bufsize, merge=True)
+
+    async def arecv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
+        return (await self._arecv(bufsize, merge=False))[0]
+
+    async def arecv_many(self, bufsize: int) -> tuple[Record, int]:
+        return await self._arecv(bufsize, merge=True)
+
+    def _recv(self, bufsize: int, *, merge: bool) -> tuple[Record, int]:
         try:
             while True:
-                step = self._step(bufsize)
-                if isinstance(step, Record):
+                step = self._step(bufsize, merge)
+                if not isinstance(step, int):
+                    self._settle()
                     return step
-                self._feed(self._sock.recv(step))
+                self._io(step, _PEEK_FLAGS)
         except OSError:
+            with contextlib.suppress(OSError):
+                self._settle()  # a record that failed is taken off the socket too
             self._try_finish_failure()  # the fatal alert, if this error called for one
             raise
 
-    async def arecv(self, bufsize: int = MAX_PLAINTEXT) -> Record:
+    async def _arecv(self, bufsize: int, *, merge: bool) -> tuple[Record, int]:
         _require_nonblocking(self._sock)
-        loop = asyncio.get_running_loop()
         try:
             while True:
-                step = self._step(bufsize)
-                if isinstance(step, Record):
+                step = self._step(bufsize, merge)
+                if not isinstance(step, int):
+                    self._settle()
                     return step
-                self._feed(await loop.sock_recv(self._sock, step))
+                while True:
+                    try:
+                        self._io(step, _PEEK_NOW)
+                        break
+                    except (BlockingIOError, InterruptedError):
+                        await _wait(self._sock, write=False)
         except OSError:
+            with contextlib.suppress(OSError):
+                self._settle()
             await self._atry_finish_failure()
             raise
+
+    # I/O of the receive path; blocking or not as the socket is (asyncio: non-blocking).
+
+    def _io(self, request: int, peek_flags: int) -> None:
+        """Carry out what :meth:`_step` asked for: a peek, taking over an incomplete record,
+        or reading ``request`` more bytes of one."""
+        sock = self._sock
+        if request == _PEEK:
+            self._settle()
+            window = self._window
+            if window is None:
+                window = self._window = memoryview(bytearray(_WINDOW))
+            size = sock.recv_into(window, _WINDOW, peek_flags)
+            if not size:
+                self._eof_from_socket()
+            self._wend = size
+        elif request == _ADOPT:
+            assert self._window is not None
+            size, self._wend = self._wend, 0
+            self._partial = bytearray(self._window[:size])
+            self._discard(size)
+        else:
+            data = sock.recv(request)
+            if not data:
+                self._eof_from_socket()
+            self._partial += data
+
+    def _eof_from_socket(self) -> None:
+        if self._partial or self._wend > self._wpos:
+            raise self._broken(
+                ConnectionResetError(
+                    errno.ECONNRESET, "connection closed in the middle of a TLS record"
+                )
+            )
+        self._eof = True  # TCP EOF on a record boundary
+
+    def _settle(self) -> None:
+        """Consume the bytes of the records opened from the window; forget the window."""
+        opened, self._wpos, self._wend = self._wpos, 0, 0
+        if opened:
+            self._discard(opened)
+
+    def _discard(self, count: int) -> None:
+        assert self._window is not None
+        while count:
+            try:
+                got = self._sock.recv_into(self._window, count, _DISCARD)
+            except InterruptedError:
+                continue
+            if not got:
+                raise self._broken(
+                    ConnectionResetError(
+                        errno.ECONNRESET, "bytes peeked from the socket vanished"
+                    )
+                )
+            count -= got
+
+    # The sans-I/O part of the receive path.
 
     def _broken(self, exc: OSError) -> OSError:
         """A fatal error of the received stream: recorded, sticky, its alert queued."""
         return self._fail(exc, exc.description if isinstance(exc, RecordError) else None)
 
-    def _feed(self, data: bytes) -> None:
-        try:
-            self._reader.feed(data)
-        except OSError as exc:
-            raise self._broken(exc) from None
-
     def _deliver(self, bufsize: int) -> Record:
         chunk, self._plain = self._plain[:bufsize], self._plain[bufsize:]
         return Record(self._plain_type, chunk)
 
-    def _step(self, bufsize: int) -> Record | int:
-        """Advance as far as possible without I/O: a Record, or how many bytes to read next."""
+    def _release(self, record: Record, bufsize: int) -> Record:
+        """Hand out an opened record of its own: end of stream, or a non-data record."""
+        if record.eof:
+            self._eof = True
+            return record
+        if record.content_type == ContentType.HANDSHAKE and record.data[:1] == _KEY_UPDATE:
+            self._key_expired = True  # the kernel's rule: first byte of the record
+        if len(record.data) > bufsize:
+            self._plain_type, self._plain = record.content_type, record.data
+            return self._deliver(bufsize)
+        return record
+
+    def _next_ciphertext(self) -> tuple[memoryview, memoryview, int] | None:
+        """Header, body and window size of the next complete record, or None."""
+        partial = self._partial
+        if partial:
+            if len(partial) < RECORD_HEADER_LENGTH:
+                return None
+            length = _record_length(partial)
+            if len(partial) < RECORD_HEADER_LENGTH + length:
+                return None
+            view = memoryview(partial)
+            return view[:RECORD_HEADER_LENGTH], view[RECORD_HEADER_LENGTH:], 0
+        start = self._wpos
+        if self._wend - start < RECORD_HEADER_LENGTH:
+            return None
+        window = self._window
+        assert window is not None
+        body = start + RECORD_HEADER_LENGTH
+        length = _record_length(window[start:body])
+        if self._wend - body < length:
+            return None
+        return window[start:body], window[body : body + length], RECORD_HEADER_LENGTH + length
+
+    def _request(self) -> int:
+        """What to read next, now that no complete record is at hand."""
+        partial = self._partial
+        if partial:
+            if len(partial) < RECORD_HEADER_LENGTH:
+                return RECORD_HEADER_LENGTH - len(partial)
+            return RECORD_HEADER_LENGTH + _record_length(partial) - len(partial)
+        if self._wpos == 0 and self._wend:
+            # The socket held only the start of the next record when we looked. It can only
+            # be the next record we need: take it over and read exactly the rest.
+            return _ADOPT
+        return _PEEK
+
+    def _step(self, bufsize: int, merge: bool) -> tuple[Record, int] | int:
+        """Advance as far as possible without I/O: ``(record, records received)``, or an I/O
+        request for :meth:`_io`. ``merge`` joins the data of consecutive application data
+        records up to ``bufsize`` bytes."""
         if bufsize <= 0:
             raise ValueError("bufsize must be positive")
         if self._plain:
-            return self._deliver(bufsize)
+            return self._deliver(bufsize), 0
+        if self._stash is not None:
+            record, self._stash = self._stash, None
+            return self._release(record, bufsize), 1
         self._raise_failure()
+        if self._eof:
+            return EOF_RECORD, 0
+        if self._key_expired:
+            raise OSError(
+                errno.EKEYEXPIRED,
+                "peer updated its traffic keys: install the next receive key",
+            )
+        out = self._out
+        if out is None:
+            out = self._out = memoryview(bytearray(_MERGE + MAX_PLAINTEXT + 1))
+        limit = min(bufsize, _MERGE) if merge else 0
+        size = count = 0  # application data opened into out, and its records
+        window, open_into, unpack_from = self._window, self._rx.open_into, _HEADER.unpack_from
         while True:
-            if self._eof:
-                return EOF_RECORD
-            if self._key_expired:
-                raise OSError(
-                    errno.EKEYEXPIRED,
-                    "peer updated its traffic keys: install the next receive key",
-                )
             try:
-                raw = self._reader.take()
+                if self._partial or window is None:
+                    found = self._next_ciphertext()
+                    if found is None:
+                        break
+                    header, body, _ = found
+                    self._partial = bytearray()  # taken: whether it opens or not
+                else:  # the next record in the window, the common case written out
+                    start = self._wpos
+                    if self._wend - start < RECORD_HEADER_LENGTH:
+                        break
+                    outer, version, length = unpack_from(window, start)
+                    if outer != ContentType.APPLICATION_DATA or version != _VERSION or not (
+                        _MIN_BODY <= length <= _MAX_BODY
+                    ):
+                        _record_length(window[start : start + RECORD_HEADER_LENGTH])  # raises
+                    begin = start + RECORD_HEADER_LENGTH
+                    end = begin + length
+                    if self._wend < end:
+                        break
+                    self._wpos = end  # taken off the socket, whether it opens or not
+                    header, body = window[start:begin], window[begin:end]
+                content_type, length = open_into(header, body, out[size:])
+                del header, body
+                if content_type == ContentType.APPLICATION_DATA:
+                    if length:
+                        size += length
+                        count += 1
+                        if size >= limit:
+                            break
+                    continue  # zero-length application data is skipped: empty means EOF
+                record = Record(content_type, out[size : size + length].tobytes())
+                if content_type == ContentType.ALERT:
+                    alert = _interpret_alert(record.data)
+                    if alert is None:
+                        continue  # user_canceled
+                    record = alert
             except OSError as exc:
-                raise self._broken(exc) from None
-            if raw is None:
-                if self._reader.eof:
-                    self._eof = True  # TCP EOF on a record boundary
-                    continue
-                return self._reader.need()
-            try:
-                content_type, data = self._rx.open(*raw)
-            except OSError as exc:
-                raise self._broken(exc) from None
-            if content_type == ContentType.ALERT:
-                try:
-                    record = _interpret_alert(data)
-                except OSError as exc:
-                    raise self._broken(exc) from None
-                if record is not None:
-                    self._eof = True
-                    return record
-                continue
-            if content_type == ContentType.APPLICATION_DATA and not data:
-                continue
-            if content_type == ContentType.HANDSHAKE and data[:1] == bytes(
-                (HandshakeType.KEY_UPDATE,)
-            ):
-                self._key_expired = True  # the kernel's rule: first byte of the record
-            self._plain_type, self._plain = content_type, data
-            return self._deliver(bufsize)
+                error = self._broken(exc)
+                if not count:
+                    raise error from None
+                break  # deliver the data before it; the error comes next time
+            if count:
+                self._stash = record
+                break
+            return self._release(record, bufsize), 1
+        if count:
+            data = out[:size].tobytes()
+            if size > bufsize:
+                self._plain_type, self._plain = ContentType.APPLICATION_DATA, data[bufsize:]
+                data = data[:bufsize]
+            return Record(ContentType.APPLICATION_DATA, data), count
+        return self._request()
 
 
 # --- kernel ----------------------------------------------------------------------------
@@ -739,16 +1056,34 @@ class KernelRecordLayer(RecordLayer):
     def __repr__(self) -> str:
         return f"KernelRecordLayer(suite={self.suite.iana_name}, fd={self._sock.fileno()})"
 
-    def _send_record(self, data: bytes, content_type: int) -> None:
-        ktls.send_record(self._sock, content_type, data)
+    def _send_record(self, data: bytes | memoryview, content_type: int) -> None:
+        ktls.send_record(self._sock, content_type, bytes(data))
 
-    async def _asend_record(self, data: bytes, content_type: int) -> None:
+    async def _asend_record(self, data: bytes | memoryview, content_type: int) -> None:
         view = memoryview(bytes(data))
         while view:
             try:
                 view = view[ktls.send_record_some(self._sock, content_type, view) :]
             except (BlockingIOError, InterruptedError):
                 await _wait(self._sock, write=True)
+
+    def _send_data(self, view: memoryview) -> int:
+        # One sendmsg: the kernel cuts application data into records of 2^14 bytes itself.
+        records = -(-len(view) // MAX_PLAINTEXT)
+        while view:
+            view = view[ktls.send_record_some(self._sock, ContentType.APPLICATION_DATA, view) :]
+        return records
+
+    async def _asend_data(self, view: memoryview) -> int:
+        records = -(-len(view) // MAX_PLAINTEXT)
+        while view:
+            try:
+                sent = ktls.send_record_some(self._sock, ContentType.APPLICATION_DATA, view)
+            except (BlockingIOError, InterruptedError):
+                await _wait(self._sock, write=True)
+                continue
+            view = view[sent:]
+        return records
 
     def _fatal_alert_for(self, error: OSError) -> tuple[bool, int | None]:
         if isinstance(error, ktls.KtlsError) and error.errno in _KERNEL_ERROR_ALERTS:
