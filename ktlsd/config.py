@@ -655,7 +655,8 @@ def find_config(path: str | None = None,
     """The file to read: ``path``, else ``$KTLSD_CONFIG``, else the first of ``search``
     (default :data:`SEARCH_PATHS`) that exists, else None (no file: built-in defaults).
 
-    Reading the legacy file is logged at notice level, as tlshd asks to relocate it.
+    Reading the legacy file is logged at notice level (where it should live depends on the
+    tlshd version still installed: 1.0 reads only the legacy name).
     """
     if path:
         return path
@@ -665,7 +666,10 @@ def find_config(path: str | None = None,
     for candidate in SEARCH_PATHS if search is None else search:
         if os.path.exists(candidate):
             if candidate == LEGACY_CONFIG_PATH:
-                log.log(NOTICE, "reading the legacy %s: please relocate it to %s (as tlshd asks)",
+                # Not "please move it": Debian 13's tlshd 1.0 reads only the legacy name, so
+                # moving it would break tlshd on a host that still has it.
+                log.log(NOTICE, "reading the legacy %s (newer tlshd releases read %s; move it "
+                        "there once no tlshd 1.0 on this host needs the old name)",
                         LEGACY_CONFIG_PATH, CONFIG_PATH)
             return candidate
     return None

@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "and from user-space programs through the local handshake service. Accepts tlshd's "
         "flags with tlshd's meaning (-c, -s, -h, -v); ktlsd's own options are long only.",
         epilog=f"Configuration file: -c FILE; else ${ENV_CONFIG}; else {LEGACY_CONFIG_PATH} "
-        f"when it exists (tlshd's legacy name: a notice asks to move it), then {CONFIG_PATH}; "
+        f"when it exists (tlshd's legacy name, logged at notice), then {CONFIG_PATH}; "
         "else built-in defaults. Logging: with --syslog to syslog (facility auth, as tlshd), "
         "plus stderr with -s; else to the journal when stderr is the journal (each line with "
         "its priority); else to stderr, unless stderr is closed or /dev/null (then syslog). "

@@ -139,7 +139,7 @@ def test_run_help_states_the_flags_and_the_real_search_order(flag: str) -> None:
                    "--check", "--syslog"):
         assert option in text
     order = (f"-c FILE; else ${config.ENV_CONFIG}; else {config.LEGACY_CONFIG_PATH} when it "
-             f"exists (tlshd's legacy name: a notice asks to move it), then "
+             f"exists (tlshd's legacy name, logged at notice), then "
              f"{config.CONFIG_PATH}; else built-in defaults")
     assert order in text
     assert config.SEARCH_PATHS == (config.LEGACY_CONFIG_PATH, config.CONFIG_PATH)
@@ -227,8 +227,9 @@ def test_the_legacy_file_notice_is_logged(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(config, "SEARCH_PATHS", (str(legacy), str(tmp_path / "config")))
     assert main(["run", "--check", "--socket", "none"]) == 0
     out, err = capfd.readouterr()
-    assert (f"ktlsd: NOTICE reading the legacy {legacy}: please relocate it to "
-            f"{config.CONFIG_PATH} (as tlshd asks)") in err.splitlines()
+    assert (f"ktlsd: NOTICE reading the legacy {legacy} (newer tlshd releases read "
+            f"{config.CONFIG_PATH}; move it there once no tlshd 1.0 on this host needs the old "
+            f"name)") in err.splitlines()
     assert re.search(rf"configuration OK: {re.escape(str(legacy))};", out)
 
 
