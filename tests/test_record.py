@@ -503,3 +503,53 @@ def test_kernel_layer_without_ktls_is_a_clear_error() -> None:
             with pytest.raises(ktls.KtlsError, match="kernel has no kTLS"):
                 KernelRecordLayer(sock, client)
             assert open_record_layer(sock, client, "auto").kind == "user"
+
+
+# --- cryptography without encrypt_into/decrypt_into (before 45; Debian 13 ships 43) --------
+
+
+class _AeadWithoutInto:
+    """An AEAD object as cryptography < 45 offers it: encrypt and decrypt only."""
+
+    def __init__(self, aead: object) -> None:
+        self._aead = aead
+
+    def encrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        return self._aead.encrypt(nonce, data, aad)  # type: ignore[attr-defined, no-any-return]
+
+    def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        return self._aead.decrypt(nonce, data, aad)  # type: ignore[attr-defined, no-any-return]
+
+
+def test_records_are_the_same_without_the_into_calls(pair, monkeypatch) -> None:
+    """RFC 8448's records come out byte for byte, and are read back, when the installed
+    cryptography has no encrypt_into/decrypt_into (the guest's and the .deb's python3-
+    cryptography 43): the record layer falls back to encrypt/decrypt with one copy."""
+    from ktlsd.tls import record
+
+    native = record._into_calls
+    fallbacks: list[object] = []
+
+    def without_into(aead: object) -> object:
+        calls = native(_AeadWithoutInto(aead))  # type: ignore[arg-type]
+        fallbacks.append(calls)
+        return calls
+
+    monkeypatch.setattr(record, "_into_calls", without_into)
+    sock, peer = pair
+    layer = UserRecordLayer(sock, rfc_session(Role.CLIENT, tx_seq=0, rx_seq=1))
+    assert fallbacks, "the record layer did not ask for its AEAD calls"
+    layer.send(PAYLOAD)
+    assert recv_exact(peer, len(C_APP_REC)) == C_APP_REC
+    peer.sendall(S_APP_REC)
+    assert layer.recv() == Record(23, PAYLOAD)
+    big = os.urandom(3 * 16384 + 5)  # several records in one send, and their reading
+    a, b = socket.socketpair()
+    with a, b:
+        client, server = random_sessions(AES128)
+        left, right = UserRecordLayer(a, client), UserRecordLayer(b, server)
+        left.send_data(big)
+        got = b""
+        while len(got) < len(big):
+            got += right.recv().data
+        assert got == big

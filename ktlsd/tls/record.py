@@ -56,6 +56,7 @@ import errno
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -521,6 +522,27 @@ _MAX_BODY = MAX_PLAINTEXT + 1 + TAG_SIZE
 _SEQ_LIMIT = 2**64 - 1
 
 
+_Bytes = bytes | bytearray | memoryview
+_IntoCall = Callable[[bytes, _Bytes, _Bytes, memoryview], object]
+
+
+def _into_calls(aead: AESGCM | ChaCha20Poly1305) -> tuple[_IntoCall, _IntoCall]:
+    """``encrypt_into``/``decrypt_into`` of ``aead``, or equivalents with one copy where the
+    installed cryptography predates them (they came in 45; Debian 13 ships 43)."""
+    encrypt_into = getattr(aead, "encrypt_into", None)
+    decrypt_into = getattr(aead, "decrypt_into", None)
+    if encrypt_into is not None and decrypt_into is not None:
+        return encrypt_into, decrypt_into
+
+    def encrypt_copy(nonce: bytes, data: _Bytes, aad: _Bytes, out: memoryview) -> None:
+        out[:] = aead.encrypt(nonce, bytes(data), bytes(aad))
+
+    def decrypt_copy(nonce: bytes, data: _Bytes, aad: _Bytes, out: memoryview) -> None:
+        out[:] = aead.decrypt(nonce, bytes(data), bytes(aad))
+
+    return encrypt_copy, decrypt_copy
+
+
 class _Protection:
     """One direction's AEAD state: key, write IV and the next record number.
 
@@ -529,7 +551,7 @@ class _Protection:
     per record and no copy of their own.
     """
 
-    __slots__ = ("_aead", "_iv", "seq")
+    __slots__ = ("_aead", "_decrypt_into", "_encrypt_into", "_iv", "seq")
 
     def __init__(self, suite: CipherSuite, secret: bytes, seq: int) -> None:
         keys = traffic_keys(suite, secret)
@@ -537,6 +559,7 @@ class _Protection:
             self._aead: AESGCM | ChaCha20Poly1305 = ChaCha20Poly1305(keys.key)
         else:
             self._aead = AESGCM(keys.key)
+        self._encrypt_into, self._decrypt_into = _into_calls(self._aead)
         self._iv = int.from_bytes(keys.iv, "big")
         if not 0 <= seq < 2**64:
             raise ValueError(f"record sequence number {seq} outside 0..2^64-1")
@@ -569,7 +592,7 @@ class _Protection:
         scratch[:size] = data
         scratch[size] = content_type
         end = RECORD_HEADER_LENGTH + length
-        self._aead.encrypt_into(
+        self._encrypt_into(
             self._nonce(), scratch[: size + 1], out[:RECORD_HEADER_LENGTH],
             out[RECORD_HEADER_LENGTH:end],
         )
@@ -584,7 +607,7 @@ class _Protection:
         seq, iv = self.seq, self._iv
         if seq + -(-total // MAX_PLAINTEXT) > _SEQ_LIMIT:
             raise OSError(errno.EOVERFLOW, "record sequence numbers exhausted: rekey first")
-        encrypt_into, pack_into = self._aead.encrypt_into, _HEADER.pack_into
+        encrypt_into, pack_into = self._encrypt_into, _HEADER.pack_into
         data_type, version = ContentType.APPLICATION_DATA, ProtocolVersion.TLS_1_2
         end = 0
         try:
@@ -618,7 +641,7 @@ class _Protection:
         return its content type and how many bytes of content ``out`` now starts with."""
         inner = len(body) - TAG_SIZE
         try:
-            self._aead.decrypt_into(self._nonce(), body, header, out[:inner])
+            self._decrypt_into(self._nonce(), body, header, out[:inner])
         except InvalidTag:
             raise RecordError(
                 errno.EBADMSG,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.scenarios import netns as netns_mod
-from testbed.scenarios.common import Agent, Scenario, launch_agent, wait_ready
+from testbed.scenarios.common import Agent, Scenario, ScenarioFailed, launch_agent, wait_ready
 from testbed.scenarios.netns import Netns
 from testbed.scenarios.tls_wire import Capture, packet_socket
 
@@ -150,3 +150,20 @@ class Fleet:
     def marks(self) -> dict[str, int]:
         """Each agent's log length now (to look only at what a case added)."""
         return {side: len(agent.lines()) for side, agent in self.agents.items()}
+
+
+def report(sc: Scenario, records: dict[str, dict[str, object]], hint: str = "") -> None:
+    """The pairing table, bytes verified and cases as expected; fail on any unexpected case."""
+    sc.figure("pairing_table", [
+        f"{cid}: {r['outcome']} (expected {r.get('expected', 'pass')})"
+        f"{' ' + str(r['connect_seconds']) + ' s' if 'connect_seconds' in r else ''}"
+        f"{' mount ' + str(r['mount_seconds']) + ' s' if 'mount_seconds' in r else ''}"
+        f" -- {r.get('wire', '')}{'' if r['ok'] else ' !! ' + str(r.get('why'))}"
+        for cid, r in records.items()
+    ])  # fmt: skip
+    sc.figure("bytes_verified",
+              sum(int(str(r.get("bytes_verified", 0))) for r in records.values()))
+    bad = [cid for cid, r in records.items() if not r["ok"]]
+    sc.figure("cases_as_expected", f"{len(records) - len(bad)}/{len(records)}")
+    if bad:
+        raise ScenarioFailed(f"{len(bad)} case(s) not as expected{hint}: {', '.join(bad)}")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -45,9 +44,10 @@ from testbed.scenarios.fleet import (
     SID_ROOT,
     Fleet,
     package_versions,
+    report,
 )
-from testbed.scenarios.fleet_nvme import RAMDEV, Cases, Target
-from testbed.scenarios.nvme_tls import DATA_BYTES, write_attr
+from testbed.scenarios.fleet_nvme import RAMDEV, Cases, Target, dhchap_host
+from testbed.scenarios.nvme_tls import DATA_BYTES
 
 #: Bind-mounted into the chroot while the scenario runs (tlshd reads /proc/keys to find its
 #: keyrings by name; GnuTLS may open /dev/urandom).
@@ -113,35 +113,13 @@ def main() -> None:
         for host, tgt in NEW_CROSS:
             cases.tls("sha384", host, tgt, "pass", "spec-sha384", legacy_log=False)
 
-        chostid = str(uuid.uuid4())
-        chost = f"nqn.2014-08.org.nvmexpress:uuid:{chostid}"
-        proc = subprocess.run(["nvme", "gen-dhchap-key", "--hmac=1", f"--nqn={chost}"],
-                              capture_output=True, text=True)  # fmt: skip
-        secret = proc.stdout.strip()
-        sc.check(proc.returncode == 0 and secret.startswith("DHHC-1:01:"),
-                 "nvme gen-dhchap-key made a SHA-256 DH-HMAC-CHAP secret (not shown)")  # fmt: skip
-        entry = target.host(chost)
-        write_attr(entry / "dhchap_key", secret)
-        write_attr(entry / "dhchap_hash", "hmac(sha256)")
-        write_attr(entry / "dhchap_dhgroup", "ffdhe2048")
+        chost, chostid, secret = dhchap_host(sc, target)
         for host, tgt in NEW_CROSS:
             cases.concat(host, tgt, chost, chostid, secret)
         for host, tgt in NEW_CROSS:
             cases.wrong_psk(host, tgt)
 
-        records = cases.records
-        sc.figure("pairing_table", [
-            f"{cid}: {r['outcome']} (expected {r['expected']})"
-            f"{' ' + str(r['connect_seconds']) + ' s' if 'connect_seconds' in r else ''}"
-            f" -- {r.get('wire', '')}{'' if r['ok'] else ' !! ' + str(r.get('why'))}"
-            for cid, r in records.items()
-        ])  # fmt: skip
-        verified = sum(int(str(r.get("bytes_verified", 0))) for r in records.values())
-        sc.figure("bytes_verified", verified)
-        bad = [cid for cid, r in records.items() if not r["ok"]]
-        sc.figure("cases_as_expected", f"{len(records) - len(bad)}/{len(records)}")
-        if bad:
-            raise ScenarioFailed(f"{len(bad)} case(s) not as expected: {', '.join(bad)}")
+        report(sc, cases.records)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ its chroot path, ktlsd by the full one.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from testbed.scenarios.common import Scenario, ScenarioFailed, modprobe, write_tlshd_conf
+from testbed.scenarios.common import Scenario, modprobe, write_tlshd_conf
 from testbed.scenarios.fleet import (
     NEW_CROSS,
     NEW_LINKS,
@@ -26,10 +25,9 @@ from testbed.scenarios.fleet import (
     SID_ROOT,
     Fleet,
     package_versions,
-    pairing_name,
 )
 from testbed.scenarios.fleet_newtlshd import bind_mounts, sid_versions
-from testbed.scenarios.fleet_nfs import MODES, NfsServer, export_path, nfs_case
+from testbed.scenarios.fleet_nfs import MODES, export_path, run_cases
 from testbed.scenarios.nfs_tls import make_pki
 
 PKI = SID_ROOT / "etc/tlshd/pki"
@@ -79,37 +77,7 @@ def main() -> None:
                                       server=old["server"]),
         }  # fmt: skip
         fleet.start_agents(sc, configs)
-        servers = [NfsServer(sc, fleet, side) for side in sorted({s for _c, s in NEW_CROSS})]
-        for nfsd in servers:
-            nfsd.start()
-        t0 = time.monotonic()
-        while not all(nfsd.grace_ended() for nfsd in servers):
-            if time.monotonic() - t0 > 20:
-                raise ScenarioFailed("an nfs server's grace period did not end in 20 s")
-            time.sleep(0.5)
-        sc.figure("grace_wait_seconds", round(time.monotonic() - t0, 1))
-
-        records: dict[str, dict[str, object]] = {}
-        for client, server in NEW_CROSS:
-            for mode in MODES:
-                case_id = f"nfs-{mode} {pairing_name(client, server)}"
-                records[case_id] = nfs_case(sc, fleet, client, server, mode)
-                sc.figures["cases"] = records
-                r = records[case_id]
-                print(f"case {case_id}: {r['outcome']} {'ok' if r['ok'] else r['why']}", flush=True)
-        sc.figure("pairing_table", [
-            f"{cid}: {r['outcome']} (expected pass)"
-            f"{' mount ' + str(r['mount_seconds']) + ' s' if 'mount_seconds' in r else ''}"
-            f" -- {r.get('wire', '')}{'' if r['ok'] else ' !! ' + str(r.get('why'))}"
-            for cid, r in records.items()
-        ])  # fmt: skip
-        verified = sum(int(str(r.get("bytes_verified", 0))) for r in records.values())
-        sc.figure("bytes_verified", verified)
-        bad = [cid for cid, r in records.items() if not r["ok"]]
-        sc.figure("cases_as_expected", f"{len(records) - len(bad)}/{len(records)}")
-        if bad:
-            raise ScenarioFailed(f"{len(bad)} case(s) not as expected: {', '.join(bad)}")
-
+        run_cases(sc, fleet, NEW_CROSS)
 
 if __name__ == "__main__":
     main()

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -37,6 +38,7 @@ from testbed.scenarios.fleet import (
     agent_of,
     package_versions,
     pairing_name,
+    report,
 )
 from testbed.scenarios.nfs_tls import make_pki
 from testbed.scenarios.tls_wire import describe
@@ -194,6 +196,29 @@ def nfs_case(sc: Scenario, fleet: Fleet, client: str, server: str, mode: str) ->
     return rec
 
 
+def run_cases(sc: Scenario, fleet: Fleet, pairings: Sequence[tuple[str, str]]) -> None:
+    """Start nfsd on every server side, wait out the grace periods (side by side), run every
+    mode for every (client, server) pairing, and report (failing on any unexpected case)."""
+    servers = [NfsServer(sc, fleet, side) for side in sorted({s for _c, s in pairings})]
+    for server in servers:
+        server.start()
+    t0 = time.monotonic()  # the grace periods (10 s) run side by side if not ended
+    while not all(server.grace_ended() for server in servers):
+        if time.monotonic() - t0 > 20:
+            raise ScenarioFailed("an nfs server's grace period did not end in 20 s")
+        time.sleep(0.5)
+    sc.figure("grace_wait_seconds", round(time.monotonic() - t0, 1))
+    records: dict[str, dict[str, object]] = {}
+    for client, server in pairings:
+        for mode in MODES:
+            case_id = f"nfs-{mode} {pairing_name(client, server)}"
+            records[case_id] = nfs_case(sc, fleet, client, server, mode)
+            sc.figures["cases"] = records
+            r = records[case_id]
+            print(f"case {case_id}: {r['outcome']} {'ok' if r['ok'] else r['why']}", flush=True)
+    report(sc, records)
+
+
 def main() -> None:
     with Scenario() as sc:
         modprobe(sc, "tls", "nfsd", "nfs", "nfsv4")
@@ -226,36 +251,7 @@ def main() -> None:
             for side in SIDES
         }  # fmt: skip
         fleet.start_agents(sc, configs)
-        servers = [NfsServer(sc, fleet, side) for side in sorted({s for _c, s in pairings})]
-        for server in servers:
-            server.start()
-        t0 = time.monotonic()  # the grace periods (10 s) run side by side if not ended
-        while not all(server.grace_ended() for server in servers):
-            if time.monotonic() - t0 > 20:
-                raise ScenarioFailed("an nfs server's grace period did not end in 20 s")
-            time.sleep(0.5)
-        sc.figure("grace_wait_seconds", round(time.monotonic() - t0, 1))
-
-        records: dict[str, dict[str, object]] = {}
-        for client, server in pairings:
-            for mode in MODES:
-                case_id = f"nfs-{mode} {pairing_name(client, server)}"
-                records[case_id] = nfs_case(sc, fleet, client, server, mode)
-                sc.figures["cases"] = records
-                r = records[case_id]
-                print(f"case {case_id}: {r['outcome']} {'ok' if r['ok'] else r['why']}", flush=True)
-        sc.figure("pairing_table", [
-            f"{cid}: {r['outcome']} (expected pass)"
-            f"{' mount ' + str(r['mount_seconds']) + ' s' if 'mount_seconds' in r else ''}"
-            f" -- {r.get('wire', '')}{'' if r['ok'] else ' !! ' + str(r.get('why'))}"
-            for cid, r in records.items()
-        ])  # fmt: skip
-        sc.figure("bytes_verified", sum(int(r.get("bytes_verified", 0)) for r in records.values()))
-        bad = [cid for cid, r in records.items() if not r["ok"]]
-        sc.figure("cases_as_expected", f"{len(records) - len(bad)}/{len(records)}")
-        if bad:
-            raise ScenarioFailed(f"{len(bad)} case(s) not as expected: {', '.join(bad)}")
-
+        run_cases(sc, fleet, pairings)
 
 if __name__ == "__main__":
     main()

@@ -46,7 +46,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from testbed.scenarios.common import Agent, Scenario, ScenarioFailed, modprobe, write_tlshd_conf
+from testbed.scenarios.common import Agent, Scenario, modprobe, write_tlshd_conf
 from testbed.scenarios.fleet import (
     ALL_SIDES,
     CROSS,
@@ -56,6 +56,7 @@ from testbed.scenarios.fleet import (
     agent_of,
     package_versions,
     pairing_name,
+    report,
 )
 from testbed.scenarios.nvme_failures import psk_description
 from testbed.scenarios.nvme_keys import io_roundtrip
@@ -485,6 +486,23 @@ class Cases:
         self.setting = setting
 
 
+def dhchap_host(sc: Scenario, target: Target) -> tuple[str, str, str]:
+    """For --concat: a host NQN of its own with a SHA-256 DH-HMAC-CHAP secret (never logged),
+    allowed on ``target``; returns (host NQN, host id, secret)."""
+    chostid = str(uuid.uuid4())
+    chost = f"nqn.2014-08.org.nvmexpress:uuid:{chostid}"
+    proc = subprocess.run(["nvme", "gen-dhchap-key", "--hmac=1", f"--nqn={chost}"],
+                          capture_output=True, text=True)  # fmt: skip
+    secret = proc.stdout.strip()
+    sc.check(proc.returncode == 0 and secret.startswith("DHHC-1:01:"),
+             "nvme gen-dhchap-key made a SHA-256 DH-HMAC-CHAP secret (not shown)")  # fmt: skip
+    entry = target.host(chost)
+    write_attr(entry / "dhchap_key", secret)
+    write_attr(entry / "dhchap_hash", "hmac(sha256)")
+    write_attr(entry / "dhchap_dhgroup", "ffdhe2048")
+    return chost, chostid, secret
+
+
 def main() -> None:
     with Scenario() as sc:
         modprobe(sc, "tls", "nvme-keyring", "nvmet", "nvmet-tcp", "nvme-tcp", "nvme-fabrics")
@@ -507,18 +525,7 @@ def main() -> None:
             cases.tls("sha256", host, tgt, "pass", "spec")
         cases.tls("sha384", *REFERENCE, "pass", "spec-sha384")
 
-        # --concat: its own host NQN with a DH-HMAC-CHAP secret (never logged).
-        chostid = str(uuid.uuid4())
-        chost = f"nqn.2014-08.org.nvmexpress:uuid:{chostid}"
-        proc = subprocess.run(["nvme", "gen-dhchap-key", "--hmac=1", f"--nqn={chost}"],
-                              capture_output=True, text=True)  # fmt: skip
-        secret = proc.stdout.strip()
-        sc.check(proc.returncode == 0 and secret.startswith("DHHC-1:01:"),
-                 "nvme gen-dhchap-key made a SHA-256 DH-HMAC-CHAP secret (not shown)")  # fmt: skip
-        entry = target.host(chost)
-        write_attr(entry / "dhchap_key", secret)
-        write_attr(entry / "dhchap_hash", "hmac(sha256)")
-        write_attr(entry / "dhchap_dhgroup", "ffdhe2048")
+        chost, chostid, secret = dhchap_host(sc, target)
         for host, tgt in (*CROSS, REFERENCE):
             cases.concat(host, tgt, chost, chostid, secret)
         for host, tgt in (*CROSS, REFERENCE):
@@ -530,19 +537,8 @@ def main() -> None:
             want = "legacy" if expected == "pass-legacy" else "spec"
             cases.tls("sha384", host, tgt, expected, want)
 
-        records = cases.records
-        sc.figure("pairing_table", [
-            f"{cid}: {r['outcome']} (expected {r['expected']})"
-            f"{' ' + str(r['connect_seconds']) + ' s' if 'connect_seconds' in r else ''}"
-            f" -- {r.get('wire', '')}{'' if r['ok'] else ' !! ' + str(r.get('why'))}"
-            for cid, r in records.items()
-        ])  # fmt: skip
-        sc.figure("bytes_verified", sum(int(r.get("bytes_verified", 0)) for r in records.values()))
-        bad = [cid for cid, r in records.items() if not r["ok"]]
-        sc.figure("cases_as_expected", f"{len(records) - len(bad)}/{len(records)}")
-        if bad:
-            hint = "" if cases.setting_known else " (this ktlsd has no legacy_psk_sha384)"
-            raise ScenarioFailed(f"{len(bad)} case(s) not as expected{hint}: {', '.join(bad)}")
+        hint = "" if cases.setting_known else " (this ktlsd has no legacy_psk_sha384)"
+        report(sc, cases.records, hint)
 
 
 if __name__ == "__main__":
