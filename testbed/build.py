@@ -60,6 +60,12 @@ GUEST_PACKAGES: tuple[str, ...] = (
     # console's getty waits for dev-ttyS0.device), and nvme-cli's udev rules as on a real host.
     # systemd itself, systemctl and journalctl come in with nfs-kernel-server and ktls-utils.
     "udev",
+    # Issue 14: keys held in a PKCS#11 token (SoftHSM2, OpenSC's pkcs11-tool to make them,
+    # OpenSSL 3.5's pkcs11-provider to use them), and packet captures of guest sessions.
+    "softhsm2",
+    "opensc",
+    "pkcs11-provider",
+    "tcpdump",
 )
 
 #: The newest tlshd: Debian unstable's ktls-utils in a chroot inside the guest image.
