@@ -83,8 +83,10 @@ def exchange(a: socket.socket, da: HandshakeDone, b: socket.socket, db: Handshak
 # --- arguments ----------------------------------------------------------------------------
 
 
-def test_build_request_maps_arguments_to_the_kernel_parameters(tmp_path: Path) -> None:
-    os.chdir(tmp_path)
+def test_build_request_maps_arguments_to_the_kernel_parameters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     request = build_request(
         role="server", auth="x509", certificate="cert.pem", private_key="key.pem",
         truststore=tmp_path / "ca.pem", peername="host1", timeout=2.5, psk_serials=(7,),
@@ -121,8 +123,10 @@ def test_bad_arguments_raise_value_error(kwargs: dict[str, Any], words: str) -> 
     assert PSK_256.hex() not in str(info.value)
 
 
-def test_options_value_and_keywords_build_the_same_request(tmp_path: Path) -> None:
-    os.chdir(tmp_path)
+def test_options_value_and_keywords_build_the_same_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     fields: dict[str, Any] = {
         "role": "server", "auth": "psk", "psk": [("id", PSK_384, "sha384")],
         "private_key_der": b"0\x82-secret-der", "peername": "host1", "timeout": 2.5,
