@@ -60,7 +60,7 @@ from ktlsd.upcall.wire import (
 from tests.agent_helpers import REPO, AgentProcess, tcp_pair
 from tests.pki import Authority
 from tests.test_admission import NOBODY, SYSTEM_PYTHON, public_dir
-from tests.waiting import run
+from tests.waiting import await_until, run
 
 __all__ = ["public_dir"]  # the fixture
 
@@ -437,5 +437,62 @@ def test_status_socket_without_the_service_is_root_only(public_dir: Path) -> Non
         finally:
             await listener.close()
         assert not os.path.exists(path)
+
+    run(main())
+
+
+def exchange_with_fd(path: str, message: bytes, fd: int) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+        conn.settimeout(10)
+        conn.connect(path)
+        conn.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                  fd.to_bytes(4, sys.byteorder))])
+        return conn.recv(65536)
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@needs_nobody
+def test_service_status_costs_a_refused_asker_nothing(public_dir: Path) -> None:
+    """On the service socket (open to everyone here): uid 65534 is refused without the
+    report being made; root gets it; a STATUS with a descriptor is EINVAL and the
+    descriptor is closed; the handshake requests around it are not disturbed."""
+    from ktlsd.upcall.service import HandshakeService
+
+    path = str(public_dir / "handshake.sock")
+    made: list[int] = []
+
+    def provider() -> bytes:
+        made.append(1)
+        return report_to_json(sample_report())
+
+    async def main() -> None:
+        service = HandshakeService(path, mode=0o666)
+        service.status_provider = provider
+        await service.start()
+        try:
+            refused = await asyncio.to_thread(ktlsd_status, path, as_nobody=True)
+            assert refused.returncode == 1
+            assert "for root only (uid 65534) (EACCES)" in refused.stderr
+            assert made == []
+            answered = await asyncio.to_thread(ktlsd_status, path)
+            assert answered.returncode == 0, answered.stderr
+            assert "pid 4242" in answered.stdout and made == [1]
+            before = open_fds()
+            a, b = tcp_pair()
+            with a, b:
+                answer = await asyncio.to_thread(exchange_with_fd, path,
+                                                 encode_status_request(), a.fileno())
+            _, status, reason, _ = decode_status_answer(answer)
+            assert (status, reason) == (errno.EINVAL, "a STATUS request carries no descriptor")
+            assert made == [1]
+            # The connection's task closes what it received once it has answered.
+            await await_until(lambda: open_fds() == before,
+                              lambda: f"descriptors left open: {open_fds() - before}")
+            assert service.refused() == {} and service.counters["queued"] == 0
+        finally:
+            await service.close()
 
     run(main())
