@@ -237,7 +237,8 @@ def render_text(report: StatusReport) -> str:
     ]
     for source in report.sources:
         pending = "not visible" if source.pending is None else str(source.pending)
-        extra = "" if source.connections is None else f", {source.connections} connections"
+        extra = "" if source.connections is None else (
+            f", {source.connections} connection{'' if source.connections == 1 else 's'} open")
         lines.append(f"source {source.name} ({source.endpoint}): {source.in_flight} in flight, "
                      f"{pending} pending{extra}")
     names = [s.name for s in report.sources] + [n for n in report.requests

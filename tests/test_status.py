@@ -132,7 +132,7 @@ def test_text_rendering_says_each_fact() -> None:
     assert "pid 4242, up 1d 02:03:04" in text
     assert "source kernel (handshake family): 2 in flight, not visible pending" in text
     assert "source service (/run/ktlsd/handshake.sock): 1 in flight, 3 pending, " \
-           "5 connections" in text
+           "5 connections open" in text
     assert "requests service: 7 completed, 5 failed (peer_rejected 4, " \
            "untrusted_certificate 1)" in text
     assert "requests kernel: 10 completed, 2 failed (timeout 2)" in text
