@@ -59,6 +59,7 @@ from ktlsd.request import (
 )
 from ktlsd.session_store import KERNEL_OWNER, SessionStore
 from ktlsd.settings import AgentSettings
+from ktlsd.status import STOPPING, RequestCounters, outcome_of
 from ktlsd.tls.session import Role, Session
 
 if TYPE_CHECKING:
@@ -244,6 +245,7 @@ class Agent:
         *,
         store: SessionStore | None = None,
         runner: HandshakeRunner | None = None,
+        counters: RequestCounters | None = None,
     ) -> None:
         self.settings = settings
         self.sources = list(sources)
@@ -268,6 +270,8 @@ class Agent:
         self._stopping = False
         self.completed = 0
         self.failed = 0
+        # Every request counted once, where it ends (``ktlsd status``; ktlsd.status).
+        self.counters = counters or RequestCounters()
 
     @property
     def in_flight(self) -> set[asyncio.Task[HandshakeDone]]:
@@ -364,6 +368,7 @@ class Agent:
         except Exception as exc:
             log.error("DONE for fd %d failed: %s", pending.request.sockfd, exc)
         self.failed += 1
+        self.counters.ended(pending.source_name, STOPPING, started=False)
         self._log(pending, answer, None, "-", 0.0)
 
     def _finished(self, slots: _Slots, task: asyncio.Task[HandshakeDone]) -> None:
@@ -386,6 +391,8 @@ class Agent:
         )
         sock: socket.socket | None = None
         session: Session | None = None
+        cause: FailureCause | None = None
+        self.counters.started(pending.source_name)
         try:
             sock = _borrowed_socket(request.sockfd)
             if request.message_type.is_key_update:
@@ -393,11 +400,14 @@ class Agent:
             else:
                 answer, session = await self._handshake(pending, sock, settings, timeout)
         except HandshakeError as exc:
+            cause = exc.cause
             answer = HandshakeDone(status=exc.errno, sockfd=request.sockfd, reason=exc.reason)
         except OSError as exc:
+            cause = FailureCause.PROTOCOL_ERROR
             reason = f"socket: {exc.strerror or exc}"
             answer = HandshakeDone(status=errno.EIO, sockfd=request.sockfd, reason=reason)
         except Exception as exc:  # the agent keeps serving whatever went wrong here
+            cause = FailureCause.PROTOCOL_ERROR
             reason = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
             answer = HandshakeDone(status=errno.EIO, sockfd=request.sockfd, reason=reason)
         peer = _peer_address(sock) if sock is not None else "-"
@@ -411,6 +421,7 @@ class Agent:
             self.completed += 1
         else:
             self.failed += 1
+        self.counters.ended(pending.source_name, outcome_of(cause))
         self._log(pending, answer, session, peer, time.monotonic() - started)
         return answer
 

@@ -40,6 +40,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("nvme", "ktlsd.nvme.cli", "NVMe/TCP TLS PSK and DH-HMAC-CHAP key tools"),
     Command("doctor", "ktlsd.commands.doctor",
             "report what this machine supports (kTLS, handshake family, keyrings, libssl)"),
+    Command("status", "ktlsd.commands.status",
+            "show the running agent's handshakes, failures, workers and limits (root only)"),
 )
 """Every sub-command, in help order; ``summary`` is what its module's parser says
 (tests/test_cli.py holds them equal)."""

@@ -23,13 +23,20 @@ the legacy ``/etc/tlshd.conf`` when it exists, then ``/etc/tlshd/config``; else 
 Errors: a line that is not a comment, group or ``key=value``, a key before any group, bad
 UTF-8, a bad escape or a bad value in ``[ktlsd]`` raise :class:`ConfigError`, whose message
 is one line: ``<file>:<line>: <what is wrong>``. Unknown groups and keys are warned about and
-ignored (tlshd's configuration keeps growing: ``[tags]``, PQ certificates, ...). tlshd's own
+ignored (tlshd's configuration keeps growing: ``[tags]``, PQ certificates, ...).
+
+:data:`TLSHD_KEYS` is the one table of tlshd's keys: per key, which tlshd reads it and what
+ktlsd does with it (:class:`KeyBehaviour`: supported, or ignored -- then logged when set to
+something that would matter); :func:`config_keys` adds the ``[ktlsd]`` keys.
+docs/configuration.md ("Every key") shows the same rows; tests/test_config_keys.py holds the
+two equal and the tlshd 1.4 rows equal to ktls-utils 1.4.0's list. tlshd's own
 ``[debug]`` integers are read as GLib reads them (:func:`glib_integer`: ``loglevel=2 # two`` is
 2), and an unparsable one counts as 0, as for tlshd (with a warning).
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import os
@@ -336,24 +343,80 @@ class AgentConfig:
         )
 
 
-# Known keys per group: name -> kind. Kinds: int, path, bool, list.
-_TLSHD_KEYS: dict[str, dict[str, str]] = {
-    "debug": {"loglevel": "int", "tls": "int", "nl": "int", "delay_done": "int"},
-    "authenticate": {"keyrings": "list"},
-    "authenticate.client": {
-        "x509.truststore": "path", "x509.crl": "path", "x509.certificate": "path",
-        "x509.private_key": "path", "x509.pq.certificate": "path",
-        "x509.pq.private_key": "path",
-    },
-    "authenticate.server": {
-        "x509.truststore": "path", "x509.crl": "path", "x509.certificate": "path",
-        "x509.private_key": "path", "x509.pq.certificate": "path",
-        "x509.pq.private_key": "path", "x509.client_auth": "bool",
-        "x509.client_allowed_sans": "list",
-    },
+class KeyBehaviour(enum.Enum):
+    """What ktlsd does with a configuration key (docs/configuration.md, "Every key")."""
+
+    SUPPORTED = "supported"
+    """Read and used, with tlshd's meaning (or, for ``[ktlsd]``, ktlsd's own)."""
+    IGNORED = "ignored with a warning"
+    """Accepted without effect; a value that would matter (not empty, not 0) is logged: a
+    warning, or a notice for tlshd's debug levels (they only change what tlshd logs)."""
+    KTLSD_ONLY = "ktlsd-only"
+    """A ``[ktlsd]`` key: tlshd never reads that section."""
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One configuration key: its group, which tlshd reads it, and what ktlsd does with it.
+
+    ``tlshd``: ``1.4`` (ktls-utils 1.4.0 reads it), ``0.x`` (only the first tlshd.conf's
+    ``[main]`` had it), ``proposed`` (an unreleased ktls-utils change; tlshd 1.4 ignores it)
+    or ``-`` (ktlsd's own). ``kind``: int, path, bool, list or value. ``why``: the warning's
+    reason for an ignored key.
+    """
+
+    group: str
+    key: str
+    tlshd: str
+    behaviour: KeyBehaviour
+    kind: str = "value"
+    why: str = ""
+
+
+_SUPPORTED, _IGNORED = KeyBehaviour.SUPPORTED, KeyBehaviour.IGNORED
+_PQ_UNUSED = "post-quantum (ML-DSA) certificates are not used by ktlsd yet"
+
+TLSHD_KEYS: tuple[ConfigKey, ...] = (
+    # One row per key (docs/configuration.md has the same table; tests/test_config_keys.py
+    # holds them equal, and the tlshd 1.4 rows equal to ktls-utils 1.4.0's list).
+    ConfigKey("debug", "loglevel", "1.4", _SUPPORTED, "int"),
+    ConfigKey("debug", "tls", "1.4", _IGNORED, "int",
+              "tlshd's TLS library debug level; ktlsd never logs TLS library internals"),
+    ConfigKey("debug", "nl", "1.4", _IGNORED, "int",
+              "tlshd's netlink library debug level; ktlsd has no such log"),
+    ConfigKey("debug", "delay_done", "1.4", _IGNORED, "int",
+              "tlshd's test knob that delays DONE is not implemented"),
+    ConfigKey("authenticate", "keyrings", "1.4", _SUPPORTED, "list"),
+    ConfigKey("authenticate.client", "x509.truststore", "1.4", _SUPPORTED, "path"),
+    ConfigKey("authenticate.client", "x509.crl", "1.4", _SUPPORTED, "path"),
+    ConfigKey("authenticate.client", "x509.certificate", "1.4", _SUPPORTED, "path"),
+    ConfigKey("authenticate.client", "x509.private_key", "1.4", _SUPPORTED, "path"),
+    ConfigKey("authenticate.client", "x509.pq.certificate", "1.4", _IGNORED, "path", _PQ_UNUSED),
+    ConfigKey("authenticate.client", "x509.pq.private_key", "1.4", _IGNORED, "path", _PQ_UNUSED),
+    ConfigKey("authenticate.server", "x509.truststore", "1.4", _SUPPORTED, "path"),
+    ConfigKey("authenticate.server", "x509.crl", "1.4", _SUPPORTED, "path"),
+    ConfigKey("authenticate.server", "x509.certificate", "1.4", _SUPPORTED, "path"),
+    ConfigKey("authenticate.server", "x509.private_key", "1.4", _SUPPORTED, "path"),
+    ConfigKey("authenticate.server", "x509.pq.certificate", "1.4", _IGNORED, "path", _PQ_UNUSED),
+    ConfigKey("authenticate.server", "x509.pq.private_key", "1.4", _IGNORED, "path", _PQ_UNUSED),
+    ConfigKey("authenticate.server", "x509.client_auth", "proposed", _SUPPORTED, "bool"),
+    ConfigKey("authenticate.server", "x509.client_allowed_sans", "proposed", _IGNORED, "list",
+              "not enforced: any client certificate the truststore verifies is accepted"),
     # The original tlshd.conf (ktls-utils 0.x) used [main] debug/tlsdebug/nl_debug/keyrings.
-    "main": {"debug": "int", "tlsdebug": "int", "nl_debug": "int", "keyrings": "list"},
-}
+    ConfigKey("main", "debug", "0.x", _SUPPORTED, "int"),
+    ConfigKey("main", "tlsdebug", "0.x", _IGNORED, "int",
+              "tlshd's TLS library debug level; ktlsd never logs TLS library internals"),
+    ConfigKey("main", "nl_debug", "0.x", _IGNORED, "int",
+              "tlshd's netlink library debug level; ktlsd has no such log"),
+    ConfigKey("main", "keyrings", "0.x", _SUPPORTED, "list"),
+)
+"""Every key of tlshd's groups ktlsd knows; the reader warns about the others."""
+
+# Known keys per group: name -> kind (from TLSHD_KEYS).
+_TLSHD_KEYS: dict[str, dict[str, str]] = {}
+for _row in TLSHD_KEYS:
+    _TLSHD_KEYS.setdefault(_row.group, {})[_row.key] = _row.kind
+_TLSHD_KEY_ROWS = {(row.group, row.key): row for row in TLSHD_KEYS}
 _TLSHD_GROUPS_IGNORED = ("tags",)  # tlshd features ktlsd does not implement (yet)
 
 _KTLSD_KEYS = (
@@ -382,6 +445,15 @@ _KTLSD_INTEGERS: dict[str, tuple[int, int | None]] = {
     "max_file_bytes": (4096, 64 << 20),
 }
 """The ``[ktlsd]`` keys that are integers, with their ranges: each is an AgentConfig field."""
+
+
+
+def config_keys() -> tuple[ConfigKey, ...]:
+    """Every key ktlsd reads, one row each: tlshd's (:data:`TLSHD_KEYS`) and ``[ktlsd]``'s
+    (docs/configuration.md lists the same rows)."""
+    ours = tuple(ConfigKey("ktlsd", key, "-", KeyBehaviour.KTLSD_ONLY) for key in _KTLSD_KEYS)
+    return TLSHD_KEYS + ours
+
 
 _KTLSD_KEYS_RETIRED = {
     "record_layer": "user-space consumers choose their record layer themselves "
@@ -527,12 +599,32 @@ class _Reader:
                 log.warning("%s:%d: unknown group [%s] ignored", self.keyfile.path, line, group)
                 continue
             for key, entry in keys.items():
-                if group == "ktlsd" and key in _KTLSD_KEYS_RETIRED:
+                row = _TLSHD_KEY_ROWS.get((group, key))
+                if row is not None and row.behaviour is KeyBehaviour.IGNORED:
+                    if _matters(row, entry.value):
+                        # tlshd's debug levels only change how much is logged: a notice;
+                        # anything else an admin expects to take effect: a warning.
+                        level = NOTICE if row.kind == "int" else logging.WARNING
+                        log.log(level, "%s:%d: [%s] %s ignored: %s", self.keyfile.path,
+                                entry.line, group, key, row.why)
+                elif group == "ktlsd" and key in _KTLSD_KEYS_RETIRED:
                     log.warning("%s:%d: [%s] %s is no longer read: %s", self.keyfile.path,
                                 entry.line, group, key, _KTLSD_KEYS_RETIRED[key])
                 elif key not in known:
                     log.warning("%s:%d: unknown key %s in [%s] ignored",
                                 self.keyfile.path, entry.line, key, group)
+
+
+def _matters(row: ConfigKey, raw: str) -> bool:
+    """Whether an ignored key's value would make a difference to tlshd: not empty, and for
+    its integers not 0 (an unparsable one is 0 to tlshd, and warned about as such)."""
+    text = raw.strip()
+    if row.kind != "int":
+        return bool(text)
+    try:
+        return glib_integer(text) != 0
+    except ValueError:
+        return False
 
 
 def _x509(reader: _Reader, group: str) -> X509Settings:

@@ -17,6 +17,11 @@ Start-up, in order:
    SIGTERM and SIGINT send ``STOPPING=1``, stop taking new requests and let the requests in
    flight finish within their own timeouts.
 
+Status: ``ktlsd status`` (:mod:`ktlsd.commands.status`) asks the running agent over the
+service socket (root only); with the service disabled, over a root-only ``status.sock`` in the
+runtime directory. :func:`status_report` builds the answer; the request counters belong to
+the agent, which a reload keeps, so they survive SIGHUP.
+
 Command line: every tlshd flag with tlshd's meaning (``-c/--config FILE``, ``-s/--stderr``,
 ``-h/--help``, ``-v/--version``); ktlsd's own options have long names only. ``--check`` reads
 the configuration, reports every problem and exits 1 on an error, 0 otherwise.
@@ -209,6 +214,66 @@ def release_startup_memory() -> None:
     trim(0)
 
 
+def status_report(agent: Agent, sources: list[UpcallSource], pool: WorkerPool | None,
+                  config: AgentConfig, started: float) -> bytes:
+    """The ``ktlsd status`` report (:mod:`ktlsd.status`) as JSON: names and numbers only."""
+    import os
+    import time
+
+    from ktlsd import __version__
+    from ktlsd.status import (
+        SourceStatus,
+        StatusReport,
+        WorkerStatus,
+        effective_limits,
+        report_to_json,
+    )
+    from ktlsd.upcall.service import HandshakeService, default_pending_limit
+
+    settings = agent.settings
+    counters = agent.counters
+    pending_limit = settings.service_limits.pending_limit or default_pending_limit()
+    refused: dict[str, int] = {}
+    states: list[SourceStatus] = []
+    for source in sources:
+        if isinstance(source, HandshakeService):
+            pending_limit = source.pending_limit
+            refused = source.refused()
+            states.append(SourceStatus(source.name, source.path, counters.in_flight(source.name),
+                                       pending=source.pending, connections=source.connections))
+        else:
+            states.append(SourceStatus(source.name, "handshake family",
+                                       counters.in_flight(source.name)))
+    workers = WorkerStatus() if pool is None else WorkerStatus(
+        configured=pool.count, alive=len(pool.pids), respawns=pool.respawned)
+    report = StatusReport(
+        version=__version__,
+        pid=os.getpid(),
+        uptime_seconds=time.monotonic() - started,
+        config_file=config.path,
+        sources=tuple(states),
+        requests=counters.by_source(),
+        refused=refused,
+        kept_sessions=agent.store.kept,
+        workers=workers,
+        limits=effective_limits(settings, pending_limit=pending_limit,
+                                kept_sessions_capacity=agent.store.capacity,
+                                workers=workers.configured),
+    )
+    return report_to_json(report)
+
+
+def status_socket_path() -> str:
+    """Where the root-only status socket goes when the service is disabled: the runtime
+    directory's ``status.sock`` (``$RUNTIME_DIRECTORY``'s first entry, else /run/ktlsd)."""
+    import os
+
+    from ktlsd.status import DEFAULT_STATUS_PATH, STATUS_SOCKET_NAME
+
+    roots = [r for r in os.environ.get("RUNTIME_DIRECTORY", "").split(":") if r]
+    return os.path.join(roots[0], STATUS_SOCKET_NAME) if roots else DEFAULT_STATUS_PATH
+
+
 def serving_status(sources: list[UpcallSource]) -> str:
     """What the agent serves, for ``STATUS=`` and the log: names only, never secrets."""
     parts = []
@@ -221,16 +286,36 @@ def serving_status(sources: list[UpcallSource]) -> str:
 async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> int:
     import asyncio
     import signal
+    import time
 
     from ktlsd import log_output, sdnotify
     from ktlsd.agent import Agent
     from ktlsd.config import ConfigError, load_config
+    from ktlsd.upcall.service import HandshakeService, StatusListener
 
+    started = time.monotonic()
     prepare_keyrings(config)
     pool = await start_workers(config)  # None: handshakes run in this process
     sources = await open_sources(config)
     agent: Agent = Agent(config.agent_settings(), sources, runner=pool)
     loop = asyncio.get_running_loop()
+    current = [config]  # the configuration in use (a reload replaces it)
+
+    def report() -> bytes:
+        return status_report(agent, sources, pool, current[0], started)
+
+    status_listener: StatusListener | None = None
+    services = [s for s in sources if isinstance(s, HandshakeService)]
+    for service in services:
+        service.status_provider = report
+    if not services:  # no service socket: status on a root-only socket of its own
+        status_listener = StatusListener(status_socket_path(), report)
+        try:
+            await status_listener.start()
+        except (OSError, ValueError) as exc:
+            log.warning("ktlsd status unavailable: cannot listen on %s: %s",
+                        status_listener.path, getattr(exc, "strerror", None) or exc)
+            status_listener = None
     status = serving_status(sources)
     stopping: list[asyncio.Task[None]] = []
 
@@ -255,6 +340,7 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
             log_output.set_level(fresh.effective_log_level)
             relink_keyrings(fresh)
             agent.reload(fresh.agent_settings())
+            current[0] = fresh
             if fresh.workers != config.workers:
                 log.warning("%s: [ktlsd] workers takes effect at the next start", signame)
         finally:
@@ -279,6 +365,8 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
+        if status_listener is not None:
+            await status_listener.close()
         for source in sources:
             try:
                 await source.close()

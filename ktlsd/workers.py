@@ -83,7 +83,10 @@ JOB        pool       aux = timeout in ms; flags: 1 install kTLS, 2 credentials;
                       [pid i32, uid i32, gid i32, n u16, n groups u32]; SUBMIT;
                       one descriptor (the TCP socket)
 CANCEL     pool       none: the consumer withdrew job ``job``
-RESULT     worker     DONE (status, reason, session) for job ``job``
+RESULT     worker     DONE (status, reason, session) for job ``job``; aux = the
+                      :class:`~ktlsd.errors.FailureCause` of a failure (its position
+                      in the enum, from 1; 0: success or none), so the supervisor
+                      counts it by cause (EACCES alone does not say which)
 =========  =========  ==========================================================
 
 The channel carries the requests' inline keys and the sessions' traffic secrets between the
@@ -152,6 +155,8 @@ _BUFFER = 2 * MAX_MESSAGE_SIZE + 4096  # a JOB: header, credentials and a SUBMIT
 _ANCBUF = socket.CMSG_SPACE(4 * 4)  # room to notice (and close) stray descriptors
 
 HELLO, CONFIGURE, JOB, CANCEL, RESULT = 1, 2, 3, 4, 5
+_Result = tuple[int, bytes]
+"""A RESULT as the pool keeps it: (aux = cause code, the DONE message)."""
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER_PROGRAM = (
@@ -263,6 +268,19 @@ def _cause(status: int) -> FailureCause:
     return FailureCause.PROTOCOL_ERROR
 
 
+_CAUSES = tuple(FailureCause)
+
+
+def cause_code(cause: FailureCause | None) -> int:
+    """RESULT's aux: the cause's position in :class:`~ktlsd.errors.FailureCause` from 1;
+    0 for none."""
+    return 0 if cause is None else _CAUSES.index(cause) + 1
+
+
+def _cause_from_code(code: int) -> FailureCause | None:
+    return _CAUSES[code - 1] if 1 <= code <= len(_CAUSES) else None
+
+
 def describe_exit(returncode: int | None) -> str:
     """``exited with status 3`` / ``was killed by signal 9 (SIGKILL)``."""
     if returncode is None:
@@ -304,7 +322,7 @@ class _Worker:
         self.pid = process.pid
         self.channel = channel
         self.started = time.monotonic()
-        self.jobs: dict[int, asyncio.Future[bytes]] = {}
+        self.jobs: dict[int, asyncio.Future[_Result]] = {}
         self.configured: AgentSettings | None = None
         self.send_lock = asyncio.Lock()
         self.hello = asyncio.get_running_loop().create_future()
@@ -454,7 +472,7 @@ class WorkerPool:
             if kind == RESULT:
                 future = worker.jobs.pop(job, None)
                 if future is not None and not future.done():
-                    future.set_result(data[_HEADER.size:])
+                    future.set_result((aux, data[_HEADER.size:]))
             elif kind == HELLO and not worker.hello.done():
                 worker.hello.set_result(aux)
             else:
@@ -589,12 +607,12 @@ class WorkerPool:
             self._cancel(worker, job)
             worker.jobs.pop(job, None)
             raise
-        return _session_from(payload)
+        return _session_from(*payload)
 
     async def _deliver(
         self, worker: _Worker, pending: PendingRequest, settings: AgentSettings,
         deadline: float,
-    ) -> tuple[int, asyncio.Future[bytes]] | None:
+    ) -> tuple[int, asyncio.Future[_Result]] | None:
         """Send the JOB (after CONFIGURE when the worker has other settings); its id and the
         future of its RESULT, or None when the channel is broken (nothing was delivered)."""
         loop = asyncio.get_running_loop()
@@ -604,7 +622,7 @@ class WorkerPool:
             message = encode_job(job, pending, remaining_ms)
         except ValueError as exc:
             raise HandshakeError(FailureCause.INVALID_REQUEST, str(exc)) from None
-        future: asyncio.Future[bytes] = loop.create_future()
+        future: asyncio.Future[_Result] = loop.create_future()
         worker.jobs[job] = future
         try:
             async with worker.send_lock:
@@ -632,8 +650,8 @@ class WorkerPool:
             raise
         return job, future
 
-    async def _answer(self, worker: _Worker, job: int, future: asyncio.Future[bytes],
-                      pending: PendingRequest, deadline: float) -> bytes:
+    async def _answer(self, worker: _Worker, job: int, future: asyncio.Future[_Result],
+                      pending: PendingRequest, deadline: float) -> _Result:
         """The worker's RESULT for ``job``; CANCEL when the consumer withdraws, the worker
         killed when it is past the deadline. One waiter woken by callbacks (this runs once
         per request in the one supervisor process, so it stays lean)."""
@@ -684,18 +702,19 @@ class WorkerPool:
         task.add_done_callback(self._tasks.discard)
 
 
-def _result(future: asyncio.Future[bytes]) -> bytes:
+def _result(future: asyncio.Future[_Result]) -> _Result:
     return future.result()  # raises the HandshakeError of a worker that went away
 
 
-def _session_from(payload: bytes) -> Session:
+def _session_from(cause_code: int, payload: bytes) -> Session:
     try:
         _, done = decode_done_message(payload)
     except ServiceFormatError as exc:
         raise HandshakeError(FailureCause.PROTOCOL_ERROR,
                              f"unreadable answer from a handshake worker: {exc}") from None
     if done.status != 0:
-        raise HandshakeError(_cause(done.status), done.reason or os.strerror(done.status))
+        cause = _cause_from_code(cause_code) or _cause(done.status)
+        raise HandshakeError(cause, done.reason or os.strerror(done.status))
     assert done.session is not None  # decode_done_message checks this
     return done.session
 
@@ -806,11 +825,13 @@ class _WorkerServer:
 
         fd = pending.request.sockfd
         sock: socket.socket | None = None
+        cause: FailureCause | None = None
         try:
             sock = socket.socket(fileno=fd)
             session = await run_handshake(pending, sock, settings, pending.timeout_ms / 1000)
             answer = HandshakeDone(status=0, sockfd=-1, session=session)
         except HandshakeError as exc:
+            cause = exc.cause
             answer = HandshakeDone(status=exc.errno, sockfd=-1, reason=exc.reason)
         except OSError as exc:
             answer = HandshakeDone(status=errno.EIO, sockfd=-1,
@@ -824,16 +845,18 @@ class _WorkerServer:
                 sock.close()
             else:
                 _close_fds([fd])
-        await self._answer(job, answer)
+        await self._answer(job, answer, cause)
 
-    async def _answer(self, job: int, answer: HandshakeDone) -> None:
+    async def _answer(self, job: int, answer: HandshakeDone,
+                      cause: FailureCause | None = None) -> None:
         try:
             done = encode_done_message(answer)
         except ValueError as exc:
             done = encode_done_message(HandshakeDone(errno.EIO, -1, reason=f"worker: {exc}"))
         with contextlib.suppress(OSError):
             async with self.send_lock:
-                await send_message(self.channel, _HEADER.pack(RESULT, 0, 0, 0, job) + done)
+                await send_message(self.channel,
+                                   _HEADER.pack(RESULT, 0, 0, cause_code(cause), job) + done)
 
 
 def _log_level() -> str:

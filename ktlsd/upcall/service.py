@@ -47,6 +47,10 @@ Notes for the agent
 * :attr:`ServiceRequest.credentials` holds the consumer's pid/uid/gid (``SO_PEERCRED``):
   key serials and file names come from a possibly unprivileged user and should be checked
   against that uid before a privileged agent uses them.
+* ``ktlsd status``: a connection whose first message is a STATUS request (the protocol's
+  "STATUS" section) gets :attr:`HandshakeService.status_provider`'s report when its uid is 0,
+  else a one-line EACCES refusal that costs nothing more. :class:`StatusListener` answers
+  STATUS alone on a root-only socket, for an agent that runs without this service.
 * :meth:`HandshakeService.close` stops accepting (new submits get ESRCH), answers queued
   requests ESRCH and ends :meth:`~HandshakeService.requests`; requests in flight keep their
   connections and get their DONE; :meth:`~HandshakeService.wait_closed` waits for them.
@@ -65,17 +69,26 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from ktlsd.request import ConsumerCredentials, HandshakeDone, HandshakeRequest, KeyDelivery
-from ktlsd.settings import DEFAULT_SERVICE_MODE, DEFAULT_SERVICE_PATH, AgentSettings, ServiceLimits
+from ktlsd.settings import (
+    DEFAULT_SERVICE_MODE,
+    DEFAULT_SERVICE_PATH,
+    DEFAULT_SUBMIT_TIMEOUT_MS,
+    AgentSettings,
+    ServiceLimits,
+)
 from ktlsd.upcall.wire import (
     MAX_MESSAGE_SIZE,
     ServiceFormatError,
+    decode_status_request,
     decode_submit,
     encode_done_message,
     encode_error_done,
+    encode_status_answer,
+    is_status_request,
     recv_message,
     send_message,
 )
@@ -257,6 +270,8 @@ class HandshakeService:
         self._consumers = 0
         self._closing = False
         self.counters: collections.Counter[str] = collections.Counter()
+        self.status_provider: StatusProvider | None = None
+        """Makes the STATUS report (JSON) for root; None: STATUS answers EOPNOTSUPP."""
 
     # -- public state ----------------------------------------------------------------
 
@@ -297,6 +312,22 @@ class HandshakeService:
         return len(self._in_flight)
 
     @property
+    def connections(self) -> int:
+        """Service connections open now (waiting, queued or in flight)."""
+        return len(self._connections)
+
+    def refused(self) -> dict[str, int]:
+        """Requests refused before the agent took them, by the status they got (errno
+        name; ``dropped``: closed without an answer at ``service_max_connections``)."""
+        out = {name: self.counters[name] for name in ("EAGAIN", "EBUSY", "ESRCH")
+               if self.counters[name]}
+        if self.counters["invalid"]:
+            out["EINVAL"] = self.counters["invalid"]
+        if self.counters["overloaded"]:
+            out["dropped"] = self.counters["overloaded"]
+        return out
+
+    @property
     def serving(self) -> bool:
         return self._listener is not None and not self._closing
 
@@ -313,54 +344,12 @@ class HandshakeService:
         """Bind the socket (atomically replacing a stale one) and start accepting."""
         if self._listener is not None:
             raise RuntimeError("service already started")
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            if not creatable_directory(directory):
-                raise FileNotFoundError(
-                    errno.ENOENT, f"directory {directory} does not exist (ktlsd creates only "
-                    "its runtime directory, $RUNTIME_DIRECTORY or /run/ktlsd)")
-            os.makedirs(directory, mode=0o755, exist_ok=True)
-        self._check_not_served()
-        temp = f"{self.path}.{os.getpid()}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            listener.bind(temp)
-            # Permissions are set on the temporary name, then the socket is renamed into
-            # place: no moment exists where the public path is more open than ``mode``.
-            os.chmod(temp, self.mode)
-            if self.group is not None:
-                os.chown(temp, -1, _group_id(self.group))
-            listener.listen(socket.SOMAXCONN)
-            listener.setblocking(False)
-            os.rename(temp, self.path)
-        except BaseException:
-            listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
+        listener = _bind_listener(self.path, self.mode, self.group)
         self._listener = listener
         self._inode = os.stat(self.path).st_ino
         self._accept_task = asyncio.create_task(self._accept_loop(), name="ktlsd-service-accept")
         log.info("service: listening on %s (mode %o, pending limit %d; %s)",
                  self.path, self.mode, self.pending_limit, _describe(self.limits))
-
-    def _check_not_served(self) -> None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(f"{self.path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            probe.connect(self.path)
-        except OSError:
-            return  # stale: replaced by the rename in start()
-        finally:
-            probe.close()
-        raise FileExistsError(f"another handshake service is already listening on {self.path}")
 
     def requests(self) -> AsyncIterator[ServiceRequest]:
         """Requests in submission order. While the returned iterator is open (from this
@@ -476,6 +465,10 @@ class HandshakeService:
                 return
             if not data and not fds:
                 return  # connected and left
+            if is_status_request(data):
+                # Its descriptors, if any, are closed below like every received one.
+                await _try_send(conn, status_answer(data, fds, creds, self.status_provider))
+                return
             seq = struct.unpack_from("=I", data, 8)[0] if len(data) >= 12 else 0
             try:
                 self._check_envelope(data, fds, flags)
@@ -672,6 +665,163 @@ class HandshakeService:
         self._maybe_idle()
 
 
+StatusProvider = Callable[[], bytes]
+"""Makes the status report (:func:`ktlsd.status.report_to_json`): called only for root."""
+
+ROOT_ONLY = "ktlsd status is for root only"
+
+
+def status_answer(data: bytes, fds: list[int], creds: ConsumerCredentials,
+                  provider: StatusProvider | None) -> bytes:
+    """The answer to a STATUS request (the protocol's "STATUS" section): a refusal for any
+    uid but 0 before anything else is looked at; the report from ``provider`` for root."""
+    if creds.uid != 0:
+        log.debug("service: pid %d uid %d: status refused (not root)", creds.pid, creds.uid)
+        return encode_status_answer(errno.EACCES, reason=f"{ROOT_ONLY} (uid {creds.uid})")
+    try:
+        seq = decode_status_request(data)
+        if fds:
+            raise ServiceFormatError("a STATUS request carries no descriptor")
+    except ServiceFormatError as exc:
+        return encode_status_answer(exc.status, reason=str(exc))
+    if provider is None:
+        return encode_status_answer(errno.EOPNOTSUPP, reason="no status here", seq=seq)
+    try:
+        return encode_status_answer(0, report=provider(), seq=seq)
+    except Exception as exc:  # a broken report must not take the listener down
+        log.error("service: status report failed: %s", exc)
+        return encode_status_answer(errno.EIO, reason=f"status report failed: {exc}", seq=seq)
+
+
+class StatusListener:
+    """STATUS requests alone, on a socket only root may use (mode 0600, owner root):
+    ``ktlsd status`` for an agent that runs without the handshake service.
+
+    Each connection sends one STATUS request within ``submit_timeout`` seconds and gets one
+    answer (:func:`status_answer`); at most ``max_connections`` are served at once, more
+    are closed at once. Any other message gets EINVAL.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], provider: StatusProvider, *,
+                 submit_timeout: float = DEFAULT_SUBMIT_TIMEOUT_MS / 1000,
+                 max_connections: int = 16) -> None:
+        self.path = os.fspath(path)
+        self.provider = provider
+        self.submit_timeout = submit_timeout
+        self.max_connections = max_connections
+        self._listener: socket.socket | None = None
+        self._inode = 0
+        self._accept_task: asyncio.Task[None] | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._listener = _bind_listener(self.path, 0o600, None)
+        self._inode = os.stat(self.path).st_ino
+        self._accept_task = asyncio.create_task(self._accept_loop(), name="ktlsd-status")
+        log.info("status: listening on %s (root only)", self.path)
+
+    async def close(self) -> None:
+        if self._listener is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        self._listener.close()
+        self._listener = None
+        tasks = [t for t in (self._accept_task, *self._connections) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except OSError as exc:
+                log.warning("status: accept failed: %s", exc.strerror or exc)
+                await asyncio.sleep(0.05)
+                continue
+            conn.setblocking(False)
+            if len(self._connections) >= self.max_connections:
+                conn.close()
+                continue
+            task = asyncio.create_task(self._serve(conn))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        fds: list[int] = []
+        try:
+            try:
+                creds = peer_credentials(conn)
+                data, fds, _ = await asyncio.wait_for(recv_message(conn), self.submit_timeout)
+            except (TimeoutError, OSError):
+                return
+            if not data:
+                return
+            if not is_status_request(data) and creds.uid == 0:
+                answer = encode_status_answer(errno.EINVAL, reason="this socket answers "
+                                              "STATUS requests only")
+            else:
+                answer = status_answer(data, fds, creds, self.provider)
+            await _try_send(conn, answer)
+        finally:
+            for fd in fds:
+                _close_fd(fd)
+            conn.close()
+
+
+def _bind_listener(path: str, mode: int, group: int | str | None) -> socket.socket:
+    """A listening non-blocking SEQPACKET socket at ``path`` with ``mode``/``group``, bound
+    under a temporary name and renamed into place (atomically replacing a stale socket):
+    no moment exists where the public path is more open than ``mode``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        if not creatable_directory(directory):
+            raise FileNotFoundError(
+                errno.ENOENT, f"directory {directory} does not exist (ktlsd creates only "
+                "its runtime directory, $RUNTIME_DIRECTORY or /run/ktlsd)")
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    _check_not_served(path)
+    temp = f"{path}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(temp)
+        os.chmod(temp, mode)
+        if group is not None:
+            os.chown(temp, -1, _group_id(group))
+        listener.listen(socket.SOMAXCONN)
+        listener.setblocking(False)
+        os.rename(temp, path)
+    except BaseException:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    return listener
+
+
+def _check_not_served(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.connect(path)
+    except OSError:
+        return  # stale: replaced by the rename
+    finally:
+        probe.close()
+    raise FileExistsError(f"another ktlsd is already listening on {path}")
+
+
 def _checked(limits: ServiceLimits) -> ServiceLimits:
     for name in ("max_connections", "submit_timeout_ms", "uid_max_connections",
                  "uid_max_pending", "uid_max_in_flight"):
@@ -717,6 +867,9 @@ async def _try_send(conn: socket.socket, message: bytes) -> None:
 __all__ = [
     "HandshakeService",
     "ServiceRequest",
+    "StatusListener",
+    "StatusProvider",
     "default_pending_limit",
     "peer_credentials",
+    "status_answer",
 ]

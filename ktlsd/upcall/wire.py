@@ -32,7 +32,8 @@ encoded as by :mod:`ktlsd.upcall.nlattr`::
 
     nlmsghdr   { u32 len = the datagram's length; u16 type = 0x4b54 ("KT");
                  u16 flags = 0; u32 seq; u32 pid = 0 }
-    genlmsghdr { u8 cmd: SUBMIT = 2, DONE = 3; u8 version = 1; u16 reserved = 0 }
+    genlmsghdr { u8 cmd: SUBMIT = 2, DONE = 3, STATUS = 4; u8 version = 1;
+                 u16 reserved = 0 }
     attributes { u16 nla_len; u16 nla_type; payload; pad to 4 } ...
 
 Integers are host byte order (the peers share a host); u64 is 8 bytes, host order. A
@@ -136,6 +137,37 @@ would make DONE exceed the size limit, certificates are dropped from the chain's
 leaf is kept). SESSION carries the consumer's own traffic secrets, needed to run a
 user-space record layer; the socket's mode keeps other users from asking. For a
 FORGET_SESSION request a successful DONE carries the last kept state and no session-id.
+
+STATUS (administrator <-> service)
+==================================
+
+``ktlsd status`` asks the running agent how it is doing. Instead of SUBMIT, the first
+message on a connection is a STATUS request: command STATUS (4), no attributes, no
+descriptor (any passed descriptor is closed). The service answers one STATUS message and
+closes the connection:
+
+==  =====================  ======================================================
+ #  attribute (StatusAttr) payload
+==  =====================  ======================================================
+ 1  status                 u32, always present: 0, or a positive errno
+ 2  reason                 string, one line, present when status != 0
+ 3  report                 string, present exactly when status = 0: the report as
+                           JSON (:mod:`ktlsd.status`: ``"format": 1``; in-flight and
+                           pending requests per source, ended requests per source and
+                           outcome, service refusals, kept sessions, workers, uptime,
+                           the effective limits, the configuration file)
+==  =====================  ======================================================
+
+Only root may ask: a connection whose ``SO_PEERCRED`` uid is not 0 gets status ``EACCES``
+with the reason "ktlsd status is for root only" before the request is even parsed, and
+nothing else is computed for it (it counts as one of the uid's connections, like any
+other). ``EINVAL``: a malformed STATUS request (attributes, descriptors, a bad header);
+``EOPNOTSUPP``: this listener has no status to give; ``EIO``: the report could not be
+made or does not fit :data:`MAX_MESSAGE_SIZE`. A decoder ignores unknown attributes.
+
+An agent running without the service socket (``--socket none``) answers STATUS, and
+nothing else, on a root-only socket (mode 0600) named ``status.sock`` in its runtime
+directory (``$RUNTIME_DIRECTORY``, else ``/run/ktlsd``: :data:`ktlsd.status.DEFAULT_STATUS_PATH`).
 
 Status values
 =============
@@ -255,6 +287,15 @@ _ANCBUF = socket.CMSG_SPACE(8 * 4)  # room to notice (and close) up to 8 passed 
 class ServiceCommand(enum.IntEnum):
     SUBMIT = 2  # mirrors ACCEPT: it carries the ACCEPT reply's attributes
     DONE = 3
+    STATUS = 4  # ktlsd status: request (no attributes) and answer (StatusAttr)
+
+
+class StatusAttr(enum.IntEnum):
+    """The STATUS answer's attributes."""
+
+    STATUS = 1
+    REASON = 2
+    REPORT = 3
 
 
 class SubmitAttr(enum.IntEnum):
@@ -662,6 +703,72 @@ def encode_error_done(status: int, reason: str, *, seq: int = 0) -> bytes:
     return encode_done_message(HandshakeDone(status=status, sockfd=-1, reason=reason), seq=seq)
 
 
+# --- STATUS (pure) ---------------------------------------------------------------------------
+
+
+def is_status_request(data: bytes) -> bool:
+    """Whether ``data`` claims to be a STATUS message (service type, command STATUS): the
+    service's dispatch before any other check; :func:`decode_status_request` checks it all."""
+    if len(data) < 20:
+        return False
+    msg_type = struct.unpack_from("=H", data, 4)[0]
+    return bool(msg_type == SERVICE_MSG_TYPE and data[16] == ServiceCommand.STATUS)
+
+
+def encode_status_request(*, seq: int = 0) -> bytes:
+    return _frame(ServiceCommand.STATUS, b"", seq)
+
+
+def decode_status_request(data: bytes) -> int:
+    """Check a STATUS request strictly; its seq. Raises :class:`ServiceFormatError`."""
+    if len(data) > MAX_MESSAGE_SIZE:
+        raise ServiceFormatError(f"message too large (> {MAX_MESSAGE_SIZE} bytes)")
+    seq, attrs = _unframe(data, ServiceCommand.STATUS)
+    if attrs:
+        raise ServiceFormatError("a STATUS request carries no attributes")
+    return seq
+
+
+def encode_status_answer(status: int, *, reason: str = "", report: bytes = b"",
+                         seq: int = 0) -> bytes:
+    """The STATUS answer: ``report`` (UTF-8 JSON) on success, ``reason`` otherwise.
+    ValueError when it would exceed :data:`MAX_MESSAGE_SIZE`."""
+    attrs: list[Attribute] = [(StatusAttr.STATUS, u32(status))]
+    if status == 0:
+        attrs.append((StatusAttr.REPORT, report + b"\0"))
+    else:
+        attrs.append((StatusAttr.REASON, string(" ".join(reason.split())[:MAX_REASON_LENGTH])))
+    message = _frame(ServiceCommand.STATUS, encode_attrs(attrs), seq)
+    if len(message) > MAX_MESSAGE_SIZE:
+        raise ValueError(f"status answer too large ({len(message)} > {MAX_MESSAGE_SIZE} bytes)")
+    return message
+
+
+def decode_status_answer(data: bytes) -> tuple[int, int, str, bytes]:
+    """(seq, status, reason, report) of a STATUS answer; :class:`ServiceFormatError`."""
+    if len(data) > MAX_MESSAGE_SIZE:
+        raise ServiceFormatError(f"message too large (> {MAX_MESSAGE_SIZE} bytes)")
+    seq, attrs = _unframe(data, ServiceCommand.STATUS)
+    status: int | None = None
+    reason = ""
+    report = b""
+    try:
+        for attr_type, payload in decode_attrs(attrs):
+            if attr_type == StatusAttr.STATUS:
+                status = as_u32(payload, "status")
+            elif attr_type == StatusAttr.REASON:
+                reason = as_string(payload, "reason")
+            elif attr_type == StatusAttr.REPORT:
+                report = payload[:-1] if payload.endswith(b"\0") else payload
+    except NetlinkFormatError as exc:
+        raise ServiceFormatError(f"bad STATUS attribute: {exc}") from None
+    if status is None:
+        raise ServiceFormatError("STATUS answer without a status")
+    if status == 0 and not report:
+        raise ServiceFormatError("successful STATUS answer without a report")
+    return seq, status, reason, report
+
+
 # --- message I/O (asyncio) -----------------------------------------------------------------------
 
 
@@ -754,13 +861,19 @@ __all__ = [
     "ServiceCommand",
     "ServiceFormatError",
     "SessionAttr",
+    "StatusAttr",
     "SubmitAttr",
     "connect_service",
     "decode_done_message",
+    "decode_status_answer",
+    "decode_status_request",
     "decode_submit",
     "encode_done_message",
     "encode_error_done",
+    "encode_status_answer",
+    "encode_status_request",
     "encode_submit",
+    "is_status_request",
     "recv_message",
     "send_message",
 ]
