@@ -73,6 +73,9 @@ SSL_CTRL_SET_MIN_PROTO_VERSION = 123
 SSL_CTRL_SET_MAX_PROTO_VERSION = 124
 SSL_CTRL_GET_NEGOTIATED_GROUP = 134
 SSL_CTRL_SET_TLSEXT_HOSTNAME = 55
+SSL_CTRL_SET_MAX_SEND_FRAGMENT = 52
+SSL3_RT_MIN_SEND_FRAGMENT = 512  # the smallest SSL_set_max_send_fragment takes
+SSL3_RT_MAX_PLAIN_LENGTH = 16384
 TLSEXT_NAMETYPE_host_name = 0
 
 SSL_VERIFY_NONE = 0x00
@@ -870,6 +873,26 @@ class SslConnection:
         self.keep_alive.append(encoded)
         ok = SSL_ctrl(self.ptr, SSL_CTRL_SET_TLSEXT_HOSTNAME, TLSEXT_NAMETYPE_host_name, encoded)
         _check(int(ok), "cannot set server name")
+
+    def client_hello_extension(self, ext_type: int) -> bytes | None:
+        """Server, inside the client-hello callback only: a copy of the body of extension
+        ``ext_type`` in the ClientHello being processed (unparsed), or None without it."""
+        out = c_void_p()
+        outlen = c_size_t()
+        found = SSL_client_hello_get0_ext(
+            self.ptr, ext_type, ctypes.byref(out), ctypes.byref(outlen)
+        )
+        if not found:
+            return None
+        length = outlen.value
+        return ctypes.string_at(out.value, length) if out.value and length else b""
+
+    def set_max_send_fragment(self, size: int) -> None:
+        """Cap the plaintext of the handshake records OpenSSL sends (``SSL_set_max_send_
+        fragment``); clamped to what OpenSSL takes, 512..16384."""
+        size = max(SSL3_RT_MIN_SEND_FRAGMENT, min(SSL3_RT_MAX_PLAIN_LENGTH, size))
+        ok = SSL_ctrl(self.ptr, SSL_CTRL_SET_MAX_SEND_FRAGMENT, size, None)
+        _check(int(ok), "cannot set the maximum send fragment")
 
     # the handshake
     def feed(self, data: bytes | bytearray | memoryview) -> None:

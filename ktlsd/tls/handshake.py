@@ -55,7 +55,9 @@ server answers a client that offered one with its own in EncryptedExtensions, an
 nothing to a client that did not. The peer's value must be exactly two bytes (else
 ``decode_error``) and at least 64 (else ``illegal_parameter``); a server that sends it
 unasked gets ``unsupported_extension`` (OpenSSL's rule for all custom extensions). Values above
-2^14+1 are allowed and mean 2^14+1. The :class:`Session` reports the peer's limit
+2^14+1 are allowed and mean 2^14+1. The handshake records OpenSSL sends after the peer's
+value arrived (a server's certificate flight) are cut to it as well, but OpenSSL goes no lower
+than 512 bytes of plaintext per record. The :class:`Session` reports the peer's limit
 (``peer_record_size_limit``: the records we send carry at most that minus one byte of
 content) and ours when the negotiation completed (``record_size_limit``). GnuTLS (tlshd 1.4)
 behaves the same on the wire, except that it ignores a client's value below 512 rather than
@@ -465,6 +467,8 @@ class TlsHandshake(ossl.ConnectionHooks):
         self._records_in = 0
         self._peer_record_size_limit: int | None = None  # what the peer advertised
         self._record_size_limit_refusal: HandshakeError | None = None
+        self._client_hellos = 0  # server: ClientHellos seen (2 after a HelloRetryRequest)
+        self._first_record_size_limit: bytes | None = None  # in the first ClientHello
 
         server = self.role is Role.SERVER
         if server and config.credentials is None and config.psk_lookup is None:
@@ -564,6 +568,9 @@ class TlsHandshake(ossl.ConnectionHooks):
         return psk.identity, psk.key, suite.code
 
     def on_client_hello(self, psk_extension: bytes | None) -> int:
+        alert = self._check_retried_record_size_limit()
+        if alert:
+            return alert
         # Called again for the second ClientHello after a HelloRetryRequest: decide afresh.
         self._selected_psk = None
         self._psk_hash = None
@@ -641,6 +648,25 @@ class TlsHandshake(ossl.ConnectionHooks):
             self._psk_refusal = HandshakeError(FailureCause.PEER_REJECTED, reason)
         return None
 
+    def _check_retried_record_size_limit(self) -> int:
+        """Server: a second ClientHello (after a HelloRetryRequest) must carry the same
+        record_size_limit as the first (RFC 8446 §4.1.2); OpenSSL does not check custom
+        extensions, so it is checked here."""
+        assert self._conn is not None
+        body = self._conn.client_hello_extension(ossl.TLSEXT_TYPE_record_size_limit)
+        self._client_hellos += 1
+        if self._client_hellos == 1:
+            self._first_record_size_limit = body
+            return 0
+        if body != self._first_record_size_limit:
+            self._record_size_limit_refusal = HandshakeError(
+                FailureCause.PROTOCOL_ERROR,
+                f"client {self.peer} changed its record_size_limit extension in the "
+                "ClientHello after HelloRetryRequest",
+            )
+            return AlertDescription.ILLEGAL_PARAMETER
+        return 0
+
     def record_size_limit_to_send(self) -> bytes | None:
         return self.config.record_size_limit.to_bytes(2, "big")
 
@@ -663,6 +689,11 @@ class TlsHandshake(ossl.ConnectionHooks):
             )
             return AlertDescription.ILLEGAL_PARAMETER
         self._peer_record_size_limit = min(limit, MAX_RECORD_SIZE_LIMIT)
+        if limit < MAX_RECORD_SIZE_LIMIT:
+            # OpenSSL's own handshake records after this point (a server's certificate
+            # flight) are cut to the limit too, as far as OpenSSL goes down (512 bytes).
+            assert self._conn is not None
+            self._conn.set_max_send_fragment(limit - 1)
         return 0
 
     def psk_for_identity(self, identity: bytes) -> tuple[bytes, int] | None:
