@@ -221,6 +221,7 @@ async def run_handshake(
         consumer=Consumer.from_credentials(pending.credentials),
         legacy_psk_sha384=settings.legacy_psk_sha384,
         max_file_bytes=settings.max_file_bytes,
+        record_size_limit=settings.record_size_limit,
     )
     session = await _unless_cancelled(
         pending.cancelled, perform_handshake(sock, config, timeout=timeout)

@@ -169,6 +169,7 @@ class AgentSettings:
     session_lifetime: int = DEFAULT_SESSION_LIFETIME
     default_timeout_ms: int = DEFAULT_TIMEOUT_MS
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
+    record_size_limit: int = DEFAULT_RECORD_SIZE_LIMIT
     max_consumer_timeout_ms: int = DEFAULT_MAX_CONSUMER_TIMEOUT_MS
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     keep_kernel_sessions: bool = False

@@ -374,3 +374,142 @@ def test_tlsfuzzer_record_size_limit(tmp_path: Path) -> None:
     run = parse_results("test-record-size-limit", "ktlsd", done.stdout + done.stderr)
     assert run.cases >= set(TLSFUZZER_CASES), run.tail()
     assert not run.failed, f"ktlsd fails {sorted(run.failed)}:\n{run.tail()}"
+
+
+# --- connect/listen -------------------------------------------------------------------------
+
+
+class PortRelay:
+    """Listen on a port, forward one connection to ``target_port``, keep both directions."""
+
+    def __init__(self, target_port: int) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._target = target_port
+        self.from_client = bytearray()
+        self.from_server = bytearray()
+        self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
+        accept = threading.Thread(target=self._accept, daemon=True)
+        accept.start()
+        self._threads.append(accept)
+
+    def _accept(self) -> None:
+        client, _ = self._listener.accept()
+        server = socket.create_connection(("127.0.0.1", self._target))
+        self._sockets += [client, server]
+        for args in ((client, server, self.from_client), (server, client, self.from_server)):
+            thread = threading.Thread(target=Relay._pump, args=args, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self) -> None:
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(10)
+        for sock in self._sockets:
+            sock.close()
+
+
+def test_listen_option_limits_what_connect_sends() -> None:
+    from tests.cli_peers import Proc, exchange, ktlsd, start_ktlsd_listen
+
+    psk = ["--psk-identity", IDENTITY.decode(), "--psk", KEY.hex(), "--record-layer", "user"]
+    listen, port = start_ktlsd_listen("--record-size-limit", "300", *psk)
+    relay = PortRelay(port)
+    connect = Proc(ktlsd("connect", f"127.0.0.1:{relay.port}", *psk))
+    try:
+        exchange(connect, listen, size=64 * 1024)
+        listen.close_stdin()  # the peer closed first: listen ends when its stdin does
+        assert connect.wait_exit() == 0
+        assert listen.wait_exit() == 0
+    finally:
+        connect.close()
+        listen.close()
+        relay.close()
+    from_connect = protected_lengths(bytes(relay.from_client))
+    assert max(from_connect) - TAG <= 300
+    assert len(from_connect) >= 64 * 1024 // 299
+    # connect advertised the default: listen sent full records.
+    assert max(protected_lengths(bytes(relay.from_server))) - TAG == 2**14 + 1
+
+
+def test_option_range_is_checked() -> None:
+    from tests.cli_peers import ktlsd
+
+    done = subprocess.run(
+        ktlsd("connect", "127.0.0.1:1", "--record-size-limit", "63"), capture_output=True,
+        text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--record-size-limit: must be 64..16385" in done.stderr
+
+
+# --- the agent: [ktlsd] record_size_limit, and the limits in DONE ---------------------------
+
+
+def test_config_key_reaches_the_agent_and_the_consumer(sock_path: str) -> None:
+    """``[ktlsd] record_size_limit = 300``: the agent advertises 300 for a service consumer;
+    the tlslite-ng server's 256 comes back in DONE, and the consumer's record layer honours it
+    (tlslite-ng refuses any record above its limit)."""
+    import asyncio
+
+    from ktlsd.client import connection_from_done, submit
+    from ktlsd.config import ConfigError, config_from_keyfile, parse_key_file
+    from tests.agent_helpers import running_agent
+
+    def settings_of(text: str):  # type: ignore[no-untyped-def]
+        return config_from_keyfile(parse_key_file(text, "test.conf")).agent_settings()
+
+    assert settings_of("").record_size_limit == 2**14 + 1
+    with pytest.raises(ConfigError, match=r"test\.conf:2: \[ktlsd\] record_size_limit"):
+        settings_of("[ktlsd]\nrecord_size_limit = 63\n")
+    settings = settings_of("[ktlsd]\nrecord_size_limit = 300\n")
+    assert settings.record_size_limit == 300
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    data = os.urandom(PAYLOAD)
+    result: dict[str, object] = {}
+
+    def tlslite_server() -> None:
+        try:
+            sock, _ = listener.accept()
+            tls = TLSConnection(sock)
+            tls.handshakeServer(settings=tlslite_settings(256))
+            result["send_limit"] = tls._send_record_limit
+            got = bytearray()
+            while len(got) < PAYLOAD:
+                got += tls.read(max=PAYLOAD, min=1)
+            result["got"] = bytes(got)
+            tls.close()
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=tlslite_server)
+    thread.start()
+
+    async def main() -> None:
+        async with running_agent(sock_path, settings):
+            sock = socket.create_connection(("127.0.0.1", port))
+            with sock:
+                done = await submit(
+                    sock, role="client", auth="psk", psk=[(IDENTITY, KEY, "sha256")],
+                    service_path=sock_path, timeout=10,
+                )  # fmt: skip
+                assert (done.status, done.reason) == (0, "")
+                assert done.session is not None
+                assert done.session.peer_record_size_limit == 256
+                assert done.session.record_size_limit == 300
+                conn = connection_from_done(sock, done, record_layer="user")
+                await conn.asend(data)
+                await asyncio.to_thread(thread.join, 30)
+
+    try:
+        asyncio.run(main())
+    finally:
+        listener.close()
+        thread.join(30)
+    assert "error" not in result, result.get("error")
+    assert result["got"] == data
+    assert result["send_limit"] == 299  # tlslite-ng took our 300 (minus the content type)
