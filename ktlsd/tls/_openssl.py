@@ -503,7 +503,10 @@ def _client_hello_cb(ssl, alert_out, _arg) -> int:  # type: ignore[no-untyped-de
         return SSL_CLIENT_HELLO_ERROR
 
 
-def _rsl_add_cb(ssl, _ext_type, _context, out, outlen, _x509, _chainidx, alert_out, _arg) -> int:  # type: ignore[no-untyped-def]
+def _rsl_add_cb(  # type: ignore[no-untyped-def]
+    ssl, _ext_type, _context, out, outlen, _x509, _chainidx, alert_out, _arg
+) -> int:
+    """record_size_limit: the body for our ClientHello/EncryptedExtensions, from the hooks."""
     conn = _lookup(ssl)
     if conn is None:
         return 0  # not ours: leave the extension out
@@ -523,7 +526,10 @@ def _rsl_add_cb(ssl, _ext_type, _context, out, outlen, _x509, _chainidx, alert_o
         return -1
 
 
-def _rsl_parse_cb(ssl, _ext_type, _context, data, size, _x509, _chainidx, alert_out, _arg) -> int:  # type: ignore[no-untyped-def]
+def _rsl_parse_cb(  # type: ignore[no-untyped-def]
+    ssl, _ext_type, _context, data, size, _x509, _chainidx, alert_out, _arg
+) -> int:
+    """record_size_limit: the peer's body (a copy) to the hooks, which may refuse it."""
     conn = _lookup(ssl)
     if conn is None:
         return 1

@@ -21,6 +21,13 @@ For TLS 1.3 AES-GCM the 12-byte write IV is split: ``salt`` = its first 4 bytes,
 last 8. ChaCha20-Poly1305 takes the whole write IV in ``iv``. ``rec_seq`` is the big-endian
 number of the next record.
 
+The peer's RFC 8449 record size limit goes to the kernel as ``TLS_TX_MAX_PAYLOAD_LEN``
+(``setsockopt(SOL_TLS, 5, __u16)``, Linux >= 6.19): the most plaintext per transmitted record,
+not counting TLS 1.3's content type byte, so the value is the peer's limit minus one
+(64..16384; 63 is also taken once TLS 1.3 TX keys are installed, which is why ktlsd sets it
+after ``TLS_TX``). ``getsockopt`` reads back what was set (16384 by default); older kernels
+answer ``ENOPROTOOPT`` to both (:func:`apply_record_size_limit`).
+
 Key material handling: derived keys are copied into a ``bytearray`` that is overwritten with
 zeros right after the ``setsockopt``. Python's immutable ``bytes`` (the HKDF output) cannot be
 wiped; the copies are dropped as soon as possible, which is as far as Python allows.
