@@ -513,3 +513,29 @@ def test_config_key_reaches_the_agent_and_the_consumer(sock_path: str) -> None:
     assert "error" not in result, result.get("error")
     assert result["got"] == data
     assert result["send_limit"] == 299  # tlslite-ng took our 300 (minus the content type)
+
+
+def test_apply_to_a_socket_the_kernel_cannot_cap(caplog: pytest.LogCaptureFixture) -> None:
+    """ENOPROTOOPT (a kernel < 6.19, here: a TCP socket without the tls ULP) is reported as
+    False and logged once; nothing to cap is True without a setsockopt."""
+    import logging
+
+    from ktlsd.tls import ktls
+
+    suite = CipherSuite.TLS_AES_128_GCM_SHA256
+    limited = Session(Role.CLIENT, suite, bytes(32), bytes(32), peer_record_size_limit=256)
+    default = Session(Role.CLIENT, suite, bytes(32), bytes(32), peer_record_size_limit=2**14 + 1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()) as sock:
+        assert ktls.apply_record_size_limit(sock, default) is True
+        unlimited = Session(Role.CLIENT, suite, bytes(32), bytes(32))
+        assert ktls.apply_record_size_limit(sock, unlimited) is True
+        ktls._cap_missing_logged = False
+        with caplog.at_level(logging.WARNING, logger="ktlsd.tls.ktls"):
+            assert ktls.apply_record_size_limit(sock, limited) is False
+            assert ktls.apply_record_size_limit(sock, limited) is False
+        lines = [
+            r.getMessage() for r in caplog.records if "TLS_TX_MAX_PAYLOAD_LEN" in r.getMessage()
+        ]
+        assert len(lines) == 1 and "6.19" in lines[0]
+
