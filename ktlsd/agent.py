@@ -222,6 +222,7 @@ async def run_handshake(
         consumer=Consumer.from_credentials(pending.credentials),
         legacy_psk_sha384=settings.legacy_psk_sha384,
         max_file_bytes=settings.max_file_bytes,
+        record_size_limit=settings.record_size_limit,
     )
     session = await _unless_cancelled(
         pending.cancelled, perform_handshake(sock, config, timeout=timeout)
@@ -639,6 +640,15 @@ def _install_ktls(sock: socket.socket, session: Session) -> None:
     try:
         ktls.attach_ulp(sock)
         ktls.install_tx_key(sock, session.suite, session.tx_secret, session.tx_seq)
+        # The peer's record_size_limit (RFC 8449). Like tlshd 1.4 (EIO when its
+        # setsockopt fails), a kernel that cannot cap its records fails the handshake, but
+        # only when the peer asked for records smaller than kTLS sends.
+        if not ktls.apply_record_size_limit(sock, session):
+            raise HandshakeError(
+                FailureCause.PROTOCOL_ERROR,
+                f"peer's record_size_limit is {session.peer_record_size_limit} but this "
+                "kernel cannot cap kTLS records (no TLS_TX_MAX_PAYLOAD_LEN, Linux < 6.19)",
+            )
         ktls.install_rx_key(sock, session.suite, session.rx_secret, session.rx_seq)
     except OSError as exc:
         raise HandshakeError(

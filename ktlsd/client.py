@@ -14,6 +14,11 @@ specifies the protocol), the agent runs the handshake on it, and the answer come
 ``EBUSY``, ``ESRCH``, ``EACCES``, ``EKEYREJECTED``, ``ETIMEDOUT``, ``EIO``, ``ENOKEY``, ...).
 On success the DONE carries the :class:`~ktlsd.tls.session.Session`, from which
 :func:`handshake` builds the record layer (kTLS where it works, else the user-space one).
+The session also carries the peer's RFC 8449 record size limit
+(``session.peer_record_size_limit``, None when it sent none) and ours when negotiated
+(``session.record_size_limit``): the record layer :func:`handshake` builds honours both (kTLS
+gets ``TLS_TX_MAX_PAYLOAD_LEN``); a program that installs the secrets itself must cap its
+records at ``session.max_send_fragment`` bytes (:func:`ktlsd.tls.ktls.apply_record_size_limit`).
 
 While a request is outstanding the caller must not touch the socket. Cancelling the
 awaiting task closes the service connection, which cancels the request (the agent stops
@@ -338,7 +343,8 @@ async def submit(
     """Ask the agent for a handshake on ``sock``; return its DONE, whatever the status.
 
     What to ask for: ``options`` and/or its fields as keywords (as for
-    :func:`build_request`). ``done.session`` is set on success.
+    :func:`build_request`). ``done.session`` is set on success, with the peer's record size
+    limit in ``done.session.peer_record_size_limit`` (see the module docstring).
     """
     request = _merge(options, fields).to_request()
     return await submit_request(sock, request, service_path=service_path)

@@ -51,6 +51,7 @@ from ktlsd.settings import (
     DEFAULT_MAX_CONSUMER_TIMEOUT_MS,
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_KEPT_SESSIONS,
+    DEFAULT_RECORD_SIZE_LIMIT,
     DEFAULT_SERVICE_MAX_CONNECTIONS,
     DEFAULT_SERVICE_MODE,
     DEFAULT_SERVICE_PATH,
@@ -63,6 +64,8 @@ from ktlsd.settings import (
     DEFAULT_UID_MAX_PENDING,
     DEFAULT_WORKERS,
     LEGACY_PSK_SHA384_MODES,
+    MAX_RECORD_SIZE_LIMIT,
+    MIN_RECORD_SIZE_LIMIT,
     AgentSettings,
     LegacyPskSha384,
     ServiceLimits,
@@ -263,7 +266,8 @@ class AgentConfig:
     = none, handshakes run in the agent's process; read at start only),
     ``log_level``, ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them),
     ``legacy_psk_sha384`` ("refuse"/"accept"/"offer": SHA-384 PSKs bound to SHA-256 the way
-    tlshd 1.0 does them; see docs/configuration.md).
+    tlshd 1.0 does them; see docs/configuration.md), ``record_size_limit`` (the RFC 8449
+    limit the agent advertises: the largest record it takes, 64..16385).
     """
 
     path: str | None = None
@@ -296,6 +300,7 @@ class AgentConfig:
     groups: str | None = None
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
     workers: int = DEFAULT_WORKERS
+    record_size_limit: int = DEFAULT_RECORD_SIZE_LIMIT
 
     @property
     def effective_log_level(self) -> str:
@@ -327,6 +332,7 @@ class AgentConfig:
             session_lifetime=self.session_lifetime,
             default_timeout_ms=self.default_timeout_ms,
             legacy_psk_sha384=self.legacy_psk_sha384,
+            record_size_limit=self.record_size_limit,
             max_consumer_timeout_ms=self.max_consumer_timeout_ms,
             max_file_bytes=self.max_file_bytes,
             keep_kernel_sessions=self.keep_kernel_sessions,
@@ -426,7 +432,7 @@ _KTLSD_KEYS = (
     "keep_kernel_sessions", "max_kept_sessions", "uid_max_kept_sessions",
     "max_consumer_timeout_ms", "submit_timeout_ms", "service_max_connections",
     "uid_max_connections", "uid_max_pending", "uid_max_in_flight", "max_file_bytes",
-    "workers",
+    "workers", "record_size_limit",
 )
 _KTLSD_INTEGERS: dict[str, tuple[int, int | None]] = {
     # key: (minimum, maximum or None); the defaults are AgentConfig's (from ktlsd.settings)
@@ -443,6 +449,7 @@ _KTLSD_INTEGERS: dict[str, tuple[int, int | None]] = {
     "uid_max_pending": (1, None),
     "uid_max_in_flight": (1, None),
     "max_file_bytes": (4096, 64 << 20),
+    "record_size_limit": (MIN_RECORD_SIZE_LIMIT, MAX_RECORD_SIZE_LIMIT),
 }
 """The ``[ktlsd]`` keys that are integers, with their ranges: each is an AgentConfig field."""
 

@@ -63,6 +63,7 @@ from ktlsd.request import (
 from ktlsd.settings import (
     DEFAULT_LEGACY_PSK_SHA384,
     DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_RECORD_SIZE_LIMIT,
     LegacyPskSha384,
     X509Files,
 )
@@ -361,6 +362,7 @@ def build_tls_config_blocking(
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     timeout: float = MATERIAL_TIMEOUT,
+    record_size_limit: int = DEFAULT_RECORD_SIZE_LIMIT,
 ) -> TlsConfig:
     """Resolve a request's material into the engine's configuration. Blocks the calling
     thread (keyring and file reads, key parsing): not for the event loop thread, where
@@ -382,6 +384,7 @@ def build_tls_config_blocking(
         "groups": groups,
         "peername": request.peername,
         "legacy_psk_sha384": legacy_psk_sha384,
+        "record_size_limit": record_size_limit,
     }
 
     if request.auth_mode is AuthMode.PSK:
@@ -478,6 +481,7 @@ async def build_tls_config(
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     timeout: float = MATERIAL_TIMEOUT,
+    record_size_limit: int = DEFAULT_RECORD_SIZE_LIMIT,
 ) -> TlsConfig:
     """:func:`build_tls_config_blocking` in a thread of its own, with its ``SSL_CTX`` built
     there too; the event loop only waits, at most ``timeout`` seconds (``TIMEOUT`` after).
@@ -486,6 +490,7 @@ async def build_tls_config(
         "x509_files": x509_files, "psk_keyrings": tuple(psk_keyrings), "groups": groups,
         "consumer": consumer, "legacy_psk_sha384": legacy_psk_sha384,
         "max_file_bytes": max_file_bytes, "timeout": timeout,
+        "record_size_limit": record_size_limit,
     }
     if _touches_nothing(request):
         return build_tls_config_blocking(request, **kwargs)

@@ -43,6 +43,14 @@ DEFAULT_LEGACY_PSK_SHA384: LegacyPskSha384 = "accept"
 """How SHA-384 PSKs bound to SHA-256 (tlshd 1.0 on GnuTLS < 3.8.11) are treated
 (``[ktlsd] legacy_psk_sha384``; see docs/configuration.md)."""
 
+MIN_RECORD_SIZE_LIMIT = 64
+"""The smallest ``record_size_limit`` RFC 8449 allows (a peer's smaller value is illegal)."""
+MAX_RECORD_SIZE_LIMIT = 2**14 + 1
+"""The largest TLS 1.3 ``record_size_limit``: 2^14 bytes of content plus the content type."""
+DEFAULT_RECORD_SIZE_LIMIT = MAX_RECORD_SIZE_LIMIT
+"""The ``record_size_limit`` (RFC 8449) ktlsd advertises: the largest record it accepts,
+content type included (``[ktlsd] record_size_limit``)."""
+
 DEFAULT_MAX_FILE_BYTES = 1 << 20
 """The largest certificate, key, truststore or CRL file read for a handshake
 (``[ktlsd] max_file_bytes``); bigger files are refused by their size, unread."""
@@ -161,6 +169,7 @@ class AgentSettings:
     session_lifetime: int = DEFAULT_SESSION_LIFETIME
     default_timeout_ms: int = DEFAULT_TIMEOUT_MS
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
+    record_size_limit: int = DEFAULT_RECORD_SIZE_LIMIT
     max_consumer_timeout_ms: int = DEFAULT_MAX_CONSUMER_TIMEOUT_MS
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     keep_kernel_sessions: bool = False

@@ -39,6 +39,7 @@ DEFAULT_SCENARIOS: tuple[str, ...] = (
     "nfs-tls-tlshd",
     "ktls-python",
     "ktls-cli",
+    "record-size-limit",
     "nvme-tls-ktlsd",
     "nvme-failures-ktlsd",
     "nfs-tls-ktlsd",

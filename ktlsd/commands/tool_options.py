@@ -15,6 +15,7 @@ import argparse
 
 from ktlsd.credentials import X509Credentials
 from ktlsd.material import psk_hash_for
+from ktlsd.settings import DEFAULT_RECORD_SIZE_LIMIT, MAX_RECORD_SIZE_LIMIT, MIN_RECORD_SIZE_LIMIT
 from ktlsd.tls.handshake import ClientAuth, HashName, PskKey, TlsConfig
 from ktlsd.tls.session import CipherSuite, Role
 
@@ -89,6 +90,13 @@ def add_tls_options(p: argparse.ArgumentParser, *, server: bool) -> None:
     )
     g.add_argument("--groups", metavar="LIST", help="key-exchange groups, e.g. X25519:P-256")
     g.add_argument(
+        "--record-size-limit", metavar="BYTES", type=_record_size_limit,
+        default=DEFAULT_RECORD_SIZE_LIMIT,
+        help="the RFC 8449 record_size_limit to advertise: the largest record we take, "
+        f"content type included, {MIN_RECORD_SIZE_LIMIT}..{MAX_RECORD_SIZE_LIMIT} "
+        "(default %(default)s)",
+    )
+    g.add_argument(
         "--record-layer", choices=("auto", "kernel", "user"), default="auto",
         help="kTLS (kernel), ktlsd's user-space record layer, or kTLS when available (auto)",
     )
@@ -113,6 +121,18 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError("size must be positive")
+    return value
+
+
+def _record_size_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not MIN_RECORD_SIZE_LIMIT <= value <= MAX_RECORD_SIZE_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"must be {MIN_RECORD_SIZE_LIMIT}..{MAX_RECORD_SIZE_LIMIT} (RFC 8449, TLS 1.3)"
+        )
     return value
 
 
@@ -251,6 +271,7 @@ def build_config(args: argparse.Namespace, role: Role, host: str | None) -> TlsC
         "verify_peer": not args.no_verify,
         "ciphersuites": suites,
         "groups": args.groups,
+        "record_size_limit": args.record_size_limit,
     }
     if role is Role.CLIENT:
         peername = args.peername or (host if not psk else None)

@@ -73,6 +73,9 @@ SSL_CTRL_SET_MIN_PROTO_VERSION = 123
 SSL_CTRL_SET_MAX_PROTO_VERSION = 124
 SSL_CTRL_GET_NEGOTIATED_GROUP = 134
 SSL_CTRL_SET_TLSEXT_HOSTNAME = 55
+SSL_CTRL_SET_MAX_SEND_FRAGMENT = 52
+SSL3_RT_MIN_SEND_FRAGMENT = 512  # the smallest SSL_set_max_send_fragment takes
+SSL3_RT_MAX_PLAIN_LENGTH = 16384
 TLSEXT_NAMETYPE_host_name = 0
 
 SSL_VERIFY_NONE = 0x00
@@ -102,6 +105,12 @@ ERR_LIB_PEM = 9
 PEM_R_NO_START_LINE = 108  # "no more PEM blocks": the normal end of a PEM read loop
 
 TLSEXT_TYPE_pre_shared_key = 41
+TLSEXT_TYPE_record_size_limit = 28  # RFC 8449; OpenSSL has no built-in support for it
+
+# SSL_CTX_add_custom_ext context bits (ssl.h): where a custom extension may appear.
+SSL_EXT_TLS1_3_ONLY = 0x00020
+SSL_EXT_CLIENT_HELLO = 0x00080
+SSL_EXT_TLS1_3_ENCRYPTED_EXTENSIONS = 0x00400
 
 # --- callback types -----------------------------------------------------------------------------
 KEYLOG_CB = ctypes.CFUNCTYPE(None, c_void_p, c_char_p)
@@ -117,6 +126,21 @@ CLIENT_HELLO_CB = ctypes.CFUNCTYPE(c_int, c_void_p, POINTER(c_int), c_void_p)
 VERIFY_CB = ctypes.CFUNCTYPE(c_int, c_int, c_void_p)
 # int (*)(char *buf, int size, int rwflag, void *u)
 PEM_PASSWORD_CB = ctypes.CFUNCTYPE(c_int, c_void_p, c_int, c_int, c_void_p)
+# int (*)(SSL *, unsigned int ext_type, unsigned int context, const unsigned char **out,
+#         size_t *outlen, X509 *, size_t chainidx, int *al, void *add_arg)
+CUSTOM_EXT_ADD_CB = ctypes.CFUNCTYPE(
+    c_int, c_void_p, c_uint, c_uint, POINTER(c_void_p), POINTER(c_size_t), c_void_p, c_size_t,
+    POINTER(c_int), c_void_p,
+)
+# void (*)(SSL *, unsigned int ext_type, unsigned int context, const unsigned char *out,
+#          void *add_arg)
+CUSTOM_EXT_FREE_CB = ctypes.CFUNCTYPE(None, c_void_p, c_uint, c_uint, c_void_p, c_void_p)
+# int (*)(SSL *, unsigned int ext_type, unsigned int context, const unsigned char *in,
+#         size_t inlen, X509 *, size_t chainidx, int *al, void *parse_arg)
+CUSTOM_EXT_PARSE_CB = ctypes.CFUNCTYPE(
+    c_int, c_void_p, c_uint, c_uint, c_void_p, c_size_t, c_void_p, c_size_t, POINTER(c_int),
+    c_void_p,
+)
 
 # --- libcrypto ----------------------------------------------------------------------------------
 ERR_get_error = _bind(_crypto, "ERR_get_error", c_ulong)
@@ -189,6 +213,10 @@ SSL_CTX_get_cert_store = _bind(_ssl, "SSL_CTX_get_cert_store", c_void_p, c_void_
 SSL_CTX_use_certificate = _bind(_ssl, "SSL_CTX_use_certificate", c_int, c_void_p, c_void_p)
 SSL_CTX_use_PrivateKey = _bind(_ssl, "SSL_CTX_use_PrivateKey", c_int, c_void_p, c_void_p)
 SSL_CTX_check_private_key = _bind(_ssl, "SSL_CTX_check_private_key", c_int, c_void_p)
+SSL_CTX_add_custom_ext = _bind(
+    _ssl, "SSL_CTX_add_custom_ext", c_int, c_void_p, c_uint, c_uint, CUSTOM_EXT_ADD_CB,
+    CUSTOM_EXT_FREE_CB, c_void_p, CUSTOM_EXT_PARSE_CB, c_void_p,
+)
 
 SSL_new = _bind(_ssl, "SSL_new", c_void_p, c_void_p)
 SSL_free = _bind(_ssl, "SSL_free", None, c_void_p)
@@ -349,6 +377,17 @@ class ConnectionHooks:
         alert number to fail the handshake with."""
         return 0
 
+    def record_size_limit_to_send(self) -> bytes | None:
+        """The ``record_size_limit`` extension body (RFC 8449) to put in our ClientHello or
+        EncryptedExtensions, or None to leave it out. A server is asked only when the client
+        sent the extension."""
+        return None
+
+    def on_record_size_limit(self, body: bytes) -> int:
+        """The peer's ``record_size_limit`` extension body (unparsed, so hostile); return 0
+        to go on or an alert number to fail the handshake with."""
+        return 0
+
 
 _registry: dict[int, SslConnection] = {}
 _registry_lock = threading.Lock()
@@ -464,6 +503,49 @@ def _client_hello_cb(ssl, alert_out, _arg) -> int:  # type: ignore[no-untyped-de
         return SSL_CLIENT_HELLO_ERROR
 
 
+def _rsl_add_cb(  # type: ignore[no-untyped-def]
+    ssl, _ext_type, _context, out, outlen, _x509, _chainidx, alert_out, _arg
+) -> int:
+    """record_size_limit: the body for our ClientHello/EncryptedExtensions, from the hooks."""
+    conn = _lookup(ssl)
+    if conn is None:
+        return 0  # not ours: leave the extension out
+    try:
+        body = conn.hooks.record_size_limit_to_send()
+        if body is None:
+            return 0
+        # OpenSSL copies the body into the message before the next callback; the connection
+        # keeps the buffer alive anyway, until SSL_free.
+        conn.keep_alive.append(buf := ctypes.create_string_buffer(body, len(body)))
+        out[0] = ctypes.addressof(buf)
+        outlen[0] = len(body)
+        return 1
+    except Exception as exc:
+        conn.callback_error = exc
+        alert_out[0] = 80  # internal_error
+        return -1
+
+
+def _rsl_parse_cb(  # type: ignore[no-untyped-def]
+    ssl, _ext_type, _context, data, size, _x509, _chainidx, alert_out, _arg
+) -> int:
+    """record_size_limit: the peer's body (a copy) to the hooks, which may refuse it."""
+    conn = _lookup(ssl)
+    if conn is None:
+        return 1
+    try:
+        body = ctypes.string_at(data, size) if data and size else b""
+        alert = conn.hooks.on_record_size_limit(body)
+        if alert:
+            alert_out[0] = alert
+            return 0
+        return 1
+    except Exception as exc:
+        conn.callback_error = exc
+        alert_out[0] = 80  # internal_error
+        return 0
+
+
 def _accept_any_cb(_ok: int, _store_ctx: int | None) -> int:
     return 1
 
@@ -481,6 +563,9 @@ _CLIENT_HELLO = CLIENT_HELLO_CB(_client_hello_cb)
 _ACCEPT_ANY = VERIFY_CB(_accept_any_cb)
 _NO_VERIFY_CB = VERIFY_CB()  # a NULL function pointer: OpenSSL's default verification
 _NO_PASSWORD = PEM_PASSWORD_CB(_no_password_cb)
+_RSL_ADD = CUSTOM_EXT_ADD_CB(_rsl_add_cb)
+_RSL_FREE = CUSTOM_EXT_FREE_CB()  # NULL: the connection owns the buffer (keep_alive)
+_RSL_PARSE = CUSTOM_EXT_PARSE_CB(_rsl_parse_cb)
 
 
 # --- parsing from memory ---------------------------------------------------------------------
@@ -563,6 +648,17 @@ class SslContext:
             # No info callback: OpenSSL calls it at every state change (about 15 times per
             # handshake and end); received alerts are read from the error queue instead.
             SSL_CTX_set_keylog_callback(ctx, _KEYLOG)
+            # record_size_limit (RFC 8449) as a custom extension: ClientHello and
+            # EncryptedExtensions; the hooks decide what goes out and judge what comes in.
+            _check(
+                SSL_CTX_add_custom_ext(
+                    ctx, TLSEXT_TYPE_record_size_limit,
+                    SSL_EXT_TLS1_3_ONLY | SSL_EXT_CLIENT_HELLO
+                    | SSL_EXT_TLS1_3_ENCRYPTED_EXTENSIONS,
+                    _RSL_ADD, _RSL_FREE, None, _RSL_PARSE, None,
+                ),
+                "cannot add the record_size_limit extension",
+            )
         except BaseException:
             self.free()
             raise
@@ -783,6 +879,26 @@ class SslConnection:
         self.keep_alive.append(encoded)
         ok = SSL_ctrl(self.ptr, SSL_CTRL_SET_TLSEXT_HOSTNAME, TLSEXT_NAMETYPE_host_name, encoded)
         _check(int(ok), "cannot set server name")
+
+    def client_hello_extension(self, ext_type: int) -> bytes | None:
+        """Server, inside the client-hello callback only: a copy of the body of extension
+        ``ext_type`` in the ClientHello being processed (unparsed), or None without it."""
+        out = c_void_p()
+        outlen = c_size_t()
+        found = SSL_client_hello_get0_ext(
+            self.ptr, ext_type, ctypes.byref(out), ctypes.byref(outlen)
+        )
+        if not found:
+            return None
+        length = outlen.value
+        return ctypes.string_at(out.value, length) if out.value and length else b""
+
+    def set_max_send_fragment(self, size: int) -> None:
+        """Cap the plaintext of the handshake records OpenSSL sends (``SSL_set_max_send_
+        fragment``); clamped to what OpenSSL takes, 512..16384."""
+        size = max(SSL3_RT_MIN_SEND_FRAGMENT, min(SSL3_RT_MAX_PLAIN_LENGTH, size))
+        ok = SSL_ctrl(self.ptr, SSL_CTRL_SET_MAX_SEND_FRAGMENT, size, None)
+        _check(int(ok), "cannot set the maximum send fragment")
 
     # the handshake
     def feed(self, data: bytes | bytearray | memoryview) -> None:

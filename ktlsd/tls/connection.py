@@ -4,8 +4,10 @@
 :class:`~ktlsd.tls.session.Session`. It sits on a :class:`~ktlsd.tls.record.RecordLayer` (kTLS or
 user space — the same code runs on both) and owns the post-handshake protocol:
 
-* ``send`` splits data into records of at most 16 KiB; ``recv`` returns application data and
-  ``b""`` at end of stream (close_notify or TCP EOF).
+* ``send`` splits data into records of at most 16 KiB, or of the peer's RFC 8449
+  ``record_size_limit`` less its content type byte when it sent a smaller one
+  (:attr:`RecordLayer.max_fragment`); ``recv`` returns application data and ``b""`` at end
+  of stream (close_notify or TCP EOF).
 * Post-handshake handshake records are consumed here: NewSessionTicket (a server may send
   them right after the handshake, at receive sequence 0, 1, ...) is skipped; KeyUpdate moves
   the receive secret one generation forward and installs the next receive key (which also
@@ -148,7 +150,8 @@ class SwitchTxKey:
 #: What the sans-I/O core asks its drivers to do, in order.
 Action = SendRecord | SendData | SwitchTxKey
 
-#: Application data records sealed and written at once, at most (256 KiB of data).
+#: Application data records sealed and written at once, at most (256 KiB of data; more,
+#: smaller records when the peer's record size limit is below 2^14).
 BATCH_RECORDS: Final = 16
 
 
@@ -323,22 +326,25 @@ class TlsConnection:
         (up to :data:`BATCH_RECORDS`) as the transmit key may still protect. Returns them and
         how many bytes of ``view`` they send."""
         total = len(view)
-        actions = self._plan_due(min(total, MAX_PLAINTEXT))
+        fragment = self._layer.max_fragment  # the peer's record size limit, or 2^14
+        actions = self._plan_due(min(total, fragment))
         # A KeyUpdate planned above starts the next key from zero.
         used_records, used_bytes = (
             (0, 0) if actions else (self._tx_records_key, self._tx_bytes_key)
         )
         limit_records, limit_bytes = self._rekey_records, self._rekey_bytes
-        records = min(BATCH_RECORDS, -(-total // MAX_PLAINTEXT))
-        size = min(total, records * MAX_PLAINTEXT)
+        # Smaller records (a peer's record size limit) come in larger batches: ~256 KiB each.
+        batch = BATCH_RECORDS * (MAX_PLAINTEXT // fragment)
+        records = min(batch, -(-total // fragment))
+        size = min(total, records * fragment)
         if limit_bytes is not None or (
             limit_records is not None and used_records + records > limit_records
         ):
             # Stop before the record that would wear the key out (the first one is fine:
             # _plan_due rekeyed if it was not). The same rule as _tx_key_worn, per record.
             records = size = 0
-            while size < total and records < BATCH_RECORDS:
-                chunk = min(MAX_PLAINTEXT, total - size)
+            while size < total and records < batch:
+                chunk = min(fragment, total - size)
                 if records and (
                     (limit_records is not None and used_records + records >= limit_records)
                     or (

@@ -47,6 +47,21 @@ SHA-384 PSKs to SHA-256 the old way, to reach servers that run the old tlshd. An
 spec-strict: SHA-384 PSKs go out with TLS_AES_256_GCM_SHA384 and a 48-byte binder. The
 :class:`Session` reports the suite OpenSSL negotiated, the binder's hash, and whether the
 legacy binding was used. Nothing is guessed by retrying.
+
+Record size limit (RFC 8449). OpenSSL has no support for the ``record_size_limit`` extension
+(28), so it rides as a custom extension (:mod:`ktlsd.tls._openssl`): our client offers
+``TlsConfig.record_size_limit`` (2^14+1 unless configured smaller) in its ClientHello; our
+server answers a client that offered one with its own in EncryptedExtensions, and says
+nothing to a client that did not. The peer's value must be exactly two bytes (else
+``decode_error``) and at least 64 (else ``illegal_parameter``); a server that sends it
+unasked gets ``unsupported_extension`` (OpenSSL's rule for all custom extensions). Values above
+2^14+1 are allowed and mean 2^14+1. The handshake records OpenSSL sends after the peer's
+value arrived (a server's certificate flight) are cut to it as well, but OpenSSL goes no lower
+than 512 bytes of plaintext per record. The :class:`Session` reports the peer's limit
+(``peer_record_size_limit``: the records we send carry at most that minus one byte of
+content) and ours when the negotiation completed (``record_size_limit``). GnuTLS (tlshd 1.4)
+behaves the same on the wire, except that it ignores a client's value below 512 rather than
+honouring it.
 """
 
 from __future__ import annotations
@@ -67,7 +82,14 @@ from typing import Literal
 
 from ktlsd.credentials import X509Credentials, read_crl, read_truststore
 from ktlsd.errors import FailureCause, HandshakeError
-from ktlsd.settings import DEFAULT_LEGACY_PSK_SHA384, LEGACY_PSK_SHA384_MODES, LegacyPskSha384
+from ktlsd.settings import (
+    DEFAULT_LEGACY_PSK_SHA384,
+    DEFAULT_RECORD_SIZE_LIMIT,
+    LEGACY_PSK_SHA384_MODES,
+    MAX_RECORD_SIZE_LIMIT,
+    MIN_RECORD_SIZE_LIMIT,
+    LegacyPskSha384,
+)
 from ktlsd.tls import _openssl as ossl
 from ktlsd.tls.client_hello import MalformedPskExtension, OfferedPsk, parse_pre_shared_key
 from ktlsd.tls.protocol import (
@@ -183,6 +205,8 @@ class TlsConfig:
     SHA-384 PSK that a client bound to SHA-256 (tlshd 1.0); ``offer`` does that and makes our
     client bind SHA-384 PSKs to SHA-256 too; ``refuse`` is spec-strict both ways (see the
     module docstring).
+    ``record_size_limit`` is the RFC 8449 limit we advertise: the largest record we accept,
+    content type included (64..2^14+1; see the module docstring).
     """
 
     role: Role
@@ -199,6 +223,7 @@ class TlsConfig:
     ciphersuites: tuple[CipherSuite, ...] = _ALL_SUITES
     groups: str | None = None
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
+    record_size_limit: int = DEFAULT_RECORD_SIZE_LIMIT
     # Derived once here rather than in every handshake (not settings: not compared or shown):
     # the configured suites of each hash with their OpenSSL list, and the context cache key.
     _suites_by_hash: dict[str, tuple[tuple[CipherSuite, ...], bytes]] = field(
@@ -211,6 +236,11 @@ class TlsConfig:
             raise ValueError(
                 "legacy_psk_sha384 must be refuse, accept or offer, "
                 f"not {self.legacy_psk_sha384!r}"
+            )
+        if not MIN_RECORD_SIZE_LIMIT <= self.record_size_limit <= MAX_RECORD_SIZE_LIMIT:
+            raise ValueError(
+                f"record_size_limit must be {MIN_RECORD_SIZE_LIMIT}..{MAX_RECORD_SIZE_LIMIT}, "
+                f"not {self.record_size_limit}"
             )
         if not isinstance(self.role, Role):
             raise ValueError(f"role must be a Role, not {self.role!r}")
@@ -435,6 +465,10 @@ class TlsHandshake(ossl.ConnectionHooks):
         self._lookup_error: HandshakeError | None = None
         self._conn: ossl.SslConnection | None = None
         self._records_in = 0
+        self._peer_record_size_limit: int | None = None  # what the peer advertised
+        self._record_size_limit_refusal: HandshakeError | None = None
+        self._client_hellos = 0  # server: ClientHellos seen (2 after a HelloRetryRequest)
+        self._first_record_size_limit: bytes | None = None  # in the first ClientHello
 
         server = self.role is Role.SERVER
         if server and config.credentials is None and config.psk_lookup is None:
@@ -534,6 +568,9 @@ class TlsHandshake(ossl.ConnectionHooks):
         return psk.identity, psk.key, suite.code
 
     def on_client_hello(self, psk_extension: bytes | None) -> int:
+        alert = self._check_retried_record_size_limit()
+        if alert:
+            return alert
         # Called again for the second ClientHello after a HelloRetryRequest: decide afresh.
         self._selected_psk = None
         self._psk_hash = None
@@ -610,6 +647,54 @@ class TlsHandshake(ossl.ConnectionHooks):
         if self._psk_refusal is None:
             self._psk_refusal = HandshakeError(FailureCause.PEER_REJECTED, reason)
         return None
+
+    def _check_retried_record_size_limit(self) -> int:
+        """Server: a second ClientHello (after a HelloRetryRequest) must carry the same
+        record_size_limit as the first (RFC 8446 §4.1.2); OpenSSL does not check custom
+        extensions, so it is checked here."""
+        assert self._conn is not None
+        body = self._conn.client_hello_extension(ossl.TLSEXT_TYPE_record_size_limit)
+        self._client_hellos += 1
+        if self._client_hellos == 1:
+            self._first_record_size_limit = body
+            return 0
+        if body != self._first_record_size_limit:
+            self._record_size_limit_refusal = HandshakeError(
+                FailureCause.PROTOCOL_ERROR,
+                f"client {self.peer} changed its record_size_limit extension in the "
+                "ClientHello after HelloRetryRequest",
+            )
+            return AlertDescription.ILLEGAL_PARAMETER
+        return 0
+
+    def record_size_limit_to_send(self) -> bytes | None:
+        return self.config.record_size_limit.to_bytes(2, "big")
+
+    def on_record_size_limit(self, body: bytes) -> int:
+        # A client's value, or (with OpenSSL's check that our client offered it) a server's.
+        who = "client" if self.role is Role.SERVER else "server"
+        if len(body) != 2:
+            self._record_size_limit_refusal = HandshakeError(
+                FailureCause.PROTOCOL_ERROR,
+                f"{who} {self.peer} sent a record_size_limit extension of {len(body)} bytes "
+                "(not 2)",
+            )
+            return AlertDescription.DECODE_ERROR
+        limit = int.from_bytes(body, "big")
+        if limit < MIN_RECORD_SIZE_LIMIT:
+            self._record_size_limit_refusal = HandshakeError(
+                FailureCause.PROTOCOL_ERROR,
+                f"{who} {self.peer} sent record_size_limit {limit} "
+                f"(RFC 8449 forbids values below {MIN_RECORD_SIZE_LIMIT})",
+            )
+            return AlertDescription.ILLEGAL_PARAMETER
+        self._peer_record_size_limit = min(limit, MAX_RECORD_SIZE_LIMIT)
+        if limit < MAX_RECORD_SIZE_LIMIT:
+            # OpenSSL's own handshake records after this point (a server's certificate
+            # flight) are cut to the limit too, as far as OpenSSL goes down (512 bytes).
+            assert self._conn is not None
+            self._conn.set_max_send_fragment(limit - 1)
+        return 0
 
     def psk_for_identity(self, identity: bytes) -> tuple[bytes, int] | None:
         psk = self._selected_psk
@@ -781,6 +866,8 @@ class TlsHandshake(ossl.ConnectionHooks):
             )
         if self._lookup_error is not None:
             return self._lookup_error
+        if self._record_size_limit_refusal is not None:
+            return self._record_size_limit_refusal
         if self._psk_refusal is not None:
             return self._psk_refusal
         if self._unknown_identities is not None:
@@ -909,6 +996,13 @@ class TlsHandshake(ossl.ConnectionHooks):
             group=conn.group_name(),
             psk_binder_hash=self._psk_hash if psk is not None else None,
             legacy_psk_binding=psk is not None and self._legacy_binding,
+            peer_record_size_limit=self._peer_record_size_limit,
+            # Both sides sent one (a server sends its own exactly when the client did).
+            record_size_limit=(
+                self.config.record_size_limit
+                if self._peer_record_size_limit is not None
+                else None
+            ),
         )
 
 

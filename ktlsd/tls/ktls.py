@@ -21,6 +21,13 @@ For TLS 1.3 AES-GCM the 12-byte write IV is split: ``salt`` = its first 4 bytes,
 last 8. ChaCha20-Poly1305 takes the whole write IV in ``iv``. ``rec_seq`` is the big-endian
 number of the next record.
 
+The peer's RFC 8449 record size limit goes to the kernel as ``TLS_TX_MAX_PAYLOAD_LEN``
+(``setsockopt(SOL_TLS, 5, __u16)``, Linux >= 6.19): the most plaintext per transmitted record,
+not counting TLS 1.3's content type byte, so the value is the peer's limit minus one
+(64..16384; 63 is also taken once TLS 1.3 TX keys are installed, which is why ktlsd sets it
+after ``TLS_TX``). ``getsockopt`` reads back what was set (16384 by default); older kernels
+answer ``ENOPROTOOPT`` to both (:func:`apply_record_size_limit`).
+
 Key material handling: derived keys are copied into a ``bytearray`` that is overwritten with
 zeros right after the ``setsockopt``. Python's immutable ``bytes`` (the HKDF output) cannot be
 wiped; the copies are dropped as soon as possible, which is as far as Python allows.
@@ -29,14 +36,15 @@ wiped; the copies are dropped as soon as possible, which is as far as Python all
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import struct
 from dataclasses import dataclass, field
 
 from ktlsd.tls.keyschedule import traffic_keys
-from ktlsd.tls.protocol import ContentType, ProtocolVersion
-from ktlsd.tls.session import CipherSuite
+from ktlsd.tls.protocol import MAX_PLAINTEXT, ContentType, ProtocolVersion
+from ktlsd.tls.session import CipherSuite, Session
 
 __all__ = [
     "SOL_TLS",
@@ -52,6 +60,7 @@ __all__ = [
     "CryptoInfo",
     "KtlsError",
     "KtlsSupport",
+    "apply_record_size_limit",
     "attach_ulp",
     "crypto_info",
     "crypto_info_size",
@@ -61,10 +70,14 @@ __all__ = [
     "probe",
     "read_key_state",
     "read_tls_stat",
+    "read_tx_max_payload",
     "recv_record",
     "send_record",
     "send_record_some",
+    "set_tx_max_payload",
 ]
+
+log = logging.getLogger(__name__)
 
 # --- include/uapi/linux/tls.h and friends -------------------------------------------------
 SOL_TLS = 282
@@ -465,9 +478,57 @@ def cached_probe(refresh: bool = False) -> KtlsSupport:
 
 
 def set_tx_max_payload(sock: socket.socket, size: int) -> None:
-    """Cap the plaintext per transmitted record (RFC 8449 record_size_limit - 1 for TLS 1.3)."""
+    """Cap the plaintext per transmitted record (RFC 8449 record_size_limit - 1 for TLS 1.3).
+
+    ``TLS_TX_MAX_PAYLOAD_LEN`` (Linux >= 6.19): a ``__u16``, 64..2^14 (63..2^14 once TX
+    carries TLS 1.3 keys: the content type byte is not counted). Kernels without it answer
+    ``ENOPROTOOPT``, kept as the error's ``errno``.
+    """
     try:
         sock.setsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN, struct.pack("=H", size))
     except OSError as exc:
         err = exc.errno or errno.EIO
         raise KtlsError(err, f"cannot set TLS_TX_MAX_PAYLOAD_LEN: {os.strerror(err)}") from None
+
+
+def read_tx_max_payload(sock: socket.socket) -> int:
+    """The kernel's current plaintext cap per transmitted record (2^14 unless set)."""
+    try:
+        raw = sock.getsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN, 2)
+    except OSError as exc:
+        err = exc.errno or errno.EIO
+        raise KtlsError(err, f"cannot read TLS_TX_MAX_PAYLOAD_LEN: {os.strerror(err)}") from None
+    value: int = struct.unpack("=H", raw[:2])[0]
+    return value
+
+
+_cap_missing_logged = False
+
+
+def apply_record_size_limit(sock: socket.socket, session: Session) -> bool:
+    """Make kTLS TX honour the peer's RFC 8449 ``record_size_limit`` (call after TX keys).
+
+    Returns True when the records the kernel sends respect the peer's limit: nothing to do
+    (the peer advertised none, or one of 2^14+1), or ``TLS_TX_MAX_PAYLOAD_LEN`` set to
+    :attr:`Session.max_send_fragment`. Returns False when the kernel has no such option
+    (< 6.19; logged once per process): the caller decides (the user's record layer cuts its
+    writes to size instead; the agent fails the handshake, see ``ktlsd.agent``). Other
+    errors raise :class:`KtlsError`.
+    """
+    global _cap_missing_logged
+    size = session.max_send_fragment
+    if session.peer_record_size_limit is None or size >= MAX_PLAINTEXT:
+        return True
+    try:
+        set_tx_max_payload(sock, size)
+    except KtlsError as exc:
+        if exc.errno not in (errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+            raise
+        if not _cap_missing_logged:
+            _cap_missing_logged = True
+            log.warning(
+                "kernel has no TLS_TX_MAX_PAYLOAD_LEN (Linux >= 6.19): kTLS cannot cap its "
+                "records at a peer's record_size_limit"
+            )
+        return False
+    return True

@@ -35,6 +35,16 @@ on the connection is unusable: ``recv`` raises the error again and ``send`` rais
 of sending a record; that sender sends it right after its record, so bytes never interleave.
 With kTLS the alert is best effort: the kernel may refuse to send after its own receive error.
 
+Record size limit (RFC 8449): a layer never sends a record whose plaintext exceeds
+:attr:`RecordLayer.max_fragment` (``Session.max_send_fragment``: 2^14, or the peer's
+``record_size_limit`` minus the content type byte): application data is
+cut into records of that size (``send`` too, as kTLS does), a larger record of another type
+is refused with ``ValueError``. The kernel layer has kTLS do it (``TLS_TX_MAX_PAYLOAD_LEN``)
+and, on kernels without that option, cuts its writes to that size itself (kTLS closes a
+record at the end of every ``sendmsg``). The user layer also refuses records larger than the
+limit we advertised (``Session.max_recv_inner``) with ``record_overflow``, as RFC 8449 asks;
+kTLS cannot check that limit (it accepts up to 2^14+1).
+
 Differences that remain: the kernel may merge consecutive application data records into one
 ``recv`` (stream semantics), and only the user layer can report :meth:`pending` plaintext.
 
@@ -175,11 +185,16 @@ def _records_in(record: Record) -> int:
     return max(1, -(-len(record.data) // MAX_PLAINTEXT))
 
 
-def _check_send(data: bytes, content_type: int) -> None:
+def _check_send(data: bytes, content_type: int, max_fragment: int = MAX_PLAINTEXT) -> None:
     if not 0 < content_type < 256:
         raise ValueError(f"invalid TLS content type {content_type}")
     if len(data) > MAX_PLAINTEXT:
         raise ValueError(f"record plaintext of {len(data)} bytes exceeds 2^14 (16384)")
+    if len(data) > max_fragment:
+        raise ValueError(
+            f"record plaintext of {len(data)} bytes exceeds the peer's record_size_limit "
+            f"({max_fragment} bytes of content)"
+        )
     if not data and content_type != ContentType.APPLICATION_DATA:
         raise ValueError(f"records of content type {content_type} must not be empty")
 
@@ -229,17 +244,23 @@ class RecordLayer(abc.ABC):
         self._failure: OSError | None = None  # the fatal error; sticky
         self._alert_due: int | None = None  # fatal alert to send for it, not sent yet
         self._shutdown_due = False  # the failure's alert/shutdown still to be done
+        #: The most plaintext one record we send carries (the peer's record_size_limit).
+        self.max_fragment = session.max_send_fragment
 
     # -- the API ------------------------------------------------------------------------
 
     def send(self, data: bytes, content_type: int = ContentType.APPLICATION_DATA) -> None:
-        """Protect and send ``data`` as one record (at most 2^14 bytes)."""
+        """Protect and send ``data`` as one record (at most 2^14 bytes; application data
+        beyond the peer's record size limit goes out as several records, as with kTLS)."""
         try:
             with self._send_mutex:
                 self._check_writable()
-                _check_send(data, content_type)
+                split = content_type == ContentType.APPLICATION_DATA
+                _check_send(data, content_type, MAX_PLAINTEXT if split else self.max_fragment)
                 try:
-                    if data:  # like kTLS: an empty application data send emits nothing
+                    if len(data) > self.max_fragment:
+                        self._send_data(_byte_view(data))
+                    elif data:  # like kTLS: an empty application data send emits nothing
                         self._send_record(data, content_type)
                 finally:
                     self._finish_failure()  # a reader failed the connection meanwhile
@@ -280,16 +301,18 @@ class RecordLayer(abc.ABC):
     def _send_data(self, view: memoryview) -> int:
         """Put application data on the wire as records (blocking); no checks, no locking."""
         records = 0
-        for start in range(0, len(view), MAX_PLAINTEXT):
-            self._send_record(view[start : start + MAX_PLAINTEXT], ContentType.APPLICATION_DATA)
+        step = self.max_fragment
+        for start in range(0, len(view), step):
+            self._send_record(view[start : start + step], ContentType.APPLICATION_DATA)
             records += 1
         return records
 
     async def _asend_data(self, view: memoryview) -> int:
         """asyncio version of :meth:`_send_data`."""
         records = 0
-        for start in range(0, len(view), MAX_PLAINTEXT):
-            chunk = view[start : start + MAX_PLAINTEXT]
+        step = self.max_fragment
+        for start in range(0, len(view), step):
+            chunk = view[start : start + step]
             await self._asend_record(chunk, ContentType.APPLICATION_DATA)
             records += 1
         return records
@@ -316,9 +339,12 @@ class RecordLayer(abc.ABC):
         _require_nonblocking(self._sock)
         async with self._lock():
             self._check_writable()
-            _check_send(data, content_type)
+            split = content_type == ContentType.APPLICATION_DATA
+            _check_send(data, content_type, MAX_PLAINTEXT if split else self.max_fragment)
             try:
-                if data:
+                if len(data) > self.max_fragment:
+                    await self._asend_data(_byte_view(data))
+                elif data:
                     await self._asend_record(data, content_type)
             finally:
                 await self._afinish_failure()
@@ -518,7 +544,6 @@ class RecordLayer(abc.ABC):
 _HEADER = struct.Struct(">BHH")  # outer content type, legacy version, length
 _VERSION = int(ProtocolVersion.TLS_1_2)
 _MIN_BODY = TAG_SIZE + 1
-_MAX_BODY = MAX_PLAINTEXT + 1 + TAG_SIZE
 _SEQ_LIMIT = 2**64 - 1
 
 
@@ -599,20 +624,23 @@ class _Protection:
         self.seq += 1
         return end
 
-    def seal_data(self, view: memoryview, wire: memoryview, scratch: memoryview) -> int:
-        """Seal all of ``view`` as application data records of 2^14 bytes (the last one
-        shorter) one after the other into ``wire``; return their total length. The loop of
-        :meth:`seal_into`, with the per-record work kept to the minimum."""
+    def seal_data(
+        self, view: memoryview, wire: memoryview, scratch: memoryview,
+        fragment: int = MAX_PLAINTEXT,
+    ) -> int:
+        """Seal all of ``view`` as application data records of ``fragment`` bytes (the last
+        one shorter) one after the other into ``wire``; return their total length. The loop
+        of :meth:`seal_into`, with the per-record work kept to the minimum."""
         total = len(view)
         seq, iv = self.seq, self._iv
-        if seq + -(-total // MAX_PLAINTEXT) > _SEQ_LIMIT:
+        if seq + -(-total // fragment) > _SEQ_LIMIT:
             raise OSError(errno.EOVERFLOW, "record sequence numbers exhausted: rekey first")
         encrypt_into, pack_into = self._encrypt_into, _HEADER.pack_into
         data_type, version = ContentType.APPLICATION_DATA, ProtocolVersion.TLS_1_2
         end = 0
         try:
-            for start in range(0, total, MAX_PLAINTEXT):
-                chunk = view[start : start + MAX_PLAINTEXT]
+            for start in range(0, total, fragment):
+                chunk = view[start : start + fragment]
                 size = len(chunk)
                 body = end + RECORD_HEADER_LENGTH
                 length = size + 1 + TAG_SIZE
@@ -667,8 +695,9 @@ class _Protection:
         return out[end - 1], end - 1
 
 
-def _record_length(header: bytes | bytearray | memoryview) -> int:
-    """The body length a protected record's header announces; raises for a bad header."""
+def _record_length(header: bytes | bytearray | memoryview, max_body: int = 0) -> int:
+    """The body length a protected record's header announces; raises for a bad header, and
+    for a body longer than ``max_body`` (our advertised record_size_limit plus the tag)."""
     outer, version, length = _HEADER.unpack_from(header)
     if outer != ContentType.APPLICATION_DATA:
         raise RecordError(
@@ -702,6 +731,13 @@ def _record_length(header: bytes | bytearray | memoryview) -> int:
             errno.EBADMSG,
             f"TLS record of {length} bytes is too short",
             AlertDescription.BAD_RECORD_MAC,
+        )
+    if max_body and length > max_body:
+        raise RecordError(
+            errno.EMSGSIZE,
+            f"TLS record of {length} bytes carries more than the {max_body - TAG_SIZE} bytes "
+            "of plaintext our record_size_limit allows (record_overflow)",
+            AlertDescription.RECORD_OVERFLOW,
         )
     return int(length)
 
@@ -750,6 +786,8 @@ class UserRecordLayer(RecordLayer):
         self._out: memoryview | None = None  # plaintext of the records being delivered
         self._wire: memoryview | None = None  # records sealed by send_data
         self._scratch: memoryview | None = None  # one inner plaintext on its way to the AEAD
+        # The longest record body we accept: our advertised record_size_limit plus the tag.
+        self._max_body = session.max_recv_inner + TAG_SIZE
 
     def __repr__(self) -> str:
         tx, rx = self.sequence_numbers()
@@ -765,7 +803,7 @@ class UserRecordLayer(RecordLayer):
         on a consumer's socket without blocking its event loop.
         """
         self._check_writable()
-        _check_send(data, content_type)
+        _check_send(data, content_type, self.max_fragment)
         if not data:
             return None  # like kTLS: an empty application data send emits nothing
         return self._tx.seal(content_type, data)
@@ -780,7 +818,8 @@ class UserRecordLayer(RecordLayer):
     def _seal_data(self, view: memoryview) -> tuple[memoryview, int]:
         """All records of ``view`` sealed one after the other into the wire buffer."""
         total = len(view)
-        records = -(-total // MAX_PLAINTEXT)
+        fragment = self.max_fragment
+        records = -(-total // fragment)
         size = total + records * (RECORD_HEADER_LENGTH + 1 + TAG_SIZE)
         wire = self._wire
         if wire is None or len(wire) < size:
@@ -788,7 +827,7 @@ class UserRecordLayer(RecordLayer):
         scratch = self._scratch
         if scratch is None:
             scratch = self._scratch = memoryview(bytearray(MAX_PLAINTEXT + 1))
-        return wire[: self._tx.seal_data(view, wire, scratch)], records
+        return wire[: self._tx.seal_data(view, wire, scratch, fragment)], records
 
     def _send_data(self, view: memoryview) -> int:
         wire, records = self._seal_data(view)
@@ -946,7 +985,7 @@ class UserRecordLayer(RecordLayer):
         if partial:
             if len(partial) < RECORD_HEADER_LENGTH:
                 return None
-            length = _record_length(partial)
+            length = _record_length(partial, self._max_body)
             if len(partial) < RECORD_HEADER_LENGTH + length:
                 return None
             view = memoryview(partial)
@@ -957,7 +996,7 @@ class UserRecordLayer(RecordLayer):
         window = self._window
         assert window is not None
         body = start + RECORD_HEADER_LENGTH
-        length = _record_length(window[start:body])
+        length = _record_length(window[start:body], self._max_body)
         if self._wend - body < length:
             return None
         return window[start:body], window[body : body + length], RECORD_HEADER_LENGTH + length
@@ -968,7 +1007,7 @@ class UserRecordLayer(RecordLayer):
         if partial:
             if len(partial) < RECORD_HEADER_LENGTH:
                 return RECORD_HEADER_LENGTH - len(partial)
-            return RECORD_HEADER_LENGTH + _record_length(partial) - len(partial)
+            return RECORD_HEADER_LENGTH + _record_length(partial, self._max_body) - len(partial)
         if self._wpos == 0 and self._wend:
             # The socket held only the start of the next record when we looked. It can only
             # be the next record we need: take it over and read exactly the rest.
@@ -1000,6 +1039,7 @@ class UserRecordLayer(RecordLayer):
         limit = min(bufsize, _MERGE) if merge else 0
         size = count = 0  # application data opened into out, and its records
         window, open_into, unpack_from = self._window, self._rx.open_into, _HEADER.unpack_from
+        max_body = self._max_body
         while True:
             try:
                 if self._partial or window is None:
@@ -1014,9 +1054,10 @@ class UserRecordLayer(RecordLayer):
                         break
                     outer, version, length = unpack_from(window, start)
                     if outer != ContentType.APPLICATION_DATA or version != _VERSION or not (
-                        _MIN_BODY <= length <= _MAX_BODY
+                        _MIN_BODY <= length <= max_body
                     ):
-                        _record_length(window[start : start + RECORD_HEADER_LENGTH])  # raises
+                        # raises
+                        _record_length(window[start : start + RECORD_HEADER_LENGTH], max_body)
                     begin = start + RECORD_HEADER_LENGTH
                     end = begin + length
                     if self._wend < end:
@@ -1074,6 +1115,11 @@ class KernelRecordLayer(RecordLayer):
         self._key_expired = False
         ktls.attach_ulp(sock)
         ktls.install_tx_key(sock, session.suite, session.tx_secret, session.tx_seq)
+        # The peer's record_size_limit: kTLS caps its records (TLS_TX_MAX_PAYLOAD_LEN), or,
+        # on kernels without that, every write here is cut to the limit (kTLS closes a
+        # record at the end of each sendmsg).
+        capped = ktls.apply_record_size_limit(sock, session)
+        self._write_size = 0 if capped else self.max_fragment
         ktls.install_rx_key(sock, session.suite, session.rx_secret, session.rx_seq)
 
     def __repr__(self) -> str:
@@ -1091,21 +1137,31 @@ class KernelRecordLayer(RecordLayer):
                 await _wait(self._sock, write=True)
 
     def _send_data(self, view: memoryview) -> int:
-        # One sendmsg: the kernel cuts application data into records of 2^14 bytes itself.
-        records = -(-len(view) // MAX_PLAINTEXT)
-        while view:
-            view = view[ktls.send_record_some(self._sock, ContentType.APPLICATION_DATA, view) :]
+        # One sendmsg: the kernel cuts application data into records of max_fragment bytes
+        # itself (unless it cannot cap them: then one sendmsg per record).
+        records = -(-len(view) // self.max_fragment)
+        for chunk in self._writes(view):
+            while chunk:  # a partial write leaves the record open: complete just this one
+                sent = ktls.send_record_some(self._sock, ContentType.APPLICATION_DATA, chunk)
+                chunk = chunk[sent:]
         return records
 
+    def _writes(self, view: memoryview) -> list[memoryview]:
+        size = self._write_size
+        if not size:
+            return [view]
+        return [view[start : start + size] for start in range(0, len(view), size)]
+
     async def _asend_data(self, view: memoryview) -> int:
-        records = -(-len(view) // MAX_PLAINTEXT)
-        while view:
-            try:
-                sent = ktls.send_record_some(self._sock, ContentType.APPLICATION_DATA, view)
-            except (BlockingIOError, InterruptedError):
-                await _wait(self._sock, write=True)
-                continue
-            view = view[sent:]
+        records = -(-len(view) // self.max_fragment)
+        for chunk in self._writes(view):
+            while chunk:  # as in _send_data: complete one write before the next
+                try:
+                    sent = ktls.send_record_some(self._sock, ContentType.APPLICATION_DATA, chunk)
+                except (BlockingIOError, InterruptedError):
+                    await _wait(self._sock, write=True)
+                    continue
+                chunk = chunk[sent:]
         return records
 
     def _fatal_alert_for(self, error: OSError) -> tuple[bool, int | None]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from ktlsd.tls.protocol import MAX_PLAINTEXT as MAX_FRAGMENT
+
 
 class Role(enum.Enum):
     """Which end of the TLS connection this side plays."""
@@ -147,6 +149,13 @@ class Session:
     handshake (its binder and key schedule: ``"sha256"``/``"sha384"``, always the suite's);
     ``legacy_psk_binding`` says a SHA-384 PSK was bound to SHA-256 the way tlshd 1.0 does
     (``[ktlsd] legacy_psk_sha384``).
+
+    Record size limits (RFC 8449, ``record_size_limit``; TLS 1.3 counts the inner content
+    type byte): ``peer_record_size_limit`` is the limit the peer advertised (None: it sent
+    none), bounding the records we send (:attr:`max_send_fragment`);
+    ``record_size_limit`` is the limit we advertised when the peer took part in the
+    negotiation (None: not negotiated), bounding the records we accept
+    (:attr:`max_recv_inner`).
     """
 
     role: Role
@@ -161,6 +170,22 @@ class Session:
     server_generation: int = 0
     psk_binder_hash: str | None = None
     legacy_psk_binding: bool = False
+    peer_record_size_limit: int | None = None
+    record_size_limit: int | None = None
+
+    @property
+    def max_send_fragment(self) -> int:
+        """The most application bytes one record we send may carry: 2^14, or less when the
+        peer advertised a smaller record_size_limit (its limit minus the content type)."""
+        limit = self.peer_record_size_limit
+        return MAX_FRAGMENT if limit is None else max(1, min(MAX_FRAGMENT, limit - 1))
+
+    @property
+    def max_recv_inner(self) -> int:
+        """The most bytes of inner plaintext (content, content type and padding) a record
+        we receive may hold: 2^14+1, or the smaller limit we advertised."""
+        limit = self.record_size_limit
+        return MAX_FRAGMENT + 1 if limit is None else min(MAX_FRAGMENT + 1, limit)
 
     @property
     def tx_secret(self) -> bytes:

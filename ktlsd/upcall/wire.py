@@ -127,7 +127,9 @@ meaning session-id, without sockfd, plus :class:`DoneExtAttr`:
                             length), 5 tx seq, 6 rx seq (u64), 7 client generation,
                             8 server generation (u32), 9 peer PSK identity (bytes),
                             10 peer PSK serial (u32), 11 peer certificate (DER,
-                            repeated, leaf first), 12 group (string)
+                            repeated, leaf first), 12 group (string),
+                            13 peer record size limit (u32), 14 own record size
+                            limit (u32)
 ===  =====================  ======================================================
 
 SESSION's attributes 1..4 are required (role 0 or 1, a known suite, secrets of its hash
@@ -135,7 +137,15 @@ length), and a DONE with status 0 but no SESSION is malformed; a decoder ignores
 SESSION and DONE attributes (newer services may add some). When the peer's certificate chain
 would make DONE exceed the size limit, certificates are dropped from the chain's end (the
 leaf is kept). SESSION carries the consumer's own traffic secrets, needed to run a
-user-space record layer; the socket's mode keeps other users from asking. For a
+user-space record layer; the socket's mode keeps other users from asking.
+
+SESSION 13 and 14 are the RFC 8449 ``record_size_limit`` values (64..16,385; TLS 1.3 counts
+the content type byte): 13 is what the peer advertised, present when it sent one; the
+consumer must never send a record whose plaintext exceeds it minus one (kTLS:
+``setsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN, limit - 1)``, Linux >= 6.19; the agent has done
+nothing to the socket). 14 is what the agent advertised for the consumer, present when the
+negotiation completed: records the peer sends are at most that large. A decoder takes a
+value outside 64..16,385 as malformed. For a
 FORGET_SESSION request a successful DONE carries the last kept state and no session-id.
 
 STATUS (administrator <-> service)
@@ -247,6 +257,7 @@ from ktlsd.request import (
     InlinePsk,
     MessageType,
 )
+from ktlsd.settings import MAX_RECORD_SIZE_LIMIT, MIN_RECORD_SIZE_LIMIT
 from ktlsd.tls.session import CipherSuite, PeerIdentity, Role, Session
 from ktlsd.upcall.netlink import (
     AcceptAttr,
@@ -342,6 +353,8 @@ class SessionAttr(enum.IntEnum):
     PEER_PSK_SERIAL = 10
     PEER_CERTIFICATE = 11
     GROUP = 12
+    PEER_RECORD_SIZE_LIMIT = 13
+    RECORD_SIZE_LIMIT = 14
 
 
 class ServiceFormatError(ValueError):
@@ -621,6 +634,10 @@ def _encode_session(session: Session, chain: Iterable[bytes]) -> bytes:
     attrs.extend((SessionAttr.PEER_CERTIFICATE, der) for der in chain)
     if session.group:
         attrs.append((SessionAttr.GROUP, string(session.group)))
+    if session.peer_record_size_limit is not None:
+        attrs.append((SessionAttr.PEER_RECORD_SIZE_LIMIT, u32(session.peer_record_size_limit)))
+    if session.record_size_limit is not None:
+        attrs.append((SessionAttr.RECORD_SIZE_LIMIT, u32(session.record_size_limit)))
     return encode_attrs(attrs)
 
 
@@ -678,6 +695,14 @@ def _decode_session(payload: bytes) -> Session:
             return _as_u64(values[kind], kind.name.lower())
         return as_u32(values[kind], kind.name.lower())
 
+    def record_size_limit(kind: SessionAttr) -> int | None:
+        if kind not in values:
+            return None
+        limit = as_u32(values[kind], kind.name.lower())
+        if not MIN_RECORD_SIZE_LIMIT <= limit <= MAX_RECORD_SIZE_LIMIT:
+            raise NetlinkFormatError(f"{kind.name.lower()} {limit} outside 64..16385")
+        return limit
+
     peer = PeerIdentity(
         psk_identity=values.get(SessionAttr.PEER_PSK_IDENTITY),
         psk_serial=(as_u32(values[SessionAttr.PEER_PSK_SERIAL], "psk serial")
@@ -696,6 +721,8 @@ def _decode_session(payload: bytes) -> Session:
                if SessionAttr.GROUP in values else None),
         client_generation=num(SessionAttr.CLIENT_GENERATION, 4),
         server_generation=num(SessionAttr.SERVER_GENERATION, 4),
+        peer_record_size_limit=record_size_limit(SessionAttr.PEER_RECORD_SIZE_LIMIT),
+        record_size_limit=record_size_limit(SessionAttr.RECORD_SIZE_LIMIT),
     )
 
 

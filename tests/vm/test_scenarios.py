@@ -58,6 +58,16 @@ def test_ktls_python_kernel_vs_user_record_layer(scenario) -> None:
     assert figures["tls_stat_rekey_delta"]["TlsRxRekeyOk"] == rekeys
 
 
+def test_record_size_limit_caps_ktls_records_on_the_wire(scenario) -> None:
+    figures = assert_passed(scenario("record-size-limit"))
+    for end in ("kernel_layer", "agent_install"):
+        assert figures[f"{end}_tx_max_payload"] == 255  # getsockopt: the peer's 256 - 1
+        assert figures[f"{end}_largest_inner_plaintext"] <= 256
+        assert figures[f"{end}_records_from_ktls"] >= 64 * 1024 // 255
+    assert figures["control_tx_max_payload"] == 2**14
+    assert figures["control_largest_inner_plaintext"] == 2**14 + 1  # the check can fail
+
+
 def test_ktls_cli_kernel_vs_user_end_to_end(scenario) -> None:
     figures = assert_passed(scenario("ktls-cli"))
     updates = figures["kernel_end_key_updates"]
