@@ -308,7 +308,9 @@ class AgentConfig:
         def files(x: X509Settings) -> X509Files:
             return X509Files(truststore=x.truststore, crl=x.crl, certificate=x.certificate,
                              private_key=x.private_key,
-                             require_client_cert=bool(x.client_auth))
+                             require_client_cert=bool(x.client_auth),
+                             pq_certificate=x.pq_certificate,
+                             pq_private_key=x.pq_private_key)
 
         return AgentSettings(
             client_x509=files(self.client),

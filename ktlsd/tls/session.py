@@ -147,6 +147,12 @@ class Session:
     handshake (its binder and key schedule: ``"sha256"``/``"sha384"``, always the suite's);
     ``legacy_psk_binding`` says a SHA-384 PSK was bound to SHA-256 the way tlshd 1.0 does
     (``[ktlsd] legacy_psk_sha384``).
+
+    ``group`` is the key exchange group negotiated (OpenSSL's name: ``X25519MLKEM768``,
+    ``X25519``, ``secp256r1``); ``signature_scheme``/``peer_signature_scheme`` the schemes
+    this side and the peer signed their CertificateVerify with (``mldsa65``,
+    ``ecdsa_secp256r1_sha256``; None when that side sent no certificate, as with a PSK):
+    with two chains configured, ``signature_scheme`` says which one was sent.
     """
 
     role: Role
@@ -157,6 +163,8 @@ class Session:
     rx_seq: int = 0
     peer: PeerIdentity = field(default_factory=PeerIdentity)
     group: str | None = None
+    signature_scheme: str | None = None
+    peer_signature_scheme: str | None = None
     client_generation: int = 0
     server_generation: int = 0
     psk_binder_hash: str | None = None

@@ -126,7 +126,9 @@ meaning session-id, without sockfd, plus :class:`DoneExtAttr`:
                             length), 5 tx seq, 6 rx seq (u64), 7 client generation,
                             8 server generation (u32), 9 peer PSK identity (bytes),
                             10 peer PSK serial (u32), 11 peer certificate (DER,
-                            repeated, leaf first), 12 group (string)
+                            repeated, leaf first), 12 group (string), 13 our
+                            signature scheme, 14 the peer's (strings, IANA names
+                            as OpenSSL spells them: mldsa65, ed25519)
 ===  =====================  ======================================================
 
 SESSION's attributes 1..4 are required (role 0 or 1, a known suite, secrets of its hash
@@ -301,6 +303,8 @@ class SessionAttr(enum.IntEnum):
     PEER_PSK_SERIAL = 10
     PEER_CERTIFICATE = 11
     GROUP = 12
+    SIGNATURE_SCHEME = 13
+    PEER_SIGNATURE_SCHEME = 14
 
 
 class ServiceFormatError(ValueError):
@@ -580,6 +584,10 @@ def _encode_session(session: Session, chain: Iterable[bytes]) -> bytes:
     attrs.extend((SessionAttr.PEER_CERTIFICATE, der) for der in chain)
     if session.group:
         attrs.append((SessionAttr.GROUP, string(session.group)))
+    if session.signature_scheme:
+        attrs.append((SessionAttr.SIGNATURE_SCHEME, string(session.signature_scheme)))
+    if session.peer_signature_scheme:
+        attrs.append((SessionAttr.PEER_SIGNATURE_SCHEME, string(session.peer_signature_scheme)))
     return encode_attrs(attrs)
 
 
@@ -653,6 +661,11 @@ def _decode_session(payload: bytes) -> Session:
         peer=peer,
         group=(as_string(values[SessionAttr.GROUP], "group")
                if SessionAttr.GROUP in values else None),
+        signature_scheme=(as_string(values[SessionAttr.SIGNATURE_SCHEME], "signature scheme")
+                          if SessionAttr.SIGNATURE_SCHEME in values else None),
+        peer_signature_scheme=(
+            as_string(values[SessionAttr.PEER_SIGNATURE_SCHEME], "peer signature scheme")
+            if SessionAttr.PEER_SIGNATURE_SCHEME in values else None),
         client_generation=num(SessionAttr.CLIENT_GENERATION, 4),
         server_generation=num(SessionAttr.SERVER_GENERATION, 4),
     )
