@@ -968,7 +968,7 @@ def _optional(lib: ctypes.CDLL, name: str, restype: object, *argtypes: object
         return None
 
 
-# OpenSSL 3.5: the IANA name of the signature scheme used (``mldsa65``, ``ecdsa_secp256r1_sha256``).
+# Newer libraries (not 3.0, not Debian 13's 3.5.9): the IANA name of the scheme used.
 SSL_get0_peer_signature_name = _optional(
     _ssl, "SSL_get0_peer_signature_name", c_int, c_void_p, POINTER(c_char_p)
 )
@@ -991,6 +991,10 @@ _SCHEME_BY_NIDS = {
     (_NID_ED25519, 0): "ed25519",
     (_NID_ED448, 0): "ed448",
 }
+
+# OpenSSL 3.5 reports an ML-DSA signature as the key type alone (no separate hash); its
+# short name (``id-ml-dsa-65``) becomes the TLS scheme's name (``mldsa65``).
+_SCHEME_BY_KEY_NAME = {f"id-ml-dsa-{n}": f"mldsa{n}" for n in ("44", "65", "87")}
 
 ML_DSA_SCHEMES = ("mldsa44", "mldsa65", "mldsa87")
 """The TLS signature schemes of ML-DSA (draft-ietf-tls-mldsa; OpenSSL 3.5 names)."""
@@ -1015,14 +1019,16 @@ def _scheme_name(
     known = _SCHEME_BY_NIDS.get((nid.value, hash_nid.value))
     if known is not None:
         return known
-    name = OBJ_nid2sn(nid.value)
-    return name.decode("ascii", "replace") if name else f"nid{nid.value}"
+    raw = OBJ_nid2sn(nid.value)
+    name = raw.decode("ascii", "replace") if raw else f"nid{nid.value}"
+    return _SCHEME_BY_KEY_NAME.get(name, name)
 
 
 def peer_signature_scheme(conn: SslConnection) -> str | None:
     """The scheme the peer signed its CertificateVerify with (None: it sent none, e.g. PSK):
-    OpenSSL's IANA name where the library reports it (3.5), else derived from the key type and
-    hash OpenSSL 3.0 reports (``rsa_pss_sha256`` then stands for both RSA-PSS schemes)."""
+    OpenSSL's IANA name where the library reports it (``SSL_get0_peer_signature_name``, newer
+    than 3.5), else derived from the key type and hash it reports (``mldsa65``,
+    ``ecdsa_secp256r1_sha256``; ``rsa_pss_sha256`` stands for both RSA-PSS schemes)."""
     return _scheme_name(conn.ptr, SSL_get0_peer_signature_name,
                         SSL_get_peer_signature_type_nid, SSL_CTRL_GET_PEER_SIGNATURE_NID)
 
