@@ -333,7 +333,10 @@ def service_socket_problems(config: AgentConfig) -> list[str]:
 
 def _note_pq_chains(config: AgentConfig) -> None:
     """Say once, at start and in ``--check``, what the configured ML-DSA chains will do
-    (ignored with a warning where the system OpenSSL has no ML-DSA)."""
+    (ignored with a warning where the system OpenSSL has no ML-DSA). Without PQ keys the
+    TLS engine is not loaded here (the agent is ready before it loads it)."""
+    if not (config.client.pq_certificate or config.server.pq_certificate):
+        return
     from ktlsd.material import pq_configuration_notes
 
     settings = config.agent_settings()
