@@ -23,7 +23,9 @@ the legacy ``/etc/tlshd.conf`` when it exists, then ``/etc/tlshd/config``; else 
 Errors: a line that is not a comment, group or ``key=value``, a key before any group, bad
 UTF-8, a bad escape or a bad value in ``[ktlsd]`` raise :class:`ConfigError`, whose message
 is one line: ``<file>:<line>: <what is wrong>``. Unknown groups and keys are warned about and
-ignored (tlshd's configuration keeps growing: ``[tags]``, PQ certificates, ...). tlshd's own
+ignored (tlshd's configuration keeps growing: ``[tags]``, ...). ``x509.pq.certificate`` /
+``x509.pq.private_key`` (an ML-DSA chain) are read here and used where the system OpenSSL has
+ML-DSA (:mod:`ktlsd.material`; the agent warns at start where it has not). tlshd's own
 ``[debug]`` integers are read as GLib reads them (:func:`glib_integer`: ``loglevel=2 # two`` is
 2), and an unparsable one counts as 0, as for tlshd (with a warning).
 """

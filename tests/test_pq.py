@@ -347,3 +347,17 @@ def test_a_capture_of_real_hellos_names_the_key_share_groups(
     assert GROUPS[code] in ("secp256r1", "x25519")
     with pytest.raises(WireError, match="pcapng"):
         pcap_ipv4_packets(b"\x0a\x0d\x0d\x0a" + bytes(40))
+
+
+def test_config_pq_keys_reach_the_agent_settings_of_each_role(tmp_path: Path) -> None:
+    from ktlsd.config import config_from_keyfile, parse_key_file
+
+    text = ("[authenticate.client]\nx509.pq.certificate=/c/pq.pem\nx509.pq.private_key=/c/pq.key\n"
+            "[authenticate.server]\nx509.certificate=/s/ec.pem\nx509.private_key=/s/ec.key\n"
+            "x509.pq.certificate=/s/pq.pem\nx509.pq.private_key=/s/pq.key\n")
+    settings = config_from_keyfile(parse_key_file(text, "t.conf")).agent_settings()
+    assert (settings.client_x509.pq_certificate, settings.client_x509.pq_private_key) == (
+        "/c/pq.pem", "/c/pq.key")
+    assert (settings.server_x509.pq_certificate, settings.server_x509.pq_private_key) == (
+        "/s/pq.pem", "/s/pq.key")
+    assert settings.server_x509.certificate == "/s/ec.pem"
