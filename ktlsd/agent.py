@@ -524,12 +524,24 @@ class Agent:
             f"handshake source={pending.source_name} peer={_field(peer)} "
             f"peername={_field(request.peername or '-')} role={_role(request)} "
             f"auth={_auth_name(request.auth_mode)} identity={_field(identity)} suite={suite} "
+            f"{_negotiated(session)}"
             f"duration={duration * 1000:.1f}ms status={answer.status} ({status})"
         )
         if answer.status:
             log.warning("%s reason=%s", line, _field(answer.reason or "-"))
         else:
             log.info("%s", line)
+
+
+def _negotiated(session: Session | None) -> str:
+    """The key exchange group and the signature schemes (ours: which chain we sent; the
+    peer's) of a completed handshake, as log line fields (``-`` for none: PSK, key update)."""
+    if session is None:
+        return "group=- sig=- peer_sig=- "
+    return (
+        f"group={_field(session.group or '-')} sig={_field(session.signature_scheme or '-')} "
+        f"peer_sig={_field(session.peer_signature_scheme or '-')} "
+    )
 
 
 _PLAIN_FIELD = frozenset(

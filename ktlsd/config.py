@@ -23,7 +23,9 @@ the legacy ``/etc/tlshd.conf`` when it exists, then ``/etc/tlshd/config``; else 
 Errors: a line that is not a comment, group or ``key=value``, a key before any group, bad
 UTF-8, a bad escape or a bad value in ``[ktlsd]`` raise :class:`ConfigError`, whose message
 is one line: ``<file>:<line>: <what is wrong>``. Unknown groups and keys are warned about and
-ignored (tlshd's configuration keeps growing: ``[tags]``, PQ certificates, ...).
+ignored (tlshd's configuration keeps growing: ``[tags]``, ...). ``x509.pq.certificate`` /
+``x509.pq.private_key`` (an ML-DSA chain) are read here and used where the system OpenSSL has
+ML-DSA (:mod:`ktlsd.material`; the agent warns at start where it has not).
 
 :data:`TLSHD_KEYS` is the one table of tlshd's keys: per key, which tlshd reads it and what
 ktlsd does with it (:class:`KeyBehaviour`: supported, or ignored -- then logged when set to
@@ -320,7 +322,9 @@ class AgentConfig:
         def files(x: X509Settings) -> X509Files:
             return X509Files(truststore=x.truststore, crl=x.crl, certificate=x.certificate,
                              private_key=x.private_key,
-                             require_client_cert=bool(x.client_auth))
+                             require_client_cert=bool(x.client_auth),
+                             pq_certificate=x.pq_certificate,
+                             pq_private_key=x.pq_private_key)
 
         return AgentSettings(
             client_x509=files(self.client),
@@ -380,7 +384,6 @@ class ConfigKey:
 
 
 _SUPPORTED, _IGNORED = KeyBehaviour.SUPPORTED, KeyBehaviour.IGNORED
-_PQ_UNUSED = "post-quantum (ML-DSA) certificates are not used by ktlsd yet"
 
 TLSHD_KEYS: tuple[ConfigKey, ...] = (
     # One row per key (docs/configuration.md has the same table; tests/test_config_keys.py
@@ -397,14 +400,14 @@ TLSHD_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("authenticate.client", "x509.crl", "1.4", _SUPPORTED, "path"),
     ConfigKey("authenticate.client", "x509.certificate", "1.4", _SUPPORTED, "path"),
     ConfigKey("authenticate.client", "x509.private_key", "1.4", _SUPPORTED, "path"),
-    ConfigKey("authenticate.client", "x509.pq.certificate", "1.4", _IGNORED, "path", _PQ_UNUSED),
-    ConfigKey("authenticate.client", "x509.pq.private_key", "1.4", _IGNORED, "path", _PQ_UNUSED),
+    ConfigKey("authenticate.client", "x509.pq.certificate", "1.4", _SUPPORTED, "path"),
+    ConfigKey("authenticate.client", "x509.pq.private_key", "1.4", _SUPPORTED, "path"),
     ConfigKey("authenticate.server", "x509.truststore", "1.4", _SUPPORTED, "path"),
     ConfigKey("authenticate.server", "x509.crl", "1.4", _SUPPORTED, "path"),
     ConfigKey("authenticate.server", "x509.certificate", "1.4", _SUPPORTED, "path"),
     ConfigKey("authenticate.server", "x509.private_key", "1.4", _SUPPORTED, "path"),
-    ConfigKey("authenticate.server", "x509.pq.certificate", "1.4", _IGNORED, "path", _PQ_UNUSED),
-    ConfigKey("authenticate.server", "x509.pq.private_key", "1.4", _IGNORED, "path", _PQ_UNUSED),
+    ConfigKey("authenticate.server", "x509.pq.certificate", "1.4", _SUPPORTED, "path"),
+    ConfigKey("authenticate.server", "x509.pq.private_key", "1.4", _SUPPORTED, "path"),
     ConfigKey("authenticate.server", "x509.client_auth", "proposed", _SUPPORTED, "bool"),
     ConfigKey("authenticate.server", "x509.client_allowed_sans", "proposed", _IGNORED, "list",
               "not enforced: any client certificate the truststore verifies is accepted"),

@@ -419,6 +419,22 @@ def service_socket_problems(config: AgentConfig) -> list[str]:
     return problems
 
 
+def _note_pq_chains(config: AgentConfig) -> None:
+    """Say once, at start and in ``--check``, what the configured ML-DSA chains will do
+    (ignored with a warning where the system OpenSSL has no ML-DSA). Without PQ keys the
+    TLS engine is not loaded here (the agent is ready before it loads it)."""
+    if not (config.client.pq_certificate or config.server.pq_certificate):
+        return
+    from ktlsd.material import pq_configuration_notes
+
+    settings = config.agent_settings()
+    for level, message in pq_configuration_notes({
+        "authenticate.client": settings.client_x509,
+        "authenticate.server": settings.server_x509,
+    }):
+        log.log(level, "%s", message)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Logging first (so that what reading the configuration says is seen), then the
     configuration; ``--check`` stops there, otherwise serve."""
@@ -440,6 +456,7 @@ def run_command(args: argparse.Namespace) -> int:
         else:
             log.error("%s", exc)
         return 1
+    _note_pq_chains(config)
     if args.check:
         return check_config(config)
     log_output.set_level(config.effective_log_level)

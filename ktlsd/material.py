@@ -37,6 +37,7 @@ import asyncio
 import concurrent.futures
 import errno
 import hmac
+import logging
 import os
 import re
 import time
@@ -67,8 +68,19 @@ from ktlsd.settings import (
     LegacyPskSha384,
     X509Files,
 )
-from ktlsd.tls.handshake import ClientAuth, HashName, PskKey, TlsConfig, prepare_context
+from ktlsd.tls.handshake import (
+    ClientAuth,
+    HashName,
+    PskKey,
+    TlsConfig,
+    credentials_parsed_by_openssl,
+    library_has_ml_dsa,
+    library_version,
+    prepare_context,
+)
 from ktlsd.tls.session import CipherSuite, Role
+
+log = logging.getLogger("ktlsd.material")
 
 PSK_KEY_TYPE = "psk"
 PSK_KEY_TYPES = ("psk", "user")  # kernel consumers use "psk"; programs may use "user" keys
@@ -332,6 +344,67 @@ def _x509_credentials(
     return None
 
 
+def _uses_configured_files(
+    request: HandshakeRequest, inline: InlineMaterial, consumer: Consumer
+) -> bool:
+    """Whether the request's certificate comes from the configured files (no serials, no
+    inline material, a trusted consumer): only then does the configured PQ chain apply."""
+    return not (
+        request.certificate or request.private_key or inline.certificate_chain
+        or inline.certificate_file or inline.private_key_file or not consumer.privileged
+    )
+
+
+def pq_credentials(
+    files: X509Files, read: Callable[[str, str], bytes]
+) -> X509Credentials | None:
+    """tlshd's ``x509.pq.certificate``/``x509.pq.private_key``: an ML-DSA chain, parsed by
+    the system OpenSSL (the Python ``cryptography`` package may not know ML-DSA). None when
+    none is configured, or when the library has no ML-DSA (then only the classic chain is
+    served; the agent warned at start). A chain that is not ML-DSA is refused, as tlshd
+    ignores one: raises ``HandshakeError(MISSING_MATERIAL)``."""
+    if not (files.pq_certificate and files.pq_private_key) or not library_has_ml_dsa():
+        return None
+    cert_name, key_name = files.pq_certificate, files.pq_private_key
+    credentials, key_type = credentials_parsed_by_openssl(
+        read(cert_name, "PQ certificate file"), read(key_name, "PQ private key file"),
+        cert_name=cert_name, key_name=key_name,
+    )
+    if not key_type.upper().startswith("ML-DSA"):
+        raise _missing(f"{cert_name} / {key_name}: x509.pq.certificate holds a {key_type} "
+                       "key, not ML-DSA")
+    return credentials
+
+
+def pq_configuration_notes(roles: dict[str, X509Files]) -> list[tuple[int, str]]:
+    """What the configured PQ chains will do, as (logging level, message) pairs for the
+    agent's start and ``run --check``: a warning where they are ignored (the library has no
+    ML-DSA) or cannot be used, a note of the chain each peer gets otherwise. ``roles`` maps a
+    section name (``authenticate.server``) to its files. Reads the files (blocking)."""
+    notes: list[tuple[int, str]] = []
+    for section, files in roles.items():
+        if not (files.pq_certificate and files.pq_private_key):
+            continue
+        if not library_has_ml_dsa():
+            notes.append((logging.WARNING,
+                          f"[{section}] x509.pq.certificate is ignored: the system library "
+                          f"({library_version()}) has no ML-DSA; every peer gets the classic "
+                          "chain (x509.certificate)"))
+            continue
+        try:
+            reads = _Reads(TRUSTED, DEFAULT_MAX_FILE_BYTES, time.monotonic() + MATERIAL_TIMEOUT)
+            pq_credentials(files, reads.agent_file)
+        except HandshakeError as exc:
+            notes.append((logging.WARNING, f"[{section}] x509.pq.certificate cannot be used "
+                          f"(its handshakes will fail): {exc.reason}"))
+            continue
+        other = "x509.certificate" if files.certificate else "no other chain"
+        notes.append((logging.INFO,
+                      f"[{section}] ML-DSA chain {files.pq_certificate} for peers whose "
+                      f"signature_algorithms prefer ML-DSA, {other} for the others"))
+    return notes
+
+
 def _trust(inline: InlineMaterial, files: X509Files, reads: _Reads) -> dict[str, Any]:
     """The truststore and CRL fields of a TlsConfig: a consumer's files read with its rights
     (its truststore must be a file), the configuration's with the agent's."""
@@ -413,24 +486,45 @@ def build_tls_config_blocking(
             credentials = (
                 _x509_credentials(request, inline, x509_files, reads) if mutual else None
             )
-            return TlsConfig(
-                credentials=credentials, **_trust(inline, x509_files, reads), **common
+            first, second = (
+                _with_pq_chain(credentials, request, inline, x509_files, reads)
+                if mutual else (None, None)
             )
+            return TlsConfig(credentials=first, second_credentials=second,
+                             **_trust(inline, x509_files, reads), **common)
         credentials = _x509_credentials(request, inline, x509_files, reads)
-        if credentials is None:
+        first, second = _with_pq_chain(credentials, request, inline, x509_files, reads)
+        if first is None:
             raise _missing("x509 server has no certificate and private key")
         required = inline.require_client_cert or x509_files.require_client_cert
         client_auth: ClientAuth = (
             "require" if mutual and required else ("request" if mutual else "none")
         )
         trust = _trust(inline, x509_files, reads) if client_auth != "none" else {}
-        return TlsConfig(
-            credentials=credentials, client_auth=client_auth, **trust, **common
-        )
+        return TlsConfig(credentials=first, second_credentials=second,
+                         client_auth=client_auth, **trust, **common)
 
     raise HandshakeError(
         FailureCause.INVALID_REQUEST, f"auth mode {request.auth_mode.name.lower()}"
     )
+
+
+def _with_pq_chain(
+    credentials: X509Credentials | None,
+    request: HandshakeRequest,
+    inline: InlineMaterial,
+    files: X509Files,
+    reads: _Reads,
+) -> tuple[X509Credentials | None, X509Credentials | None]:
+    """The TlsConfig's ``credentials`` and ``second_credentials``: the classic chain, plus
+    the configured ML-DSA chain when the configured files apply and the library has ML-DSA
+    (alone, it is the only chain)."""
+    pq = None
+    if _uses_configured_files(request, inline, reads.consumer):
+        pq = pq_credentials(files, reads.agent_file)
+    if credentials is None:
+        return pq, None
+    return credentials, pq
 
 
 def _in_a_fresh_thread(

@@ -129,6 +129,10 @@ class X509Files:
     certificate: str | None = None
     private_key: str | None = None
     require_client_cert: bool = False  # server: tlshd's x509.client_auth
+    # tlshd's x509.pq.certificate / x509.pq.private_key: an ML-DSA chain served next to the
+    # classic one where the library has ML-DSA (ktlsd.material).
+    pq_certificate: str | None = None
+    pq_private_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ DEFAULT_SCENARIOS: tuple[str, ...] = (
     "fleet-nfs",
     "fleet-newtlshd",
     "fleet-newtlshd-nfs",
+    "pq-mldsa",
 )
 
 

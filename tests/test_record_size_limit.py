@@ -361,8 +361,9 @@ def test_tlsfuzzer_record_size_limit(tmp_path: Path) -> None:
         name="ktlsd-www",
     )  # fmt: skip
     try:
-        # The reply size: the --www page names suite and group (AES-128-GCM, secp256r1 here).
-        argv = ["-h", "127.0.0.1", "-p", str(port), "--reply-AD-size", "170",
+        # The reply size: the --www page names suite, group and signature schemes
+        # (AES-128-GCM, secp256r1, rsa_pss_rsae_sha256 here).
+        argv = ["-h", "127.0.0.1", "-p", str(port), "--reply-AD-size", "201",
                 "--supported-groups", "--hrr-supported-groups", *TLSFUZZER_CASES]  # fmt: skip
         done = subprocess.run(
             [sys.executable, "-m", "tlsfuzzer._apps.test_record_size_limit", *argv],

@@ -62,6 +62,7 @@ class RelayResult:
 def describe_session(session: Session) -> str:
     return (
         f"suite={session.suite.iana_name} group={session.group or '-'} "
+        f"sig={session.signature_scheme or '-'} peer_sig={session.peer_signature_scheme or '-'} "
         f"peer={session.peer.describe()}"
     )
 

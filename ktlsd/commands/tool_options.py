@@ -67,6 +67,12 @@ def add_tls_options(p: argparse.ArgumentParser, *, server: bool) -> None:
     g = p.add_argument_group("x509")
     g.add_argument("--cert", help="our certificate chain (PEM, leaf first)")
     g.add_argument("--key", help="our private key (PEM)")
+    g.add_argument(
+        "--pq-cert", metavar="PEM",
+        help="a second chain of another key type, normally ML-DSA (tlshd's "
+        "x509.pq.certificate): the peer's signature_algorithms choose which one is sent",
+    )
+    g.add_argument("--pq-key", metavar="PEM", help="the private key of --pq-cert (PEM)")
     g.add_argument("--ca", help="trusted CA file or directory (default: the system's)")
     g.add_argument("--crl", help="CRL file (PEM or DER) to check the peer against")
     g.add_argument(
@@ -250,6 +256,41 @@ def _psk_key(args: argparse.Namespace) -> PskKey | None:
     return PskKey(identity=identity.encode(), key=key, hash_name=hash_name)
 
 
+def _second_credentials(args: argparse.Namespace) -> X509Credentials | None:
+    """``--pq-cert``/``--pq-key``, parsed by the system OpenSSL (it knows ML-DSA where the
+    Python ``cryptography`` package may not). Ignored with a warning on stderr where the
+    library has no ML-DSA and cannot parse the key (OpenSSL 3.0)."""
+    if not (args.pq_cert or args.pq_key):
+        return None
+    if not (args.pq_cert and args.pq_key):
+        raise UsageError("--pq-cert and --pq-key go together")
+    from ktlsd.errors import HandshakeError
+    from ktlsd.files import read_file
+    from ktlsd.tls.handshake import (
+        credentials_parsed_by_openssl,
+        library_has_ml_dsa,
+        library_version,
+    )
+
+    try:
+        cert_data = read_file(args.pq_cert, "certificate file")
+        key_data = read_file(args.pq_key, "private key file")
+    except HandshakeError as exc:
+        raise UsageError(f"--pq-cert: {exc.reason}") from None
+    try:
+        return credentials_parsed_by_openssl(
+            cert_data, key_data, cert_name=args.pq_cert, key_name=args.pq_key
+        )[0]
+    except HandshakeError as exc:
+        if not library_has_ml_dsa():
+            import sys
+
+            print(f"ktlsd: warning: --pq-cert ignored: the system library ({library_version()}) "
+                  f"has no ML-DSA and cannot use it ({exc.reason})", file=sys.stderr)
+            return None
+        raise UsageError(f"--pq-cert: {exc.reason}") from None
+
+
 def build_config(args: argparse.Namespace, role: Role, host: str | None) -> TlsConfig:
     suites = tuple(CipherSuite)
     if args.ciphers:
@@ -262,10 +303,14 @@ def build_config(args: argparse.Namespace, role: Role, host: str | None) -> TlsC
         if not (args.cert and args.key):
             raise UsageError("--cert and --key go together")
         credentials = X509Credentials.from_pem_files(args.cert, args.key)
+    second = _second_credentials(args)
+    if credentials is None:
+        credentials, second = second, None
     psk = _psk_key(args)
     common: dict[str, object] = {
         "role": role,
         "credentials": credentials,
+        "second_credentials": second,
         "truststore": args.ca,
         "crl": args.crl,
         "verify_peer": not args.no_verify,

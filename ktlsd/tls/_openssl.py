@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -1046,3 +1047,203 @@ class SslConnection:
                     continue
                 chain.append(der)
         return tuple(chain)
+
+
+# --- signature schemes, key types, second certificate chains (post-quantum) -------------------
+# Added for ML-DSA (OpenSSL 3.5) next to a classic chain; everything below also runs on 3.0.
+SSL_CTRL_SET_SIGALGS_LIST = 98
+SSL_CTRL_GET_PEER_SIGNATURE_NID = 108
+SSL_CTRL_GET_SIGNATURE_NID = 132
+
+SSL_get_peer_signature_type_nid = _bind(
+    _ssl, "SSL_get_peer_signature_type_nid", c_int, c_void_p, POINTER(c_int)
+)
+SSL_get_signature_type_nid = _bind(
+    _ssl, "SSL_get_signature_type_nid", c_int, c_void_p, POINTER(c_int)
+)
+EVP_PKEY_get0_type_name = _bind(_crypto, "EVP_PKEY_get0_type_name", c_char_p, c_void_p)
+X509_get0_pubkey = _bind(_crypto, "X509_get0_pubkey", c_void_p, c_void_p)
+X509_check_private_key = _bind(_crypto, "X509_check_private_key", c_int, c_void_p, c_void_p)
+PEM_read_bio_PrivateKey = _bind(
+    _crypto, "PEM_read_bio_PrivateKey", c_void_p, c_void_p, c_void_p, PEM_PASSWORD_CB, c_void_p
+)
+EVP_PKEY2PKCS8 = _bind(_crypto, "EVP_PKEY2PKCS8", c_void_p, c_void_p)
+i2d_PKCS8_PRIV_KEY_INFO = _bind(
+    _crypto, "i2d_PKCS8_PRIV_KEY_INFO", c_int, c_void_p, POINTER(c_void_p)
+)
+PKCS8_PRIV_KEY_INFO_free = _bind(_crypto, "PKCS8_PRIV_KEY_INFO_free", None, c_void_p)
+OPENSSL_cleanse = _bind(_crypto, "OPENSSL_cleanse", None, c_void_p, c_size_t)
+
+
+def _optional(lib: ctypes.CDLL, name: str, restype: object, *argtypes: object
+              ) -> Callable[..., Any] | None:
+    """A function only newer libraries have (None when this one lacks it)."""
+    try:
+        return _bind(lib, name, restype, *argtypes)
+    except AttributeError:
+        return None
+
+
+# Newer libraries (not 3.0, not Debian 13's 3.5.9): the IANA name of the scheme used.
+SSL_get0_peer_signature_name = _optional(
+    _ssl, "SSL_get0_peer_signature_name", c_int, c_void_p, POINTER(c_char_p)
+)
+SSL_get0_signature_name = _optional(
+    _ssl, "SSL_get0_signature_name", c_int, c_void_p, POINTER(c_char_p)
+)
+
+# NIDs (obj_mac.h) of the TLS 1.3 signature schemes OpenSSL 3.0 reports as (type, hash).
+_NID_SHA256, _NID_SHA384, _NID_SHA512 = 672, 673, 674
+_NID_EC, _NID_RSA, _NID_RSA_PSS, _NID_ED25519, _NID_ED448 = 408, 6, 912, 1087, 1088
+_SCHEME_BY_NIDS = {
+    (_NID_EC, _NID_SHA256): "ecdsa_secp256r1_sha256",
+    (_NID_EC, _NID_SHA384): "ecdsa_secp384r1_sha384",
+    (_NID_EC, _NID_SHA512): "ecdsa_secp521r1_sha512",
+    # A TLS 1.3 peer signs with RSA-PSS whatever its key; OpenSSL 3.0 reports the type
+    # rsassaPss for both rsa_pss_rsae_* (an RSA key) and rsa_pss_pss_* (an RSA-PSS key).
+    (_NID_RSA_PSS, _NID_SHA256): "rsa_pss_sha256",
+    (_NID_RSA_PSS, _NID_SHA384): "rsa_pss_sha384",
+    (_NID_RSA_PSS, _NID_SHA512): "rsa_pss_sha512",
+    (_NID_ED25519, 0): "ed25519",
+    (_NID_ED448, 0): "ed448",
+}
+
+# OpenSSL 3.5 reports an ML-DSA signature as the key type alone (no separate hash); its
+# short name (``id-ml-dsa-65``) becomes the TLS scheme's name (``mldsa65``).
+_SCHEME_BY_KEY_NAME = {f"id-ml-dsa-{n}": f"mldsa{n}" for n in ("44", "65", "87")}
+
+ML_DSA_SCHEMES = ("mldsa44", "mldsa65", "mldsa87")
+"""The TLS signature schemes of ML-DSA (draft-ietf-tls-mldsa; OpenSSL 3.5 names)."""
+
+
+def _scheme_name(
+    ssl: int,
+    named: Callable[..., Any] | None,
+    type_nid: Callable[..., Any],
+    hash_ctrl: int,
+) -> str | None:
+    if named is not None:
+        text = c_char_p()
+        if named(ssl, ctypes.byref(text)) == 1 and text.value:
+            return text.value.decode("ascii", "replace")
+    nid = c_int(0)
+    if type_nid(ssl, ctypes.byref(nid)) != 1 or nid.value <= 0:
+        return None
+    hash_nid = c_int(0)
+    if SSL_ctrl(ssl, hash_ctrl, 0, ctypes.byref(hash_nid)) != 1:
+        hash_nid.value = 0
+    known = _SCHEME_BY_NIDS.get((nid.value, hash_nid.value))
+    if known is not None:
+        return known
+    raw = OBJ_nid2sn(nid.value)
+    name = raw.decode("ascii", "replace") if raw else f"nid{nid.value}"
+    return _SCHEME_BY_KEY_NAME.get(name, name)
+
+
+def peer_signature_scheme(conn: SslConnection) -> str | None:
+    """The scheme the peer signed its CertificateVerify with (None: it sent none, e.g. PSK):
+    OpenSSL's IANA name where the library reports it (``SSL_get0_peer_signature_name``, newer
+    than 3.5), else derived from the key type and hash it reports (``mldsa65``,
+    ``ecdsa_secp256r1_sha256``; ``rsa_pss_sha256`` stands for both RSA-PSS schemes)."""
+    return _scheme_name(conn.ptr, SSL_get0_peer_signature_name,
+                        SSL_get_peer_signature_type_nid, SSL_CTRL_GET_PEER_SIGNATURE_NID)
+
+
+def own_signature_scheme(conn: SslConnection) -> str | None:
+    """The scheme we signed our CertificateVerify with, which names the chain we sent."""
+    return _scheme_name(conn.ptr, SSL_get0_signature_name,
+                        SSL_get_signature_type_nid, SSL_CTRL_GET_SIGNATURE_NID)
+
+
+@functools.lru_cache(maxsize=8)
+def knows_signature_scheme(name: str) -> bool:
+    """Whether this libssl can sign and verify TLS handshakes with the scheme ``name``
+    (``mldsa65``: OpenSSL 3.5 with its default provider; 3.0 knows no ML-DSA)."""
+    ctx = SSL_CTX_new(TLS_method())
+    if not ctx:
+        drain_errors()
+        return False
+    try:
+        return bool(SSL_CTX_ctrl(ctx, SSL_CTRL_SET_SIGALGS_LIST, 0, name.encode()) == 1)
+    finally:
+        SSL_CTX_free(ctx)
+        drain_errors()
+
+
+def key_type_name(key_der: bytes) -> str:
+    """OpenSSL's name of the key type of a DER private key (``EC``, ``RSA``, ``ED25519``,
+    ``ML-DSA-65``); raises :class:`OpenSSLError` when this library cannot parse it."""
+    buf = ctypes.create_string_buffer(key_der, len(key_der))
+    ptr = c_void_p(ctypes.addressof(buf))
+    pkey = d2i_AutoPrivateKey(None, ctypes.byref(ptr), len(key_der))
+    ctypes.memset(buf, 0, len(key_der))
+    if not pkey:
+        raise _fail("cannot parse private key")
+    try:
+        name = EVP_PKEY_get0_type_name(pkey)
+        return name.decode("ascii", "replace") if name else "unknown"
+    finally:
+        EVP_PKEY_free(pkey)
+
+
+def certificate_key_pair(cert_pem: bytes, key_pem: bytes, what: str
+                         ) -> tuple[tuple[bytes, ...], bytearray, str]:
+    """Parse a PEM chain (leaf first) and an unencrypted PEM private key with OpenSSL itself,
+    for key types the Python ``cryptography`` package may not know (ML-DSA). Returns the chain
+    as DER, the key as PKCS#8 DER (a bytearray the caller may wipe) and the key type name;
+    raises :class:`OpenSSLError` (unparsable, no certificate, key not the leaf's). ``what``
+    names the material in errors."""
+    certs = _pem_objects(cert_pem, PEM_read_bio_X509_AUX, X509_free, f"certificates of {what}")
+    if not certs:
+        raise OpenSSLError(f"cannot use {what}", ["no PEM certificate in it"])
+    pkey = None
+    try:
+        chain = tuple(x509_to_der(c) for c in certs)
+        buf = ctypes.create_string_buffer(key_pem, len(key_pem))
+        bio = BIO_new_mem_buf(buf, len(key_pem))
+        if not bio:
+            raise _fail("BIO_new_mem_buf")
+        try:
+            ERR_clear_error()
+            pkey = PEM_read_bio_PrivateKey(bio, None, _NO_PASSWORD, None)
+        finally:
+            BIO_free(bio)
+            OPENSSL_cleanse(buf, len(key_pem))
+        if not pkey:
+            raise OpenSSLError(f"cannot use {what}",
+                               ["no usable unencrypted PEM private key"] +
+                               [e.reason for e in drain_errors()])
+        if X509_check_private_key(certs[0], pkey) != 1:
+            drain_errors()
+            raise OpenSSLError(f"cannot use {what}",
+                               ["private key does not match the certificate"])
+        type_name = EVP_PKEY_get0_type_name(pkey)
+        p8 = EVP_PKEY2PKCS8(pkey)
+        if not p8:
+            raise _fail(f"cannot encode the private key of {what}")
+        try:
+            length = i2d_PKCS8_PRIV_KEY_INFO(p8, None)
+            if length <= 0:
+                raise _fail(f"cannot encode the private key of {what}")
+            out = ctypes.create_string_buffer(length)
+            ptr = c_void_p(ctypes.addressof(out))
+            i2d_PKCS8_PRIV_KEY_INFO(p8, ctypes.byref(ptr))
+            key_der = bytearray(out.raw)
+            OPENSSL_cleanse(out, length)
+        finally:
+            PKCS8_PRIV_KEY_INFO_free(p8)
+        return chain, key_der, (type_name.decode("ascii", "replace") if type_name else "unknown")
+    finally:
+        for cert in certs:
+            X509_free(cert)
+        if pkey:
+            EVP_PKEY_free(pkey)
+
+
+OpenSSL_version = _bind(_crypto, "OpenSSL_version", c_char_p, c_int)
+
+
+def library_version() -> str:
+    """The system library's version line (``OpenSSL 3.5.9 29 Sep 2026``)."""
+    text = OpenSSL_version(0)
+    return text.decode("ascii", "replace") if text else "OpenSSL (unknown version)"

@@ -102,10 +102,14 @@ from ktlsd.tls.protocol import (
 from ktlsd.tls.session import CipherSuite, PeerIdentity, Role, Session
 
 __all__ = [
+    "ML_DSA_SCHEMES",
     "PskKey",
     "TlsConfig",
     "TlsHandshake",
+    "credentials_parsed_by_openssl",
     "handshake_blocking",
+    "library_has_ml_dsa",
+    "library_version",
     "perform_handshake",
     "prepare_context",
 ]
@@ -199,6 +203,12 @@ class TlsConfig:
     is for the agent's own configuration and operators only — never a consumer's path.
     No truststore at all means OpenSSL's default locations.
 
+    ``second_credentials``: another chain whose key is of another type (tlshd's
+    ``x509.pq.certificate``, an ML-DSA chain next to a classic one). OpenSSL keeps one chain
+    per key type and signs with the first scheme in the peer's signature_algorithms (a
+    server's CertificateRequest, for a client) that one of them can make: the peer's list
+    chooses the chain, and the result says which (:attr:`Session.signature_scheme`).
+
     ``verify_peer=False`` accepts any peer certificate (testing only).
     ``groups`` is an OpenSSL groups list such as ``"X25519:P-256"``.
     ``legacy_psk_sha384`` (``[ktlsd] legacy_psk_sha384``): ``accept`` lets our server take a
@@ -213,6 +223,7 @@ class TlsConfig:
     psk_keys: tuple[PskKey, ...] = ()
     psk_lookup: Callable[[bytes], PskKey | None] | None = None
     credentials: X509Credentials | None = None
+    second_credentials: X509Credentials | None = None
     truststore: str | None = None
     crl: str | None = None
     truststore_contents: bytes | None = field(default=None, repr=False)
@@ -248,6 +259,8 @@ class TlsConfig:
             raise ValueError(f"client_auth must be none, request or require: {self.client_auth!r}")
         if not self.ciphersuites:
             raise ValueError("no cipher suites configured")
+        if self.second_credentials is not None and self.credentials is None:
+            raise ValueError("a second certificate chain needs a first one")
         for suite in self.ciphersuites:
             if not isinstance(suite, CipherSuite):
                 raise ValueError(f"not a CipherSuite: {suite!r}")
@@ -316,6 +329,7 @@ class _ContextKey:
         self.settings = (
             config.role,
             config.credentials,
+            config.second_credentials,
             config.truststore,
             config.crl,
             _digest(config.truststore_contents),
@@ -352,6 +366,8 @@ def _build_context(config: TlsConfig) -> ossl.SslContext:
             ctx.set_groups(config.groups)
         if config.credentials is not None:
             ctx.use_certificate_chain(config.credentials.chain, config.credentials.private_key)
+        if config.second_credentials is not None:
+            _use_second_chain(ctx, config)
         need_trust = config.verify_peer and (
             (not server and not config.uses_psk) or (server and config.client_auth != "none")
         )
@@ -373,6 +389,56 @@ def _build_context(config: TlsConfig) -> ossl.SslContext:
         ctx.free()
         raise
     return ctx
+
+
+def _use_second_chain(ctx: ossl.SslContext, config: TlsConfig) -> None:
+    """Install the second chain next to the first: OpenSSL files each certificate and key
+    under its key type (provider key types such as ML-DSA get slots of their own), so two
+    chains of different types live side by side and the peer's signature_algorithms pick
+    one per handshake. Two chains of one type would replace each other: refused."""
+    first, second = config.credentials, config.second_credentials
+    assert first is not None and second is not None
+    first_type = ossl.key_type_name(first.private_key)
+    second_type = ossl.key_type_name(second.private_key)
+    if first_type == second_type:
+        raise ossl.OpenSSLError(
+            "cannot use the second certificate chain",
+            [f"its key type ({second_type}) is the first chain's; OpenSSL keeps one chain "
+             "per key type"],
+        )
+    ctx.use_certificate_chain(second.chain, second.private_key)
+
+
+ML_DSA_SCHEMES = ossl.ML_DSA_SCHEMES
+
+
+def library_has_ml_dsa() -> bool:
+    """Whether the system OpenSSL signs and verifies TLS handshakes with ML-DSA (3.5 does,
+    3.0 does not)."""
+    return ossl.knows_signature_scheme("mldsa65")
+
+
+def library_version() -> str:
+    """The system OpenSSL's version line, for messages."""
+    return ossl.library_version()
+
+
+def credentials_parsed_by_openssl(
+    cert_data: bytes, key_data: bytes, *, cert_name: str, key_name: str
+) -> tuple[X509Credentials, str]:
+    """A PEM chain (leaf first) and an unencrypted PEM private key parsed by the system
+    OpenSSL itself, for key types the Python ``cryptography`` package may not know (ML-DSA);
+    returns the credentials and OpenSSL's name of the key type (``ML-DSA-65``). Raises
+    ``HandshakeError(MISSING_MATERIAL)`` with a one-line reason naming the files."""
+    where = f"{cert_name} / {key_name}"
+    try:
+        chain, key_der, key_type = ossl.certificate_key_pair(cert_data, key_data, where)
+    except ossl.OpenSSLError as exc:
+        raise HandshakeError(FailureCause.MISSING_MATERIAL, str(exc)) from None
+    try:
+        return X509Credentials(chain=chain, private_key=bytes(key_der)), key_type
+    finally:
+        key_der[:] = bytes(len(key_der))
 
 
 def _load_trust(ctx: ossl.SslContext, config: TlsConfig) -> None:
@@ -994,6 +1060,8 @@ class TlsHandshake(ossl.ConnectionHooks):
             rx_seq=0,
             peer=peer,
             group=conn.group_name(),
+            signature_scheme=ossl.own_signature_scheme(conn) if psk is None else None,
+            peer_signature_scheme=ossl.peer_signature_scheme(conn) if psk is None else None,
             psk_binder_hash=self._psk_hash if psk is not None else None,
             legacy_psk_binding=psk is not None and self._legacy_binding,
             peer_record_size_limit=self._peer_record_size_limit,

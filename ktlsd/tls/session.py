@@ -156,6 +156,11 @@ class Session:
     ``record_size_limit`` is the limit we advertised when the peer took part in the
     negotiation (None: not negotiated), bounding the records we accept
     (:attr:`max_recv_inner`).
+    ``group`` is the key exchange group negotiated (OpenSSL's name: ``X25519MLKEM768``,
+    ``X25519``, ``secp256r1``); ``signature_scheme``/``peer_signature_scheme`` the schemes
+    this side and the peer signed their CertificateVerify with (``mldsa65``,
+    ``ecdsa_secp256r1_sha256``; None when that side sent no certificate, as with a PSK):
+    with two chains configured, ``signature_scheme`` says which one was sent.
     """
 
     role: Role
@@ -166,6 +171,8 @@ class Session:
     rx_seq: int = 0
     peer: PeerIdentity = field(default_factory=PeerIdentity)
     group: str | None = None
+    signature_scheme: str | None = None
+    peer_signature_scheme: str | None = None
     client_generation: int = 0
     server_generation: int = 0
     psk_binder_hash: str | None = None

@@ -129,7 +129,9 @@ meaning session-id, without sockfd, plus :class:`DoneExtAttr`:
                             10 peer PSK serial (u32), 11 peer certificate (DER,
                             repeated, leaf first), 12 group (string),
                             13 peer record size limit (u32), 14 own record size
-                            limit (u32)
+                            limit (u32), 15 our signature scheme, 16 the peer's
+                            (strings, IANA names as OpenSSL spells them: mldsa65,
+                            ed25519)
 ===  =====================  ======================================================
 
 SESSION's attributes 1..4 are required (role 0 or 1, a known suite, secrets of its hash
@@ -355,6 +357,8 @@ class SessionAttr(enum.IntEnum):
     GROUP = 12
     PEER_RECORD_SIZE_LIMIT = 13
     RECORD_SIZE_LIMIT = 14
+    SIGNATURE_SCHEME = 15
+    PEER_SIGNATURE_SCHEME = 16
 
 
 class ServiceFormatError(ValueError):
@@ -638,6 +642,10 @@ def _encode_session(session: Session, chain: Iterable[bytes]) -> bytes:
         attrs.append((SessionAttr.PEER_RECORD_SIZE_LIMIT, u32(session.peer_record_size_limit)))
     if session.record_size_limit is not None:
         attrs.append((SessionAttr.RECORD_SIZE_LIMIT, u32(session.record_size_limit)))
+    if session.signature_scheme:
+        attrs.append((SessionAttr.SIGNATURE_SCHEME, string(session.signature_scheme)))
+    if session.peer_signature_scheme:
+        attrs.append((SessionAttr.PEER_SIGNATURE_SCHEME, string(session.peer_signature_scheme)))
     return encode_attrs(attrs)
 
 
@@ -719,6 +727,11 @@ def _decode_session(payload: bytes) -> Session:
         peer=peer,
         group=(as_string(values[SessionAttr.GROUP], "group")
                if SessionAttr.GROUP in values else None),
+        signature_scheme=(as_string(values[SessionAttr.SIGNATURE_SCHEME], "signature scheme")
+                          if SessionAttr.SIGNATURE_SCHEME in values else None),
+        peer_signature_scheme=(
+            as_string(values[SessionAttr.PEER_SIGNATURE_SCHEME], "peer signature scheme")
+            if SessionAttr.PEER_SIGNATURE_SCHEME in values else None),
         client_generation=num(SessionAttr.CLIENT_GENERATION, 4),
         server_generation=num(SessionAttr.SERVER_GENERATION, 4),
         peer_record_size_limit=record_size_limit(SessionAttr.PEER_RECORD_SIZE_LIMIT),

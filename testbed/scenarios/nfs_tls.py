@@ -32,24 +32,27 @@ DATA_BYTES = 4 * 1024 * 1024
 
 
 def make_pki(
-    sc: Scenario, pki: Path = PKI, server_ips: tuple[str, ...] = ("127.0.0.1",)
+    sc: Scenario, pki: Path = PKI, server_ips: tuple[str, ...] = ("127.0.0.1",),
+    key_args: tuple[str, ...] = (),
+    label: str = "",
 ) -> dict[str, Path]:
-    """CA + server cert (SAN IP:127.0.0.1, or ``server_ips``) + client cert, EC P-256, via
-    the openssl CLI, in ``pki``."""
+    """CA + server cert (SAN IP:127.0.0.1, or ``server_ips``) + client cert, EC P-256 (or
+    ``openssl req`` ``key_args``, e.g. ``-newkey ML-DSA-65 -nodes``), via the openssl CLI, in
+    ``pki``. ``label`` is appended to the three common names (two PKIs side by side)."""
     pki.mkdir(exist_ok=True)
     san = ",".join(f"IP:{ip}" for ip in server_ips)
     p = {n: pki / n for n in ("ca.key", "ca.pem", "srv.key", "srv.pem", "cli.key", "cli.pem")}
     if p["cli.pem"].exists():
         return p
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    ec = list(key_args) or ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
     sc.sh(["openssl", "req", "-x509", *ec, "-keyout", str(p["ca.key"]), "-out", str(p["ca.pem"]),
-           "-days", "2", "-subj", "/CN=ktlsd testbed CA",
+           "-days", "2", "-subj", f"/CN=ktlsd testbed CA{label}",
            "-addext", "basicConstraints=critical,CA:TRUE",
            "-addext", "keyUsage=critical,keyCertSign"])  # fmt: skip
     for who, cn, eku in (("srv", "127.0.0.1", "serverAuth"), ("cli", "ktlsd-client", "clientAuth")):
         csr = pki / f"{who}.csr"
         sc.sh(["openssl", "req", "-new", *ec, "-keyout", str(p[f"{who}.key"]), "-out", str(csr),
-               "-subj", f"/CN={cn}"])  # fmt: skip
+               "-subj", f"/CN={cn}{label}"])  # fmt: skip
         ext = pki / f"{who}.ext"
         ext.write_text(f"subjectAltName={san}\nextendedKeyUsage={eku}\n")
         sc.sh(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(p["ca.pem"]),

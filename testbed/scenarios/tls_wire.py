@@ -38,6 +38,14 @@ BINDER_HASH = {32: "SHA-256", 48: "SHA-384"}
 NVME_PSK_HASH = {"01": "SHA-256", "02": "SHA-384"}
 EXT_PRE_SHARED_KEY = 41
 EXT_SUPPORTED_VERSIONS = 43
+EXT_KEY_SHARE = 51
+#: Key exchange groups by code point (IANA TLS Supported Groups), as OpenSSL names them.
+GROUPS = {
+    0x0017: "secp256r1", 0x0018: "secp384r1", 0x0019: "secp521r1", 0x001D: "x25519",
+    0x001E: "x448", 0x11EB: "SecP256r1MLKEM768", 0x11EC: "X25519MLKEM768",
+    0x11ED: "SecP384r1MLKEM1024", 0x0200: "MLKEM512", 0x0201: "MLKEM768", 0x0202: "MLKEM1024",
+}
+X25519MLKEM768 = 0x11EC
 #: ServerHello.random of a HelloRetryRequest (RFC 8446 4.1.3).
 HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
 ETH_P_IP = 0x0800
@@ -135,6 +143,8 @@ class ClientHello:
     psk_identities: tuple[str, ...]
     binder_lengths: tuple[int, ...]
     tls13: bool
+    #: The groups of the key_share extension's entries, in order (code points).
+    key_share_groups: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,8 @@ class ServerHello:
     selected_identity: int | None
     hello_retry: bool
     tls13: bool
+    #: The group of the server's key_share (a HelloRetryRequest names the group it wants).
+    key_share_group: int | None = None
 
 
 def parse_client_hello(stream: bytes) -> ClientHello:
@@ -171,7 +183,13 @@ def parse_client_hello(stream: bytes) -> ClientHello:
             raise WireError(f"pre_shared_key: {len(identities)} identities, {len(binders)} binders")
     versions = ext.get(EXT_SUPPORTED_VERSIONS, b"")
     tls13 = b"\x03\x04" in [versions[i : i + 2] for i in range(1, len(versions), 2)]
-    return ClientHello(suites, tuple(identities), tuple(binders), tls13)
+    shares: list[int] = []
+    if EXT_KEY_SHARE in ext:
+        entries = _Reader(_Reader(ext[EXT_KEY_SHARE], "key_share").vec(2), "KeyShareEntry list")
+        while not entries.done():
+            shares.append(entries.u16())
+            entries.vec(2)  # key_exchange
+    return ClientHello(suites, tuple(identities), tuple(binders), tls13, tuple(shares))
 
 
 def parse_server_hello(stream: bytes) -> ServerHello:
@@ -189,7 +207,9 @@ def parse_server_hello(stream: bytes) -> ServerHello:
     if EXT_PRE_SHARED_KEY in ext and len(ext[EXT_PRE_SHARED_KEY]) == 2:
         selected = int(struct.unpack("!H", ext[EXT_PRE_SHARED_KEY])[0])
     tls13 = ext.get(EXT_SUPPORTED_VERSIONS) == b"\x03\x04"
-    return ServerHello(suite, selected, random == HRR_RANDOM, tls13)
+    share = ext.get(EXT_KEY_SHARE)
+    group = int(struct.unpack("!H", share[:2])[0]) if share and len(share) >= 2 else None
+    return ServerHello(suite, selected, random == HRR_RANDOM, tls13, group)
 
 
 @dataclass
@@ -414,3 +434,45 @@ def packet_socket(ifname: str, make: object = None) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.bind((ifname, ETH_P_ALL))
     return sock
+
+
+# -- pcap files (tcpdump -w) -------------------------------------------------------------------
+
+_PCAP_LINK_HEADER = {1: 14, 113: 16, 228: 0, 101: 0}  # Ethernet, Linux cooked, raw IPv4, raw
+
+
+def pcap_ipv4_packets(data: bytes) -> list[bytes]:
+    """The IPv4 packets of a classic pcap file (what ``tcpdump -w`` writes), link-layer
+    header removed: Ethernet (``lo`` on Linux), Linux cooked capture (``-i any``) or raw IP.
+    Raises :class:`WireError` for other formats and truncated files."""
+    if len(data) < 24:
+        raise WireError("pcap: shorter than its file header")
+    magic = data[:4]
+    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
+        endian = "<"
+    elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
+        endian = ">"
+    else:
+        raise WireError(f"pcap: unknown magic {magic.hex()} (pcapng is not read here)")
+    linktype = int(struct.unpack(endian + "I", data[20:24])[0]) & 0x0FFFFFFF
+    if linktype not in _PCAP_LINK_HEADER:
+        raise WireError(f"pcap: link type {linktype} not supported")
+    skip = _PCAP_LINK_HEADER[linktype]
+    packets: list[bytes] = []
+    pos = 24
+    while pos < len(data):
+        if pos + 16 > len(data):
+            raise WireError(f"pcap: truncated record header at byte {pos}")
+        captured = int(struct.unpack(endian + "I", data[pos + 8 : pos + 12])[0])
+        frame = data[pos + 16 : pos + 16 + captured]
+        if len(frame) != captured:
+            raise WireError(f"pcap: truncated packet at byte {pos}")
+        pos += 16 + captured
+        ethertype = b"\x08\x00"
+        if linktype == 1:
+            ethertype = frame[12:14]
+        elif linktype == 113:
+            ethertype = frame[14:16]
+        if ethertype == b"\x08\x00" and len(frame) > skip:
+            packets.append(frame[skip:])
+    return packets

@@ -285,3 +285,20 @@ def test_fleet_newtlshd_nfs_both_directions(scenario, mode: str) -> None:
     for cid, case in cases.items():
         assert case["outcome"] == "pass" and case["bytes_verified"] == 2 * 4 * MIB, cid
         assert str(case["suite"]).startswith("TLS_"), cid
+
+
+def test_pq_mldsa_nfs_mtls_and_openssl_peers(scenario) -> None:
+    """Issue 14 item 2: ML-DSA-65 chains chosen by the peer's signature_algorithms and
+    X25519MLKEM768, in NFS mtls between ktlsd ends (log and capture) and against openssl."""
+    rec = scenario("pq-mldsa")
+    figures = assert_passed(rec)
+    assert figures["bytes_verified"] == 2 * 4 * MIB
+    assert figures["agent_successful_handshakes_logged"] >= 4
+    assert figures["hellos_captured"] >= 2
+    checks = {c["check"]: c["ok"] for c in rec["checks"]}  # type: ignore[union-attr]
+    for needle in ("group=X25519MLKEM768", "0x11EC", "s_server with ML-DSA chain only",
+                   "s_server with classic chain only", "-client_sigalgs mldsa65",
+                   "-client_sigalgs ecdsa_secp256r1_sha256", "s_client -sigalgs mldsa65",
+                   "s_client -sigalgs ecdsa_secp256r1_sha256"):
+        matching = [ok for name, ok in checks.items() if needle in name]
+        assert matching and all(matching), f"no passing check mentions {needle!r}"
