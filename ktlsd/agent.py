@@ -58,6 +58,7 @@ from ktlsd.request import (
     UpcallSource,
 )
 from ktlsd.session_store import KERNEL_OWNER, SessionStore
+from ktlsd.session_tags import TagConfig, load_tags_directory, log_tag_config, reload_tags
 from ktlsd.settings import AgentSettings
 from ktlsd.tls.session import Role, Session
 
@@ -244,8 +245,11 @@ class Agent:
         *,
         store: SessionStore | None = None,
         runner: HandshakeRunner | None = None,
+        tags: TagConfig | None = None,
     ) -> None:
         self.settings = settings
+        # TLS session tags (tags.d): read now, again on reload; matched per server x509 DONE.
+        self.tags = tags if tags is not None else load_tags_directory(settings.tags_directory)
         self.sources = list(sources)
         # Where handshakes run: here (None), or in worker processes (ktlsd.workers).
         self.runner = runner
@@ -290,6 +294,8 @@ class Agent:
         for source in self.sources:
             if isinstance(source, ConfigurableSource):
                 source.configure(settings)
+        self.tags = reload_tags(self.tags, settings.tags_directory)
+        log_tag_config(self.tags, reloaded=True)
         if self._own_store:
             # New sessions get the new lifetime; kept ones at their next key update.
             self.store.configure(lifetime=settings.session_lifetime,
@@ -305,11 +311,25 @@ class Agent:
 
     async def run(self) -> None:
         """Consume every source until all of them end (after :meth:`stop`)."""
+        self._announce_tags()
         self._consumers = [asyncio.create_task(self._consume(s)) for s in self.sources]
         try:
             await asyncio.gather(*self._consumers, return_exceptions=True)
         finally:
             await self._drain()
+
+    def _announce_tags(self) -> None:
+        """Once at start: the tag files read, and whether every source can take the tags
+        (a kernel whose DONE declares no tag attribute cannot: sources say so with
+        ``accepts_session_tags``)."""
+        log_tag_config(self.tags)
+        if not self.tags.tags:
+            return
+        for source in self.sources:
+            if getattr(source, "accepts_session_tags", True) is False:
+                log.warning("session tags: %d defined, but the %s source cannot carry them "
+                            "(its DONE declares no tag attribute): not sent to its consumers",
+                            len(self.tags.tags), source.name)
 
     async def stop(self) -> None:
         """Stop taking requests; requests in flight finish within their own timeouts."""
@@ -431,6 +451,7 @@ class Agent:
                 remote_auth=_remote_auth(pending, session),
                 session_id=session_id,
                 session=_delivered(pending, session),
+                tags=_session_tags(self.tags, request, session),
             ),
             session,
         )
@@ -514,6 +535,8 @@ class Agent:
             f"auth={_auth_name(request.auth_mode)} identity={_field(identity)} suite={suite} "
             f"duration={duration * 1000:.1f}ms status={answer.status} ({status})"
         )
+        if answer.tags:
+            line += f" tags={_field(','.join(answer.tags))}"
         if answer.status:
             log.warning("%s reason=%s", line, _field(answer.reason or "-"))
         else:
@@ -544,6 +567,17 @@ def _field(value: str) -> str:
         else:
             out.append(char.encode("unicode_escape").decode("ascii"))
     return '"' + "".join(out) + '"'
+
+
+def _session_tags(tags: TagConfig, request: HandshakeRequest, session: Session) -> tuple[str, ...]:
+    """The session tags the peer earned: evaluated, as tlshd 1.4 does, only when we are the
+    TLS server of an x509 handshake, on the peer's leaf certificate (a client that sent none
+    earns only tags made of ``not`` filters, or of no filters)."""
+    if (request.message_type is not MessageType.SERVERHELLO
+            or request.auth_mode is not AuthMode.X509):
+        return ()
+    chain = session.peer.certificate_chain
+    return tags.match(chain[0] if chain else None)
 
 
 def _owner(pending: PendingRequest) -> int:

@@ -49,6 +49,7 @@ from ktlsd.settings import (
     DEFAULT_SERVICE_PATH,
     DEFAULT_SESSION_LIFETIME,
     DEFAULT_SUBMIT_TIMEOUT_MS,
+    DEFAULT_TAGS_DIRECTORY,
     DEFAULT_TIMEOUT_MS,
     DEFAULT_UID_MAX_CONNECTIONS,
     DEFAULT_UID_MAX_IN_FLIGHT,
@@ -256,7 +257,8 @@ class AgentConfig:
     = none, handshakes run in the agent's process; read at start only),
     ``log_level``, ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them),
     ``legacy_psk_sha384`` ("refuse"/"accept"/"offer": SHA-384 PSKs bound to SHA-256 the way
-    tlshd 1.0 does them; see docs/configuration.md).
+    tlshd 1.0 does them; see docs/configuration.md), ``tags_directory`` (TLS session tag
+    files; tlshd reads the fixed /etc/tlshd/tags.d and has no key for it).
     """
 
     path: str | None = None
@@ -289,6 +291,7 @@ class AgentConfig:
     groups: str | None = None
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
     workers: int = DEFAULT_WORKERS
+    tags_directory: str = DEFAULT_TAGS_DIRECTORY
 
     @property
     def effective_log_level(self) -> str:
@@ -333,6 +336,7 @@ class AgentConfig:
                 uid_max_pending=self.uid_max_pending,
                 uid_max_in_flight=self.uid_max_in_flight,
             ),
+            tags_directory=self.tags_directory,
         )
 
 
@@ -363,7 +367,7 @@ _KTLSD_KEYS = (
     "keep_kernel_sessions", "max_kept_sessions", "uid_max_kept_sessions",
     "max_consumer_timeout_ms", "submit_timeout_ms", "service_max_connections",
     "uid_max_connections", "uid_max_pending", "uid_max_in_flight", "max_file_bytes",
-    "workers",
+    "workers", "tags_directory",
 )
 _KTLSD_INTEGERS: dict[str, tuple[int, int | None]] = {
     # key: (minimum, maximum or None); the defaults are AgentConfig's (from ktlsd.settings)
@@ -602,6 +606,7 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
                          lambda t: _legacy_mode(t)),
             defaults.legacy_psk_sha384),
         workers=pick(reader.typed(k, "workers", parse_workers), defaults.workers),
+        tags_directory=reader.string(k, "tags_directory") or defaults.tags_directory,
     )
     numbers: dict[str, Any] = {}
     for key, (minimum, maximum) in _KTLSD_INTEGERS.items():
