@@ -294,8 +294,9 @@ class Agent:
         for source in self.sources:
             if isinstance(source, ConfigurableSource):
                 source.configure(settings)
-        self.tags = reload_tags(self.tags, settings.tags_directory)
-        log_tag_config(self.tags, reloaded=True)
+        previous_tags, self.tags = self.tags, reload_tags(self.tags, settings.tags_directory)
+        if self.tags is not previous_tags:  # kept: reload_tags said why
+            log_tag_config(self.tags, reloaded=True)
         if self._own_store:
             # New sessions get the new lifetime; kept ones at their next key update.
             self.store.configure(lifetime=settings.session_lifetime,

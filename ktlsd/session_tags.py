@@ -295,11 +295,13 @@ class YamlEvent:
 
 
 class _Rejected(Exception):
-    """The tag file's reading stops here (tlshd's PS_FAILURE / PS_UNEXPECTED_INPUT_TOKEN)."""
+    """The tag file's reading stops here (tlshd's PS_FAILURE / PS_UNEXPECTED_INPUT_TOKEN).
+    ``line``: where the definition at fault starts, when not at the current event."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, line: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.line = line
 
 
 def _check_name(name: str, what: str) -> None:
@@ -341,7 +343,7 @@ class TagFileReader:
                 if self._state == "stop":
                     return
         except _Rejected as exc:
-            self.problems.append(TagProblem(path, line, exc.message))
+            self.problems.append(TagProblem(path, exc.line or line, exc.message))
         except TagFileSyntaxError as exc:
             self.problems.append(TagProblem(path, exc.line, f"YAML: {exc.message}"))
         finally:
@@ -415,30 +417,30 @@ class TagFileReader:
     def _filter_done(self, event: YamlEvent) -> str:
         spec, self._filter = self._filter, None
         assert spec is not None
-        name, kind, pattern = spec["name"], spec["type"], spec["pattern"]
+        name, kind, pattern, line = spec["name"], spec["type"], spec["pattern"], spec["line"]
         purposes: set[str] = spec["purposes"]
         if kind is None:
-            raise _Rejected(f"filter {name!r} has no type")
+            raise _Rejected(f"filter {name!r} has no type", line)
         threshold = None
         if kind.takes_pattern or kind.takes_time:
             if pattern is None:
-                raise _Rejected(f"filter {name!r} is missing a pattern")
+                raise _Rejected(f"filter {name!r} is missing a pattern", line)
             if kind.takes_time:
                 threshold = parse_tlshd_time(pattern)
                 if threshold is None:
                     raise _Rejected(f"filter {name!r}: cannot parse time {pattern!r} "
-                                    "(YYYY-MM-DD HH:MM:SS)")
+                                    "(YYYY-MM-DD HH:MM:SS)", line)
             if purposes:
                 self._note(spec["line"], f"filter {name!r}: key usage purpose is extraneous")
         elif kind is FilterType.KEY_USAGE:
             if not purposes:
-                raise _Rejected(f"filter {name!r} is missing a key usage purpose")
+                raise _Rejected(f"filter {name!r} is missing a key usage purpose", line)
             if pattern is not None:
                 self._note(spec["line"], f"filter {name!r}: pattern is extraneous")
         existing = self.filters.get(name)
         if existing is not None:
             raise _Rejected(f"duplicate filter name {name!r} (defined in {existing.path} and "
-                            f"{self._path})")
+                            f"{self._path})", line)
         self.filters[name] = TagFilter(name=name, type=kind, path=self._path, pattern=pattern,
                                        purposes=frozenset(purposes), threshold=threshold)
         return "filter"
@@ -446,7 +448,7 @@ class TagFileReader:
     # -- tags
     def _tag_create(self, event: YamlEvent) -> str:
         _check_name(event.value, "tag")
-        self._tag = {"name": event.value, "filters": [], "inverted": []}
+        self._tag = {"name": event.value, "line": event.line, "filters": [], "inverted": []}
         return "tag_keys"
 
     def _tag_key(self, event: YamlEvent) -> str:
@@ -469,7 +471,7 @@ class TagFileReader:
         spec, self._tag = self._tag, None
         assert spec is not None
         if spec["name"] in self.tags:
-            raise _Rejected(f"duplicate tag name {spec['name']!r}")
+            raise _Rejected(f"duplicate tag name {spec['name']!r}", spec["line"])
         self.tags[spec["name"]] = SessionTag(
             name=spec["name"], path=self._path, filters=tuple(spec["filters"]),
             inverted=tuple(spec["inverted"]),

@@ -695,3 +695,15 @@ def test_tags_only_for_the_server_side_of_x509(tmp_path: Path) -> None:
     ):
         request = HandshakeRequest(sockfd=3, message_type=message_type, auth_mode=auth)
         assert _session_tags(tags, request, session) == expected, (message_type, auth)
+
+
+def test_a_block_style_definition_is_reported_at_its_own_line(tmp_path: Path) -> None:
+    tags = tags_from(tmp_path, t_yml=(
+        "filters:\n"
+        "  ok:\n    type: x509.tbs.subject\n    pattern: a\n"
+        "  untyped:\n    pattern: b\n"
+        "  later:\n    type: x509.tbs.subject\n    pattern: c\n"))
+    assert list(tags.filters) == ["ok"]
+    [problem] = tags.problems
+    assert str(problem).endswith("t.yml:5: filter 'untyped' has no type; the rest of the file "
+                                 "is ignored")
