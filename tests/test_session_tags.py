@@ -707,3 +707,23 @@ def test_a_block_style_definition_is_reported_at_its_own_line(tmp_path: Path) ->
     [problem] = tags.problems
     assert str(problem).endswith("t.yml:5: filter 'untyped' has no type; the rest of the file "
                                  "is ignored")
+
+
+def test_ktlsd_run_reads_the_tags_at_start_and_again_on_sighup(tmp_path: Path) -> None:
+    import signal
+
+    from tests.agent_helpers import AgentProcess
+
+    tags = tags_from(tmp_path, example_yml=MAN_PAGE_EXAMPLE,
+                     broken_yml="tags:\n  x: {filter: [nowhere]}\n")
+    work = tmp_path / "agent"
+    work.mkdir()
+    with AgentProcess(work, f"[ktlsd]\ntags_directory = {tags.directory}\n") as agent:
+        agent.wait_for(r"broken\.yml:2: tag 'x' names undefined filter 'nowhere'; the rest of "
+                       r"the file is ignored")
+        agent.wait_for(r"session tags: 1 tags, 3 filters from 2 files in .* \(ror-mu-chapter\)")
+        Path(tags.directory, "broken.yml").write_text("tags:\n  everyone: {}\n")
+        agent.signal(signal.SIGHUP)
+        agent.wait_for(r"session tags reloaded: 2 tags, 3 filters from 2 files in .*"
+                       r"\(everyone, ror-mu-chapter\)")
+        assert agent.stop() == 0
