@@ -58,6 +58,7 @@ from ktlsd.request import (
     UpcallSource,
 )
 from ktlsd.session_store import KERNEL_OWNER, SessionStore
+from ktlsd.session_tags import TagConfig, load_tags_directory, log_tag_config, reload_tags
 from ktlsd.settings import AgentSettings
 from ktlsd.status import STOPPING, RequestCounters, outcome_of
 from ktlsd.tls.session import Role, Session
@@ -247,8 +248,11 @@ class Agent:
         store: SessionStore | None = None,
         runner: HandshakeRunner | None = None,
         counters: RequestCounters | None = None,
+        tags: TagConfig | None = None,
     ) -> None:
         self.settings = settings
+        # TLS session tags (tags.d): read now, again on reload; matched per server x509 DONE.
+        self.tags = tags if tags is not None else load_tags_directory(settings.tags_directory)
         self.sources = list(sources)
         # Where handshakes run: here (None), or in worker processes (ktlsd.workers).
         self.runner = runner
@@ -295,6 +299,9 @@ class Agent:
         for source in self.sources:
             if isinstance(source, ConfigurableSource):
                 source.configure(settings)
+        previous_tags, self.tags = self.tags, reload_tags(self.tags, settings.tags_directory)
+        if self.tags is not previous_tags:  # kept: reload_tags said why
+            log_tag_config(self.tags, reloaded=True)
         if self._own_store:
             # New sessions get the new lifetime; kept ones at their next key update.
             self.store.configure(lifetime=settings.session_lifetime,
@@ -310,11 +317,25 @@ class Agent:
 
     async def run(self) -> None:
         """Consume every source until all of them end (after :meth:`stop`)."""
+        self._announce_tags()
         self._consumers = [asyncio.create_task(self._consume(s)) for s in self.sources]
         try:
             await asyncio.gather(*self._consumers, return_exceptions=True)
         finally:
             await self._drain()
+
+    def _announce_tags(self) -> None:
+        """Once at start: the tag files read, and whether every source can take the tags
+        (a kernel whose DONE declares no tag attribute cannot: sources say so with
+        ``accepts_session_tags``)."""
+        log_tag_config(self.tags)
+        if not self.tags.tags:
+            return
+        for source in self.sources:
+            if getattr(source, "accepts_session_tags", True) is False:
+                log.warning("session tags: %d defined, but the %s source cannot carry them "
+                            "(its DONE declares no tag attribute): not sent to its consumers",
+                            len(self.tags.tags), source.name)
 
     async def stop(self) -> None:
         """Stop taking requests; requests in flight finish within their own timeouts."""
@@ -443,6 +464,7 @@ class Agent:
                 remote_auth=_remote_auth(pending, session),
                 session_id=session_id,
                 session=_delivered(pending, session),
+                tags=_session_tags(self.tags, request, session),
             ),
             session,
         )
@@ -527,6 +549,8 @@ class Agent:
             f"{_negotiated(session)}"
             f"duration={duration * 1000:.1f}ms status={answer.status} ({status})"
         )
+        if answer.tags:
+            line += f" tags={_field(','.join(answer.tags))}"
         if answer.status:
             log.warning("%s reason=%s", line, _field(answer.reason or "-"))
         else:
@@ -568,6 +592,17 @@ def _field(value: str) -> str:
         else:
             out.append(char.encode("unicode_escape").decode("ascii"))
     return '"' + "".join(out) + '"'
+
+
+def _session_tags(tags: TagConfig, request: HandshakeRequest, session: Session) -> tuple[str, ...]:
+    """The session tags the peer earned: evaluated, as tlshd 1.4 does, only when we are the
+    TLS server of an x509 handshake, on the peer's leaf certificate (a client that sent none
+    earns only tags made of ``not`` filters, or of no filters)."""
+    if (request.message_type is not MessageType.SERVERHELLO
+            or request.auth_mode is not AuthMode.X509):
+        return ()
+    chain = session.peer.certificate_chain
+    return tags.match(chain[0] if chain else None)
 
 
 def _owner(pending: PendingRequest) -> int:

@@ -23,7 +23,7 @@ the legacy ``/etc/tlshd.conf`` when it exists, then ``/etc/tlshd/config``; else 
 Errors: a line that is not a comment, group or ``key=value``, a key before any group, bad
 UTF-8, a bad escape or a bad value in ``[ktlsd]`` raise :class:`ConfigError`, whose message
 is one line: ``<file>:<line>: <what is wrong>``. Unknown groups and keys are warned about and
-ignored (tlshd's configuration keeps growing: ``[tags]``, ...). ``x509.pq.certificate`` /
+ignored (tlshd's configuration keeps growing). ``x509.pq.certificate`` /
 ``x509.pq.private_key`` (an ML-DSA chain) are read here and used where the system OpenSSL has
 ML-DSA (:mod:`ktlsd.material`; the agent warns at start where it has not).
 
@@ -59,6 +59,7 @@ from ktlsd.settings import (
     DEFAULT_SERVICE_PATH,
     DEFAULT_SESSION_LIFETIME,
     DEFAULT_SUBMIT_TIMEOUT_MS,
+    DEFAULT_TAGS_DIRECTORY,
     DEFAULT_TIMEOUT_MS,
     DEFAULT_UID_MAX_CONNECTIONS,
     DEFAULT_UID_MAX_IN_FLIGHT,
@@ -269,7 +270,8 @@ class AgentConfig:
     ``log_level``, ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them),
     ``legacy_psk_sha384`` ("refuse"/"accept"/"offer": SHA-384 PSKs bound to SHA-256 the way
     tlshd 1.0 does them; see docs/configuration.md), ``record_size_limit`` (the RFC 8449
-    limit the agent advertises: the largest record it takes, 64..16385).
+    limit the agent advertises: the largest record it takes, 64..16385), ``tags_directory``
+    (TLS session tag files; tlshd reads the fixed /etc/tlshd/tags.d and has no key for it).
     """
 
     path: str | None = None
@@ -303,6 +305,7 @@ class AgentConfig:
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
     workers: int = DEFAULT_WORKERS
     record_size_limit: int = DEFAULT_RECORD_SIZE_LIMIT
+    tags_directory: str = DEFAULT_TAGS_DIRECTORY
 
     @property
     def effective_log_level(self) -> str:
@@ -350,6 +353,7 @@ class AgentConfig:
                 uid_max_pending=self.uid_max_pending,
                 uid_max_in_flight=self.uid_max_in_flight,
             ),
+            tags_directory=self.tags_directory,
         )
 
 
@@ -426,7 +430,6 @@ _TLSHD_KEYS: dict[str, dict[str, str]] = {}
 for _row in TLSHD_KEYS:
     _TLSHD_KEYS.setdefault(_row.group, {})[_row.key] = _row.kind
 _TLSHD_KEY_ROWS = {(row.group, row.key): row for row in TLSHD_KEYS}
-_TLSHD_GROUPS_IGNORED = ("tags",)  # tlshd features ktlsd does not implement (yet)
 
 _KTLSD_KEYS = (
     "service_socket", "service_mode", "service_group", "kernel", "max_concurrent",
@@ -435,7 +438,7 @@ _KTLSD_KEYS = (
     "keep_kernel_sessions", "max_kept_sessions", "uid_max_kept_sessions",
     "max_consumer_timeout_ms", "submit_timeout_ms", "service_max_connections",
     "uid_max_connections", "uid_max_pending", "uid_max_in_flight", "max_file_bytes",
-    "workers", "record_size_limit",
+    "workers", "record_size_limit", "tags_directory",
 )
 _KTLSD_INTEGERS: dict[str, tuple[int, int | None]] = {
     # key: (minimum, maximum or None); the defaults are AgentConfig's (from ktlsd.settings)
@@ -601,10 +604,6 @@ class _Reader:
                 known: Sequence[str] = _KTLSD_KEYS
             elif group in _TLSHD_KEYS:
                 known = tuple(_TLSHD_KEYS[group])
-            elif group in _TLSHD_GROUPS_IGNORED:
-                log.info("%s:%d: [%s] is a tlshd feature ktlsd ignores",
-                         self.keyfile.path, line, group)
-                continue
             else:
                 log.warning("%s:%d: unknown group [%s] ignored", self.keyfile.path, line, group)
                 continue
@@ -704,6 +703,7 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
                          lambda t: _legacy_mode(t)),
             defaults.legacy_psk_sha384),
         workers=pick(reader.typed(k, "workers", parse_workers), defaults.workers),
+        tags_directory=reader.string(k, "tags_directory") or defaults.tags_directory,
     )
     numbers: dict[str, Any] = {}
     for key, (minimum, maximum) in _KTLSD_INTEGERS.items():

@@ -161,6 +161,7 @@ class HandshakeDone:
     ``session`` is returned only to user-space consumers that run the user-space record
     layer themselves (it carries traffic secrets); it is never sent to the kernel.
     ``reason`` is a one-line, secret-free explanation of a failure for the consumer's logs.
+    ``tags`` are the TLS session tags the peer earned (:mod:`ktlsd.session_tags`; success only).
     """
 
     status: int
@@ -170,6 +171,7 @@ class HandshakeDone:
     session: Session | None = None
     reason: str = ""
     extra: dict[str, object] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

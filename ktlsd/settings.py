@@ -83,6 +83,10 @@ and 10,000 keys of root's key quota (docs/service.md, "Limits")."""
 DEFAULT_UID_MAX_KEPT_SESSIONS = 256
 """Kept session states of one consumer uid (``[ktlsd] uid_max_kept_sessions``)."""
 
+DEFAULT_TAGS_DIRECTORY = "/etc/tlshd/tags.d"
+"""Where TLS session tag files are read (tlshd 1.4's fixed path; ``[ktlsd] tags_directory``;
+docs/configuration.md, "Session tags")."""
+
 WORKERS_AUTO = -1
 MAX_WORKERS = 256
 DEFAULT_WORKERS = 1
@@ -161,7 +165,8 @@ class AgentSettings:
     ``uid_max_kept_sessions`` per consumer uid and ``max_kept_sessions`` in all.
     ``default_timeout_ms`` applies to requests that carry no timeout; a service consumer's
     timeout is clamped to ``max_consumer_timeout_ms``. ``service_limits`` bound each uid's
-    share of the handshake service.
+    share of the handshake service. ``tags_directory`` holds the TLS session tag files
+    (:mod:`ktlsd.session_tags`), read at start and on reload.
     """
 
     client_x509: X509Files = field(default_factory=X509Files)
@@ -180,6 +185,7 @@ class AgentSettings:
     max_kept_sessions: int = DEFAULT_MAX_KEPT_SESSIONS
     uid_max_kept_sessions: int = DEFAULT_UID_MAX_KEPT_SESSIONS
     service_limits: ServiceLimits = field(default_factory=ServiceLimits)
+    tags_directory: str = DEFAULT_TAGS_DIRECTORY
 
     @property
     def concurrency(self) -> int:

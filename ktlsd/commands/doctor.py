@@ -12,6 +12,10 @@ modules loaded later is INFO when absent, so ``--strict`` passes on such a host:
 attribute 4 is either the KeyUpdate session id or a TLS session tag (two kernel series use
 the same attribute number, so one of them is always absent), and the consumers' keyrings
 (``.nvme``, ``.nfs``, ``.nfsd``) appear only when their modules are loaded.
+
+Session tags (tls-session-tags(7)): the tag files read from ``tags_directory``, one line per
+problem in them (MISSING when it drops the rest of a file, as tlshd does), one INFO line per
+tag defined, and whether the running kernel's DONE takes tags (INFO when it does not).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import ctypes
 import enum
 import importlib
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -234,6 +239,56 @@ def check_config(path: str | None = None) -> list[Check]:
     return [_ok("configuration", config.path)]
 
 
+def check_session_tags(config_path: str | None = None,
+                       caps: KernelCapabilities | None = None) -> list[Check]:
+    """The TLS session tag files read (the configuration's ``tags_directory``), each problem
+    in them, each tag defined, and whether tags reach the kernel (its DONE policy)."""
+    from ktlsd.config import ConfigError, load_config
+    from ktlsd.session_tags import load_tags_directory
+    from ktlsd.settings import DEFAULT_TAGS_DIRECTORY
+
+    try:
+        directory = load_config(config_path).tags_directory
+    except ConfigError:
+        directory = DEFAULT_TAGS_DIRECTORY
+    tags = load_tags_directory(directory)
+    checks: list[Check] = []
+    if tags.note:
+        absent = not tags.listed and not os.path.lexists(directory)
+        checks.append((_info if absent else _missing)("session tags", tags.note))
+    elif not tags.files:
+        checks.append(_info("session tags", f"no tag files (*.yml, *.yaml) in {directory}"))
+    else:
+        files = ", ".join(os.path.basename(f) for f in tags.files)
+        checks.append(_ok("session tags", f"{tags.summary()}; read {files}"))
+    for problem in tags.problems:
+        checks.append((_missing if problem.rest_ignored else _info)("tag file", str(problem)))
+    for tag in tags.tags.values():
+        terms = [*tag.filters, *(f"not {f}" for f in tag.inverted)]
+        detail = " and ".join(
+            f"{t} ({tags.filters[t.removeprefix('not ')].describe()})" for t in terms
+        ) or "no filters: every server x509 session"
+        checks.append(_info(f"tag {tag.name}", f"{detail} [{os.path.basename(tag.path)}]"))
+    checks.append(_tags_to_kernel(caps))
+    return checks
+
+
+def _tags_to_kernel(caps: KernelCapabilities | None) -> Check:
+    """Whether DONE can carry tags on this kernel (INFO when not: it depends on the build)."""
+    name = "session tags to kernel"
+    if caps is None:
+        from ktlsd.upcall.kernel import KernelSourceError, probe_kernel_policy
+
+        try:
+            caps = probe_kernel_policy()
+        except (KernelSourceError, OSError) as exc:
+            return _info(name, f"not sent: {exc}")
+    line = caps.session_tags_line()
+    if caps.done_tags:
+        return _ok(name, line)
+    return _info(name, line + "; service consumers still get them")
+
+
 CHECKS: tuple[Callable[[], list[Check]], ...] = (
     check_kernel,
     check_ktls,
@@ -247,7 +302,9 @@ CHECKS: tuple[Callable[[], list[Check]], ...] = (
 def run_checks(config_path: str | None = None) -> list[Check]:
     """Run every check; an unexpected failure in one becomes its MISSING line."""
     results: list[Check] = []
-    checks: tuple[Callable[[], list[Check]], ...] = (*CHECKS, lambda: check_config(config_path))
+    checks: tuple[Callable[[], list[Check]], ...] = (
+        *CHECKS, lambda: check_config(config_path), lambda: check_session_tags(config_path),
+    )
     for check in checks:
         try:
             results.extend(check())

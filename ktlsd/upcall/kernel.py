@@ -25,7 +25,8 @@ What the running kernel accepts in DONE is learned from the control family's per
 policy dump (``CTRL_CMD_GETPOLICY``), never from the kernel version: a kernel with strict
 validation rejects a DONE carrying an attribute its policy does not declare, and DONE
 attribute 4 means ``session-id`` (u32, proposed KeyUpdate series) on some trees and ``tag``
-(a string, nfsd tree) on others. The ACCEPT *reply* attributes (peername, keyring,
+(a string, nfsd tree; TLS session tags, sent when declared: one attribute per tag) on
+others. The ACCEPT *reply* attributes (peername, keyring,
 key-update-request, session-id) are not part of any input policy -- the kernel only
 declares what it *receives* -- so the source simply parses whatever arrives and records
 which reply attributes it has seen (:attr:`KernelSource.seen_reply_attrs`).
@@ -120,6 +121,23 @@ class KernelCapabilities:
     @property
     def done_attributes(self) -> DoneAttributes:
         return DoneAttributes(attr4=self.done_attr4)
+
+    @property
+    def done_tags(self) -> bool:
+        """DONE takes TLS session tags: attribute 4 declared as a string (the nfsd tree's
+        ``HANDSHAKE_A_DONE_TAG``, what tlshd 1.4 probes for)."""
+        return self.done_attributes.tag
+
+    def session_tags_line(self) -> str:
+        """Whether session tags reach this kernel, with the evidence (one line, for the
+        start-up log and ``ktlsd doctor``)."""
+        if not self.policy_known:
+            return "session tags are not sent: the DONE policy could not be dumped"
+        if self.done_tags:
+            return "session tags are sent in DONE (attribute 4 is a string: tag)"
+        names = {1: "status", 2: "sockfd", 3: "remote-auth", 4: self.done_attr4.value}
+        done = ", ".join(names.get(a, f"attr {a}") for a in sorted(self.done_attrs))
+        return f"session tags are not sent: DONE declares no tag attribute (DONE accepts: {done})"
 
     @property
     def done_remote_auth(self) -> bool:
@@ -284,6 +302,11 @@ class KernelSource:
 
     name = "kernel"
 
+    @property
+    def accepts_session_tags(self) -> bool:
+        """Whether DONE can carry TLS session tags on this kernel (the policy probe)."""
+        return self.capabilities.done_tags
+
     def __init__(
         self,
         requests_channel: NetlinkChannel,
@@ -337,6 +360,7 @@ class KernelSource:
             raise
         for line in capabilities.describe():
             log.info("handshake family: %s", line)
+        log.info("handshake family: %s", capabilities.session_tags_line())
         return cls(requests_channel, notify_channel, capabilities, handler_class)
 
     # -- READY ------------------------------------------------------------------------------
@@ -456,6 +480,8 @@ class KernelSource:
             remote_auth=answer.remote_auth if answer.status == 0 and caps.done_remote_auth
             else (),
             session=None,
+            # Tags only in a successful DONE and only where attribute 4 is the tag string.
+            tags=answer.tags if answer.status == 0 and caps.done_tags else (),
         )
         try:
             await self._requests.transact(

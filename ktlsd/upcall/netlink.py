@@ -11,7 +11,10 @@ kernel transport lives in :mod:`ktlsd.upcall.kernel` (generic netlink itself in
 DONE attribute 4 is claimed twice: ``session-id`` (u32, KeyUpdate series) and ``tag``
 (string, "TLS session tags" in the nfsd tree). :class:`DoneAttributes` records which one
 the running kernel means, learned from the policy dump's attribute *type*; a DONE never
-carries an attribute the kernel did not declare.
+carries an attribute the kernel did not declare. Where it is ``tag``
+(``Documentation/netlink/specs/handshake.yaml`` in the nfsd tree: ``type: string``,
+``multi-attr: true``; ``NLA_STRING`` in its genl.c; tlshd 1.4's ``HANDSHAKE_A_DONE_TAG`` = 4),
+a successful DONE carries one attribute per session tag (:mod:`ktlsd.session_tags`).
 """
 
 from __future__ import annotations
@@ -100,6 +103,11 @@ class DoneAttributes:
     @property
     def session_id(self) -> bool:
         return self.attr4 is DoneAttr4.SESSION_ID
+
+    @property
+    def tag(self) -> bool:
+        """DONE takes TLS session tags (attribute 4, a NUL-terminated string, repeated)."""
+        return self.attr4 is DoneAttr4.TAG
 
 
 # --- READY -------------------------------------------------------------------------------
@@ -256,6 +264,9 @@ def encode_done(done: HandshakeDone, accepted: DoneAttributes = DoneAttributes()
     attrs.extend((DoneAttr.REMOTE_AUTH, u32(s)) for s in done.remote_auth[:MAX_REMOTE_AUTH])
     if done.session_id and accepted.session_id:
         attrs.append((DoneAttr.SESSION_ID_OR_TAG, u32(done.session_id)))
+    if done.status == 0 and accepted.tag:
+        # One attribute per tag, as tlshd's nla_put_string (the kernel nla_strdup()s each).
+        attrs.extend((DoneAttr.SESSION_ID_OR_TAG, string(tag)) for tag in done.tags)
     return encode_attrs(attrs)
 
 
@@ -265,6 +276,7 @@ def decode_done(attrs: bytes, accepted: DoneAttributes = DoneAttributes()) -> Ha
     sockfd = -1
     remote_auth: list[int] = []
     session_id = 0
+    tags: list[str] = []
     extra: dict[str, object] = {}
     for attr_type, payload in decode_attrs(attrs):
         if attr_type == DoneAttr.STATUS:
@@ -276,6 +288,7 @@ def decode_done(attrs: bytes, accepted: DoneAttributes = DoneAttributes()) -> Ha
         elif attr_type == DoneAttr.SESSION_ID_OR_TAG:
             if accepted.attr4 is DoneAttr4.TAG:
                 extra["tag"] = as_string(payload, "tag")
+                tags.append(as_string(payload, "tag"))
             else:
                 session_id = as_u32(payload, "session-id")
     if status is None:
@@ -286,4 +299,5 @@ def decode_done(attrs: bytes, accepted: DoneAttributes = DoneAttributes()) -> Ha
         remote_auth=tuple(remote_auth[:MAX_REMOTE_AUTH]),
         session_id=session_id,
         extra=extra,
+        tags=tuple(tags),
     )

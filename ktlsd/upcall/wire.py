@@ -132,6 +132,11 @@ meaning session-id, without sockfd, plus :class:`DoneExtAttr`:
                             limit (u32), 15 our signature scheme, 16 the peer's
                             (strings, IANA names as OpenSSL spells them: mldsa65,
                             ed25519)
+102  TAG                    string, repeated, only when status = 0: a TLS session tag
+                            the peer earned (tls-session-tags(7): the agent's
+                            tags_directory, evaluated for server x509 handshakes on the
+                            peer's leaf certificate); 1..255 characters of
+                            ``[A-Za-z0-9_-]``; order has no meaning
 ===  =====================  ======================================================
 
 SESSION's attributes 1..4 are required (role 0 or 1, a known suite, secrets of its hash
@@ -340,6 +345,7 @@ class DoneExtAttr(enum.IntEnum):
 
     REASON = 100
     SESSION = 101
+    TAG = 102
 
 
 class SessionAttr(enum.IntEnum):
@@ -600,6 +606,8 @@ def encode_done_message(done: HandshakeDone, *, seq: int = 0) -> bytes:
     )
     reason = " ".join(done.reason.split())[:MAX_REASON_LENGTH]
     tail = encode_attr(DoneExtAttr.REASON, string(reason)) if reason else b""
+    if done.status == 0:
+        tail += encode_attrs((DoneExtAttr.TAG, string(tag)) for tag in done.tags)
     head = kernel + tail
     if done.status == 0 and done.session is not None:
         chain = list(done.session.peer.certificate_chain)
@@ -661,6 +669,8 @@ def decode_done_message(data: bytes) -> tuple[int, HandshakeDone]:
                 done.reason = as_string(payload, "reason")
             elif attr_type == DoneExtAttr.SESSION:
                 done.session = _decode_session(payload)
+            elif attr_type == DoneExtAttr.TAG:
+                done.tags += (as_string(payload, "tag"),)
     except NetlinkFormatError as exc:
         raise ServiceFormatError(f"bad DONE attribute: {exc}") from None
     if done.status == 0 and done.session is None:
