@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from ktlsd.log_output import NOTICE
+from ktlsd.pkcs11_uri import is_pkcs11_uri, parse_pkcs11_uri
 from ktlsd.settings import (
     DEFAULT_LEGACY_PSK_SHA384,
     DEFAULT_MAX_CONSUMER_TIMEOUT_MS,
@@ -256,7 +257,8 @@ class AgentConfig:
     = none, handshakes run in the agent's process; read at start only),
     ``log_level``, ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them),
     ``legacy_psk_sha384`` ("refuse"/"accept"/"offer": SHA-384 PSKs bound to SHA-256 the way
-    tlshd 1.0 does them; see docs/configuration.md).
+    tlshd 1.0 does them; see docs/configuration.md), ``pkcs11_module`` (the PKCS#11 module
+    for ``x509.private_key = pkcs11:...`` URIs; None: the library's default, p11-kit's proxy).
     """
 
     path: str | None = None
@@ -289,6 +291,7 @@ class AgentConfig:
     groups: str | None = None
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
     workers: int = DEFAULT_WORKERS
+    pkcs11_module: str | None = None
 
     @property
     def effective_log_level(self) -> str:
@@ -308,7 +311,8 @@ class AgentConfig:
         def files(x: X509Settings) -> X509Files:
             return X509Files(truststore=x.truststore, crl=x.crl, certificate=x.certificate,
                              private_key=x.private_key,
-                             require_client_cert=bool(x.client_auth))
+                             require_client_cert=bool(x.client_auth),
+                             pkcs11_module=self.pkcs11_module)
 
         return AgentSettings(
             client_x509=files(self.client),
@@ -363,7 +367,7 @@ _KTLSD_KEYS = (
     "keep_kernel_sessions", "max_kept_sessions", "uid_max_kept_sessions",
     "max_consumer_timeout_ms", "submit_timeout_ms", "service_max_connections",
     "uid_max_connections", "uid_max_pending", "uid_max_in_flight", "max_file_bytes",
-    "workers",
+    "workers", "pkcs11_module",
 )
 _KTLSD_INTEGERS: dict[str, tuple[int, int | None]] = {
     # key: (minimum, maximum or None); the defaults are AgentConfig's (from ktlsd.settings)
@@ -479,6 +483,25 @@ class _Reader:
                         self.keyfile.path, entry.line, group, key, value)
         return value
 
+    def private_key(self, group: str, key: str) -> str | None:
+        """A key file (:meth:`path`) or a ``pkcs11:`` URI (RFC 7512; checked here, loaded when a
+        handshake needs it: :mod:`ktlsd.hardware_key`)."""
+        value = self.string(group, key)
+        if not is_pkcs11_uri(value):
+            return self.path(group, key)
+        assert value is not None
+        entry = self.get(group, key)
+        assert entry is not None
+        try:
+            uri = parse_pkcs11_uri(value)
+        except ValueError as exc:
+            raise ConfigError(self.keyfile.path, entry.line, f"[{group}] {key}: {exc}") from None
+        if uri.pin_value is not None and _others_may_read(self.keyfile.path):
+            log.warning("%s:%d: [%s] %s: pin-value in a file others can read; use "
+                        "pin-source=file:<a file only root reads> instead",
+                        self.keyfile.path, entry.line, group, key)
+        return value
+
     def tlshd_int(self, group: str, key: str) -> int | None:
         """tlshd's integers, read as g_key_file_get_integer() reads them; failing counts as 0."""
         entry = self.get(group, key)
@@ -542,7 +565,7 @@ def _x509(reader: _Reader, group: str) -> X509Settings:
         client_auth = reader.typed(group, "x509.client_auth", _bool)
         sans = reader.strings(group, "x509.client_allowed_sans") or ()
     certificate = reader.path(group, "x509.certificate")
-    private_key = reader.path(group, "x509.private_key")
+    private_key = reader.private_key(group, "x509.private_key")
     return X509Settings(
         truststore=reader.path(group, "x509.truststore"),
         crl=reader.path(group, "x509.crl"),
@@ -602,6 +625,7 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
                          lambda t: _legacy_mode(t)),
             defaults.legacy_psk_sha384),
         workers=pick(reader.typed(k, "workers", parse_workers), defaults.workers),
+        pkcs11_module=reader.typed(k, "pkcs11_module", _module_path),
     )
     numbers: dict[str, Any] = {}
     for key, (minimum, maximum) in _KTLSD_INTEGERS.items():
@@ -611,6 +635,23 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
     config = replace(config, **numbers)
     _check_pairs(keyfile, config)
     return config
+
+
+def _module_path(text: str) -> str | None:
+    """``[ktlsd] pkcs11_module``: an absolute path (empty: the library's default)."""
+    value = text.strip()
+    if not value:
+        return None
+    if not os.path.isabs(value):
+        raise ValueError(f"{value!r} is not an absolute path")
+    return value
+
+
+def _others_may_read(path: str) -> bool:
+    try:
+        return bool(os.stat(path).st_mode & 0o004)
+    except OSError:
+        return False
 
 
 def _group(text: str | None) -> str | int | None:
