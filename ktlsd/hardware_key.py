@@ -35,6 +35,7 @@ one-line reason says which: ``the token refused the PIN``, ``no such private key
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 import threading
@@ -56,6 +57,7 @@ __all__ = [
 ]
 
 MAX_PIN_FILE_BYTES = 256
+log = logging.getLogger("ktlsd.hardware_key")
 
 
 def _missing(uri: object, reason: str) -> HandshakeError:
@@ -191,6 +193,8 @@ def token_key(
                 entries[cache_key] = _RefusedPin(exc)
             raise
         entries[cache_key] = key
+        log.info("pkcs11 key %s loaded through the pkcs11 %s (module %s)", uri, key.backend,
+                 module or "p11-kit proxy")
         return key
 
 

@@ -52,6 +52,7 @@ DEFAULT_SCENARIOS: tuple[str, ...] = (
     "fleet-nfs",
     "fleet-newtlshd",
     "fleet-newtlshd-nfs",
+    "nfs-pkcs11",
 )
 
 
