@@ -3,7 +3,7 @@ a PKCS#11 token: SoftHSM2 in the guest, used by ktlsd through OpenSSL 3.5's pkcs
 
 Proves: two EC P-256 keys generated inside a SoftHSM2 token with pkcs11-tool (sensitive, never
 extractable: checked in the token's own listing), certificates for them signed by the test CA
-of ``nfs_tls.make_pki`` (CSRs made by ``openssl req`` through the provider), and ktlsd
+of ``nfs_tls.make_pki`` (public keys as the token exports them), and ktlsd
 configured with ``x509.private_key = pkcs11:...?pin-source=file:...`` for both roles and
 ``[ktlsd] pkcs11_module``. The kernel NFS client mounts a TLS-only ``xprtsec=mtls`` export
 from 127.0.0.1 through ktlsd's upcalls (both handshakes sign with the token), 4 MiB read back
@@ -52,8 +52,9 @@ def key_in_token(sc: Scenario, module: str, label: str) -> None:
     and never extractable (the token's own listing says so)."""
     base = ["pkcs11-tool", "--module", module, "--token-label", TOKEN, "--login",
             "--pin", PIN]  # fmt: skip
+    key_id = f"{sum(label.encode()) % 250 + 1:02x}"  # distinct per label: keys pair by CKA_ID
     sc.sh([*base, "--keypairgen", "--key-type", "EC:prime256v1", "--label", label,
-           "--usage-sign"])  # fmt: skip
+           "--id", key_id, "--usage-sign"])  # fmt: skip
     listing = sc.sh([*base, "--list-objects", "--type", "privkey", "--label", label]).stdout
     access = next((ln for ln in listing.splitlines() if "Access:" in ln), "")
     flags = {f.strip() for f in access.split(":", 1)[-1].split(",")}
@@ -68,17 +69,54 @@ def token_uri(label: str, pin_file: Path | None = None, pin: str | None = None) 
     return f"{uri}?pin-value={pin}" if pin is not None else uri
 
 
-def certify(sc: Scenario, ca: dict[str, Path], label: str, cn: str, ext: str) -> Path:
-    """A certificate for the token key ``label``: a CSR made through the pkcs11 provider,
-    signed by the test CA."""
-    csr, cert, extfile = PKI / f"{label}.csr", PKI / f"{label}.pem", PKI / f"{label}.ext"
-    sc.sh(["openssl", "req", "-new", "-provider", "pkcs11", "-provider", "default",
-           "-key", token_uri(label, pin=PIN), "-subj", f"/CN={cn}", "-out", str(csr)])  # fmt: skip
-    extfile.write_text(ext)
-    sc.sh(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca["ca.pem"]),
-           "-CAkey", str(ca["ca.key"]), "-CAcreateserial", "-days", "2",
-           "-extfile", str(extfile), "-out", str(cert)])  # fmt: skip
-    return cert
+def certify(sc: Scenario, module: str, ca: dict[str, Path], label: str, cn: str,
+            server: bool) -> Path:
+    """A certificate for the token key ``label``, signed by the test CA: the public key as
+    the token exports it (pkcs11-tool), the certificate made with python3-cryptography."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    pub = PKI / f"{label}.pub.der"
+    sc.sh(["pkcs11-tool", "--module", module, "--token-label", TOKEN, "--read-object",
+           "--type", "pubkey", "--label", label, "-o", str(pub)])  # fmt: skip
+    ca_key = serialization.load_pem_private_key(ca["ca.key"].read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca["ca.pem"].read_bytes())
+    now = datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 - the guest's Python too
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(serialization.load_der_public_key(pub.read_bytes()))  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    path = PKI / f"{label}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def openssl_cli_through_the_provider(sc: Scenario, label: str) -> None:
+    """For the record (not a check): whether the openssl CLI signs through pkcs11-provider
+    here (a CSR), with stdin closed so a prompt cannot hang it."""
+    try:
+        res = sc.sh(["openssl", "req", "-new", "-provider", "pkcs11", "-provider", "default",
+                     "-key", token_uri(label, pin=PIN), "-subj", "/CN=cli-check",
+                     "-out", str(PKI / "cli-check.csr")],
+                    check=False, timeout=30, input="\n")  # fmt: skip
+        outcome = f"exit {res.returncode}"
+    except Exception as exc:  # a hang (TimeoutExpired) is the finding
+        outcome = type(exc).__name__
+    sc.figure("openssl_cli_provider_csr", outcome)
 
 
 def main() -> None:
@@ -87,10 +125,8 @@ def main() -> None:
         ca = make_pki(sc, PKI)
         for label in ("nfs-client", "nfs-server"):
             key_in_token(sc, module, label)
-        cli = certify(sc, ca, "nfs-client", "ktlsd-client",
-                      "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=clientAuth\n")
-        srv = certify(sc, ca, "nfs-server", "127.0.0.1",
-                      "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+        cli = certify(sc, module, ca, "nfs-client", "ktlsd-client", server=False)
+        srv = certify(sc, module, ca, "nfs-server", "127.0.0.1", server=True)
         pin_file = HSM / "user.pin"
         pin_file.write_text(PIN + "\n")
         pin_file.chmod(0o600)
@@ -107,7 +143,7 @@ def main() -> None:
             ktlsd={"pkcs11_module": module},
         )
         check = sc.sh([sys.executable, "-m", "ktlsd", "run", "--check", "--config", str(conf)],
-                      check=False)
+                      check=False, timeout=45, input="\n")
         sc.check(check.returncode == 0, "ktlsd run --check loads both token keys")
         handle = start_agent(sc, "ktlsd", conf, "nfs-pkcs11")
         sc.figure("bytes_verified", mount_and_check(sc, "mtls", export, "pkcs11-mtls"))
@@ -133,6 +169,7 @@ def main() -> None:
             sc.figure(f"connect_error_{words.split()[-1]}", lines[-1] if lines else "")
             sc.check(res.returncode == 1 and len(lines) == 1 and words in lines[0],
                      f"ktlsd connect: {words}: one line, exit 1")
+        openssl_cli_through_the_provider(sc, "nfs-client")
 
 
 if __name__ == "__main__":
