@@ -340,6 +340,8 @@ async def _client_to_s_server(token: Token, sock_path: str) -> tuple[int, str, s
         with sock:
             done = await submit(sock, role="client", auth="x509", peername="localhost",
                                 service_path=sock_path, timeout=10)
+            if done.status == 0:  # s_server prints the client's subject after the handshake
+                await asyncio.to_thread(peer.wait_for, "tls-client")
         return done.status, done.reason, peer.output()
 
 

@@ -951,6 +951,7 @@ class SslConnection:
 # Nothing here ever prompts: the PIN is handed over by the caller, or there is none.
 
 OSSL_PARAM_UTF8_STRING = 4
+OSSL_STORE_INFO_PUBKEY = 3
 OSSL_STORE_INFO_PKEY = 4
 
 
@@ -989,6 +990,7 @@ OSSL_STORE_error = _bind(_crypto, "OSSL_STORE_error", c_int, c_void_p)
 OSSL_STORE_close = _bind(_crypto, "OSSL_STORE_close", c_int, c_void_p)
 OSSL_STORE_INFO_get_type = _bind(_crypto, "OSSL_STORE_INFO_get_type", c_int, c_void_p)
 OSSL_STORE_INFO_get1_PKEY = _bind(_crypto, "OSSL_STORE_INFO_get1_PKEY", c_void_p, c_void_p)
+OSSL_STORE_INFO_get1_PUBKEY = _bind(_crypto, "OSSL_STORE_INFO_get1_PUBKEY", c_void_p, c_void_p)
 OSSL_STORE_INFO_free = _bind(_crypto, "OSSL_STORE_INFO_free", None, c_void_p)
 OSSL_PROVIDER_try_load_ex = _bind_optional(
     _crypto, "OSSL_PROVIDER_try_load_ex", c_void_p, c_void_p, c_char_p, POINTER(OsslParam), c_int
@@ -1184,40 +1186,64 @@ def load_token_key(uri: str, pin: bytes | None, module: str | None) -> TokenKey:
         ctypes.memset(pin_buf, 0, len(pin_buf))
 
 
+def _store_first(uri: str, expect: int, ui: int | None, ui_data: int | None) -> int:
+    """The first object of type ``expect`` that OSSL_STORE finds at ``uri`` (a new
+    ``EVP_PKEY*`` for PKEY/PUBKEY), or 0."""
+    store = OSSL_STORE_open_ex(uri.encode(), None, None, ui, ui_data, None, None, None)
+    if not store:
+        return 0
+    found = 0
+    try:
+        OSSL_STORE_expect(store, expect)
+        while not found and not OSSL_STORE_eof(store):
+            info = OSSL_STORE_load(store)
+            if not info:
+                if OSSL_STORE_error(store):
+                    break
+                continue
+            try:
+                if OSSL_STORE_INFO_get_type(info) == expect:
+                    found = (OSSL_STORE_INFO_get1_PKEY(info) if expect == OSSL_STORE_INFO_PKEY
+                             else OSSL_STORE_INFO_get1_PUBKEY(info)) or 0
+            finally:
+                OSSL_STORE_INFO_free(info)
+    finally:
+        OSSL_STORE_close(store)
+    return int(found)
+
+
+def _public_twin(uri: str) -> str:
+    """``uri`` naming the public key of the same object (``type=public``)."""
+    path, sep, query = uri[len("pkcs11:"):].partition("?")
+    attrs = [a for a in path.split(";") if a and not a.lower().startswith("type=")]
+    return "pkcs11:" + ";".join([*attrs, "type=public"]) + sep + query
+
+
 def _store_load(uri: str, pin_buf: ctypes.Array[ctypes.c_char] | None) -> int:
     ui = UI_UTIL_wrap_read_pem_callback(_PIN_CB, 0)
     if not ui:
         raise TokenKeyError("other", "UI_UTIL_wrap_read_pem_callback", _token_errors())
     ERR_clear_error()
     try:
-        store = OSSL_STORE_open_ex(uri.encode(), None, None, ui,
-                                   ctypes.addressof(pin_buf) if pin_buf else None,
-                                   None, None, None)
-        if not store:
-            reasons = _token_errors()
-            raise TokenKeyError(_classify(reasons), "cannot open the token", reasons)
-        pkey = 0
-        try:
-            OSSL_STORE_expect(store, OSSL_STORE_INFO_PKEY)
-            while not pkey and not OSSL_STORE_eof(store):
-                info = OSSL_STORE_load(store)
-                if not info:
-                    if OSSL_STORE_error(store):
-                        break
-                    continue
-                try:
-                    if OSSL_STORE_INFO_get_type(info) == OSSL_STORE_INFO_PKEY:
-                        pkey = OSSL_STORE_INFO_get1_PKEY(info) or 0
-                finally:
-                    OSSL_STORE_INFO_free(info)
-        finally:
-            OSSL_STORE_close(store)
+        pkey = _store_first(uri, OSSL_STORE_INFO_PKEY, ui,
+                            ctypes.addressof(pin_buf) if pin_buf else None)
         reasons = _token_errors()
-        if not pkey:
-            kind = _classify(reasons)
-            raise TokenKeyError(kind if kind != "other" else "not_found",
-                                "no private key loaded", reasons or ["no such private key"])
-        return int(pkey)
+        if pkey:
+            return pkey
+        kind = _classify(reasons)
+        if kind == "other" or not reasons:
+            kind = "not_found"
+            # OSSL_STORE drops the provider's login errors: a refused PIN looks like a missing
+            # key. The public half is visible without a login; if it is there, the private
+            # key was hidden by a failed login.
+            if pin_buf is not None:
+                twin = _store_first(_public_twin(uri), OSSL_STORE_INFO_PUBKEY, None, None)
+                drain_errors()
+                if twin:
+                    EVP_PKEY_free(twin)
+                    kind = "pin"
+                    reasons = ["no private key after logging in, but its public key is there"]
+        raise TokenKeyError(kind, "no private key loaded", reasons or ["no such private key"])
     finally:
         UI_destroy_method(ui)
 
