@@ -118,7 +118,9 @@ def _load(uri: Pkcs11Uri, module: str | None, timeout: float) -> ossl.TokenKey:
         if exc.kind == "pin":
             reason = f"the token refused the PIN ({detail})"
         elif exc.kind == "not_found":
-            reason = f"no such private key ({detail})"
+            reason = "no such private key"
+            if detail and detail != reason:
+                reason += f" ({detail})"
             if pin is None:
                 reason += " (no PIN given: a private key may need pin-source or pin-value)"
         elif exc.kind in ("module", "unsupported"):

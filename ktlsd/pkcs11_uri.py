@@ -105,7 +105,8 @@ def parse_pkcs11_uri(text: str) -> Pkcs11Uri:
                 continue
             name, equals, value = item.partition("=")
             if not equals or not name:
-                raise ValueError(f"attribute {redact(item)[:40]!r} is not name=value")
+                # Not echoed: a mistyped PIN attribute would put the PIN in the message.
+                raise ValueError("an attribute is not name=value")
             found.append((name.strip().lower(), value.strip()))
         return found
 
