@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from ktlsd.log_output import NOTICE
-from ktlsd.pkcs11_uri import is_pkcs11_uri, parse_pkcs11_uri
+from ktlsd.pkcs11_uri import is_pkcs11_uri, parse_pkcs11_uri, redact
 from ktlsd.settings import (
     DEFAULT_LEGACY_PSK_SHA384,
     DEFAULT_MAX_CONSUMER_TIMEOUT_MS,
@@ -231,6 +231,12 @@ class X509Settings:
     pq_private_key: str | None = None
     client_auth: bool | None = None  # server only: require a client certificate
     client_allowed_sans: tuple[str, ...] = ()  # server only
+
+    def __repr__(self) -> str:  # a pkcs11: private key may carry a pin-value
+        shown = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        if shown["private_key"]:
+            shown["private_key"] = redact(shown["private_key"])
+        return "X509Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
 @dataclass(frozen=True)

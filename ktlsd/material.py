@@ -264,8 +264,6 @@ class _Reads:
         """How long a read may wait for room (the reads of one uid are capped)."""
         return max(0.0, self.deadline - time.monotonic())
 
-    remaining = _remaining
-
     def consumer_file(self, path: str, what: str) -> bytes:
         return self.consumer.read_file(
             path, what, max_bytes=self.max_bytes, timeout=self._remaining()
@@ -356,7 +354,7 @@ def _token_credentials(
     configuration (``files``; a reload loads it again): :mod:`ktlsd.hardware_key`."""
     cert_data = reads.agent_file(cert_file, "certificate file")
     key = hardware_key.token_key(
-        uri, files.pkcs11_module, owner=files, timeout=reads.remaining()
+        uri, files.pkcs11_module, owner=files, timeout=reads._remaining()
     )
     return X509Credentials.from_pem_and_token_key(
         cert_data, key, cert_name=cert_file, key_name=redact(uri)

@@ -225,6 +225,9 @@ def test_config_refuses_a_module_path_in_the_uri_and_reads_pkcs11_module(tmp_pat
     good = ("[authenticate.server]\nx509.certificate=/c.pem\n"
             "x509.private_key=pkcs11:token=t;object=k?pin-source=/etc/pin\n"
             "[ktlsd]\npkcs11_module=/usr/lib/softhsm/libsofthsm2.so\n")
+    loaded = config_from_keyfile(parse_key_file(good.replace(
+        "pin-source=/etc/pin", "pin-value=97531"), "t.conf"))
+    assert "97531" not in repr(loaded) and "97531" not in repr(loaded.agent_settings())
     settings = config_from_keyfile(parse_key_file(good, "t.conf")).agent_settings()
     assert settings.server_x509.private_key == "pkcs11:token=t;object=k?pin-source=/etc/pin"
     assert settings.server_x509.pkcs11_module == "/usr/lib/softhsm/libsofthsm2.so"
