@@ -146,6 +146,9 @@ def _psk(spec: PskSpec) -> InlinePsk:
 
 def _path(value: PathLike | None) -> str | None:
     # The agent runs elsewhere (another cwd): relative names would resolve against its cwd.
+    # A pkcs11: URI goes as it is, for the agent to refuse it with a clear reason.
+    if isinstance(value, str) and value[:7].lower() == "pkcs11:":
+        return value
     return os.path.abspath(os.fspath(value)) if value is not None else None
 
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from ktlsd.log_output import NOTICE
+from ktlsd.pkcs11_uri import is_pkcs11_uri, parse_pkcs11_uri, redact
 from ktlsd.settings import (
     DEFAULT_LEGACY_PSK_SHA384,
     DEFAULT_MAX_CONSUMER_TIMEOUT_MS,
@@ -244,6 +245,12 @@ class X509Settings:
     client_auth: bool | None = None  # server only: require a client certificate
     client_allowed_sans: tuple[str, ...] = ()  # server only
 
+    def __repr__(self) -> str:  # a pkcs11: private key may carry a pin-value
+        shown = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        if shown["private_key"]:
+            shown["private_key"] = redact(shown["private_key"])
+        return "X509Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -271,7 +278,9 @@ class AgentConfig:
     ``legacy_psk_sha384`` ("refuse"/"accept"/"offer": SHA-384 PSKs bound to SHA-256 the way
     tlshd 1.0 does them; see docs/configuration.md), ``record_size_limit`` (the RFC 8449
     limit the agent advertises: the largest record it takes, 64..16385), ``tags_directory``
-    (TLS session tag files; tlshd reads the fixed /etc/tlshd/tags.d and has no key for it).
+    (TLS session tag files; tlshd reads the fixed /etc/tlshd/tags.d and has no key for it),
+    ``pkcs11_module`` (the PKCS#11 module for ``x509.private_key = pkcs11:...`` URIs; None:
+    the library's default, p11-kit's proxy).
     """
 
     path: str | None = None
@@ -306,6 +315,7 @@ class AgentConfig:
     workers: int = DEFAULT_WORKERS
     record_size_limit: int = DEFAULT_RECORD_SIZE_LIMIT
     tags_directory: str = DEFAULT_TAGS_DIRECTORY
+    pkcs11_module: str | None = None
 
     @property
     def effective_log_level(self) -> str:
@@ -327,7 +337,8 @@ class AgentConfig:
                              private_key=x.private_key,
                              require_client_cert=bool(x.client_auth),
                              pq_certificate=x.pq_certificate,
-                             pq_private_key=x.pq_private_key)
+                             pq_private_key=x.pq_private_key,
+                             pkcs11_module=self.pkcs11_module)
 
         return AgentSettings(
             client_x509=files(self.client),
@@ -438,7 +449,7 @@ _KTLSD_KEYS = (
     "keep_kernel_sessions", "max_kept_sessions", "uid_max_kept_sessions",
     "max_consumer_timeout_ms", "submit_timeout_ms", "service_max_connections",
     "uid_max_connections", "uid_max_pending", "uid_max_in_flight", "max_file_bytes",
-    "workers", "record_size_limit", "tags_directory",
+    "workers", "record_size_limit", "tags_directory", "pkcs11_module",
 )
 _KTLSD_INTEGERS: dict[str, tuple[int, int | None]] = {
     # key: (minimum, maximum or None); the defaults are AgentConfig's (from ktlsd.settings)
@@ -564,6 +575,25 @@ class _Reader:
                         self.keyfile.path, entry.line, group, key, value)
         return value
 
+    def private_key(self, group: str, key: str) -> str | None:
+        """A key file (:meth:`path`) or a ``pkcs11:`` URI (RFC 7512; checked here, loaded when a
+        handshake needs it: :mod:`ktlsd.hardware_key`)."""
+        value = self.string(group, key)
+        if not is_pkcs11_uri(value):
+            return self.path(group, key)
+        assert value is not None
+        entry = self.get(group, key)
+        assert entry is not None
+        try:
+            uri = parse_pkcs11_uri(value)
+        except ValueError as exc:
+            raise ConfigError(self.keyfile.path, entry.line, f"[{group}] {key}: {exc}") from None
+        if uri.pin_value is not None and _others_may_read(self.keyfile.path):
+            log.warning("%s:%d: [%s] %s: pin-value in a file others can read; use "
+                        "pin-source=file:<a file only root reads> instead",
+                        self.keyfile.path, entry.line, group, key)
+        return value
+
     def tlshd_int(self, group: str, key: str) -> int | None:
         """tlshd's integers, read as g_key_file_get_integer() reads them; failing counts as 0."""
         entry = self.get(group, key)
@@ -643,7 +673,7 @@ def _x509(reader: _Reader, group: str) -> X509Settings:
         client_auth = reader.typed(group, "x509.client_auth", _bool)
         sans = reader.strings(group, "x509.client_allowed_sans") or ()
     certificate = reader.path(group, "x509.certificate")
-    private_key = reader.path(group, "x509.private_key")
+    private_key = reader.private_key(group, "x509.private_key")
     return X509Settings(
         truststore=reader.path(group, "x509.truststore"),
         crl=reader.path(group, "x509.crl"),
@@ -704,6 +734,7 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
             defaults.legacy_psk_sha384),
         workers=pick(reader.typed(k, "workers", parse_workers), defaults.workers),
         tags_directory=reader.string(k, "tags_directory") or defaults.tags_directory,
+        pkcs11_module=reader.typed(k, "pkcs11_module", _module_path),
     )
     numbers: dict[str, Any] = {}
     for key, (minimum, maximum) in _KTLSD_INTEGERS.items():
@@ -713,6 +744,23 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
     config = replace(config, **numbers)
     _check_pairs(keyfile, config)
     return config
+
+
+def _module_path(text: str) -> str | None:
+    """``[ktlsd] pkcs11_module``: an absolute path (empty: the library's default)."""
+    value = text.strip()
+    if not value:
+        return None
+    if not os.path.isabs(value):
+        raise ValueError(f"{value!r} is not an absolute path")
+    return value
+
+
+def _others_may_read(path: str) -> bool:
+    try:
+        return bool(os.stat(path).st_mode & 0o004)
+    except OSError:
+        return False
 
 
 def _group(text: str | None) -> str | int | None:

@@ -37,6 +37,7 @@ from ktlsd.files import (
     read_file,
 )
 from ktlsd.settings import DEFAULT_MAX_FILE_BYTES
+from ktlsd.tls._openssl import OpenSSLError, TokenKey
 
 __all__ = ["X509Credentials", "read_crl", "read_truststore", "split_der_sequence"]
 
@@ -87,15 +88,16 @@ def _public_bytes(key: object) -> bytes:
 
 @dataclass(frozen=True)
 class X509Credentials:
-    """Our certificate chain (DER, leaf first) and the leaf's private key (PKCS#8 DER).
+    """Our certificate chain (DER, leaf first) and the leaf's private key (PKCS#8 DER, or a
+    :class:`~ktlsd.tls._openssl.TokenKey` that stays in its PKCS#11 token).
 
-    Build it with :meth:`from_pem`, :meth:`from_pem_files` or :meth:`from_der`; all check that
-    the key belongs to the leaf certificate, so a mismatch is reported before any peer is
-    contacted.
+    Build it with :meth:`from_pem`, :meth:`from_pem_files`, :meth:`from_der` or
+    :meth:`from_pem_and_token_key`; all check that the key belongs to the leaf certificate, so
+    a mismatch is reported before any peer is contacted.
     """
 
     chain: tuple[bytes, ...]
-    private_key: bytes = field(repr=False)
+    private_key: bytes | TokenKey = field(repr=False)
 
     def __post_init__(self) -> None:
         if not self.chain:
@@ -160,6 +162,30 @@ class X509Credentials:
             raise _missing("private key blob is not an unencrypted DER private key") from None
         chain = tuple(c.public_bytes(serialization.Encoding.DER) for c in certs)
         return cls._checked(chain, key, "DER material")
+
+    @classmethod
+    def from_pem_and_token_key(
+        cls, cert_data: bytes, key: TokenKey, *, cert_name: str, key_name: str
+    ) -> X509Credentials:
+        """PEM certificates (leaf first) and a key held by a PKCS#11 token (see
+        :mod:`ktlsd.hardware_key`); ``key_name`` is the URI with any PIN redacted."""
+        try:
+            certs = x509.load_pem_x509_certificates(cert_data)
+        except _PARSE_ERRORS:
+            raise _missing(f"no PEM certificate in {cert_name}") from None
+        chain = tuple(c.public_bytes(serialization.Encoding.DER) for c in certs)
+        where = f"{cert_name} / {key_name}"
+        try:
+            leaf_key = _public_bytes(certs[0].public_key())
+        except _PARSE_ERRORS as exc:
+            raise _missing(f"{where}: unusable public key in the certificate ({exc})") from None
+        try:
+            token_public = key.public_key_der()
+        except OpenSSLError as exc:
+            raise _missing(f"{where}: {exc}") from None
+        if leaf_key != token_public:
+            raise _missing(f"{where}: private key does not match the certificate")
+        return cls(chain=chain, private_key=key)
 
     @classmethod
     def _checked(cls, chain: tuple[bytes, ...], key: object, where: str) -> X509Credentials:

@@ -383,7 +383,11 @@ def check_config(config: AgentConfig) -> int:
     """``ktlsd run --check``: what ``run`` would be refused for, beyond the file itself."""
     import sys
 
+    from ktlsd.hardware_key import configured_key_problems
+
+    settings = config.agent_settings()
     problems = service_socket_problems(config)
+    problems += configured_key_problems(settings.client_x509, settings.server_x509)
     for problem in problems:
         print(f"ktlsd: {problem}", file=sys.stderr)
     if problems:

@@ -28,6 +28,10 @@ Keyring conventions (the kernel's and nvme-cli's):
   among the ``psk`` keys in the keyrings it possesses (its session keyring, where the agent
   links ``.nvme``, ``.nfs``, ``.nfsd`` and the configured keyrings);
 * certificates and private keys passed by serial hold DER.
+
+A configured ``x509.private_key`` may be a ``pkcs11:`` URI: a key that stays in a PKCS#11 token
+(:mod:`ktlsd.hardware_key`). Only the agent's configuration may name one; a service consumer
+that names one (as its key or certificate file) gets ``INVALID_REQUEST`` (EINVAL).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ktlsd import keyring
+from ktlsd import hardware_key, keyring
 from ktlsd.credentials import X509Credentials, read_truststore
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.files import (
@@ -54,6 +58,7 @@ from ktlsd.files import (
     FileAccess,
     read_file,
 )
+from ktlsd.pkcs11_uri import is_pkcs11_uri, redact
 from ktlsd.request import (
     AuthMode,
     ConsumerCredentials,
@@ -330,9 +335,20 @@ def _x509_credentials(
     if inline.certificate_file or inline.private_key_file or not consumer.privileged:
         cert_file, key_file = inline.certificate_file, inline.private_key_file
         read = reads.consumer_file
+        if is_pkcs11_uri(key_file) or is_pkcs11_uri(cert_file):
+            # Never for a consumer (root's too): it would pick the module the root agent
+            # loads or sign with the administrator's token keys (see ktlsd.hardware_key).
+            raise HandshakeError(
+                FailureCause.INVALID_REQUEST,
+                "pkcs11: URIs are accepted only in the agent's configuration, not from "
+                "service consumers",
+            )
     else:
         cert_file, key_file = files.certificate, files.private_key
         read = reads.agent_file
+        if cert_file and is_pkcs11_uri(key_file):
+            assert key_file is not None
+            return _token_credentials(cert_file, key_file, files, reads)
     if cert_file and key_file:
         cert_data = read(cert_file, "certificate file")
         key_data = read(key_file, "private key file")
@@ -403,6 +419,20 @@ def pq_configuration_notes(roles: dict[str, X509Files]) -> list[tuple[int, str]]
                       f"[{section}] ML-DSA chain {files.pq_certificate} for peers whose "
                       f"signature_algorithms prefer ML-DSA, {other} for the others"))
     return notes
+
+
+def _token_credentials(
+    cert_file: str, uri: str, files: X509Files, reads: _Reads
+) -> X509Credentials:
+    """The configured certificate file with a key held by a PKCS#11 token, loaded once per
+    configuration (``files``; a reload loads it again): :mod:`ktlsd.hardware_key`."""
+    cert_data = reads.agent_file(cert_file, "certificate file")
+    key = hardware_key.token_key(
+        uri, files.pkcs11_module, owner=files, timeout=reads._remaining()
+    )
+    return X509Credentials.from_pem_and_token_key(
+        cert_data, key, cert_name=cert_file, key_name=redact(uri)
+    )
 
 
 def _trust(inline: InlineMaterial, files: X509Files, reads: _Reads) -> dict[str, Any]:

@@ -17,6 +17,7 @@ library can all take their defaults from here without pulling each other in.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -126,7 +127,12 @@ handshakes mostly wait on the network, so several per CPU keep the CPUs busy."""
 
 @dataclass(frozen=True)
 class X509Files:
-    """Configured x509 files for one role (tlshd's ``[authenticate.client]``/``.server``)."""
+    """Configured x509 files for one role (tlshd's ``[authenticate.client]``/``.server``).
+
+    ``private_key`` may be a ``pkcs11:`` URI (a key held by a token, :mod:`ktlsd.hardware_key`)
+    loaded through ``pkcs11_module`` (``[ktlsd] pkcs11_module``; None: the library's default);
+    ``repr`` redacts a ``pin-value`` in it, so a reload's log line never shows a PIN.
+    """
 
     truststore: str | None = None
     crl: str | None = None
@@ -137,6 +143,16 @@ class X509Files:
     # classic one where the library has ML-DSA (ktlsd.material).
     pq_certificate: str | None = None
     pq_private_key: str | None = None
+    pkcs11_module: str | None = None
+
+    def __repr__(self) -> str:
+        shown = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        if shown["private_key"]:
+            shown["private_key"] = _PIN_VALUE.sub(r"\1<redacted>", shown["private_key"])
+        return "X509Files(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+
+_PIN_VALUE = re.compile(r"(pin-value=)[^;&?]*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)

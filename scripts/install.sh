@@ -15,7 +15,8 @@ pkgs=(libssl3 openssl keyutils python3-venv)
 if [ "$want_test" = 1 ]; then
     # nvme-cli: its DH-HMAC-CHAP key output is compared with ours;
     # lintian, groff: tests/test_packaging.py checks the .deb and the man pages
-    pkgs+=(gnutls-bin nvme-cli lintian groff-base)
+    # softhsm2, opensc, libengine-pkcs11-openssl: tests/test_pkcs11.py (keys in a token)
+    pkgs+=(gnutls-bin nvme-cli lintian groff-base softhsm2 opensc libengine-pkcs11-openssl)
     bash testbed/install-host-deps.sh  # QEMU, debootstrap, busybox-static ... for the VM tests
 fi
 

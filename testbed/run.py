@@ -54,6 +54,7 @@ DEFAULT_SCENARIOS: tuple[str, ...] = (
     "fleet-newtlshd",
     "fleet-newtlshd-nfs",
     "pq-mldsa",
+    "nfs-pkcs11",
 )
 
 

@@ -236,7 +236,11 @@ def check_config(path: str | None = None) -> list[Check]:
         return [_missing("configuration", str(exc))]
     if config.path is None:
         return [_info("configuration", "no file (/etc/tlshd.conf, /etc/tlshd/config): defaults")]
-    return [_ok("configuration", config.path)]
+    from ktlsd.hardware_key import configured_key_problems
+
+    settings = config.agent_settings()
+    problems = configured_key_problems(settings.client_x509, settings.server_x509)
+    return [_ok("configuration", config.path)] + [_missing("pkcs11 key", p) for p in problems]
 
 
 def check_session_tags(config_path: str | None = None,

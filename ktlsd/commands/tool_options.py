@@ -15,6 +15,7 @@ import argparse
 
 from ktlsd.credentials import X509Credentials
 from ktlsd.material import psk_hash_for
+from ktlsd.pkcs11_uri import is_pkcs11_uri, redact
 from ktlsd.settings import DEFAULT_RECORD_SIZE_LIMIT, MAX_RECORD_SIZE_LIMIT, MIN_RECORD_SIZE_LIMIT
 from ktlsd.tls.handshake import ClientAuth, HashName, PskKey, TlsConfig
 from ktlsd.tls.session import CipherSuite, Role
@@ -66,13 +67,21 @@ def add_tls_options(p: argparse.ArgumentParser, *, server: bool) -> None:
     )
     g = p.add_argument_group("x509")
     g.add_argument("--cert", help="our certificate chain (PEM, leaf first)")
-    g.add_argument("--key", help="our private key (PEM)")
     g.add_argument(
         "--pq-cert", metavar="PEM",
         help="a second chain of another key type, normally ML-DSA (tlshd's "
         "x509.pq.certificate): the peer's signature_algorithms choose which one is sent",
     )
     g.add_argument("--pq-key", metavar="PEM", help="the private key of --pq-cert (PEM)")
+    g.add_argument(
+        "--key",
+        help="our private key: a PEM file, or a pkcs11: URI (RFC 7512) of a key held by a "
+        "PKCS#11 token, PIN from its pin-source=FILE (or pin-value=)",
+    )
+    g.add_argument(
+        "--pkcs11-module", metavar="PATH",
+        help="the PKCS#11 module for a pkcs11: --key (default: the library's, p11-kit's proxy)",
+    )
     g.add_argument("--ca", help="trusted CA file or directory (default: the system's)")
     g.add_argument("--crl", help="CRL file (PEM or DER) to check the peer against")
     g.add_argument(
@@ -291,6 +300,21 @@ def _second_credentials(args: argparse.Namespace) -> X509Credentials | None:
         raise UsageError(f"--pq-cert: {exc.reason}") from None
 
 
+def _credentials(cert: str, key: str, module: str | None) -> X509Credentials:
+    """``--cert``/``--key``: PEM files, or a certificate file and a token key (HandshakeError
+    with a one-line reason when either is unusable)."""
+    if not is_pkcs11_uri(key):
+        return X509Credentials.from_pem_files(cert, key)
+    from ktlsd import hardware_key
+    from ktlsd.files import AGENT, read_file
+
+    cert_data = read_file(cert, "certificate file", AGENT)
+    token_key = hardware_key.token_key(key, module)
+    return X509Credentials.from_pem_and_token_key(
+        cert_data, token_key, cert_name=cert, key_name=redact(key)
+    )
+
+
 def build_config(args: argparse.Namespace, role: Role, host: str | None) -> TlsConfig:
     suites = tuple(CipherSuite)
     if args.ciphers:
@@ -302,7 +326,7 @@ def build_config(args: argparse.Namespace, role: Role, host: str | None) -> TlsC
     if args.cert or args.key:
         if not (args.cert and args.key):
             raise UsageError("--cert and --key go together")
-        credentials = X509Credentials.from_pem_files(args.cert, args.key)
+        credentials = _credentials(args.cert, args.key, getattr(args, "pkcs11_module", None))
     second = _second_credentials(args)
     if credentials is None:
         credentials, second = second, None

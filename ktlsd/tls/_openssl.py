@@ -739,8 +739,11 @@ class SslContext:
         _check(X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK), "cannot enable CRL checks")
         return len(crls)
 
-    def use_certificate_chain(self, chain_der: tuple[bytes, ...], key_der: bytes) -> None:
-        """Install our certificate (leaf first, then intermediates) and its private key."""
+    def use_certificate_chain(
+        self, chain_der: tuple[bytes, ...], key_der: bytes | TokenKey
+    ) -> None:
+        """Install our certificate (leaf first, then intermediates) and its private key
+        (PKCS#8 DER, or a :class:`TokenKey` whose private half stays in its token)."""
         leaf = x509_from_der(chain_der[0])
         try:
             _check(SSL_CTX_use_certificate(self.ptr, leaf), "cannot use certificate")
@@ -754,6 +757,12 @@ class SslContext:
                     raise _fail("cannot add chain certificate")
             finally:
                 X509_free(extra)
+        if isinstance(key_der, TokenKey):
+            # SSL_CTX_use_PrivateKey takes its own reference on the token's EVP_PKEY.
+            _check(SSL_CTX_use_PrivateKey(self.ptr, key_der.ptr), "cannot use the token key")
+            _check(SSL_CTX_check_private_key(self.ptr),
+                   "the token key does not match the certificate")
+            return
         buf = ctypes.create_string_buffer(key_der, len(key_der))
         ptr = c_void_p(ctypes.addressof(buf))
         pkey = d2i_AutoPrivateKey(None, ctypes.byref(ptr), len(key_der))
@@ -1075,20 +1084,18 @@ PKCS8_PRIV_KEY_INFO_free = _bind(_crypto, "PKCS8_PRIV_KEY_INFO_free", None, c_vo
 OPENSSL_cleanse = _bind(_crypto, "OPENSSL_cleanse", None, c_void_p, c_size_t)
 
 
-def _optional(lib: ctypes.CDLL, name: str, restype: object, *argtypes: object
-              ) -> Callable[..., Any] | None:
-    """A function only newer libraries have (None when this one lacks it)."""
-    try:
-        return _bind(lib, name, restype, *argtypes)
-    except AttributeError:
-        return None
+def _bind_optional(
+    lib: ctypes.CDLL, name: str, restype: object, *argtypes: object
+) -> Callable[..., Any] | None:
+    """A function this library may lack (ENGINEs in a no-engine build, newer additions)."""
+    return _bind(lib, name, restype, *argtypes) if hasattr(lib, name) else None
 
 
 # Newer libraries (not 3.0, not Debian 13's 3.5.9): the IANA name of the scheme used.
-SSL_get0_peer_signature_name = _optional(
+SSL_get0_peer_signature_name = _bind_optional(
     _ssl, "SSL_get0_peer_signature_name", c_int, c_void_p, POINTER(c_char_p)
 )
-SSL_get0_signature_name = _optional(
+SSL_get0_signature_name = _bind_optional(
     _ssl, "SSL_get0_signature_name", c_int, c_void_p, POINTER(c_char_p)
 )
 
@@ -1170,9 +1177,13 @@ def knows_signature_scheme(name: str) -> bool:
         drain_errors()
 
 
-def key_type_name(key_der: bytes) -> str:
-    """OpenSSL's name of the key type of a DER private key (``EC``, ``RSA``, ``ED25519``,
-    ``ML-DSA-65``); raises :class:`OpenSSLError` when this library cannot parse it."""
+def key_type_name(key_der: bytes | TokenKey) -> str:
+    """OpenSSL's name of the key type of a DER private key or a token key (``EC``, ``RSA``,
+    ``ED25519``, ``ML-DSA-65``); raises :class:`OpenSSLError` when this library cannot parse
+    it."""
+    if isinstance(key_der, TokenKey):
+        name = EVP_PKEY_get0_type_name(key_der.ptr)
+        return name.decode("ascii", "replace") if name else "unknown"
     buf = ctypes.create_string_buffer(key_der, len(key_der))
     ptr = c_void_p(ctypes.addressof(buf))
     pkey = d2i_AutoPrivateKey(None, ctypes.byref(ptr), len(key_der))
@@ -1247,3 +1258,317 @@ def library_version() -> str:
     """The system library's version line (``OpenSSL 3.5.9 29 Sep 2026``)."""
     text = OpenSSL_version(0)
     return text.decode("ascii", "replace") if text else "OpenSSL (unknown version)"
+# --- private keys held by a PKCS#11 token --------------------------------------------------------
+# A key in a token never leaves it: OpenSSL gets an EVP_PKEY whose private operations the token
+# performs. Two ways exist, chosen at run time by what this libcrypto and the system offer:
+# the ``pkcs11`` provider (pkcs11-provider; OpenSSL >= 3.2 for OSSL_PROVIDER_try_load_ex, which
+# passes the module path) through OSSL_STORE, else the ``pkcs11`` ENGINE (libp11's
+# libengine-pkcs11-openssl; OpenSSL 3.0 still has ENGINEs) through ENGINE_load_private_key.
+# One PKCS#11 module per process: both load it once and keep it until the process ends.
+# Nothing here ever prompts: the PIN is handed over by the caller, or there is none.
+
+OSSL_PARAM_UTF8_STRING = 4
+OSSL_STORE_INFO_PUBKEY = 3
+OSSL_STORE_INFO_PKEY = 4
+
+
+class OsslParam(ctypes.Structure):
+    _fields_ = [
+        ("key", c_char_p),
+        ("data_type", c_uint),
+        ("data", c_void_p),
+        ("data_size", c_size_t),
+        ("return_size", c_size_t),
+    ]
+
+
+
+i2d_PUBKEY = _bind(_crypto, "i2d_PUBKEY", c_int, c_void_p, POINTER(c_void_p))
+CRYPTO_free = _bind(_crypto, "CRYPTO_free", None, c_void_p, c_char_p, c_int)
+UI_null = _bind(_crypto, "UI_null", c_void_p)
+UI_UTIL_wrap_read_pem_callback = _bind(
+    _crypto, "UI_UTIL_wrap_read_pem_callback", c_void_p, PEM_PASSWORD_CB, c_int
+)
+UI_destroy_method = _bind(_crypto, "UI_destroy_method", None, c_void_p)
+OSSL_STORE_open_ex = _bind(
+    _crypto, "OSSL_STORE_open_ex", c_void_p,
+    c_char_p, c_void_p, c_char_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
+)
+OSSL_STORE_expect = _bind(_crypto, "OSSL_STORE_expect", c_int, c_void_p, c_int)
+OSSL_STORE_load = _bind(_crypto, "OSSL_STORE_load", c_void_p, c_void_p)
+OSSL_STORE_eof = _bind(_crypto, "OSSL_STORE_eof", c_int, c_void_p)
+OSSL_STORE_error = _bind(_crypto, "OSSL_STORE_error", c_int, c_void_p)
+OSSL_STORE_close = _bind(_crypto, "OSSL_STORE_close", c_int, c_void_p)
+OSSL_STORE_INFO_get_type = _bind(_crypto, "OSSL_STORE_INFO_get_type", c_int, c_void_p)
+OSSL_STORE_INFO_get1_PKEY = _bind(_crypto, "OSSL_STORE_INFO_get1_PKEY", c_void_p, c_void_p)
+OSSL_STORE_INFO_get1_PUBKEY = _bind(_crypto, "OSSL_STORE_INFO_get1_PUBKEY", c_void_p, c_void_p)
+OSSL_STORE_INFO_free = _bind(_crypto, "OSSL_STORE_INFO_free", None, c_void_p)
+OSSL_PROVIDER_try_load_ex = _bind_optional(
+    _crypto, "OSSL_PROVIDER_try_load_ex", c_void_p, c_void_p, c_char_p, POINTER(OsslParam), c_int
+)
+ENGINE_by_id = _bind_optional(_crypto, "ENGINE_by_id", c_void_p, c_char_p)
+ENGINE_ctrl_cmd_string = _bind_optional(
+    _crypto, "ENGINE_ctrl_cmd_string", c_int, c_void_p, c_char_p, c_char_p, c_int
+)
+ENGINE_init = _bind_optional(_crypto, "ENGINE_init", c_int, c_void_p)
+ENGINE_free = _bind_optional(_crypto, "ENGINE_free", c_int, c_void_p)
+ENGINE_load_private_key = _bind_optional(
+    _crypto, "ENGINE_load_private_key", c_void_p, c_void_p, c_char_p, c_void_p, c_void_p
+)
+
+
+class TokenKeyError(Exception):
+    """A token key could not be loaded. ``kind`` says why, for the caller's message and status:
+    ``unsupported`` (no PKCS#11 support in OpenSSL), ``module`` (the module cannot be loaded),
+    ``pin`` (the token refused the PIN), ``not_found`` (no such private key), ``other``.
+    ``reasons`` are OpenSSL's (and the token's) own error strings; never the PIN."""
+
+    def __init__(self, kind: str, what: str, reasons: list[str]) -> None:
+        self.kind = kind
+        self.reasons = reasons
+        detail = "; ".join(dict.fromkeys(reasons)) if reasons else "no detail from OpenSSL"
+        super().__init__(f"{what}: {detail}")
+
+
+class TokenKey:
+    """An owned ``EVP_PKEY*`` whose private half stays in a PKCS#11 token.
+
+    Compared by identity: a key loaded again (after a reload) is another key, so whatever was
+    built from the old one (an ``SSL_CTX``) is not taken for the new one. ``SSL_CTX``s take
+    their own reference, so :meth:`free` while they live is safe.
+    """
+
+    def __init__(self, pkey: int, backend: str) -> None:
+        self._ptr: int | None = pkey
+        self.backend = backend  # "provider" or "engine"
+
+    @property
+    def ptr(self) -> int:
+        if self._ptr is None:
+            raise ValueError("token key already freed")
+        return self._ptr
+
+    def public_key_der(self) -> bytes:
+        """The key's SubjectPublicKeyInfo, DER (to check it against the certificate)."""
+        out = c_void_p()
+        length = i2d_PUBKEY(self.ptr, ctypes.byref(out))
+        if length <= 0 or not out.value:
+            raise _fail("cannot encode the token key's public key")
+        try:
+            return ctypes.string_at(out.value, length)
+        finally:
+            CRYPTO_free(out, None, 0)
+
+    def free(self) -> None:
+        if self._ptr is not None:
+            EVP_PKEY_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self) -> None:
+        self.free()
+
+    def __repr__(self) -> str:
+        return f"<TokenKey via pkcs11 {self.backend}>"
+
+
+_token_lock = threading.Lock()
+_token_backend: tuple[str, int, str | None] | None = None  # (kind, provider/engine, module)
+
+
+def _pin_cb(buf: int | None, size: int, _rwflag: int, u: int | None) -> int:
+    """Hands the caller's PIN (``u``: a NUL-terminated buffer the loader owns) to the token;
+    no PIN: -1, never a prompt."""
+    if not u or not buf:
+        return -1
+    pin = ctypes.string_at(u)
+    if not pin or len(pin) > size:
+        return -1
+    ctypes.memmove(buf, pin, len(pin))
+    return len(pin)
+
+
+_PIN_CB = PEM_PASSWORD_CB(_pin_cb)
+
+
+def _token_errors() -> list[str]:
+    return [e.reason for e in drain_errors()]
+
+
+def _load_pkcs11_provider(module: str | None) -> int | None:
+    """The ``pkcs11`` provider in the default library context, next to the default provider
+    (``retain_fallbacks``), with ``module`` as its PKCS#11 module; None when it cannot load."""
+    if OSSL_PROVIDER_try_load_ex is None:
+        return None
+    params = (OsslParam * 2)()
+    keep: list[object] = []
+    if module:
+        value = ctypes.create_string_buffer(module.encode())
+        keep.append(value)
+        params[0] = OsslParam(b"pkcs11-module-path", OSSL_PARAM_UTF8_STRING,
+                              ctypes.addressof(value), len(module.encode()), 0)
+    ERR_clear_error()
+    prov = OSSL_PROVIDER_try_load_ex(None, b"pkcs11", params, 1)
+    drain_errors()
+    return int(prov) if prov else None
+
+
+def _load_pkcs11_engine(module: str | None) -> int:
+    if (ENGINE_by_id is None or ENGINE_ctrl_cmd_string is None or ENGINE_init is None
+            or ENGINE_free is None):
+        raise TokenKeyError(
+            "unsupported", "no PKCS#11 support in this OpenSSL",
+            ["neither the pkcs11 provider (OpenSSL >= 3.2) nor ENGINEs are available"],
+        )
+    ERR_clear_error()
+    engine = ENGINE_by_id(b"pkcs11")
+    if not engine:
+        drain_errors()
+        raise TokenKeyError(
+            "unsupported", "no PKCS#11 support in this OpenSSL",
+            ["install pkcs11-provider (OpenSSL >= 3.2) or libengine-pkcs11-openssl"],
+        )
+    ENGINE_ctrl_cmd_string(engine, b"QUIET", None, 0)  # libp11 prints to stderr otherwise
+    if module and not ENGINE_ctrl_cmd_string(engine, b"MODULE_PATH", module.encode(), 0):
+        reasons = _token_errors()
+        ENGINE_free(engine)
+        raise TokenKeyError("module", f"cannot use PKCS#11 module {module}", reasons)
+    if not ENGINE_init(engine):
+        reasons = _token_errors()
+        ENGINE_free(engine)
+        raise TokenKeyError(
+            "module", f"cannot load PKCS#11 module {module or '(p11-kit proxy)'}", reasons
+        )
+    drain_errors()
+    return int(engine)  # kept (with its functional reference) until the process ends
+
+
+def _token_backend_for(module: str | None) -> tuple[str, int]:
+    """The provider or engine for ``module``, loaded once per process (caller holds the
+    lock). Another module later is refused: a module stays loaded while keys from it live."""
+    global _token_backend
+    if _token_backend is not None:
+        kind, handle, loaded = _token_backend
+        if loaded != module:
+            raise TokenKeyError(
+                "module", f"PKCS#11 module {module or '(p11-kit proxy)'} requested",
+                [f"this process already uses {loaded or '(p11-kit proxy)'}; restart to change it"],
+            )
+        return kind, handle
+    provider = _load_pkcs11_provider(module)
+    if provider is not None:
+        _token_backend = ("provider", provider, module)
+    else:
+        _token_backend = ("engine", _load_pkcs11_engine(module), module)
+    return _token_backend[0], _token_backend[1]
+
+
+def pkcs11_backend() -> str | None:
+    """Which PKCS#11 route this process uses ("provider" or "engine"), once one is loaded."""
+    with _token_lock:
+        return None if _token_backend is None else _token_backend[0]
+
+
+def _classify(reasons: list[str]) -> str:
+    text = " ".join(reasons).lower()
+    if "load pkcs#11 module" in text or "module not found" in text:
+        return "module"
+    if "pin" in text and any(w in text for w in ("incorrect", "invalid", "locked", "len")):
+        return "pin"
+    if "not found" in text or "no key" in text or "could not find" in text:
+        return "not_found"
+    return "other"
+
+
+def load_token_key(uri: str, pin: bytes | None, module: str | None) -> TokenKey:
+    """The private key a ``pkcs11:`` URI names (without any PIN attribute: the PIN is
+    ``pin``), through the provider or the engine for ``module`` (None: the library's
+    default, p11-kit's proxy). Blocks (token I/O); raises :class:`TokenKeyError`."""
+    # The PIN sits in a buffer we own and wipe; C reads it through the callback or the ctrl.
+    pin_buf = ctypes.create_string_buffer(pin or b"", len(pin or b"") + 1)
+    try:
+        with _token_lock:
+            kind, handle = _token_backend_for(module)
+            if kind == "provider":
+                pkey = _store_load(uri, pin_buf if pin else None)
+            else:
+                pkey = _engine_load(handle, uri, pin_buf if pin else None)
+        return TokenKey(pkey, kind)
+    finally:
+        ctypes.memset(pin_buf, 0, len(pin_buf))
+
+
+def _store_first(uri: str, expect: int, ui: int | None, ui_data: int | None) -> int:
+    """The first object of type ``expect`` that OSSL_STORE finds at ``uri`` (a new
+    ``EVP_PKEY*`` for PKEY/PUBKEY), or 0."""
+    store = OSSL_STORE_open_ex(uri.encode(), None, None, ui, ui_data, None, None, None)
+    if not store:
+        return 0
+    found = 0
+    try:
+        OSSL_STORE_expect(store, expect)
+        while not found and not OSSL_STORE_eof(store):
+            info = OSSL_STORE_load(store)
+            if not info:
+                if OSSL_STORE_error(store):
+                    break
+                continue
+            try:
+                if OSSL_STORE_INFO_get_type(info) == expect:
+                    found = (OSSL_STORE_INFO_get1_PKEY(info) if expect == OSSL_STORE_INFO_PKEY
+                             else OSSL_STORE_INFO_get1_PUBKEY(info)) or 0
+            finally:
+                OSSL_STORE_INFO_free(info)
+    finally:
+        OSSL_STORE_close(store)
+    return int(found)
+
+
+def _public_twin(uri: str) -> str:
+    """``uri`` naming the public key of the same object (``type=public``)."""
+    path, sep, query = uri[len("pkcs11:"):].partition("?")
+    attrs = [a for a in path.split(";") if a and not a.lower().startswith("type=")]
+    return "pkcs11:" + ";".join([*attrs, "type=public"]) + sep + query
+
+
+def _store_load(uri: str, pin_buf: ctypes.Array[ctypes.c_char] | None) -> int:
+    ui = UI_UTIL_wrap_read_pem_callback(_PIN_CB, 0)
+    if not ui:
+        raise TokenKeyError("other", "UI_UTIL_wrap_read_pem_callback", _token_errors())
+    ERR_clear_error()
+    try:
+        pkey = _store_first(uri, OSSL_STORE_INFO_PKEY, ui,
+                            ctypes.addressof(pin_buf) if pin_buf else None)
+        reasons = _token_errors()
+        if pkey:
+            return pkey
+        kind = _classify(reasons)
+        if kind == "other" or not reasons:
+            kind = "not_found"
+            # OSSL_STORE drops the provider's login errors: a refused PIN looks like a missing
+            # key. The public half is visible without a login; if it is there, the private
+            # key was hidden by a failed login.
+            if pin_buf is not None:
+                twin = _store_first(_public_twin(uri), OSSL_STORE_INFO_PUBKEY, None, None)
+                drain_errors()
+                if twin:
+                    EVP_PKEY_free(twin)
+                    kind = "pin"
+                    reasons = ["no private key after logging in, but its public key is there"]
+        raise TokenKeyError(kind, "no private key loaded", reasons or ["no such private key"])
+    finally:
+        UI_destroy_method(ui)
+
+
+def _engine_load(engine: int, uri: str, pin_buf: ctypes.Array[ctypes.c_char] | None) -> int:
+    assert ENGINE_ctrl_cmd_string is not None and ENGINE_load_private_key is not None
+    ERR_clear_error()
+    # libp11 keeps one PIN per engine (for logging in again later): set this key's.
+    if pin_buf is not None and not ENGINE_ctrl_cmd_string(engine, b"PIN", pin_buf, 0):
+        raise TokenKeyError("other", "cannot hand the PIN to the pkcs11 engine", _token_errors())
+    # UI_null: the engine must never prompt on a terminal for a PIN it was not given.
+    pkey = ENGINE_load_private_key(engine, uri.encode(), UI_null(), None)
+    reasons = _token_errors()
+    if not pkey:
+        kind = _classify(reasons)
+        raise TokenKeyError(kind, "no private key loaded", reasons or ["no such private key"])
+    return int(pkey)

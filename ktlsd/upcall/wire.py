@@ -551,6 +551,10 @@ def _decode_inline(parsed: list[Attribute]) -> InlineMaterial | None:
             if kind in files:
                 raise ServiceFormatError(f"{kind.name.lower()} given twice")
             path = as_string(payload, kind.name.lower())
+            if path[:7].lower() == "pkcs11:":  # a token key: never a consumer's (see material)
+                raise ServiceFormatError(
+                    "pkcs11: URIs are accepted only in the agent's configuration, not from "
+                    "service consumers")
             if not os.path.isabs(path):
                 raise ServiceFormatError(f"{kind.name.lower()} must be an absolute path")
             files[kind] = path

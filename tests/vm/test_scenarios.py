@@ -96,6 +96,16 @@ def test_nfs_tls(scenario, agent: str) -> None:
     assert figures["bytes_verified"] == 2 * 2 * 4 * 1024 * 1024
 
 
+def test_nfs_mtls_with_private_keys_in_a_pkcs11_token(scenario) -> None:
+    """ktlsd's client and server keys stay in SoftHSM2 (pkcs11-provider, OpenSSL 3.5)."""
+    figures = assert_passed(scenario("nfs-pkcs11"))
+    assert figures["bytes_verified"] == 2 * 4 * 1024 * 1024
+    assert figures["pkcs11_route"] == ["provider"]
+    assert figures["agent_successful_handshakes_logged"] >= 2
+    assert "refused the PIN" in figures["connect_error_PIN"]
+    assert "no such private key" in figures["connect_error_key"]
+
+
 def test_connect_times_side_by_side(vm_report: dict[str, object]) -> None:
     """Not a speed assertion: both agents' figures must exist so CI logs can compare them."""
     comparison = vm_report["comparison"]
