@@ -221,6 +221,7 @@ async def run_handshake(
         consumer=Consumer.from_credentials(pending.credentials),
         legacy_psk_sha384=settings.legacy_psk_sha384,
         max_file_bytes=settings.max_file_bytes,
+        key_log_file=settings.key_log_file,
     )
     session = await _unless_cancelled(
         pending.cancelled, perform_handshake(sock, config, timeout=timeout)
@@ -411,7 +412,7 @@ class Agent:
             self.completed += 1
         else:
             self.failed += 1
-        self._log(pending, answer, session, peer, time.monotonic() - started)
+        self._log(pending, answer, session, peer, time.monotonic() - started, settings)
         return answer
 
     async def _handshake(
@@ -503,7 +504,9 @@ class Agent:
         session: Session | None,
         peer: str,
         duration: float,
+        settings: AgentSettings | None = None,
     ) -> None:
+        settings = settings or self.settings
         request = pending.request
         identity = session.peer.describe() if session is not None else "-"
         suite = session.suite.iana_name if session is not None else "-"
@@ -514,8 +517,13 @@ class Agent:
             f"auth={_auth_name(request.auth_mode)} identity={_field(identity)} suite={suite} "
             f"duration={duration * 1000:.1f}ms status={answer.status} ({status})"
         )
+        if settings.key_log_file and not request.message_type.is_key_update:
+            # A warning on every handshake while secrets go to a file ([ktlsd] key_log_file).
+            line += f" key_log={_field(settings.key_log_file)}"
         if answer.status:
             log.warning("%s reason=%s", line, _field(answer.reason or "-"))
+        elif settings.key_log_file and not request.message_type.is_key_update:
+            log.warning("%s", line)
         else:
             log.info("%s", line)
 

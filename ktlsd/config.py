@@ -256,7 +256,9 @@ class AgentConfig:
     = none, handshakes run in the agent's process; read at start only),
     ``log_level``, ``groups`` (TLS key-exchange groups, colon-separated, as OpenSSL spells them),
     ``legacy_psk_sha384`` ("refuse"/"accept"/"offer": SHA-384 PSKs bound to SHA-256 the way
-    tlshd 1.0 does them; see docs/configuration.md).
+    tlshd 1.0 does them; see docs/configuration.md), ``key_log_file`` (an absolute path:
+    write every handshake's TLS secrets there, NSS key log format, for debugging; off unless
+    set).
     """
 
     path: str | None = None
@@ -289,6 +291,7 @@ class AgentConfig:
     groups: str | None = None
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
     workers: int = DEFAULT_WORKERS
+    key_log_file: str | None = None
 
     @property
     def effective_log_level(self) -> str:
@@ -333,6 +336,7 @@ class AgentConfig:
                 uid_max_pending=self.uid_max_pending,
                 uid_max_in_flight=self.uid_max_in_flight,
             ),
+            key_log_file=self.key_log_file,
         )
 
 
@@ -363,7 +367,7 @@ _KTLSD_KEYS = (
     "keep_kernel_sessions", "max_kept_sessions", "uid_max_kept_sessions",
     "max_consumer_timeout_ms", "submit_timeout_ms", "service_max_connections",
     "uid_max_connections", "uid_max_pending", "uid_max_in_flight", "max_file_bytes",
-    "workers",
+    "workers", "key_log_file",
 )
 _KTLSD_INTEGERS: dict[str, tuple[int, int | None]] = {
     # key: (minimum, maximum or None); the defaults are AgentConfig's (from ktlsd.settings)
@@ -602,6 +606,7 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
                          lambda t: _legacy_mode(t)),
             defaults.legacy_psk_sha384),
         workers=pick(reader.typed(k, "workers", parse_workers), defaults.workers),
+        key_log_file=reader.typed(k, "key_log_file", _key_log_path),
     )
     numbers: dict[str, Any] = {}
     for key, (minimum, maximum) in _KTLSD_INTEGERS.items():
@@ -611,6 +616,16 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
     config = replace(config, **numbers)
     _check_pairs(keyfile, config)
     return config
+
+
+def _key_log_path(text: str) -> str | None:
+    """``[ktlsd] key_log_file``: empty is off; else an absolute path."""
+    path = text.strip()
+    if not path:
+        return None
+    if not os.path.isabs(path):
+        raise ValueError(f"{path!r} is not an absolute path")
+    return path
 
 
 def _group(text: str | None) -> str | int | None:

@@ -252,6 +252,13 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
             except ConfigError as exc:
                 log.error("%s: configuration not reloaded: %s", signame, exc)
                 return
+            refused = startup_problems(fresh)
+            if refused:
+                log.error("%s: configuration not reloaded: %s", signame, "; ".join(refused))
+                return
+            warning = key_log_warning(fresh)
+            if warning:
+                log.warning("%s: %s", signame, warning)
             log_output.set_level(fresh.effective_log_level)
             relink_keyrings(fresh)
             agent.reload(fresh.agent_settings())
@@ -295,16 +302,45 @@ def check_config(config: AgentConfig) -> int:
     """``ktlsd run --check``: what ``run`` would be refused for, beyond the file itself."""
     import sys
 
-    problems = service_socket_problems(config)
+    problems = service_socket_problems(config) + startup_problems(config)
     for problem in problems:
         print(f"ktlsd: {problem}", file=sys.stderr)
     if problems:
         return 1
+    warning = key_log_warning(config)
+    if warning:
+        print(f"ktlsd: warning: {warning}", file=sys.stderr)
     where = config.path or "no file (built-in defaults)"
     socket_text = config.service_socket or "disabled"
     print(f"ktlsd: configuration OK: {where}; service socket {socket_text}; "
           f"kernel {config.kernel}; log level {config.effective_log_level}")
     return 0
+
+
+def startup_problems(config: AgentConfig) -> list[str]:
+    """What the system crypto policy leaves unusable (no suite, no group: see
+    :mod:`ktlsd.tls.policy`) and a key log file that cannot be used; ``run`` refuses to start
+    (and a reload to apply) on these, as ``--check`` reports them."""
+    from ktlsd.material import crypto_policy_problems
+
+    problems = crypto_policy_problems(config.groups)
+    if config.key_log_file:
+        from ktlsd.tls.keylog import KeyLogError, KeyLogFile
+
+        try:
+            KeyLogFile(config.key_log_file).check()
+        except KeyLogError as exc:
+            problems.append(f"[ktlsd] key_log_file: {exc}")
+    return problems
+
+
+def key_log_warning(config: AgentConfig) -> str | None:
+    """The warning ``run`` logs at start (and reload) while ``[ktlsd] key_log_file`` is set."""
+    if not config.key_log_file:
+        return None
+    return (f"[ktlsd] key_log_file: the TLS secrets of every handshake are written to "
+            f"{config.key_log_file}: anyone who can read it can decrypt those sessions "
+            "(for debugging only; remove the setting when done)")
 
 
 def service_socket_problems(config: AgentConfig) -> list[str]:
@@ -355,6 +391,14 @@ def run_command(args: argparse.Namespace) -> int:
     if args.check:
         return check_config(config)
     log_output.set_level(config.effective_log_level)
+    refused = startup_problems(config)
+    if refused:
+        for problem in refused:
+            log.error("%s", problem)
+        return 1
+    warning = key_log_warning(config)
+    if warning:
+        log.warning("%s", warning)
     log.log(log_output.NOTICE, "ktlsd %s starting (configuration: %s)", __version__,
             config.path or "none, built-in defaults")
     import asyncio

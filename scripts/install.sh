@@ -14,8 +14,9 @@ want_test=0
 pkgs=(libssl3 openssl keyutils python3-venv)
 if [ "$want_test" = 1 ]; then
     # nvme-cli: its DH-HMAC-CHAP key output is compared with ours;
-    # lintian, groff: tests/test_packaging.py checks the .deb and the man pages
-    pkgs+=(gnutls-bin nvme-cli lintian groff-base)
+    # lintian, groff: tests/test_packaging.py checks the .deb and the man pages;
+    # tshark: tests/test_keylog.py decrypts a captured session with the key log
+    pkgs+=(gnutls-bin nvme-cli lintian groff-base tshark)
     bash testbed/install-host-deps.sh  # QEMU, debootstrap, busybox-static ... for the VM tests
 fi
 
@@ -29,6 +30,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
         exit 1
     fi
     export DEBIAN_FRONTEND=noninteractive
+    # tshark's wireshark-common asks whether non-root users may capture: no.
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
