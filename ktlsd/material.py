@@ -8,6 +8,11 @@ resolves all of that into the engine's :class:`~ktlsd.tls.handshake.TlsConfig`, 
 ``INVALID_REQUEST`` (EINVAL) when something is absent, unusable or malformed — never another
 exception (which the agent would report as an internal error, EIO).
 
+Suites and groups follow the system crypto policy (:mod:`ktlsd.tls.policy`): the OpenSSL
+configuration's TLS 1.3 suites that kTLS carries, narrowed by a request's own list (EINVAL
+when nothing is left), and ``[ktlsd] groups`` narrowed to the system's groups
+(:func:`crypto_policy_problems` is what ``ktlsd run`` checks at start).
+
 Off the event loop. Building the material reads keyrings and files and parses keys, so
 :func:`build_tls_config` (a coroutine) runs :func:`build_tls_config_blocking` in a thread of
 its own (started per request, so it has the agent's keyrings as they are now), builds the
