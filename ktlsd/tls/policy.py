@@ -398,6 +398,9 @@ def choose_groups(configured: str | None) -> GroupChoice:
 
 
 def effective_groups(configured: str | None) -> str | None:
-    """The groups list to hand to OpenSSL for ``configured`` (see :func:`choose_groups`)."""
+    """The groups list to hand to OpenSSL for ``configured`` (see :func:`choose_groups`);
+    None (the library's default, which is the system's) when nothing is configured."""
+    if not configured:
+        return None
     return choose_groups(configured).setting
 
