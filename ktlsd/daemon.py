@@ -233,6 +233,7 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
     loop = asyncio.get_running_loop()
     status = serving_status(sources)
     stopping: list[asyncio.Task[None]] = []
+    exit_code = 0
 
     def terminate(signame: str) -> None:
         sdnotify.stopping(f"draining {len(agent.in_flight)} handshakes")
@@ -282,6 +283,13 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
             sdnotify.ready(status)
             log.info("ktlsd agent running (max %d handshakes at once; %s)",
                      agent.settings.concurrency, status)
+            refused = crypto_policy_problems(config)
+            if refused:
+                for problem in refused:
+                    log.error("%s", problem)
+                sdnotify.stopping("no usable TLS 1.3 cipher suite or group")
+                exit_code = 1
+                await agent.stop()
         await running
     finally:
         for sig in handled:
@@ -295,7 +303,7 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
             await pool.close()
     log.log(log_output.NOTICE, "stopped: %d handshakes completed, %d failed",
             agent.completed, agent.failed)
-    return 0
+    return exit_code
 
 
 def check_config(config: AgentConfig) -> int:
@@ -318,20 +326,32 @@ def check_config(config: AgentConfig) -> int:
 
 
 def startup_problems(config: AgentConfig) -> list[str]:
-    """What the system crypto policy leaves unusable (no suite, no group: see
-    :mod:`ktlsd.tls.policy`) and a key log file that cannot be used; ``run`` refuses to start
-    (and a reload to apply) on these, as ``--check`` reports them."""
-    from ktlsd.material import crypto_policy_problems
+    """What ``--check`` reports and a reload refuses to apply: :func:`key_log_problems` and
+    :func:`crypto_policy_problems`."""
+    return key_log_problems(config) + crypto_policy_problems(config)
 
-    problems = crypto_policy_problems(config.groups)
-    if config.key_log_file:
-        from ktlsd.tls.keylog import KeyLogError, KeyLogFile
 
-        try:
-            KeyLogFile(config.key_log_file).check()
-        except KeyLogError as exc:
-            problems.append(f"[ktlsd] key_log_file: {exc}")
-    return problems
+def key_log_problems(config: AgentConfig) -> list[str]:
+    """A ``[ktlsd] key_log_file`` that cannot be used (``run`` refuses to start)."""
+    if not config.key_log_file:
+        return []
+    from ktlsd.tls.keylog import KeyLogError, KeyLogFile
+
+    try:
+        KeyLogFile(config.key_log_file).check()
+    except KeyLogError as exc:
+        return [f"[ktlsd] key_log_file: {exc}"]
+    return []
+
+
+def crypto_policy_problems(config: AgentConfig) -> list[str]:
+    """What the system crypto policy leaves unusable: no suite, no group (see
+    :mod:`ktlsd.tls.policy`). This loads the TLS engine, so ``run`` checks it right after it
+    became ready (the agent gets ready without the engine) and stops at once with the
+    one-line error."""
+    from ktlsd.material import crypto_policy_problems as problems
+
+    return problems(config.groups)
 
 
 def key_log_warning(config: AgentConfig) -> str | None:
@@ -391,7 +411,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.check:
         return check_config(config)
     log_output.set_level(config.effective_log_level)
-    refused = startup_problems(config)
+    refused = key_log_problems(config)
     if refused:
         for problem in refused:
             log.error("%s", problem)

@@ -39,7 +39,6 @@ import os
 import stat
 import threading
 
-from ktlsd.tls.keyschedule import next_traffic_secret
 from ktlsd.tls.session import Role, Session
 
 __all__ = ["ENV_KEY_LOG", "KeyLogError", "KeyLogFile", "key_log_from_environment"]
@@ -149,6 +148,8 @@ class KeyLogFile:
     def write_key_updates(self, session: Session, sent: int, received: int) -> None:
         """After ``sent``/``received`` KeyUpdates on a connection that started with
         ``session`` (generation 0), write the ``*_TRAFFIC_SECRET_1..N`` lines."""
+        from ktlsd.tls.keyschedule import next_traffic_secret  # (cryptography: only here)
+
         with self._lock:
             random = self._randoms.pop(hashlib.sha256(session.client_secret).digest(), None)
         if random is None or not (sent or received):
