@@ -224,6 +224,7 @@ async def run_handshake(
         legacy_psk_sha384=settings.legacy_psk_sha384,
         max_file_bytes=settings.max_file_bytes,
         record_size_limit=settings.record_size_limit,
+        key_log_file=settings.key_log_file,
     )
     session = await _unless_cancelled(
         pending.cancelled, perform_handshake(sock, config, timeout=timeout)
@@ -444,7 +445,7 @@ class Agent:
         else:
             self.failed += 1
         self.counters.ended(pending.source_name, outcome_of(cause))
-        self._log(pending, answer, session, peer, time.monotonic() - started)
+        self._log(pending, answer, session, peer, time.monotonic() - started, settings)
         return answer
 
     async def _handshake(
@@ -537,7 +538,9 @@ class Agent:
         session: Session | None,
         peer: str,
         duration: float,
+        settings: AgentSettings | None = None,
     ) -> None:
+        settings = settings or self.settings
         request = pending.request
         identity = session.peer.describe() if session is not None else "-"
         suite = session.suite.iana_name if session is not None else "-"
@@ -551,8 +554,13 @@ class Agent:
         )
         if answer.tags:
             line += f" tags={_field(','.join(answer.tags))}"
+        if settings.key_log_file and not request.message_type.is_key_update:
+            # A warning on every handshake while secrets go to a file ([ktlsd] key_log_file).
+            line += f" key_log={_field(settings.key_log_file)}"
         if answer.status:
             log.warning("%s reason=%s", line, _field(answer.reason or "-"))
+        elif settings.key_log_file and not request.message_type.is_key_update:
+            log.warning("%s", line)
         else:
             log.info("%s", line)
 

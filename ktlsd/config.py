@@ -280,7 +280,9 @@ class AgentConfig:
     limit the agent advertises: the largest record it takes, 64..16385), ``tags_directory``
     (TLS session tag files; tlshd reads the fixed /etc/tlshd/tags.d and has no key for it),
     ``pkcs11_module`` (the PKCS#11 module for ``x509.private_key = pkcs11:...`` URIs; None:
-    the library's default, p11-kit's proxy).
+    the library's default, p11-kit's proxy), ``key_log_file`` (an absolute path:
+    write every handshake's TLS secrets there, NSS key log format, for debugging; off unless
+    set).
     """
 
     path: str | None = None
@@ -316,6 +318,7 @@ class AgentConfig:
     record_size_limit: int = DEFAULT_RECORD_SIZE_LIMIT
     tags_directory: str = DEFAULT_TAGS_DIRECTORY
     pkcs11_module: str | None = None
+    key_log_file: str | None = None
 
     @property
     def effective_log_level(self) -> str:
@@ -365,6 +368,7 @@ class AgentConfig:
                 uid_max_in_flight=self.uid_max_in_flight,
             ),
             tags_directory=self.tags_directory,
+            key_log_file=self.key_log_file,
         )
 
 
@@ -449,7 +453,7 @@ _KTLSD_KEYS = (
     "keep_kernel_sessions", "max_kept_sessions", "uid_max_kept_sessions",
     "max_consumer_timeout_ms", "submit_timeout_ms", "service_max_connections",
     "uid_max_connections", "uid_max_pending", "uid_max_in_flight", "max_file_bytes",
-    "workers", "record_size_limit", "tags_directory", "pkcs11_module",
+    "workers", "record_size_limit", "tags_directory", "pkcs11_module", "key_log_file",
 )
 _KTLSD_INTEGERS: dict[str, tuple[int, int | None]] = {
     # key: (minimum, maximum or None); the defaults are AgentConfig's (from ktlsd.settings)
@@ -735,6 +739,7 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
         workers=pick(reader.typed(k, "workers", parse_workers), defaults.workers),
         tags_directory=reader.string(k, "tags_directory") or defaults.tags_directory,
         pkcs11_module=reader.typed(k, "pkcs11_module", _module_path),
+        key_log_file=reader.typed(k, "key_log_file", _key_log_path),
     )
     numbers: dict[str, Any] = {}
     for key, (minimum, maximum) in _KTLSD_INTEGERS.items():
@@ -761,6 +766,16 @@ def _others_may_read(path: str) -> bool:
         return bool(os.stat(path).st_mode & 0o004)
     except OSError:
         return False
+
+
+def _key_log_path(text: str) -> str | None:
+    """``[ktlsd] key_log_file``: empty is off; else an absolute path."""
+    path = text.strip()
+    if not path:
+        return None
+    if not os.path.isabs(path):
+        raise ValueError(f"{path!r} is not an absolute path")
+    return path
 
 
 def _group(text: str | None) -> str | int | None:

@@ -318,6 +318,7 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
             status_listener = None
     status = serving_status(sources)
     stopping: list[asyncio.Task[None]] = []
+    exit_code = 0
 
     def terminate(signame: str) -> None:
         sdnotify.stopping(f"draining {len(agent.in_flight)} handshakes")
@@ -337,6 +338,13 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
             except ConfigError as exc:
                 log.error("%s: configuration not reloaded: %s", signame, exc)
                 return
+            refused = startup_problems(fresh)
+            if refused:
+                log.error("%s: configuration not reloaded: %s", signame, "; ".join(refused))
+                return
+            warning = key_log_warning(fresh)
+            if warning:
+                log.warning("%s: %s", signame, warning)
             log_output.set_level(fresh.effective_log_level)
             relink_keyrings(fresh)
             agent.reload(fresh.agent_settings())
@@ -361,6 +369,13 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
             sdnotify.ready(status)
             log.info("ktlsd agent running (max %d handshakes at once; %s)",
                      agent.settings.concurrency, status)
+            refused = crypto_policy_problems(config)
+            if refused:
+                for problem in refused:
+                    log.error("%s", problem)
+                sdnotify.stopping("no usable TLS 1.3 cipher suite or group")
+                exit_code = 1
+                await agent.stop()
         await running
     finally:
         for sig in handled:
@@ -376,7 +391,7 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
             await pool.close()
     log.log(log_output.NOTICE, "stopped: %d handshakes completed, %d failed",
             agent.completed, agent.failed)
-    return 0
+    return exit_code
 
 
 def check_config(config: AgentConfig) -> int:
@@ -386,17 +401,58 @@ def check_config(config: AgentConfig) -> int:
     from ktlsd.hardware_key import configured_key_problems
 
     settings = config.agent_settings()
-    problems = service_socket_problems(config)
+    problems = service_socket_problems(config) + startup_problems(config)
     problems += configured_key_problems(settings.client_x509, settings.server_x509)
     for problem in problems:
         print(f"ktlsd: {problem}", file=sys.stderr)
     if problems:
         return 1
+    warning = key_log_warning(config)
+    if warning:
+        print(f"ktlsd: warning: {warning}", file=sys.stderr)
     where = config.path or "no file (built-in defaults)"
     socket_text = config.service_socket or "disabled"
     print(f"ktlsd: configuration OK: {where}; service socket {socket_text}; "
           f"kernel {config.kernel}; log level {config.effective_log_level}")
     return 0
+
+
+def startup_problems(config: AgentConfig) -> list[str]:
+    """What ``--check`` reports and a reload refuses to apply: :func:`key_log_problems` and
+    :func:`crypto_policy_problems`."""
+    return key_log_problems(config) + crypto_policy_problems(config)
+
+
+def key_log_problems(config: AgentConfig) -> list[str]:
+    """A ``[ktlsd] key_log_file`` that cannot be used (``run`` refuses to start)."""
+    if not config.key_log_file:
+        return []
+    from ktlsd.tls.keylog import KeyLogError, KeyLogFile
+
+    try:
+        KeyLogFile(config.key_log_file).check()
+    except KeyLogError as exc:
+        return [f"[ktlsd] key_log_file: {exc}"]
+    return []
+
+
+def crypto_policy_problems(config: AgentConfig) -> list[str]:
+    """What the system crypto policy leaves unusable: no suite, no group (see
+    :mod:`ktlsd.tls.policy`). This loads the TLS engine, so ``run`` checks it right after it
+    became ready (the agent gets ready without the engine) and stops at once with the
+    one-line error."""
+    from ktlsd.material import crypto_policy_problems as problems
+
+    return problems(config.groups)
+
+
+def key_log_warning(config: AgentConfig) -> str | None:
+    """The warning ``run`` logs at start (and reload) while ``[ktlsd] key_log_file`` is set."""
+    if not config.key_log_file:
+        return None
+    return (f"[ktlsd] key_log_file: the TLS secrets of every handshake are written to "
+            f"{config.key_log_file}: anyone who can read it can decrypt those sessions "
+            "(for debugging only; remove the setting when done)")
 
 
 def service_socket_problems(config: AgentConfig) -> list[str]:
@@ -464,6 +520,14 @@ def run_command(args: argparse.Namespace) -> int:
     if args.check:
         return check_config(config)
     log_output.set_level(config.effective_log_level)
+    refused = key_log_problems(config)
+    if refused:
+        for problem in refused:
+            log.error("%s", problem)
+        return 1
+    warning = key_log_warning(config)
+    if warning:
+        log.warning("%s", warning)
     log.log(log_output.NOTICE, "ktlsd %s starting (configuration: %s)", __version__,
             config.path or "none, built-in defaults")
     import asyncio

@@ -8,6 +8,11 @@ resolves all of that into the engine's :class:`~ktlsd.tls.handshake.TlsConfig`, 
 ``INVALID_REQUEST`` (EINVAL) when something is absent, unusable or malformed — never another
 exception (which the agent would report as an internal error, EIO).
 
+Suites and groups follow the system crypto policy (:mod:`ktlsd.tls.policy`): the OpenSSL
+configuration's TLS 1.3 suites that kTLS carries, narrowed by a request's own list (EINVAL
+when nothing is left), and ``[ktlsd] groups`` narrowed to the system's groups
+(:func:`crypto_policy_problems` is what ``ktlsd run`` checks at start).
+
 Off the event loop. Building the material reads keyrings and files and parses keys, so
 :func:`build_tls_config` (a coroutine) runs :func:`build_tls_config_blocking` in a thread of
 its own (started per request, so it has the agent's keyrings as they are now), builds the
@@ -73,6 +78,7 @@ from ktlsd.settings import (
     LegacyPskSha384,
     X509Files,
 )
+from ktlsd.tls import policy
 from ktlsd.tls.handshake import (
     ClientAuth,
     HashName,
@@ -83,6 +89,7 @@ from ktlsd.tls.handshake import (
     library_version,
     prepare_context,
 )
+from ktlsd.tls.keylog import KeyLogFile
 from ktlsd.tls.session import CipherSuite, Role
 
 log = logging.getLogger("ktlsd.material")
@@ -259,10 +266,44 @@ def make_psk_lookup(
 
 
 def _suites(names: Sequence[str]) -> tuple[CipherSuite, ...]:
+    """The suites for a request: the system crypto policy's that kTLS carries, narrowed to
+    the request's own list when it names one (:mod:`ktlsd.tls.policy`)."""
     try:
-        return tuple(CipherSuite.from_name(n) for n in names)
+        requested = tuple(CipherSuite.from_name(n) for n in names) if names else None
+        return policy.effective_suites(requested)
+    except policy.CryptoPolicyError as exc:
+        cause = FailureCause.INVALID_REQUEST if names else FailureCause.MISSING_MATERIAL
+        raise HandshakeError(cause, str(exc)) from None
     except ValueError as exc:
         raise HandshakeError(FailureCause.INVALID_REQUEST, str(exc)) from None
+
+
+def _groups(configured: str | None) -> str | None:
+    """The configured groups (``[ktlsd] groups``) narrowed to the system crypto policy; None
+    leaves the library's default, which is the system policy's."""
+    if not configured:
+        return None
+    try:
+        return policy.effective_groups(configured)
+    except policy.CryptoPolicyError as exc:
+        raise HandshakeError(FailureCause.MISSING_MATERIAL, str(exc)) from None
+
+
+def crypto_policy_problems(groups: str | None) -> list[str]:
+    """What makes the agent's configuration unusable under the system crypto policy (one
+    line each; ``ktlsd run`` refuses to start, ``--check`` reports them): no cipher suite
+    left, no key-exchange group left."""
+    problems: list[str] = []
+    try:
+        policy.effective_suites()
+    except policy.CryptoPolicyError as exc:
+        problems.append(str(exc))
+    if groups:
+        try:
+            policy.effective_groups(groups)
+        except policy.CryptoPolicyError as exc:
+            problems.append(f"[ktlsd] groups: {exc}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -466,10 +507,12 @@ def build_tls_config_blocking(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     timeout: float = MATERIAL_TIMEOUT,
     record_size_limit: int = DEFAULT_RECORD_SIZE_LIMIT,
+    key_log_file: str | None = None,
 ) -> TlsConfig:
     """Resolve a request's material into the engine's configuration. Blocks the calling
     thread (keyring and file reads, key parsing): not for the event loop thread, where
-    :func:`build_tls_config` is the way."""
+    :func:`build_tls_config` is the way. ``key_log_file`` (the agent's ``[ktlsd]
+    key_log_file``, never a consumer's wish): the handshake's secrets are written there."""
     if request.message_type is MessageType.CLIENTHELLO:
         role = Role.CLIENT
     elif request.message_type is MessageType.SERVERHELLO:
@@ -479,15 +522,16 @@ def build_tls_config_blocking(
             FailureCause.UNSUPPORTED, f"message type {request.message_type.name.lower()}"
         )
     inline = request.inline or InlineMaterial()
-    suites = _suites(inline.ciphersuites) if inline.ciphersuites else tuple(CipherSuite)
+    suites = _suites(inline.ciphersuites)
     reads = _Reads(consumer, max_file_bytes, time.monotonic() + timeout)
     common: dict[str, Any] = {
         "role": role,
         "ciphersuites": suites,
-        "groups": groups,
+        "groups": _groups(groups),
         "peername": request.peername,
         "legacy_psk_sha384": legacy_psk_sha384,
         "record_size_limit": record_size_limit,
+        "key_log": KeyLogFile(key_log_file) if key_log_file else None,
     }
 
     if request.auth_mode is AuthMode.PSK:
@@ -606,6 +650,7 @@ async def build_tls_config(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     timeout: float = MATERIAL_TIMEOUT,
     record_size_limit: int = DEFAULT_RECORD_SIZE_LIMIT,
+    key_log_file: str | None = None,
 ) -> TlsConfig:
     """:func:`build_tls_config_blocking` in a thread of its own, with its ``SSL_CTX`` built
     there too; the event loop only waits, at most ``timeout`` seconds (``TIMEOUT`` after).
@@ -613,7 +658,7 @@ async def build_tls_config(
     kwargs: dict[str, Any] = {
         "x509_files": x509_files, "psk_keyrings": tuple(psk_keyrings), "groups": groups,
         "consumer": consumer, "legacy_psk_sha384": legacy_psk_sha384,
-        "max_file_bytes": max_file_bytes, "timeout": timeout,
+        "max_file_bytes": max_file_bytes, "timeout": timeout, "key_log_file": key_log_file,
         "record_size_limit": record_size_limit,
     }
     if _touches_nothing(request):

@@ -182,7 +182,9 @@ class AgentSettings:
     ``default_timeout_ms`` applies to requests that carry no timeout; a service consumer's
     timeout is clamped to ``max_consumer_timeout_ms``. ``service_limits`` bound each uid's
     share of the handshake service. ``tags_directory`` holds the TLS session tag files
-    (:mod:`ktlsd.session_tags`), read at start and on reload.
+    (:mod:`ktlsd.session_tags`), read at start and on reload. ``key_log_file``
+    (``[ktlsd] key_log_file``; None: off) is where every handshake's secrets are written for
+    debugging (:mod:`ktlsd.tls.keylog`; the path itself is not a secret).
     """
 
     client_x509: X509Files = field(default_factory=X509Files)
@@ -202,6 +204,7 @@ class AgentSettings:
     uid_max_kept_sessions: int = DEFAULT_UID_MAX_KEPT_SESSIONS
     service_limits: ServiceLimits = field(default_factory=ServiceLimits)
     tags_directory: str = DEFAULT_TAGS_DIRECTORY
+    key_log_file: str | None = None
 
     @property
     def concurrency(self) -> int:

@@ -14,9 +14,10 @@ want_test=0
 pkgs=(libssl3 openssl keyutils python3-venv)
 if [ "$want_test" = 1 ]; then
     # nvme-cli: its DH-HMAC-CHAP key output is compared with ours;
-    # lintian, groff: tests/test_packaging.py checks the .deb and the man pages
+    # lintian, groff: tests/test_packaging.py checks the .deb and the man pages;
+    # tshark: tests/test_keylog.py decrypts a captured session with the key log;
     # softhsm2, opensc, libengine-pkcs11-openssl: tests/test_pkcs11.py (keys in a token)
-    pkgs+=(gnutls-bin nvme-cli lintian groff-base softhsm2 opensc libengine-pkcs11-openssl)
+    pkgs+=(gnutls-bin nvme-cli lintian groff-base tshark softhsm2 opensc libengine-pkcs11-openssl)
     bash testbed/install-host-deps.sh  # QEMU, debootstrap, busybox-static ... for the VM tests
 fi
 
@@ -30,6 +31,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
         exit 1
     fi
     export DEBIAN_FRONTEND=noninteractive
+    # tshark's wireshark-common asks whether non-root users may capture: no.
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

@@ -21,6 +21,7 @@ tag defined, and whether the running kernel's DONE takes tags (INFO when it does
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import enum
 import importlib
@@ -293,6 +294,59 @@ def _tags_to_kernel(caps: KernelCapabilities | None) -> Check:
     return _info(name, line + "; service consumers still get them")
 
 
+def check_crypto_policy(path: str | None = None) -> list[Check]:
+    """The effective TLS 1.3 suites and groups and why: what the system crypto policy (the
+    OpenSSL configuration) allows, what kTLS carries, what ktlsd's configuration narrows."""
+    from ktlsd.config import ConfigError, load_config
+    from ktlsd.tls import policy
+
+    system = policy.read_system_policy()
+    checks: list[Check] = []
+    where = system.config_file or "none"
+    if system.config_error is not None:
+        checks.append(_info("OpenSSL configuration",
+                            f"{system.config_error}: the library's built-in defaults apply"))
+    elif system.section is None:
+        checks.append(_info("OpenSSL configuration",
+                            f"{where}: no system_default section: the library's defaults"))
+    else:
+        said = [f"{key} = {value}" for key, value in (
+            ("Ciphersuites", system.configured_suites), ("Groups", system.configured_groups))
+            if value is not None] or ["neither Ciphersuites nor Groups"]
+        checks.append(_info("OpenSSL configuration",
+                            f"{where} [{system.section}]: {', '.join(said)}"))
+    choice = policy.choose_suites(None, system.suites)
+    allowed = ":".join(system.suite_names) or "none"
+    why = (f"system policy allows {allowed}; kTLS carries "
+           f"{':'.join(s.iana_name for s in policy.KTLS_SUITES)}; a service request or "
+           "--ciphers may narrow further")
+    if choice.effective:
+        checks.append(_ok("TLS 1.3 suites",
+                          f"{':'.join(s.iana_name for s in choice.effective)} ({why})"))
+    else:
+        checks.append(_missing("TLS 1.3 suites", f"none usable ({why})"))
+    groups: str | None = None
+    with contextlib.suppress(ConfigError):  # the configuration line reports it
+        groups = load_config(path).groups
+    system_groups = ":".join(system.groups) or "none"
+    shares = ":".join(system.key_shares) or "none"
+    try:
+        picked = policy.choose_groups(groups)
+    except policy.CryptoPolicyError as exc:
+        checks.append(_missing("key-exchange groups", f"[ktlsd] groups: {exc}"))
+        return checks
+    if groups is None:
+        detail = (f"{system_groups} (system policy, key share {shares}; [ktlsd] groups not "
+                  "set; kTLS does not depend on the group)")
+    else:
+        refused = (f"; not allowed by the system policy: {':'.join(picked.refused)}"
+                   if picked.refused else "")
+        detail = (f"{':'.join(picked.effective)} ([ktlsd] groups = {groups}{refused}; system "
+                  f"policy allows {system_groups})")
+    checks.append(_ok("key-exchange groups", detail))
+    return checks
+
+
 CHECKS: tuple[Callable[[], list[Check]], ...] = (
     check_kernel,
     check_ktls,
@@ -308,6 +362,7 @@ def run_checks(config_path: str | None = None) -> list[Check]:
     results: list[Check] = []
     checks: tuple[Callable[[], list[Check]], ...] = (
         *CHECKS, lambda: check_config(config_path), lambda: check_session_tags(config_path),
+        lambda: check_crypto_policy(config_path),
     )
     for check in checks:
         try:

@@ -17,6 +17,7 @@ from ktlsd.credentials import X509Credentials
 from ktlsd.material import psk_hash_for
 from ktlsd.pkcs11_uri import is_pkcs11_uri, redact
 from ktlsd.settings import DEFAULT_RECORD_SIZE_LIMIT, MAX_RECORD_SIZE_LIMIT, MIN_RECORD_SIZE_LIMIT
+from ktlsd.tls import policy
 from ktlsd.tls.handshake import ClientAuth, HashName, PskKey, TlsConfig
 from ktlsd.tls.session import CipherSuite, Role
 
@@ -101,7 +102,8 @@ def add_tls_options(p: argparse.ArgumentParser, *, server: bool) -> None:
     g = p.add_argument_group("session")
     g.add_argument(
         "--ciphers", metavar="LIST",
-        help="colon-separated TLS 1.3 suites (default: all three kTLS suites)",
+        help="colon-separated TLS 1.3 suites (default: those of the system crypto policy, "
+        "the OpenSSL configuration, that kTLS carries; this list can only narrow them)",
     )
     g.add_argument("--groups", metavar="LIST", help="key-exchange groups, e.g. X25519:P-256")
     g.add_argument(
@@ -316,12 +318,17 @@ def _credentials(cert: str, key: str, module: str | None) -> X509Credentials:
 
 
 def build_config(args: argparse.Namespace, role: Role, host: str | None) -> TlsConfig:
-    suites = tuple(CipherSuite)
+    """The engine's configuration. The suites and groups are the system crypto policy's,
+    narrowed by ``--ciphers``/``--groups`` (:class:`~ktlsd.tls.policy.CryptoPolicyError`
+    when nothing is left)."""
+    requested = None
     if args.ciphers:
         try:
-            suites = tuple(CipherSuite.from_name(n) for n in args.ciphers.split(":") if n)
+            requested = tuple(CipherSuite.from_name(n) for n in args.ciphers.split(":") if n)
         except ValueError as exc:
             raise UsageError(f"--ciphers: {exc}") from None
+    suites = policy.effective_suites(requested)
+    groups = policy.effective_groups(args.groups)
     credentials = None
     if args.cert or args.key:
         if not (args.cert and args.key):
@@ -339,7 +346,7 @@ def build_config(args: argparse.Namespace, role: Role, host: str | None) -> TlsC
         "crl": args.crl,
         "verify_peer": not args.no_verify,
         "ciphersuites": suites,
-        "groups": args.groups,
+        "groups": groups,
         "record_size_limit": args.record_size_limit,
     }
     if role is Role.CLIENT:

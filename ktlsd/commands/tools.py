@@ -14,7 +14,10 @@ connection at once, without waiting for stdin.
 Standard error shows what an admin debugging an NVMe/TCP or NFS TLS problem wants to know —
 suite, group, record layer, peer identity, KeyUpdates counted — and one line with the cause
 on failure. Exit status: 0 after an orderly close, 1 on a handshake or I/O failure, 2 on bad
-usage. Secrets are never printed.
+usage. Secrets are never printed; with ``SSLKEYLOGFILE`` set (as for other TLS tools) they are
+written to that file in the NSS key log format for Wireshark (:mod:`ktlsd.tls.keylog`), with
+a warning on standard error at start. The suites and groups are the system crypto policy's
+(:mod:`ktlsd.tls.policy`), narrowed by ``--ciphers``/``--groups``.
 
 This module is the commands themselves: registration, connecting, accepting, the handshake,
 and the status lines and exit status of each connection. Their options and the TLS
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import sys
 from typing import TYPE_CHECKING
@@ -42,6 +46,8 @@ from ktlsd.commands.tool_options import (
 )
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.tls.handshake import TlsConfig, perform_handshake
+from ktlsd.tls.keylog import ENV_KEY_LOG, KeyLogError, key_log_from_environment
+from ktlsd.tls.policy import CryptoPolicyError
 from ktlsd.tls.record import AlertReceived
 from ktlsd.tls.session import Role, Session
 
@@ -171,6 +177,13 @@ async def _run_connection(
     except (OSError, HandshakeError) as exc:
         _fail(f"connection failed: {exc}")
         return 1
+    if config.key_log is not None:
+        try:
+            config.key_log.write_key_updates(
+                session, result.key_updates_sent, result.key_updates_received
+            )
+        except KeyLogError as exc:
+            _fail(f"secrets after KeyUpdates not logged: {exc}")
     _say(
         args,
         f"closed: sent={result.sent} received={result.received} "
@@ -180,14 +193,26 @@ async def _run_connection(
     return 0
 
 
+def _with_key_log(config: TlsConfig) -> TlsConfig:
+    """``config`` writing its secrets to ``$SSLKEYLOGFILE`` when that is set: the file is
+    checked now (:class:`KeyLogError`) and a warning goes to standard error, even with -q."""
+    key_log = key_log_from_environment()
+    if key_log is None:
+        return config
+    key_log.check()
+    _fail(f"warning: {ENV_KEY_LOG} is set: TLS secrets are written to {key_log.path} "
+          "(anyone who can read it can decrypt these sessions)")
+    return dataclasses.replace(config, key_log=key_log)
+
+
 def run_connect(args: argparse.Namespace) -> int:
     try:
         host, port = parse_address(args.address)
-        config = build_config(args, Role.CLIENT, host)
+        config = _with_key_log(build_config(args, Role.CLIENT, host))
     except UsageError as exc:
         _fail(str(exc))
         return 2
-    except HandshakeError as exc:
+    except (HandshakeError, CryptoPolicyError, KeyLogError) as exc:
         _fail(str(exc))
         return 1
     try:
@@ -204,11 +229,11 @@ def run_connect(args: argparse.Namespace) -> int:
 def run_listen(args: argparse.Namespace) -> int:
     try:
         host, port = parse_address(args.address, default_host="")
-        config = build_config(args, Role.SERVER, None)
+        config = _with_key_log(build_config(args, Role.SERVER, None))
     except UsageError as exc:
         _fail(str(exc))
         return 2
-    except HandshakeError as exc:
+    except (HandshakeError, CryptoPolicyError, KeyLogError) as exc:
         _fail(str(exc))
         return 1
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

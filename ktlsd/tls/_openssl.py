@@ -112,6 +112,7 @@ TLSEXT_TYPE_record_size_limit = 28  # RFC 8449; OpenSSL has no built-in support 
 SSL_EXT_TLS1_3_ONLY = 0x00020
 SSL_EXT_CLIENT_HELLO = 0x00080
 SSL_EXT_TLS1_3_ENCRYPTED_EXTENSIONS = 0x00400
+TLSEXT_NID_UNKNOWN = 0x1000000  # marks a TLS group id where a NID is expected
 
 # --- callback types -----------------------------------------------------------------------------
 KEYLOG_CB = ctypes.CFUNCTYPE(None, c_void_p, c_char_p)
@@ -186,6 +187,13 @@ X509_VERIFY_PARAM_set1_host = _bind(
 OPENSSL_sk_num = _bind(_crypto, "OPENSSL_sk_num", c_int, c_void_p)
 OPENSSL_sk_value = _bind(_crypto, "OPENSSL_sk_value", c_void_p, c_void_p, c_int)
 OBJ_nid2sn = _bind(_crypto, "OBJ_nid2sn", c_char_p, c_int)
+CRYPTO_free = _bind(_crypto, "CRYPTO_free", None, c_void_p, c_char_p, c_int)
+# The configuration file API (the system crypto policy, ktlsd.tls.policy): read only.
+CONF_get1_default_config_file = _bind(_crypto, "CONF_get1_default_config_file", c_void_p)
+NCONF_new = _bind(_crypto, "NCONF_new", c_void_p, c_void_p)
+NCONF_free = _bind(_crypto, "NCONF_free", None, c_void_p)
+NCONF_load = _bind(_crypto, "NCONF_load", c_int, c_void_p, c_char_p, POINTER(c_long))
+NCONF_get_section = _bind(_crypto, "NCONF_get_section", c_void_p, c_void_p, c_char_p)
 
 # --- libssl -------------------------------------------------------------------------------------
 TLS_method = _bind(_ssl, "TLS_method", c_void_p)
@@ -218,6 +226,7 @@ SSL_CTX_add_custom_ext = _bind(
     _ssl, "SSL_CTX_add_custom_ext", c_int, c_void_p, c_uint, c_uint, CUSTOM_EXT_ADD_CB,
     CUSTOM_EXT_FREE_CB, c_void_p, CUSTOM_EXT_PARSE_CB, c_void_p,
 )
+SSL_CTX_get_ciphers = _bind(_ssl, "SSL_CTX_get_ciphers", c_void_p, c_void_p)
 
 SSL_new = _bind(_ssl, "SSL_new", c_void_p, c_void_p)
 SSL_free = _bind(_ssl, "SSL_free", None, c_void_p)
@@ -419,16 +428,20 @@ def _make_psk_session(ssl: int, key: bytes, cipher_code: int) -> int:
 
 # The keylog lines the hand-off needs. OpenSSL logs five secrets per handshake and end (the
 # handshake traffic secrets and the exporter secret too); the callback drops the other three
-# at the first bytes and keeps these two lines unparsed: they are parsed once, at the end.
+# at the first bytes and keeps these two lines unparsed: they are parsed once, at the end. A
+# connection with ``keep_all_secret_lines`` (a key log is configured: ktlsd.tls.keylog) keeps
+# all five.
 TRAFFIC_SECRET_LABELS = (b"CLIENT_TRAFFIC_SECRET_0", b"SERVER_TRAFFIC_SECRET_0")
 _TRAFFIC_SECRET_PREFIXES = tuple(label + b" " for label in TRAFFIC_SECRET_LABELS)
 
 
 def _keylog_cb(ssl: int | None, line: bytes | None) -> None:
-    if line and line.startswith(_TRAFFIC_SECRET_PREFIXES):
-        conn = _lookup(ssl)
-        if conn is not None:
-            conn.secret_lines.append(line)
+    if not line:
+        return
+    wanted = line.startswith(_TRAFFIC_SECRET_PREFIXES)
+    conn = _lookup(ssl)
+    if conn is not None and (wanted or conn.keep_all_secret_lines):
+        conn.secret_lines.append(line)
 
 
 def _psk_use_cb(ssl, md, id_out, idlen_out, sess_out) -> int:  # type: ignore[no-untyped-def]
@@ -620,6 +633,70 @@ def _is_pem(data: bytes) -> bool:
     return b"-----BEGIN " in data
 
 
+# --- the configuration file (read only) ----------------------------------------------------------
+class _ConfValue(ctypes.Structure):
+    _fields_ = [("section", c_char_p), ("name", c_char_p), ("value", c_char_p)]
+
+
+def default_config_file() -> str | None:
+    """The OpenSSL configuration file the library reads: ``$OPENSSL_CONF``, else
+    ``OPENSSLDIR/openssl.cnf`` (``CONF_get1_default_config_file``)."""
+    ptr = CONF_get1_default_config_file()
+    if not ptr:
+        drain_errors()
+        return None
+    try:
+        return ctypes.string_at(ptr).decode("utf-8", "surrogateescape")
+    finally:
+        CRYPTO_free(ptr, None, 0)
+
+
+class ConfigFile:
+    """An OpenSSL configuration file loaded with the library's own parser (``NCONF_load``:
+    its syntax, ``.include`` and variable expansion), for reading sections; a context manager.
+    Raises :class:`OpenSSLError` when the file cannot be loaded."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        conf = NCONF_new(None)
+        if not conf:
+            raise _fail("NCONF_new")
+        self._conf: int | None = conf
+        line = c_long(0)
+        if NCONF_load(conf, path.encode("utf-8", "surrogateescape"), ctypes.byref(line)) != 1:
+            self.close()
+            where = f" (line {line.value})" if line.value > 0 else ""
+            raise _fail(f"cannot load OpenSSL configuration {path}{where}")
+
+    def section(self, name: str) -> list[tuple[str, str]] | None:
+        """The ``name = value`` pairs of a section in file order, or None when it is absent
+        (``default`` is the part before the first section header)."""
+        if self._conf is None:
+            raise ValueError("configuration already closed")
+        stack = NCONF_get_section(self._conf, name.encode("utf-8", "surrogateescape"))
+        if not stack:
+            drain_errors()
+            return None
+        pairs: list[tuple[str, str]] = []
+        for i in range(OPENSSL_sk_num(stack)):
+            value = ctypes.cast(OPENSSL_sk_value(stack, i), POINTER(_ConfValue)).contents
+            if value.name is not None and value.value is not None:
+                pairs.append((value.name.decode("utf-8", "replace"),
+                              value.value.decode("utf-8", "replace")))
+        return pairs
+
+    def close(self) -> None:
+        if self._conf is not None:
+            NCONF_free(self._conf)
+            self._conf = None
+
+    def __enter__(self) -> ConfigFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # --- SSL_CTX -------------------------------------------------------------------------------------
 class SslContext:
     """An owned ``SSL_CTX`` for TLS 1.3 only, with ktlsd's callbacks installed.
@@ -680,6 +757,15 @@ class SslContext:
 
     def set_ciphersuites(self, names: str) -> None:
         _check(SSL_CTX_set_ciphersuites(self.ptr, names.encode()), "cannot set cipher suites")
+
+    def cipher_codes(self) -> list[int]:
+        """The IANA codes of the context's cipher list in preference order (TLS 1.3 suites
+        first, then the TLS 1.2 ones: ``SSL_CTX_get_ciphers``)."""
+        stack = SSL_CTX_get_ciphers(self.ptr)
+        if not stack:
+            return []
+        return [int(SSL_CIPHER_get_protocol_id(OPENSSL_sk_value(stack, i)))
+                for i in range(OPENSSL_sk_num(stack))]
 
     def set_groups(self, groups: str) -> None:
         if SSL_CTX_ctrl(self.ptr, SSL_CTRL_SET_GROUPS_LIST, 0, groups.encode()) != 1:
@@ -829,8 +915,10 @@ class SslConnection:
         self.callback_error: Exception | None = None
         self.errors: list[QueuedError] = []
         self.last_error = SSL_ERROR_NONE  # SSL_get_error after the last failed step
-        # Keylog lines of the two application traffic secrets (see traffic_secrets).
+        # Keylog lines of the two application traffic secrets (see traffic_secrets), or of
+        # all secrets with keep_all_secret_lines (for a key log file).
         self.secret_lines: list[bytes] = []
+        self.keep_all_secret_lines = False
         ssl = SSL_new(ctx.ptr)
         if not ssl:
             raise _fail("SSL_new")
@@ -1027,6 +1115,12 @@ class SslConnection:
 
     def session_reused(self) -> bool:
         return bool(SSL_session_reused(self.ptr))
+
+    def group_name_for_code(self, code: int) -> str | None:
+        """The library's name of the TLS group with IANA number ``code``, or None when it
+        does not know it (``SSL_group_to_name`` takes a TLS id marked TLSEXT_nid_unknown)."""
+        name = SSL_group_to_name(self.ptr, TLSEXT_NID_UNKNOWN | code)
+        return name.decode("ascii", "replace") if name else None
 
     def group_name(self) -> str | None:
         nid = int(SSL_ctrl(self.ptr, SSL_CTRL_GET_NEGOTIATED_GROUP, 0, None))

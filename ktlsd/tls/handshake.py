@@ -91,7 +91,9 @@ from ktlsd.settings import (
     LegacyPskSha384,
 )
 from ktlsd.tls import _openssl as ossl
+from ktlsd.tls import policy
 from ktlsd.tls.client_hello import MalformedPskExtension, OfferedPsk, parse_pre_shared_key
+from ktlsd.tls.keylog import KeyLogError, KeyLogFile
 from ktlsd.tls.protocol import (
     MAX_CIPHERTEXT,
     RECORD_HEADER_LENGTH,
@@ -171,8 +173,6 @@ class PskKey:
         return f"{text!r}" + (f" (key {self.serial:#x})" if self.serial is not None else "")
 
 
-_ALL_SUITES = tuple(CipherSuite)
-
 _MAX_PSK_LOOKUPS = 16
 """Offered PSK identities our server looks up per ClientHello, at most: a lookup may search
 keyrings, and a hostile client can offer hundreds of identities in one ClientHello."""
@@ -210,13 +210,20 @@ class TlsConfig:
     chooses the chain, and the result says which (:attr:`Session.signature_scheme`).
 
     ``verify_peer=False`` accepts any peer certificate (testing only).
-    ``groups`` is an OpenSSL groups list such as ``"X25519:P-256"``.
+    ``ciphersuites`` are used as given; the default is the system crypto policy's TLS 1.3
+    suites that kTLS can carry (:func:`ktlsd.tls.policy.default_suites`; ValueError when there
+    are none). Callers narrow a list they were given with
+    :func:`ktlsd.tls.policy.effective_suites` first.
+    ``groups`` is an OpenSSL groups list such as ``"X25519:P-256"``; None keeps the library's
+    default (the system policy's groups, see :mod:`ktlsd.tls.policy`).
     ``legacy_psk_sha384`` (``[ktlsd] legacy_psk_sha384``): ``accept`` lets our server take a
     SHA-384 PSK that a client bound to SHA-256 (tlshd 1.0); ``offer`` does that and makes our
     client bind SHA-384 PSKs to SHA-256 too; ``refuse`` is spec-strict both ways (see the
     module docstring).
     ``record_size_limit`` is the RFC 8449 limit we advertise: the largest record we accept,
     content type included (64..2^14+1; see the module docstring).
+    ``key_log``: write this handshake's secrets there when it ends, for debugging
+    (:mod:`ktlsd.tls.keylog`); not part of the context (no effect on the context cache).
     """
 
     role: Role
@@ -231,10 +238,11 @@ class TlsConfig:
     peername: str | None = None
     client_auth: ClientAuth = "none"
     verify_peer: bool = True
-    ciphersuites: tuple[CipherSuite, ...] = _ALL_SUITES
+    ciphersuites: tuple[CipherSuite, ...] = field(default_factory=policy.default_suites)
     groups: str | None = None
     legacy_psk_sha384: LegacyPskSha384 = DEFAULT_LEGACY_PSK_SHA384
     record_size_limit: int = DEFAULT_RECORD_SIZE_LIMIT
+    key_log: KeyLogFile | None = field(default=None, compare=False)
     # Derived once here rather than in every handshake (not settings: not compared or shown):
     # the configured suites of each hash with their OpenSSL list, and the context cache key.
     _suites_by_hash: dict[str, tuple[tuple[CipherSuite, ...], bytes]] = field(
@@ -565,6 +573,7 @@ class TlsHandshake(ossl.ConnectionHooks):
         ctx = _get_context(config)
         try:
             self._conn = ossl.SslConnection(ctx, self, server=server)
+            self._conn.keep_all_secret_lines = config.key_log is not None
             if self._psk_hash is not None:
                 self._conn.set_ciphersuites(config.suite_list_for(self._psk_hash))
             if config.peername:
@@ -617,8 +626,15 @@ class TlsHandshake(ossl.ConnectionHooks):
         self.close()
 
     def close(self) -> None:
-        """Free the OpenSSL connection. The captured secrets are dropped too."""
+        """Free the OpenSSL connection. The captured secrets are dropped too, after they went
+        to the configured key log file, if any."""
         if self._conn is not None:
+            key_log = self.config.key_log
+            if key_log is not None and self._conn.secret_lines:
+                try:
+                    key_log.write_handshake(list(self._conn.secret_lines))
+                except KeyLogError as exc:
+                    log.warning("handshake with %s: secrets not logged: %s", self.peer, exc)
             self._conn.free()
             self._conn = None
         self._secrets = None
