@@ -475,7 +475,6 @@ _KTLSD_INTEGERS: dict[str, tuple[int, int | None]] = {
 """The ``[ktlsd]`` keys that are integers, with their ranges: each is an AgentConfig field."""
 
 
-
 def config_keys() -> tuple[ConfigKey, ...]:
     """Every key ktlsd reads, one row each: tlshd's (:data:`TLSHD_KEYS`) and ``[ktlsd]``'s
     (docs/configuration.md lists the same rows)."""
@@ -738,8 +737,8 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
             defaults.legacy_psk_sha384),
         workers=pick(reader.typed(k, "workers", parse_workers), defaults.workers),
         tags_directory=reader.string(k, "tags_directory") or defaults.tags_directory,
-        pkcs11_module=reader.typed(k, "pkcs11_module", _module_path),
-        key_log_file=reader.typed(k, "key_log_file", _key_log_path),
+        pkcs11_module=reader.typed(k, "pkcs11_module", _absolute_path),
+        key_log_file=reader.typed(k, "key_log_file", _absolute_path),
     )
     numbers: dict[str, Any] = {}
     for key, (minimum, maximum) in _KTLSD_INTEGERS.items():
@@ -751,8 +750,9 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
     return config
 
 
-def _module_path(text: str) -> str | None:
-    """``[ktlsd] pkcs11_module``: an absolute path (empty: the library's default)."""
+def _absolute_path(text: str) -> str | None:
+    """An optional absolute path (``pkcs11_module``: empty is the library's default;
+    ``key_log_file``: empty is off)."""
     value = text.strip()
     if not value:
         return None
@@ -766,16 +766,6 @@ def _others_may_read(path: str) -> bool:
         return bool(os.stat(path).st_mode & 0o004)
     except OSError:
         return False
-
-
-def _key_log_path(text: str) -> str | None:
-    """``[ktlsd] key_log_file``: empty is off; else an absolute path."""
-    path = text.strip()
-    if not path:
-        return None
-    if not os.path.isabs(path):
-        raise ValueError(f"{path!r} is not an absolute path")
-    return path
 
 
 def _group(text: str | None) -> str | int | None:

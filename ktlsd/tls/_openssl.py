@@ -849,12 +849,7 @@ class SslContext:
             _check(SSL_CTX_check_private_key(self.ptr),
                    "the token key does not match the certificate")
             return
-        buf = ctypes.create_string_buffer(key_der, len(key_der))
-        ptr = c_void_p(ctypes.addressof(buf))
-        pkey = d2i_AutoPrivateKey(None, ctypes.byref(ptr), len(key_der))
-        ctypes.memset(buf, 0, len(key_der))
-        if not pkey:
-            raise _fail("cannot parse private key")
+        pkey = _private_key_from_der(key_der)
         try:
             _check(SSL_CTX_use_PrivateKey(self.ptr, pkey), "cannot use private key")
         finally:
@@ -1271,6 +1266,18 @@ def knows_signature_scheme(name: str) -> bool:
         drain_errors()
 
 
+def _private_key_from_der(key_der: bytes) -> int:
+    """A new ``EVP_PKEY*`` (the caller frees it) parsed from a DER private key; the copy
+    handed to C is wiped. Raises :class:`OpenSSLError` when this library cannot parse it."""
+    buf = ctypes.create_string_buffer(key_der, len(key_der))
+    ptr = c_void_p(ctypes.addressof(buf))
+    pkey = d2i_AutoPrivateKey(None, ctypes.byref(ptr), len(key_der))
+    ctypes.memset(buf, 0, len(key_der))
+    if not pkey:
+        raise _fail("cannot parse private key")
+    return int(pkey)
+
+
 def key_type_name(key_der: bytes | TokenKey) -> str:
     """OpenSSL's name of the key type of a DER private key or a token key (``EC``, ``RSA``,
     ``ED25519``, ``ML-DSA-65``); raises :class:`OpenSSLError` when this library cannot parse
@@ -1278,12 +1285,7 @@ def key_type_name(key_der: bytes | TokenKey) -> str:
     if isinstance(key_der, TokenKey):
         name = EVP_PKEY_get0_type_name(key_der.ptr)
         return name.decode("ascii", "replace") if name else "unknown"
-    buf = ctypes.create_string_buffer(key_der, len(key_der))
-    ptr = c_void_p(ctypes.addressof(buf))
-    pkey = d2i_AutoPrivateKey(None, ctypes.byref(ptr), len(key_der))
-    ctypes.memset(buf, 0, len(key_der))
-    if not pkey:
-        raise _fail("cannot parse private key")
+    pkey = _private_key_from_der(key_der)
     try:
         name = EVP_PKEY_get0_type_name(pkey)
         return name.decode("ascii", "replace") if name else "unknown"

@@ -1,4 +1,5 @@
-"""The ClientHello ``pre_shared_key`` extension (RFC 8446 §4.2.11), parsed from hostile input.
+"""The ClientHello (RFC 8446 §4.1.2), parsed from hostile input: its ``pre_shared_key``
+extension, and the suites and groups it offers.
 
 A TLS 1.3 client that offers external PSKs lists their identities and, in the same order, one
 binder per identity. A binder is an HMAC under the hash the client bound that PSK to, so its
@@ -12,6 +13,12 @@ Contract: :func:`parse_pre_shared_key` takes the extension body exactly as the c
 left before it is used; the whole extension must be consumed; identity and binder counts must
 match; vector minimums from the RFC are enforced. Nothing here allocates more than the input's
 size, and the work is linear in it. No OpenSSL, no I/O: a pure function.
+
+:func:`parse_client_hello` takes a ClientHello as TLS records (what a client writes first) and
+returns its cipher suites, ``supported_groups`` and ``key_share`` groups
+(:class:`ClientHelloLists`), or raises :class:`MalformedClientHello`; the system crypto policy
+(:mod:`ktlsd.tls.policy`) reads what the library offers that way. Same rules: every length
+checked before use, pure.
 """
 
 from __future__ import annotations
@@ -21,8 +28,11 @@ from dataclasses import dataclass
 __all__ = [
     "BINDER_HASHES",
     "MAX_EXTENSION_BYTES",
+    "ClientHelloLists",
+    "MalformedClientHello",
     "MalformedPskExtension",
     "OfferedPsk",
+    "parse_client_hello",
     "parse_pre_shared_key",
 ]
 
@@ -37,7 +47,11 @@ _MIN_BINDERS_BYTES = 33  # PskBinderEntry binders<33..2^16-1>
 _MIN_BINDER = 32  # opaque PskBinderEntry<32..255>
 
 
-class MalformedPskExtension(ValueError):
+class MalformedClientHello(ValueError):
+    """A ClientHello that RFC 8446 does not allow; ``str()`` says how, in one line."""
+
+
+class MalformedPskExtension(MalformedClientHello):
     """The ``pre_shared_key`` extension does not follow RFC 8446 §4.2.11; ``str()`` says how
     (one line, no prefix: the caller names the extension and the peer)."""
 
@@ -62,9 +76,11 @@ class OfferedPsk:
 class _Reader:
     """A cursor over bytes that never reads past the end (every read is bounds-checked)."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, error: type[MalformedClientHello] = MalformedClientHello
+                 ) -> None:
         self._data = data
         self._pos = 0
+        self._error = error
 
     @property
     def remaining(self) -> int:
@@ -72,7 +88,7 @@ class _Reader:
 
     def take(self, n: int, what: str) -> bytes:
         if n > self.remaining:
-            raise MalformedPskExtension(f"{what} needs {n} bytes, only {self.remaining} left")
+            raise self._error(f"{what} needs {n} bytes, only {self.remaining} left")
         chunk = self._data[self._pos : self._pos + n]
         self._pos += n
         return chunk
@@ -85,7 +101,7 @@ class _Reader:
 
     def vector(self, length_size: int, what: str) -> _Reader:
         length = self.uint(length_size, f"the length of {what}")
-        return _Reader(self.take(length, what))
+        return _Reader(self.take(length, what), self._error)
 
 
 def parse_pre_shared_key(extension: bytes) -> tuple[OfferedPsk, ...]:
@@ -99,7 +115,7 @@ def parse_pre_shared_key(extension: bytes) -> tuple[OfferedPsk, ...]:
         raise MalformedPskExtension(
             f"{len(extension)} bytes, more than an extension can hold ({MAX_EXTENSION_BYTES})"
         )
-    outer = _Reader(bytes(extension))
+    outer = _Reader(bytes(extension), MalformedPskExtension)
     identities = outer.vector(2, "identities")
     binders = outer.vector(2, "binders")
     if outer.remaining:
@@ -131,3 +147,60 @@ def parse_pre_shared_key(extension: bytes) -> tuple[OfferedPsk, ...]:
         OfferedPsk(identity, age, length)
         for (identity, age), length in zip(offered, lengths, strict=True)
     )
+
+
+@dataclass(frozen=True)
+class ClientHelloLists:
+    """What a ClientHello offers: suites and groups (IANA codes) and the key-share groups."""
+
+    suites: tuple[int, ...]
+    groups: tuple[int, ...]
+    key_shares: tuple[int, ...]
+
+
+_HANDSHAKE_RECORD = 22
+_CLIENT_HELLO = 1
+_SUPPORTED_GROUPS = 10
+_KEY_SHARE = 51
+
+
+def _u16_list(reader: _Reader, what: str) -> tuple[int, ...]:
+    if reader.remaining % 2:
+        raise MalformedClientHello(f"{what}: an odd number of bytes")
+    return tuple(reader.uint(2, what) for _ in range(reader.remaining // 2))
+
+
+def parse_client_hello(records: bytes) -> ClientHelloLists:
+    """The cipher suites, ``supported_groups`` and ``key_share`` groups of the ClientHello in
+    ``records`` (TLS records as sent, handshake records joined). Raises
+    :class:`MalformedClientHello` when it is not one."""
+    body = bytearray()
+    outer = _Reader(bytes(records))
+    while outer.remaining:
+        content_type = outer.uint(1, "a record's type")
+        outer.take(2, "a record's version")
+        payload = outer.vector(2, "a record").take_all()
+        if content_type == _HANDSHAKE_RECORD:
+            body += payload
+    message = _Reader(bytes(body))
+    if message.uint(1, "the handshake type") != _CLIENT_HELLO:
+        raise MalformedClientHello("not a ClientHello")
+    hello = message.vector(3, "the ClientHello")
+    hello.take(2 + 32, "legacy_version and random")
+    hello.vector(1, "legacy_session_id")
+    suites = _u16_list(hello.vector(2, "cipher_suites"), "cipher_suites")
+    hello.vector(1, "legacy_compression_methods")
+    extensions = hello.vector(2, "extensions")
+    groups: tuple[int, ...] = ()
+    shares: list[int] = []
+    while extensions.remaining:
+        ext_type = extensions.uint(2, "an extension's type")
+        ext = extensions.vector(2, "an extension")
+        if ext_type == _SUPPORTED_GROUPS:
+            groups = _u16_list(ext.vector(2, "supported_groups"), "supported_groups")
+        elif ext_type == _KEY_SHARE:
+            entries = ext.vector(2, "client_shares")
+            while entries.remaining:
+                shares.append(entries.uint(2, "a key share's group"))
+                entries.vector(2, "a key share")
+    return ClientHelloLists(suites, groups, tuple(shares))

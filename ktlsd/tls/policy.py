@@ -35,15 +35,16 @@ process too (:func:`system_suites`, :func:`system_groups` are cached).
 from __future__ import annotations
 
 import functools
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ktlsd.tls import _openssl as ossl
+from ktlsd.tls.client_hello import ClientHelloLists, parse_client_hello
 from ktlsd.tls.session import CipherSuite
 
 __all__ = [
     "KTLS_SUITES",
+    "ClientHelloLists",
     "CryptoPolicyError",
     "GroupChoice",
     "SuiteChoice",
@@ -87,15 +88,6 @@ def system_suites() -> tuple[int, ...]:
         return tuple(c for c in ctx.cipher_codes() if c >> 8 == 0x13)
     finally:
         ctx.free()
-
-
-@dataclass(frozen=True)
-class ClientHelloLists:
-    """What a ClientHello offers: suites and groups (IANA codes) and the key-share groups."""
-
-    suites: tuple[int, ...]
-    groups: tuple[int, ...]
-    key_shares: tuple[int, ...]
 
 
 def _probe(groups: str | None) -> tuple[ClientHelloLists, dict[int, str]]:
@@ -149,75 +141,6 @@ def _system_group_codes() -> tuple[int, ...]:
         return _probe(None)[0].groups
     except (ossl.OpenSSLError, ValueError):
         return ()
-
-
-# --- the ClientHello (bounds-checked) ---------------------------------------------------------
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise ValueError("ClientHello truncated")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def u16(self) -> int:
-        value: int = struct.unpack(">H", self.take(2))[0]
-        return value
-
-    def vector(self, length_bytes: int) -> bytes:
-        size = self.u8() if length_bytes == 1 else self.u16()
-        return self.take(size)
-
-
-def _u16_list(data: bytes) -> tuple[int, ...]:
-    if len(data) % 2:
-        raise ValueError("odd-length list")
-    return tuple(struct.unpack(f">{len(data) // 2}H", data))
-
-
-def parse_client_hello(records: bytes) -> ClientHelloLists:
-    """The cipher suites, ``supported_groups`` and ``key_share`` groups of the ClientHello in
-    ``records`` (TLS records as sent). Raises ValueError when it is not one."""
-    body = bytearray()
-    outer = _Reader(records)
-    while outer.pos < len(records):
-        content_type = outer.u8()
-        outer.take(2)
-        payload = outer.vector(2)
-        if content_type == 22:
-            body += payload
-    hello = _Reader(bytes(body))
-    if hello.u8() != 1:
-        raise ValueError("not a ClientHello")
-    length = int.from_bytes(hello.take(3), "big")
-    hello = _Reader(hello.take(length))
-    hello.take(2 + 32)
-    hello.vector(1)  # legacy_session_id
-    suites = _u16_list(hello.vector(2))
-    hello.vector(1)  # legacy_compression_methods
-    extensions = _Reader(hello.vector(2))
-    groups: tuple[int, ...] = ()
-    shares: list[int] = []
-    while extensions.pos < len(extensions.data):
-        ext_type = extensions.u16()
-        ext = _Reader(extensions.vector(2))
-        if ext_type == 10:  # supported_groups
-            groups = _u16_list(ext.vector(2))
-        elif ext_type == 51:  # key_share
-            entries = _Reader(ext.vector(2))
-            while entries.pos < len(entries.data):
-                shares.append(entries.u16())
-                entries.vector(2)
-    return ClientHelloLists(suites, groups, tuple(shares))
 
 
 # --- the configuration file, shown by doctor --------------------------------------------------
