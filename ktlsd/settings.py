@@ -121,6 +121,9 @@ class X509Files:
     certificate: str | None = None
     private_key: str | None = None
     require_client_cert: bool = False  # server: tlshd's x509.client_auth
+    # server: tlshd's x509.client_allowed_sans, for the kernel's requests (not set: any client
+    # certificate the truststore verifies); not empty also means a certificate is required
+    client_allowed_sans: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

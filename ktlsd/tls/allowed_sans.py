@@ -40,11 +40,10 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 
-__all__ = ["AllowedSans", "SanCheck", "entry_problem"]
+__all__ = ["AllowedSans", "SanCheck"]
 
 _SHOWN_SANS = 4  # SANs named in a refusal, at most (a certificate may carry hundreds)
 _SHOWN_CHARS = 64  # of each
-_DNS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._*")
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -61,19 +60,6 @@ def _ip(text: str) -> IpAddress | None:
         return ipaddress.ip_address(text)
     except ValueError:
         return None
-
-
-def entry_problem(entry: str) -> str | None:
-    """Why a list entry can never match a DNS or IP SAN (for a warning), or None."""
-    if _ip(entry) is not None:
-        return None
-    if entry.startswith(("DNS:", "IP:", "dns:", "ip:")):
-        return "write the name or address alone, without a DNS:/IP: prefix"
-    if "/" in entry:
-        return "address ranges are not supported: list each address"
-    if not set(_ascii_lower(entry)) <= _DNS_CHARS:
-        return "neither a DNS name nor an IP address"
-    return None
 
 
 def _shown(text: str) -> str:
