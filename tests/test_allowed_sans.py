@@ -379,6 +379,22 @@ def test_a_kernel_request_with_a_list_requires_a_certificate_even_without_client
         assert "client sent no certificate" in reason
 
 
+@pytest.mark.parametrize(("client_auth", "status"), [(True, errno.EACCES), (False, 0)],
+                         ids=["client_auth-true", "client_auth-false"])
+def test_client_auth_requires_a_certificate_as_tlshd_does(
+    pki: dict[str, Cert], client_auth: bool, status: int
+) -> None:
+    """tlshd: x509.client_auth = true requires a client certificate (GNUTLS_CERT_REQUIRE, a
+    client without one ends in EACCES); otherwise one is asked for but optional."""
+    settings = AgentSettings(server_x509=_files(pki, (), client_auth=client_auth),
+                             keep_sessions=False)
+    answer, reason, fields, peer = serve_with_agent(
+        pki, settings, None, credentials=None, delivery=KeyDelivery.RETURN_SECRETS)
+    with peer:
+        assert answer == status, reason
+        assert fields["identity"] == ("-" if status else "anonymous")
+
+
 def test_a_consumers_own_request_is_not_subject_to_the_hosts_list(
     pki: dict[str, Cert]
 ) -> None:
