@@ -35,7 +35,6 @@ configuration makes a list imply it (see :mod:`ktlsd.config`).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -109,10 +108,6 @@ class AllowedSans:
         # Every entry is also a candidate DNS name (tlshd compares each entry with both).
         object.__setattr__(self, "_dns", frozenset(_ascii_lower(e) for e in self.entries))
         object.__setattr__(self, "_ips", frozenset(ips))
-
-    @classmethod
-    def of(cls, entries: Iterable[str]) -> AllowedSans:
-        return cls(tuple(entries))
 
     def __bool__(self) -> bool:
         return bool(self.entries)
