@@ -125,7 +125,7 @@ class AllowedSans:
             except x509.ExtensionNotFound:
                 return SanCheck(allowed=False)
             general_names = list(names)
-        except ValueError as exc:
+        except (ValueError, x509.DuplicateExtension) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return SanCheck(allowed=False,
                             problem=f"its subjectAltName cannot be read ({_shown(first)})")
