@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import ipaddress
 import logging
 import os
 import re
@@ -243,7 +244,9 @@ class X509Settings:
     pq_certificate: str | None = None
     pq_private_key: str | None = None
     client_auth: bool | None = None  # server only: require a client certificate
-    client_allowed_sans: tuple[str, ...] = ()  # server only
+    # server only: the DNS/IP SANs a client certificate must carry one of (kernel requests;
+    # implies client_auth; see ktlsd.tls.allowed_sans)
+    client_allowed_sans: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # a pkcs11: private key may carry a pin-value
         shown = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -341,7 +344,8 @@ class AgentConfig:
                              require_client_cert=bool(x.client_auth),
                              pq_certificate=x.pq_certificate,
                              pq_private_key=x.pq_private_key,
-                             pkcs11_module=self.pkcs11_module)
+                             pkcs11_module=self.pkcs11_module,
+                             client_allowed_sans=x.client_allowed_sans)
 
         return AgentSettings(
             client_x509=files(self.client),
@@ -428,8 +432,7 @@ TLSHD_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("authenticate.server", "x509.pq.certificate", "1.4", _SUPPORTED, "path"),
     ConfigKey("authenticate.server", "x509.pq.private_key", "1.4", _SUPPORTED, "path"),
     ConfigKey("authenticate.server", "x509.client_auth", "proposed", _SUPPORTED, "bool"),
-    ConfigKey("authenticate.server", "x509.client_allowed_sans", "proposed", _IGNORED, "list",
-              "not enforced: any client certificate the truststore verifies is accepted"),
+    ConfigKey("authenticate.server", "x509.client_allowed_sans", "proposed", _SUPPORTED, "list"),
     # The original tlshd.conf (ktls-utils 0.x) used [main] debug/tlsdebug/nl_debug/keyrings.
     ConfigKey("main", "debug", "0.x", _SUPPORTED, "int"),
     ConfigKey("main", "tlsdebug", "0.x", _IGNORED, "int",
@@ -675,6 +678,7 @@ def _x509(reader: _Reader, group: str) -> X509Settings:
     if group == "authenticate.server":
         client_auth = reader.typed(group, "x509.client_auth", _bool)
         sans = reader.strings(group, "x509.client_allowed_sans") or ()
+        _check_allowed_sans(reader, group, sans, client_auth)
     certificate = reader.path(group, "x509.certificate")
     private_key = reader.private_key(group, "x509.private_key")
     return X509Settings(
@@ -687,6 +691,51 @@ def _x509(reader: _Reader, group: str) -> X509Settings:
         client_auth=client_auth,
         client_allowed_sans=sans,
     )
+
+
+_SAN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._*")
+
+
+def san_entry_problem(entry: str) -> str | None:
+    """Why an ``x509.client_allowed_sans`` entry can never match a client certificate's DNS
+    or IP SAN (ktlsd.tls.allowed_sans has the matching rules), or None."""
+    try:
+        ipaddress.ip_address(entry)
+        return None
+    except ValueError:
+        pass
+    if entry.lower().startswith(("dns:", "ip:")):
+        return "write the name or address alone, without a DNS:/IP: prefix"
+    if "/" in entry:
+        return "address ranges are not supported: list each address"
+    if not set(entry) <= _SAN_CHARS:
+        return "neither a DNS name nor an IP address"
+    return None
+
+
+def _check_allowed_sans(reader: _Reader, group: str, sans: tuple[str, ...],
+                        client_auth: bool | None) -> None:
+    """Say what a ``x509.client_allowed_sans`` list will do where it may surprise: entries
+    that can never match, a list that names nothing, a list without ``x509.client_auth``."""
+    entry = reader.get(group, "x509.client_allowed_sans")
+    if entry is None:
+        return
+    where = f"{reader.keyfile.path}:{entry.line}: [{group}] x509.client_allowed_sans"
+    if not sans:
+        if entry.value.strip():
+            log.warning("%s names no SAN: every client certificate the truststore verifies "
+                        "is accepted", where)
+        return
+    for name in sans:
+        problem = san_entry_problem(name)
+        if problem is not None:
+            log.warning("%s: %r can never match a client certificate: %s", where, name, problem)
+    if not client_auth:
+        # tlshd reads the list only with x509.client_auth = true and would let any client in
+        # here; ktlsd does not let an allow list be silently void.
+        log.warning("%s is set but x509.client_auth is not true: ktlsd requires a client "
+                    "certificate carrying one of these SANs anyway (tlshd would ignore the "
+                    "list); set x509.client_auth = true to say so", where)
 
 
 def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:

@@ -574,9 +574,17 @@ def build_tls_config_blocking(
         client_auth: ClientAuth = (
             "require" if mutual and required else ("request" if mutual else "none")
         )
+        # The configured allow list is the host's policy for the kernel's servers (nfsd,
+        # nvmet); a service consumer's server brings its own (peername), with its own
+        # truststore and clients. A list means a listed certificate is required, in any mode.
+        allowed = x509_files.client_allowed_sans if consumer.uid is None else ()
+        if allowed:
+            client_auth = "require"
         trust = _trust(inline, x509_files, reads) if client_auth != "none" else {}
-        return TlsConfig(credentials=first, second_credentials=second,
-                         client_auth=client_auth, **trust, **common)
+        return TlsConfig(
+            credentials=first, second_credentials=second, client_auth=client_auth,
+            client_allowed_sans=allowed, **trust, **common,
+        )
 
     raise HandshakeError(
         FailureCause.INVALID_REQUEST, f"auth mode {request.auth_mode.name.lower()}"

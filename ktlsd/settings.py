@@ -144,6 +144,9 @@ class X509Files:
     pq_certificate: str | None = None
     pq_private_key: str | None = None
     pkcs11_module: str | None = None
+    # server: tlshd's x509.client_allowed_sans, for the kernel's requests (not set: any client
+    # certificate the truststore verifies); not empty also means a certificate is required
+    client_allowed_sans: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         shown = {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -100,6 +100,7 @@ SSL_CLIENT_HELLO_SUCCESS = 1
 SSL_CLIENT_HELLO_ERROR = 0
 
 X509_V_OK = 0
+X509_V_ERR_CERT_REJECTED = 28  # "certificate rejected": OpenSSL answers bad_certificate
 X509_V_FLAG_CRL_CHECK = 0x4
 
 ERR_LIB_PEM = 9
@@ -184,6 +185,16 @@ X509_VERIFY_PARAM_set1_ip_asc = _bind(
 X509_VERIFY_PARAM_set1_host = _bind(
     _crypto, "X509_VERIFY_PARAM_set1_host", c_int, c_void_p, c_char_p, c_size_t
 )
+X509_STORE_CTX_get_error_depth = _bind(
+    _crypto, "X509_STORE_CTX_get_error_depth", c_int, c_void_p
+)
+X509_STORE_CTX_get_current_cert = _bind(
+    _crypto, "X509_STORE_CTX_get_current_cert", c_void_p, c_void_p
+)
+X509_STORE_CTX_set_error = _bind(_crypto, "X509_STORE_CTX_set_error", None, c_void_p, c_int)
+X509_STORE_CTX_get_ex_data = _bind(
+    _crypto, "X509_STORE_CTX_get_ex_data", c_void_p, c_void_p, c_int
+)
 OPENSSL_sk_num = _bind(_crypto, "OPENSSL_sk_num", c_int, c_void_p)
 OPENSSL_sk_value = _bind(_crypto, "OPENSSL_sk_value", c_void_p, c_void_p, c_int)
 OBJ_nid2sn = _bind(_crypto, "OBJ_nid2sn", c_char_p, c_int)
@@ -237,6 +248,9 @@ SSL_set_accept_state = _bind(_ssl, "SSL_set_accept_state", None, c_void_p)
 SSL_do_handshake = _bind(_ssl, "SSL_do_handshake", c_int, c_void_p)
 SSL_get_error = _bind(_ssl, "SSL_get_error", c_int, c_void_p, c_int)
 SSL_set_ciphersuites = _bind(_ssl, "SSL_set_ciphersuites", c_int, c_void_p, c_char_p)
+SSL_set_verify = _bind(_ssl, "SSL_set_verify", None, c_void_p, c_int, VERIFY_CB)
+SSL_get_verify_mode = _bind(_ssl, "SSL_get_verify_mode", c_int, c_void_p)
+SSL_get_ex_data_X509_STORE_CTX_idx = _bind(_ssl, "SSL_get_ex_data_X509_STORE_CTX_idx", c_int)
 SSL_set1_host = _bind(_ssl, "SSL_set1_host", c_int, c_void_p, c_char_p)
 SSL_get0_param = _bind(_ssl, "SSL_get0_param", c_void_p, c_void_p)
 SSL_get_current_cipher = _bind(_ssl, "SSL_get_current_cipher", c_void_p, c_void_p)
@@ -397,6 +411,11 @@ class ConnectionHooks:
         """The peer's ``record_size_limit`` extension body (unparsed, so hostile); return 0
         to go on or an alert number to fail the handshake with."""
         return 0
+
+    def check_peer_leaf(self, certificate: bytes) -> None:
+        """The peer's own certificate (DER), once OpenSSL verified its chain; raise
+        :class:`Exception` (a HandshakeError) to refuse it. Called only on connections that
+        asked for it (:meth:`SslConnection.enable_leaf_check`)."""
 
 
 _registry: dict[int, SslConnection] = {}
@@ -564,6 +583,30 @@ def _accept_any_cb(_ok: int, _store_ctx: int | None) -> int:
     return 1
 
 
+def _verify_leaf_cb(ok: int, store_ctx: int | None) -> int:
+    """OpenSSL's verification stays in charge (``ok`` 0 stays a failure); once the chain
+    verified, the leaf (depth 0, reported last) goes to the connection's hook. A refusal is
+    reported as "certificate rejected", which OpenSSL turns into a bad_certificate alert."""
+    if not ok or not store_ctx:
+        return 0
+    if X509_STORE_CTX_get_error_depth(store_ctx) != 0:
+        return 1
+    conn = _lookup(X509_STORE_CTX_get_ex_data(store_ctx, SSL_get_ex_data_X509_STORE_CTX_idx()))
+    if conn is None:
+        X509_STORE_CTX_set_error(store_ctx, X509_V_ERR_CERT_REJECTED)
+        return 0  # a connection we cannot judge is not let in
+    try:
+        cert = X509_STORE_CTX_get_current_cert(store_ctx)
+        if not cert:
+            raise ValueError("OpenSSL gave no certificate to check")
+        conn.hooks.check_peer_leaf(x509_to_der(cert))
+        return 1
+    except Exception as exc:
+        conn.callback_error = exc
+        X509_STORE_CTX_set_error(store_ctx, X509_V_ERR_CERT_REJECTED)
+        return 0
+
+
 def _no_password_cb(_buf: int | None, _size: int, _rwflag: int, _u: int | None) -> int:
     return -1  # never prompt on a terminal for an encrypted PEM block: refuse it
 
@@ -575,6 +618,7 @@ _PSK_USE = PSK_USE_CB(_psk_use_cb)
 _PSK_FIND = PSK_FIND_CB(_psk_find_cb)
 _CLIENT_HELLO = CLIENT_HELLO_CB(_client_hello_cb)
 _ACCEPT_ANY = VERIFY_CB(_accept_any_cb)
+_VERIFY_LEAF = VERIFY_CB(_verify_leaf_cb)
 _NO_VERIFY_CB = VERIFY_CB()  # a NULL function pointer: OpenSSL's default verification
 _NO_PASSWORD = PEM_PASSWORD_CB(_no_password_cb)
 _RSL_ADD = CUSTOM_EXT_ADD_CB(_rsl_add_cb)
@@ -958,6 +1002,11 @@ class SslConnection:
     def set_ciphersuites(self, names: str | bytes) -> None:
         encoded = names.encode() if isinstance(names, str) else names
         _check(SSL_set_ciphersuites(self.ptr, encoded), "cannot set cipher suites")
+
+    def enable_leaf_check(self) -> None:
+        """Have :meth:`ConnectionHooks.check_peer_leaf` judge the peer's certificate once its
+        chain verified (the verification mode stays the context's)."""
+        SSL_set_verify(self.ptr, SSL_get_verify_mode(self.ptr), _VERIFY_LEAF)
 
     def set_expected_host(self, name: str) -> None:
         _check(SSL_set1_host(self.ptr, name.encode()), f"cannot set expected host {name!r}")

@@ -92,6 +92,7 @@ from ktlsd.settings import (
 )
 from ktlsd.tls import _openssl as ossl
 from ktlsd.tls import policy
+from ktlsd.tls.allowed_sans import AllowedSans
 from ktlsd.tls.client_hello import MalformedPskExtension, OfferedPsk, parse_pre_shared_key
 from ktlsd.tls.keylog import KeyLogError, KeyLogFile
 from ktlsd.tls.protocol import (
@@ -192,7 +193,11 @@ class TlsConfig:
 
     Server: ``psk_lookup`` maps an identity the client offered to a key (or None);
     ``credentials`` are required for certificate handshakes; ``client_auth`` decides whether a
-    client certificate is asked for; ``peername`` optionally checks the client's certificate.
+    client certificate is asked for; ``peername`` optionally checks the client's certificate;
+    ``client_allowed_sans``, when not empty, lets in only a client certificate carrying one of
+    those names as a DNS or IP SAN (:mod:`ktlsd.tls.allowed_sans`; tlshd's
+    ``x509.client_allowed_sans``). It is judged while OpenSSL verifies the certificate, so a
+    refused client gets a ``bad_certificate`` alert; the failure is ``UNTRUSTED_CERTIFICATE``.
 
     Truststore and CRL: ``truststore_contents``/``crl_contents`` are the files' bytes (PEM, or
     one DER value), read by the caller (the agent reads them with the consumer's rights, see
@@ -237,6 +242,7 @@ class TlsConfig:
     crl_contents: bytes | None = field(default=None, repr=False)
     peername: str | None = None
     client_auth: ClientAuth = "none"
+    client_allowed_sans: tuple[str, ...] = ()
     verify_peer: bool = True
     ciphersuites: tuple[CipherSuite, ...] = field(default_factory=policy.default_suites)
     groups: str | None = None
@@ -249,6 +255,7 @@ class TlsConfig:
         init=False, repr=False, compare=False
     )
     _context_key: _ContextKey = field(init=False, repr=False, compare=False)
+    _allowed_sans: AllowedSans = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.legacy_psk_sha384 not in LEGACY_PSK_SHA384_MODES:
@@ -265,6 +272,11 @@ class TlsConfig:
             raise ValueError(f"role must be a Role, not {self.role!r}")
         if self.client_auth not in ("none", "request", "require"):
             raise ValueError(f"client_auth must be none, request or require: {self.client_auth!r}")
+        if self.client_allowed_sans and (
+            self.role is not Role.SERVER or self.client_auth == "none"
+        ):
+            raise ValueError("client_allowed_sans needs a server that asks for client certificates")
+        object.__setattr__(self, "_allowed_sans", AllowedSans(tuple(self.client_allowed_sans)))
         if not self.ciphersuites:
             raise ValueError("no cipher suites configured")
         if self.second_credentials is not None and self.credentials is None:
@@ -286,6 +298,11 @@ class TlsConfig:
     def suite_list_for(self, hash_name: str) -> bytes:
         """:meth:`suites_for` as an OpenSSL cipher suite list."""
         return self._suites_by_hash[hash_name][1]
+
+    @property
+    def allowed_sans(self) -> AllowedSans:
+        """``client_allowed_sans`` as the check that judges a client certificate."""
+        return self._allowed_sans
 
     @property
     def uses_psk(self) -> bool:
@@ -578,6 +595,8 @@ class TlsHandshake(ossl.ConnectionHooks):
                 self._conn.set_ciphersuites(config.suite_list_for(self._psk_hash))
             if config.peername:
                 self._set_peername(config.peername, server=server)
+            if server and config.allowed_sans and config.verify_peer:
+                self._conn.enable_leaf_check()
         except ossl.OpenSSLError as exc:
             self.close()
             raise HandshakeError(FailureCause.MISSING_MATERIAL, str(exc)) from None
@@ -603,6 +622,13 @@ class TlsHandshake(ossl.ConnectionHooks):
             self._conn.set_expected_ip(name)
         else:
             self._conn.set_expected_host(name)
+
+    def check_peer_leaf(self, certificate: bytes) -> None:
+        """Server: the client's certificate (its chain verified) against the allowed SANs."""
+        verdict = self.config.allowed_sans.check(certificate)
+        if not verdict.allowed:
+            raise HandshakeError(FailureCause.UNTRUSTED_CERTIFICATE, verdict.reason)
+        log.debug("client %s: %s", self.peer, verdict.reason)
 
     def _psk_suites(self, hash_name: str) -> tuple[CipherSuite, ...]:
         return self.config.suites_for(hash_name)
