@@ -41,6 +41,7 @@ import functools
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -98,6 +99,14 @@ def _keyring_serial(name: str) -> int | None:
     except ValueError:
         return None
     return value if value > 0 else None
+
+
+def forget_parsed_material() -> None:
+    """Drop the certificate chains and keys parsed so far (:mod:`ktlsd.material`'s cache), as
+    a reload does; nothing to drop before the first request loaded the TLS engine."""
+    material = sys.modules.get("ktlsd.material")
+    if material is not None:
+        material.clear_material_cache()
 
 
 def _peer_address(sock: socket.socket) -> str:
@@ -285,6 +294,7 @@ class Agent:
         names what changed (settings hold paths and numbers, never secrets).
         """
         old, self.settings = self.settings, settings
+        forget_parsed_material()
         for slots in self._slots.values():
             slots.resize(settings.concurrency)
         for source in self.sources:

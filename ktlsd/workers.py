@@ -769,7 +769,10 @@ class _WorkerServer:
             self._start(job, job_flags, aux, payload, fds)
             return
         _close_fds(fds)
-        if kind == CONFIGURE:
+        if kind == CONFIGURE:  # at start, and after each reload
+            from ktlsd.agent import forget_parsed_material
+
+            forget_parsed_material()
             self.settings = decode_settings(payload)
             if aux:  # the supervisor's log level, which a reload may have changed
                 logging.getLogger("ktlsd").setLevel(aux)
