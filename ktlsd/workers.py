@@ -214,8 +214,10 @@ def encode_job(job: int, pending: PendingRequest, timeout_ms: int) -> bytes:
         credentials = (_CREDENTIALS.pack(creds.pid, creds.uid, creds.gid, len(groups))
                        + struct.pack(f"={len(groups)}I", *groups))
     timeout_ms = max(1, min(timeout_ms, 0xFFFFFFFF))
-    return (_HEADER.pack(JOB, flags, 0, timeout_ms, job) + credentials
-            + encode_submit(pending.request))
+    # A service request's SUBMIT as its consumer sent it (ServiceRequest.submit_message): the
+    # same request, not encoded a second time; the kernel's are encoded here.
+    submit = getattr(pending, "submit_message", b"") or encode_submit(pending.request)
+    return _HEADER.pack(JOB, flags, 0, timeout_ms, job) + credentials + submit
 
 
 @dataclass

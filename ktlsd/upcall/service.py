@@ -77,6 +77,7 @@ from ktlsd.upcall.wire import (
     encode_done_message,
     encode_error_done,
     recv_message,
+    recv_message_now,
     send_message,
 )
 
@@ -160,6 +161,9 @@ class ServiceRequest:
     _identity: tuple[int, int] = (0, 0)
     _state: _State = _State.QUEUED
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    submit_message: bytes = field(default=b"", repr=False)
+    """The SUBMIT as the consumer sent it (inline keys included: never shown), so that a
+    worker pool can pass it on without encoding the request again."""
 
     async def done(self, answer: HandshakeDone) -> None:
         """Close the agent's descriptor and send DONE (a no-op after cancellation)."""
@@ -469,8 +473,14 @@ class HandshakeService:
         item: ServiceRequest | None = None
         try:
             try:
-                data, fds, flags = await asyncio.wait_for(
-                    recv_message(conn), self.limits.submit_timeout_ms / 1000)
+                # Usually there already (consumers send it right after connecting): then
+                # without a task and a timer. (While no agent has opened requests() yet, as
+                # at start-up, the SUBMIT waits its turn on the loop as it always did.)
+                received = recv_message_now(conn) if self._consumers else None
+                if received is None:
+                    received = await asyncio.wait_for(
+                        recv_message(conn), self.limits.submit_timeout_ms / 1000)
+                data, fds, flags = received
             except (TimeoutError, OSError):
                 log.info("service: pid %d uid %d sent no request", creds.pid, creds.uid)
                 return
@@ -497,15 +507,16 @@ class HandshakeService:
                 return
             item = ServiceRequest(request=request, credentials=creds, _service=self,
                                   _conn=conn, _seq=seq, _identity=identity,
-                                  _watcher=asyncio.current_task())
+                                  _watcher=asyncio.current_task(), submit_message=data)
             fds = []  # the descriptor now belongs to the request (released by _release)
             self._by_socket[identity] = item
             self._queues.setdefault(creds.uid, collections.deque()).append(item)
             self._queued += 1
             self.counters["queued"] += 1
-            log.info("service: pid %d uid %d gid %d submitted a %s %s request",
-                     creds.pid, creds.uid, creds.gid, request.message_type.name.lower(),
-                     request.auth_mode.name.lower())
+            # Debug: the request's one log line is the agent's, when it ends.
+            log.debug("service: pid %d uid %d gid %d submitted a %s %s request",
+                      creds.pid, creds.uid, creds.gid, request.message_type.name.lower(),
+                      request.auth_mode.name.lower())
             self._wakeup.set()
             await self._watch(item)
         finally:
@@ -710,7 +721,14 @@ def _close_fd(fd: int) -> None:
 
 
 async def _try_send(conn: socket.socket, message: bytes) -> None:
-    with contextlib.suppress(OSError, TimeoutError):  # a vanished consumer: nothing to tell
+    try:  # at once when the socket has room (nearly always: one answer per connection)
+        conn.send(message)
+        return
+    except (BlockingIOError, InterruptedError):
+        pass
+    except OSError:  # a vanished consumer: nothing to tell
+        return
+    with contextlib.suppress(OSError, TimeoutError):
         await asyncio.wait_for(send_message(conn, message), 5.0)
 
 
