@@ -44,6 +44,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from ktlsd import keyring
@@ -194,6 +195,15 @@ class _Slots:
                 free -= 1
 
 
+@dataclass(frozen=True)
+class AnsweredByWorker:
+    """A handshake whose DONE the worker sent to the consumer itself (:mod:`ktlsd.workers`,
+    service requests it read): what the agent still needs for the log line."""
+
+    identity: str
+    suite: str
+
+
 class HandshakeRunner(Protocol):
     """Runs the CPU-heavy part of a handshake request elsewhere (:mod:`ktlsd.workers`: in
     worker processes): material, TLS handshake and, for :attr:`KeyDelivery.INSTALL_KTLS`, the
@@ -203,8 +213,10 @@ class HandshakeRunner(Protocol):
 
     async def handshake(
         self, pending: PendingRequest, settings: AgentSettings, timeout: float
-    ) -> Session:
-        """The session, or :class:`~ktlsd.errors.HandshakeError` with the DONE status."""
+    ) -> Session | AnsweredByWorker:
+        """The session, or :class:`~ktlsd.errors.HandshakeError` with the DONE status;
+        :class:`AnsweredByWorker` when the worker answered the consumer itself (a service
+        request it read; then never one whose session is to be kept)."""
         ...
 
 
@@ -395,10 +407,16 @@ class Agent:
             request.message_type.name.lower(), timeout_ms, len(self._tasks),
         )
         sock: socket.socket | None = None
-        session: Session | None = None
+        session: Session | AnsweredByWorker | None = None
+        # A service request a worker read holds its socket there, not here.
+        held_by_worker: str | None = getattr(pending, "peer_label", None)
+        if getattr(pending, "front_id", None) is None:
+            held_by_worker = None
         try:
-            sock = _borrowed_socket(request.sockfd)
+            if held_by_worker is None:
+                sock = _borrowed_socket(request.sockfd)
             if request.message_type.is_key_update:
+                assert sock is not None  # a worker never reads a key update
                 answer, session = await self._key_update(pending, sock, timeout)
             else:
                 answer, session = await self._handshake(pending, sock, settings, timeout)
@@ -410,7 +428,7 @@ class Agent:
         except Exception as exc:  # the agent keeps serving whatever went wrong here
             reason = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
             answer = HandshakeDone(status=errno.EIO, sockfd=request.sockfd, reason=reason)
-        peer = _peer_address(sock) if sock is not None else "-"
+        peer = _peer_address(sock) if sock is not None else (held_by_worker or "-")
         if sock is not None:
             sock.close()
         try:
@@ -425,14 +443,18 @@ class Agent:
         return answer
 
     async def _handshake(
-        self, pending: PendingRequest, sock: socket.socket, settings: AgentSettings,
+        self, pending: PendingRequest, sock: socket.socket | None, settings: AgentSettings,
         timeout: float,
-    ) -> tuple[HandshakeDone, Session | None]:
+    ) -> tuple[HandshakeDone, Session | AnsweredByWorker | None]:
         request = pending.request
         if self.runner is None:
+            assert sock is not None
             session = await run_handshake(pending, sock, settings, timeout)
         else:  # in a worker process, on its own copy of the socket
-            session = await self.runner.handshake(pending, settings, timeout)
+            result = await self.runner.handshake(pending, settings, timeout)
+            if isinstance(result, AnsweredByWorker):
+                return HandshakeDone(status=0, sockfd=request.sockfd), result
+            session = result
         session_id = self._keep(pending, session, settings)
         return (
             HandshakeDone(
@@ -510,13 +532,16 @@ class Agent:
         self,
         pending: PendingRequest,
         answer: HandshakeDone,
-        session: Session | None,
+        session: Session | AnsweredByWorker | None,
         peer: str,
         duration: float,
     ) -> None:
         request = pending.request
-        identity = session.peer.describe() if session is not None else "-"
-        suite = session.suite.iana_name if session is not None else "-"
+        if isinstance(session, AnsweredByWorker):
+            identity, suite = session.identity, session.suite
+        else:
+            identity = session.peer.describe() if session is not None else "-"
+            suite = session.suite.iana_name if session is not None else "-"
         status = "ok" if answer.status == 0 else errno.errorcode.get(answer.status, "?")
         line = (
             f"handshake source={pending.source_name} peer={_field(peer)} "
