@@ -176,6 +176,7 @@ from ktlsd.request import (
 from ktlsd.settings import AgentSettings, ServiceLimits
 from ktlsd.tls.session import Session
 from ktlsd.upcall.service import (
+    CancelEvent,
     HandshakeService,
     ServiceRequest,
     _socket_identity,
@@ -907,19 +908,27 @@ class WorkerPool:
 
         future.add_done_callback(woken)
         timer = loop.call_at(deadline, woken)
-        watcher = loop.create_task(pending.cancelled.wait())
-        watcher.add_done_callback(woken)
+        cancelled = pending.cancelled
+        watcher: asyncio.Task[Any] | None = None
+        if isinstance(cancelled, CancelEvent):  # a service request's: a callback, no task
+            cancelled.add_callback(woken)
+        else:
+            watcher = loop.create_task(cancelled.wait())
+            watcher.add_done_callback(woken)
         try:
             await wake
-            if not future.done() and watcher.done() and loop.time() < deadline:
+            if not future.done() and cancelled.is_set() and loop.time() < deadline:
                 self._cancel(worker, job)  # the worker answers at once
                 wake = loop.create_future()
                 future.add_done_callback(woken)
                 await wake
         finally:
             timer.cancel()
-            watcher.remove_done_callback(woken)
-            watcher.cancel()
+            if watcher is not None:
+                watcher.remove_done_callback(woken)
+                watcher.cancel()
+            elif isinstance(cancelled, CancelEvent):
+                cancelled.remove_callback(woken)
         if not future.done():
             worker.kill(f"did not answer job {job} within its timeout")
             # Its jobs are answered once the process is gone.
@@ -1135,6 +1144,18 @@ class _WorkerServer:
         self._spawn(self._read_submit(front_id, held))
 
     async def _report(self, message: bytes, fds: tuple[int, ...] = ()) -> None:
+        """One message to the supervisor: at once when the channel has room and no other
+        send is waiting, else in turn."""
+        if not self.send_lock.locked():
+            anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"={len(fds)}i", *fds))]
+                   if fds else [])
+            try:
+                self.channel.sendmsg([message], anc)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return
         with contextlib.suppress(OSError):
             async with self.send_lock:
                 await send_message(self.channel, message, fds)
@@ -1270,9 +1291,7 @@ class _WorkerServer:
             done = encode_done_message(answer)
         except ValueError as exc:
             done = encode_done_message(HandshakeDone(errno.EIO, -1, reason=f"worker: {exc}"))
-        with contextlib.suppress(OSError):
-            async with self.send_lock:
-                await send_message(self.channel, _HEADER.pack(RESULT, 0, 0, 0, job) + done)
+        await self._report(_HEADER.pack(RESULT, 0, 0, 0, job) + done)
 
 
 def _peer_of(fd: int) -> str:

@@ -70,7 +70,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -138,6 +138,28 @@ def default_pending_limit() -> int:
     return max(3, min(50, pages // 25))
 
 
+class CancelEvent(asyncio.Event):
+    """``ServiceRequest.cancelled``: an :class:`asyncio.Event` that also runs callbacks when
+    set, so that a waiter needs no task of its own (:mod:`ktlsd.workers` waits on thousands)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        super().set()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def remove_callback(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
+
+
 class _State(enum.Enum):
     WAITING = "waiting"  # connected, SUBMIT not yet received
     QUEUED = "queued"
@@ -177,7 +199,7 @@ class ServiceRequest:
     credentials: ConsumerCredentials
     source_name: str = "service"
     delivery: KeyDelivery = KeyDelivery.RETURN_SECRETS
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=CancelEvent)
     _service: HandshakeService | None = field(default=None, repr=False)
     _conn: socket.socket | None = field(default=None, repr=False)
     _seq: int = 0
@@ -289,6 +311,7 @@ class HandshakeService:
         # Connections a front is reading (front id -> our copy and its credentials).
         self.front: ServiceFront | None = None
         self._handed: dict[int, tuple[socket.socket, ConsumerCredentials]] = {}
+        self._watched: set[ServiceRequest] = set()  # front-read requests' connections
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._consumers = 0
@@ -430,7 +453,7 @@ class HandshakeService:
 
     async def wait_closed(self) -> None:
         """After :meth:`close`, wait until every in-flight request has been answered."""
-        while self._in_flight or self._connections or self._handed:
+        while self._in_flight or self._connections or self._handed or self._watched:
             self._idle.clear()
             await self._idle.wait()
 
@@ -500,7 +523,78 @@ class HandshakeService:
         item = ServiceRequest(request=request, credentials=creds, _service=self, _conn=conn,
                               _seq=seq, _identity=identity, front_id=front_id,
                               peer_label=peer_label)
-        self._connection_task(self._serve_admitted(item), creds.uid)
+        refusal = self._admission(identity, creds.uid)
+        if refusal is not None:
+            status, reason = refusal
+            self.counters[errno.errorcode[status]] += 1
+            log.info("service: pid %d uid %d: %s (%s)", creds.pid, creds.uid,
+                     errno.errorcode[status], reason)
+            item._state = _State.FINISHED
+            self._drop_at_front(item)
+            self._watched.add(item)
+            self._answer_then_close(item, encode_error_done(status, reason, seq=seq))
+            return
+        # Watched by a reader callback, not a task: the consumer leaving (or sending
+        # anything more) cancels the request, as for one read here.
+        self._watched.add(item)
+        self._queue(item)
+        asyncio.get_running_loop().add_reader(conn.fileno(), self._front_conn_event, item)
+
+    def _front_conn_event(self, item: ServiceRequest) -> None:
+        """Our copy of a front-read request's connection is readable: the consumer left or
+        broke protocol (what :meth:`_watch` does for one read here)."""
+        assert item._conn is not None
+        try:
+            received = recv_message_now(item._conn, 16)
+        except OSError:
+            received = (b"", [], 0)
+        if received is None:
+            return
+        data, fds, _ = received
+        for fd in fds:
+            _close_fd(fd)
+        self._unwatch(item)
+        if item._state is _State.FINISHED:
+            return
+        why = "disconnected" if not data else "sent a second message"
+        log.info("service: pid %d %s: request cancelled (%s)", item.credentials.pid, why,
+                 item._state.value)
+        self.counters["cancelled"] += 1
+        if item._state is _State.QUEUED:
+            self._withdraw(item)
+        item.cancelled.set()
+
+    def _unwatch(self, item: ServiceRequest) -> None:
+        """Stop watching a front-read request's connection and close our copy (once)."""
+        if item not in self._watched:
+            return
+        self._watched.discard(item)
+        assert item._conn is not None
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(item._conn.fileno())
+        item._conn.close()
+        self._uncount(item.credentials.uid)
+        self._maybe_idle()
+
+    def _answer_then_close(self, item: ServiceRequest, message: bytes) -> None:
+        """Send ``message`` on a front-read request's connection, then close it."""
+        assert item._conn is not None
+        try:
+            item._conn.send(message)
+        except (BlockingIOError, InterruptedError):  # rare: finish in a task
+            async def later() -> None:
+                assert item._conn is not None
+                await _try_send(item._conn, message)
+                self._unwatch(item)
+
+            task = asyncio.get_running_loop().create_task(later())
+            self._connections[task] = item.credentials.uid
+            self._connections_by_uid[item.credentials.uid] += 1  # balanced by the task's end
+            task.add_done_callback(self._connection_ended)
+            return
+        except OSError:
+            pass
+        self._unwatch(item)
 
     def forward_from_front(self, front_id: int, data: bytes, fds: list[int], flags: int) -> None:
         """The front passes a SUBMIT on for this process to serve (key updates, kept sessions,
@@ -559,7 +653,7 @@ class HandshakeService:
         self._maybe_idle()
 
     def _maybe_idle(self) -> None:
-        if not self._in_flight and not self._connections and not self._handed:
+        if not (self._in_flight or self._connections or self._handed or self._watched):
             self._idle.set()
 
     async def _serve(self, conn: socket.socket, creds: ConsumerCredentials) -> None:
@@ -631,30 +725,6 @@ class HandshakeService:
                 self._withdraw(item)  # this task was cancelled with its request queued
             if owns_conn:
                 conn.close()
-
-    async def _serve_admitted(self, item: ServiceRequest) -> None:
-        """A request a front read: admission as for one read here, then watch our copy of
-        the connection (the front no longer reads it)."""
-        assert item._conn is not None
-        creds = item.credentials
-        try:
-            refusal = self._admission(item._identity, creds.uid)
-            if refusal is not None:
-                status, reason = refusal
-                self.counters[errno.errorcode[status]] += 1
-                log.info("service: pid %d uid %d: %s (%s)", creds.pid, creds.uid,
-                         errno.errorcode[status], reason)
-                item._state = _State.FINISHED
-                self._drop_at_front(item)
-                await _try_send(item._conn, encode_error_done(status, reason, seq=item._seq))
-                return
-            item._watcher = asyncio.current_task()
-            self._queue(item)
-            await self._watch(item)
-        finally:
-            if item._state is _State.QUEUED:
-                self._withdraw(item)
-            item._conn.close()
 
     def _drop_at_front(self, item: ServiceRequest) -> None:
         if item.front_id is not None and self.front is not None:
@@ -765,8 +835,7 @@ class HandshakeService:
         # Close our copy first: when the consumer reads DONE it is the socket's only owner.
         self._release(item)
         if item.answered_by_front:  # the front sent DONE (after closing its own copy)
-            if item._watcher is not None and item._watcher is not asyncio.current_task():
-                item._watcher.cancel()
+            self._unwatch(item)
             self.counters["answered"] += 1
             return
         try:
@@ -777,6 +846,7 @@ class HandshakeService:
         if item._conn is not None:
             await _try_send(item._conn, message)
             self.counters["answered"] += 1
+        self._unwatch(item)  # a front-read request's connection
         # Ending the connection's task closes the connection.
         if item._watcher is not None and item._watcher is not asyncio.current_task():
             item._watcher.cancel()
@@ -890,6 +960,7 @@ async def _try_send(conn: socket.socket, message: bytes) -> None:
 
 
 __all__ = [
+    "CancelEvent",
     "HandshakeService",
     "ServiceFront",
     "ServiceRequest",
