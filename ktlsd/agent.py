@@ -568,7 +568,7 @@ def _field(value: str) -> str:
     characters are double-quoted with backslash escapes, so no value can split the line,
     forge another field or start a forged log line.
     """
-    if value and all(c in _PLAIN_FIELD for c in value):
+    if value and _PLAIN_FIELD.issuperset(value):  # in C: this runs for every request
         return value
     out = []
     for char in value:

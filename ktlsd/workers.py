@@ -61,10 +61,12 @@ rate whatever the number of workers):
    DROP its copies (as when the request is withdrawn while queued).
 4. The agent takes it within its slots and the uid's in-flight share, as any request; the
    pool sends GO to the worker holding it (after CONFIGURE when needed) and logs "request
-   handed to ...". The worker runs the handshake, closes the TCP socket, sends DONE to the
-   consumer itself and answers RESULT with the flag "answered" and the log line's fields
-   (peer identity, suite). On failure it answers RESULT with the status, and the supervisor
-   sends DONE on its copy, as for a JOB.
+   handed to ...". From then on the worker watches the consumer (leaving cancels the
+   handshake), not the supervisor: a consumer closes its end once it has DONE, which only
+   the worker can tell from a withdrawal. The worker runs the handshake, closes the TCP
+   socket, sends DONE to the consumer itself and answers RESULT with the flag "answered" and
+   the log line's fields (peer identity, suite). On failure it answers RESULT with the status,
+   and the supervisor sends DONE on its copy, as for a JOB.
 5. The agent logs the one line; the service releases the request without sending anything.
 
 A worker that dies: every request it had admitted is answered EIO by the supervisor on its
@@ -840,6 +842,8 @@ class WorkerPool:
             raise
         log.debug("request handed to %s (job %d, %d in flight there)", worker.name, job,
                   len(worker.jobs))
+        if self._service is not None:
+            self._service.hand_watch_to_front(pending)
         try:
             flags, payload = await self._answer(worker, job, future, pending, deadline)
         except asyncio.CancelledError:
@@ -1227,15 +1231,39 @@ class _WorkerServer:
         pending = _WorkerRequest(held.request, held.credentials, KeyDelivery.RETURN_SECRETS,
                                  timeout_ms)
         held.request = None  # the socket is the job's now
+        # The consumer leaving cancels the handshake (the supervisor stopped watching).
+        asyncio.get_running_loop().add_reader(held.conn.fileno(), self._consumer_event,
+                                              held, pending)
         task = self._spawn(self._run_front(job, pending, held, self.settings))
         self.jobs[job] = (task, pending)
         task.add_done_callback(lambda _: self.jobs.pop(job, None))
+
+    def _consumer_event(self, held: _Held, pending: _WorkerRequest) -> None:
+        """The consumer of a request running here left (or sent more): cancel it, as the
+        service's watch does."""
+        try:
+            received = recv_message_now(held.conn, 16)
+        except OSError:
+            received = (b"", [], 0)
+        if received is None:
+            return
+        _close_fds(received[1])
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(held.conn.fileno())
+        why = "disconnected" if not received[0] else "sent a second message"
+        log.info("service: pid %d %s: request cancelled (in flight)",
+                 held.credentials.pid, why)
+        pending.cancelled.set()
 
     async def _run_front(self, job: int, pending: _WorkerRequest, held: _Held,
                          settings: AgentSettings) -> None:
         """Run a request this worker read; on success send DONE to the consumer here and
         tell the supervisor what its log line needs; on failure the supervisor answers."""
-        session, answer = await self._handshake(pending, settings)
+        try:
+            session, answer = await self._handshake(pending, settings)
+        finally:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(held.conn.fileno())
         message = b""
         if session is not None:
             try:

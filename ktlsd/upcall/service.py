@@ -564,6 +564,14 @@ class HandshakeService:
             self._withdraw(item)
         item.cancelled.set()
 
+    def hand_watch_to_front(self, item: ServiceRequest) -> None:
+        """The front runs ``item`` from now on and watches the consumer itself (it answers
+        the consumer, which then closes its end: only the front can tell that from a
+        withdrawal). Our copy stays open, to answer if the front dies."""
+        if item in self._watched and item._conn is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(item._conn.fileno())
+
     def _unwatch(self, item: ServiceRequest) -> None:
         """Stop watching a front-read request's connection and close our copy (once)."""
         if item not in self._watched:
