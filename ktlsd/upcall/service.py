@@ -312,6 +312,7 @@ class HandshakeService:
         self.front: ServiceFront | None = None
         self._handed: dict[int, tuple[socket.socket, ConsumerCredentials]] = {}
         self._watched: set[ServiceRequest] = set()  # front-read requests' connections
+        self._reading: set[ServiceRequest] = set()  # ... with a reader registered
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._consumers = 0
@@ -535,10 +536,18 @@ class HandshakeService:
             self._answer_then_close(item, encode_error_done(status, reason, seq=seq))
             return
         # Watched by a reader callback, not a task: the consumer leaving (or sending
-        # anything more) cancels the request, as for one read here.
+        # anything more) cancels the request, as for one read here -- once it waits in the
+        # queue: the agent usually takes it at once and its worker watches it from then on
+        # (a consumer gone meanwhile is seen there, the socket's end of file stays).
         self._watched.add(item)
         self._queue(item)
-        asyncio.get_running_loop().add_reader(conn.fileno(), self._front_conn_event, item)
+        asyncio.get_running_loop().call_soon(self._watch_if_queued, item)
+
+    def _watch_if_queued(self, item: ServiceRequest) -> None:
+        if item._state is _State.QUEUED and item._conn is not None:
+            self._reading.add(item)
+            asyncio.get_running_loop().add_reader(item._conn.fileno(), self._front_conn_event,
+                                                  item)
 
     def _front_conn_event(self, item: ServiceRequest) -> None:
         """Our copy of a front-read request's connection is readable: the consumer left or
@@ -568,7 +577,12 @@ class HandshakeService:
         """The front runs ``item`` from now on and watches the consumer itself (it answers
         the consumer, which then closes its end: only the front can tell that from a
         withdrawal). Our copy stays open, to answer if the front dies."""
-        if item in self._watched and item._conn is not None:
+        self._stop_reading(item)
+
+    def _stop_reading(self, item: ServiceRequest) -> None:
+        if item in self._reading:
+            self._reading.discard(item)
+            assert item._conn is not None
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(item._conn.fileno())
 
@@ -577,9 +591,8 @@ class HandshakeService:
         if item not in self._watched:
             return
         self._watched.discard(item)
+        self._stop_reading(item)
         assert item._conn is not None
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(item._conn.fileno())
         item._conn.close()
         self._uncount(item.credentials.uid)
         self._maybe_idle()
