@@ -569,3 +569,46 @@ def test_workers_read_service_requests_and_refusals_leave_nothing_behind(tmp_pat
         lines = agent.matching(r"ktlsd: \w+ handshake source=service")
         assert len(lines) == 4 + 4 + 4  # one per request the agent took
     assert agent.wait_exit() == 0
+
+
+def test_a_queued_request_read_by_a_worker_is_withdrawn_when_its_consumer_leaves(
+        tmp_path: Path) -> None:
+    """uid 0 may run one request at a time: a second, read by a worker and queued in the
+    supervisor, is withdrawn when its consumer closes the service connection (the agent never
+    takes it), and the worker lets go of its copies; the first completes."""
+    config = ("[ktlsd]\nworkers = 2\nuid_max_in_flight = 1\nuid_max_pending = 4\n"
+              "uid_max_connections = 64\n")
+    with AgentProcess(tmp_path, config, extra=["--verbose"]) as agent:
+        path = agent.socket_path
+        pids = list(worker_pids(agent).values())
+        baseline = {pid: fd_count(pid) for pid in pids}
+
+        async def main() -> None:
+            relay = GatedRelay()
+            try:
+                (a, b), (c, _d) = [await relay.connect() for _ in range(2)]
+                peer = asyncio.create_task(engine_server(b))
+                first = asyncio.create_task(submit(
+                    a, role="client", auth="psk", psk=[(IDENTITY, CONTRACT_PSK)],
+                    service_path=path, timeout=20))
+                await agent.await_for(r"request handed to worker")
+                request = HandshakeRequest(
+                    sockfd=-1, message_type=MessageType.CLIENTHELLO, auth_mode=AuthMode.PSK,
+                    timeout_ms=20_000, inline=InlineMaterial(psk_keys=(InlinePsk(b"q", PSK),)))
+                conn = await connect_service(path)
+                await send_message(conn, encode_submit(request), (c.fileno(),))
+                await agent.await_for(r"uid 0 gid 0 submitted", 2)
+                conn.close()
+                await agent.await_for(r"disconnected: request cancelled \(queued\)")
+                relay.open()
+                assert (await first).status == 0
+                await peer
+                for sock in (a, b, c, _d):
+                    sock.close()
+            finally:
+                await relay.aclose()
+
+        run(main(), 60)
+        assert len(agent.matching(r"request taken")) == 1
+        assert {pid: fd_count(pid) for pid in pids} == baseline
+    assert agent.wait_exit() == 0
