@@ -821,13 +821,19 @@ class WorkerPool:
         remaining_ms = round(max(0.0, deadline - loop.time() - WORKER_GRACE) * 1000)
         future: asyncio.Future[tuple[int, bytes]] = loop.create_future()
         worker.jobs[job] = future
+        message = (_HEADER.pack(GO, 0, 0, max(1, min(remaining_ms, 0xFFFFFFFF)), job)
+                   + _FRONT_ID.pack(front_id))
         try:
-            async with worker.send_lock:
-                if worker.configured is not settings:
-                    await self._configure(worker, settings)
-                await send_message(worker.channel,
-                                   _HEADER.pack(GO, 0, 0, max(1, min(remaining_ms, 0xFFFFFFFF)),
-                                                job) + _FRONT_ID.pack(front_id))
+            sent = False
+            if worker.configured is settings and not worker.send_lock.locked():
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    worker.channel.send(message)  # at once: nothing to wait for
+                    sent = True
+            if not sent:
+                async with worker.send_lock:
+                    if worker.configured is not settings:
+                        await self._configure(worker, settings)
+                    await send_message(worker.channel, message)
         except OSError as exc:
             worker.jobs.pop(job, None)
             if not future.done():
@@ -1272,16 +1278,18 @@ class _WorkerServer:
                                   session=session), seq=held.seq)
             except ValueError as exc:
                 answer = HandshakeDone(errno.EIO, -1, reason=f"worker: {exc}")
+        # Our copies are closed before the supervisor hears (the TCP socket already is): once
+        # it has logged the request, this worker holds nothing of it.
+        if session is None or not message:
+            held.close()
+            await self._answer(job, answer)
+            return
         try:
-            if session is None or not message:
-                await self._answer(job, answer)
-                return
-            await _try_send(held.conn, message)  # our TCP copy is closed already
-            await self._report(_HEADER.pack(RESULT, _ANSWERED, 0, 0, job)
-                               + encode_answered(session.peer.describe(),
-                                                 session.suite.iana_name))
+            await _try_send(held.conn, message)
         finally:
             held.close()
+        await self._report(_HEADER.pack(RESULT, _ANSWERED, 0, 0, job)
+                           + encode_answered(session.peer.describe(), session.suite.iana_name))
 
     async def _handshake(self, pending: _WorkerRequest, settings: AgentSettings,
                          ) -> tuple[Session | None, HandshakeDone]:

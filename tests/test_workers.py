@@ -526,6 +526,8 @@ def test_workers_read_service_requests_and_refusals_leave_nothing_behind(tmp_pat
         pids = list(worker_pids(agent).values())
         warm = run(fresh_pairs(path, 2, "warm"))  # both workers have loaded the engine
         assert all((da.status, db.status) == (0, 0) for da, db in warm), warm
+        # Logged: the workers have closed their copies (they do before reporting).
+        agent.wait_for(r"ktlsd: \w+ handshake source=service", 4)
         baseline = {pid: fd_count(pid) for pid in pids}
 
         async def main() -> None:
@@ -565,9 +567,9 @@ def test_workers_read_service_requests_and_refusals_leave_nothing_behind(tmp_pat
         run(main(), 120)
         later = run(fresh_pairs(path, 2, "after"))
         assert all((da.status, db.status) == (0, 0) for da, db in later)
-        assert {pid: fd_count(pid) for pid in pids} == baseline
-        lines = agent.matching(r"ktlsd: \w+ handshake source=service")
+        lines = agent.wait_for(r"ktlsd: \w+ handshake source=service", 4 + 4 + 4)
         assert len(lines) == 4 + 4 + 4  # one per request the agent took
+        assert {pid: fd_count(pid) for pid in pids} == baseline
     assert agent.wait_exit() == 0
 
 
@@ -609,6 +611,7 @@ def test_a_queued_request_read_by_a_worker_is_withdrawn_when_its_consumer_leaves
                 await relay.aclose()
 
         run(main(), 60)
+        agent.wait_for(r"ktlsd: \w+ handshake source=service")
         assert len(agent.matching(r"request taken")) == 1
         assert {pid: fd_count(pid) for pid in pids} == baseline
     assert agent.wait_exit() == 0
