@@ -126,8 +126,8 @@ JOB        pool       aux = timeout in ms; flags: 1 install kTLS, 2 credentials;
 CANCEL     pool       none: the consumer withdrew job ``job``
 RESULT     worker     DONE (status, reason, session) for job ``job``; with flags 1
                       (answered) only the peer identity and suite (u16 sizes, text)
-CONN       pool       job = connection id; the consumer's credentials; one
-                      descriptor (the service connection)
+CONN       pool       job = connection id, aux = submit_timeout_ms; the consumer's
+                      credentials; one descriptor (the service connection)
 ADMIT      worker     for connection ``job``: seq u32, socket dev u64, ino u64,
                       timeout ms u32, type u8, auth u8, peername (u16 size, text),
                       the TCP peer's address
@@ -503,7 +503,9 @@ class WorkerPool:
         if worker is None:
             return None
         front_id = next(self._front_ids)
-        message = _HEADER.pack(CONN, 0, 0, 0, front_id) + _encode_credentials(creds)
+        limits = self._service.limits if self._service is not None else ServiceLimits()
+        message = (_HEADER.pack(CONN, 0, 0, limits.submit_timeout_ms, front_id)
+                   + _encode_credentials(creds))
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("=i", conn.fileno()))]
         try:
             worker.channel.sendmsg([message], anc)
@@ -511,7 +513,6 @@ class WorkerPool:
             return None
         worker.fronts.add(front_id)
         self._fronts[front_id] = worker
-        limits = self._service.limits if self._service is not None else ServiceLimits()
         self._front_timers[front_id] = asyncio.get_running_loop().call_later(
             limits.submit_timeout_ms / 1000 + WORKER_GRACE, self._front_late, front_id)
         return front_id
@@ -1091,7 +1092,7 @@ class _WorkerServer:
             self._start(job, job_flags, aux, payload, fds)
             return
         if kind == CONN:
-            self._take(job, payload, fds)
+            self._take(job, aux, payload, fds)
             return
         _close_fds(fds)
         if kind == GO:
@@ -1137,7 +1138,7 @@ class _WorkerServer:
 
     # -- service connections (CONN ... ADMIT/FORWARD/ABANDON ... GO/DROP) ------------------
 
-    def _take(self, front_id: int, payload: bytes, fds: list[int]) -> None:
+    def _take(self, front_id: int, submit_ms: int, payload: bytes, fds: list[int]) -> None:
         if len(fds) != 1:
             _close_fds(fds)
             log.error("CONN without exactly one connection ignored")
@@ -1151,7 +1152,7 @@ class _WorkerServer:
             return
         conn.setblocking(False)
         held = self.held[front_id] = _Held(conn, credentials)
-        self._spawn(self._read_submit(front_id, held))
+        self._spawn(self._read_submit(front_id, held, submit_ms / 1000))
 
     async def _report(self, message: bytes, fds: tuple[int, ...] = ()) -> None:
         """One message to the supervisor: at once when the channel has room and no other
@@ -1170,16 +1171,15 @@ class _WorkerServer:
             async with self.send_lock:
                 await send_message(self.channel, message, fds)
 
-    async def _read_submit(self, front_id: int, held: _Held) -> None:
-        """Read the SUBMIT; ADMIT a handshake this worker can run, FORWARD anything else to
-        the supervisor, answer a malformed one here; ABANDON when nothing came."""
-        limits = self.settings.service_limits if self.settings else ServiceLimits()
+    async def _read_submit(self, front_id: int, held: _Held, wait: float) -> None:
+        """Read the SUBMIT (within ``wait`` seconds, the service's ``submit_timeout_ms``);
+        ADMIT a handshake this worker can run, FORWARD anything else to the supervisor,
+        answer a malformed one here; ABANDON when nothing came."""
         received: tuple[bytes, list[int], int] | None
         try:
             received = recv_message_now(held.conn)
             if received is None:
-                received = await asyncio.wait_for(recv_message(held.conn),
-                                                  limits.submit_timeout_ms / 1000)
+                received = await asyncio.wait_for(recv_message(held.conn), wait)
         except (TimeoutError, OSError):
             received = None
         if self.held.get(front_id) is not held:  # the supervisor dropped it meanwhile
