@@ -133,7 +133,8 @@ ADMIT      worker     for connection ``job``: seq u32, socket dev u64, ino u64,
                       the TCP peer's address
 FORWARD    worker     for connection ``job``: the SUBMIT as received (flags: 1 it
                       was truncated, 2 its descriptors were); the TCP socket
-ABANDON    worker     connection ``job`` sent no usable SUBMIT (answered, if at all)
+ABANDON    worker     connection ``job`` sent no usable SUBMIT (flags: 1 a malformed
+                      one, which the worker answered)
 GO         pool       aux = timeout in ms; connection id u64: run it as job ``job``
 DROP       pool       forget connection ``job`` (refused or withdrawn)
 =========  =========  ==========================================================
@@ -225,6 +226,7 @@ _FRONT_ID = struct.Struct("=Q")
 _ANSWERED_SIZES = struct.Struct("=HH")
 _ANSWERED = 1  # RESULT flag: the worker sent DONE to the consumer itself
 _TRUNCATED, _CTRUNCATED = 1, 2  # FORWARD flags: how the worker's recvmsg saw the SUBMIT
+_REJECTED = 1  # ABANDON flag: the worker answered a malformed SUBMIT (EINVAL)
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER_PROGRAM = (
@@ -660,7 +662,7 @@ class WorkerPool:
             elif kind == ABANDON and self._fronts.get(job) is worker:
                 self._front_gone(job)
                 assert self._service is not None
-                self._service.abandon_from_front(job)
+                self._service.abandon_from_front(job, rejected=bool(flags & _REJECTED))
             elif kind == HELLO and not worker.hello.done():
                 worker.hello.set_result(aux)
             else:
@@ -1203,7 +1205,7 @@ class _WorkerServer:
                         exc)
             await _try_send(held.conn, encode_error_done(exc.status, str(exc), seq=seq))
             self._forget(front_id)
-            await self._report(_HEADER.pack(ABANDON, 0, 0, 0, front_id))
+            await self._report(_HEADER.pack(ABANDON, _REJECTED, 0, 0, front_id))
             return
         if (request.message_type.is_key_update or request.keep_session
                 or _reader_uid(creds, request.inline) is not None):

@@ -628,9 +628,13 @@ class HandshakeService:
         conn, creds = handed
         self._connection_task(self._serve_received(conn, creds, data, fds, flags), creds.uid)
 
-    def abandon_from_front(self, front_id: int, reason: str | None = None) -> None:
-        """The front will not serve this connection: it sent nothing in time, or left
-        (``reason`` None; closed quietly), or the front died (EIO with ``reason``)."""
+    def abandon_from_front(self, front_id: int, reason: str | None = None, *,
+                           rejected: bool = False) -> None:
+        """The front will not serve this connection: it sent nothing in time, or left, or
+        sent a malformed SUBMIT that the front answered (``rejected``; counted as here), all
+        closed quietly (``reason`` None); or the front died (EIO with ``reason``)."""
+        if rejected:
+            self.counters["invalid"] += 1
         handed = self._from_front(front_id)
         if handed is None:
             return
