@@ -401,11 +401,12 @@ class Agent:
             timeout_ms = min(timeout_ms, settings.max_consumer_timeout_ms)
         timeout = timeout_ms / 1000
         started = time.monotonic()
-        log.debug(
-            "request taken: source=%s role=%s auth=%s type=%s timeout=%dms in_flight=%d",
-            pending.source_name, _role(request), _auth_name(request.auth_mode),
-            request.message_type.name.lower(), timeout_ms, len(self._tasks),
-        )
+        if log.isEnabledFor(logging.DEBUG):  # its arguments cost more than the check
+            log.debug(
+                "request taken: source=%s role=%s auth=%s type=%s timeout=%dms in_flight=%d",
+                pending.source_name, _role(request), _auth_name(request.auth_mode),
+                request.message_type.name.lower(), timeout_ms, len(self._tasks),
+            )
         sock: socket.socket | None = None
         session: Session | AnsweredByWorker | None = None
         # A service request a worker read holds its socket there, not here.

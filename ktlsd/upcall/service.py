@@ -762,9 +762,10 @@ class HandshakeService:
         self._queued += 1
         self.counters["queued"] += 1
         # Debug: the request's one log line is the agent's, when it ends.
-        log.debug("service: pid %d uid %d gid %d submitted a %s %s request",
-                  creds.pid, creds.uid, creds.gid, request.message_type.name.lower(),
-                  request.auth_mode.name.lower())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("service: pid %d uid %d gid %d submitted a %s %s request",
+                      creds.pid, creds.uid, creds.gid, request.message_type.name.lower(),
+                      request.auth_mode.name.lower())
         self._wakeup.set()
 
     def _admission(self, identity: tuple[int, int], uid: int) -> tuple[int, str] | None:
