@@ -8,13 +8,16 @@ Both ends run in one process in both programs, over TCP loopback connections mad
   one event loop, one connection at a time; CPU is getrusage (user + system) of the process;
 * the C floor: bench/c/handshake_floor.c, built here with ``cc`` against the same libssl,
   calling ``SSL_do_handshake`` on both ends in turn (no callbacks, no keylog): what the
-  handshake costs OpenSSL itself.
+  handshake costs OpenSSL itself;
+* the C floor+keylog: the same program with a keylog callback that keeps the two application
+  traffic secrets -- what any kTLS agent on OpenSSL 3.0 must do to get them (OpenSSL formats
+  every secret as hex for that callback; there is no other way in 3.0).
 
 Cases: x509 (ECDSA P-256 server certificate; the client verifies chain and name) and external
 PSK (SHA-256, with (EC)DHE). The rounds interleave ktlsd and C (each in its own child process,
 the order alternating) so that the load of a shared machine hits both; the summary prints
-each figure's median and range and the ratio lines ``ktlsd/C-floor <case>: <median>``, the
-median of the per-round ratios.
+each figure's median and range and two ratio lines per case, ``ktlsd/C-floor <case>`` and
+``ktlsd/C-floor+keylog <case>``, the medians of the per-round ratios.
 
     python bench/handshake_rate.py [--rounds 3] [--count 1000] [--cases x509,psk]
     python bench/handshake_rate.py --inflight 64        # also ktlsd with 64 handshakes at once
@@ -25,7 +28,7 @@ median of the per-round ratios.
 
 ``--breakdown`` measures, per case and round: ktlsd's CPU inside ``SSL_do_handshake`` (thread
 CPU time around each call; the keylog/PSK callbacks, which run in there, separately), the C
-floor with an empty keylog callback (what OpenSSL spends formatting the secrets ktlsd needs),
+floor with the keylog callback (what OpenSSL spends formatting the secrets ktlsd needs),
 the C floor's own time inside ``SSL_do_handshake``, and an asyncio floor: both ends doing what
 the driver does (a future, a timer, a reader registration, peek and consume, send) for three
 flights of the real handshake's sizes, without TLS. Timing the calls costs a little CPU of its
@@ -340,7 +343,7 @@ def breakdown(material: Material, cases: list[str], rounds: int, count: int) -> 
                 ("ktlsd, outside SSL_do_handshake", ktlsd["total"] - ktlsd["inside"]),
                 ("asyncio floor (both ends, no TLS)", ktlsd["asyncio_floor"]),
                 ("C floor", plain),
-                ("C floor with an empty keylog callback", keylog["cpu_us_per_handshake"]),
+                ("C floor with the keylog callback", keylog["cpu_us_per_handshake"]),
                 ("C floor, inside SSL_do_handshake", inside["inside_us_per_handshake"]),
             ):
                 rows.setdefault(name, []).append(value)
@@ -441,44 +444,60 @@ def spread(values: list[float], fmt: str = "{:.0f}") -> str:
     return f"{fmt.format(statistics.median(values))} (range {fmt.format(low)}-{fmt.format(high)})"
 
 
+FLOORS = {"C floor": {}, "C floor+keylog": {"KTLSD_FLOOR_KEYLOG": "1"}}
+
+
 def compare(material: Material, cases: list[str], rounds: int, count: int, inflight: int) -> None:
     floor = cfloor.build("handshake_floor")
     results: dict[str, dict[str, list[float]]] = {
-        c: {"ktlsd": [], "C floor": [], "ratio": [], "inflight": []} for c in cases
+        c: {"ktlsd": [], **{name: [] for name in FLOORS}, "inflight": []} for c in cases
     }
     print(f"CPU per handshake, both ends in one process, TCP loopback; {count} handshakes per "
           f"figure, {rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f}")
+    programs = ("ktlsd", *FLOORS)
     for r in range(rounds):
         for case in cases:
             measured: dict[str, float] = {}
-            order = ("ktlsd", "C floor") if r % 2 == 0 else ("C floor", "ktlsd")
+            # Each program first, middle and last in turn, so that a change in load falls on
+            # all of them.
+            order = programs[r % 3:] + programs[:r % 3]
             for who in order:
                 if who == "ktlsd":
                     measured[who] = run_child(case, count)
                 else:
                     args = material.floor_args(case, count)
-                    measured[who] = cfloor.run_floor(floor, *args)["cpu_us_per_handshake"]
-            ratio = measured["ktlsd"] / measured["C floor"]
+                    measured[who] = cfloor.run_floor(floor, *args, env=FLOORS[who])[
+                        "cpu_us_per_handshake"]
             for who, value in measured.items():
                 results[case][who].append(value)
-            results[case]["ratio"].append(ratio)
             line = (f"round {r + 1} {case:>5}: ktlsd {measured['ktlsd']:6.0f} us, "
-                    f"C floor {measured['C floor']:6.0f} us, ratio {ratio:.2f}")
+                    f"C floor {measured['C floor']:6.0f} us (ratio "
+                    f"{measured['ktlsd'] / measured['C floor']:.2f}), C floor+keylog "
+                    f"{measured['C floor+keylog']:6.0f} us (ratio "
+                    f"{measured['ktlsd'] / measured['C floor+keylog']:.2f})")
             if inflight > 1:
                 results[case]["inflight"].append(run_child(case, count, inflight))
                 line += f"; ktlsd {inflight} in flight {results[case]['inflight'][-1]:.0f} us"
             print(line, flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
     print()
     for case in cases:
         figures = results[case]
         print(f"{case}: ktlsd {spread(figures['ktlsd'])} us, "
-              f"C floor {spread(figures['C floor'])} us per handshake (both ends)")
+              f"C floor {spread(figures['C floor'])} us, "
+              f"C floor+keylog {spread(figures['C floor+keylog'])} us per handshake (both ends)")
         if figures["inflight"]:
             print(f"{case}: ktlsd with {inflight} in flight {spread(figures['inflight'])} us")
-    for case in cases:
-        ratios = results[case]["ratio"]
-        print(f"ktlsd/C-floor {case}: {statistics.median(ratios):.2f} "
-              f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+    # The first line: against OpenSSL alone. The second: against OpenSSL plus the keylog
+    # callback that any kTLS agent on OpenSSL 3.0 needs for the traffic secrets.
+    for name in FLOORS:
+        for case in cases:
+            ratios = [k / c for k, c in zip(results[case]["ktlsd"], results[case][name],
+                                            strict=True)]
+            label = "ktlsd/C-floor" if name == "C floor" else "ktlsd/C-floor+keylog"
+            print(f"{label} {case}: {statistics.median(ratios):.2f} "
+                  f"(range {min(ratios):.2f}-{max(ratios):.2f}; rounds: "
+                  f"{', '.join(f'{x:.2f}' for x in ratios)})")
 
 
 def profile(material: Material, case: str, count: int, top: int) -> None:

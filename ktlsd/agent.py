@@ -41,8 +41,10 @@ import functools
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from ktlsd import keyring
@@ -100,6 +102,14 @@ def _keyring_serial(name: str) -> int | None:
     except ValueError:
         return None
     return value if value > 0 else None
+
+
+def forget_parsed_material() -> None:
+    """Drop the certificate chains and keys parsed so far (:mod:`ktlsd.material`'s cache), as
+    a reload does; nothing to drop before the first request loaded the TLS engine."""
+    material = sys.modules.get("ktlsd.material")
+    if material is not None:
+        material.clear_material_cache()
 
 
 def _peer_address(sock: socket.socket) -> str:
@@ -187,6 +197,18 @@ class _Slots:
                 free -= 1
 
 
+@dataclass(frozen=True)
+class AnsweredByWorker:
+    """A handshake whose DONE the worker sent to the consumer itself (:mod:`ktlsd.workers`,
+    service requests it read): what the agent still needs for the log line."""
+
+    identity: str
+    suite: str
+    group: str | None = None
+    signature_scheme: str | None = None
+    peer_signature_scheme: str | None = None
+
+
 class HandshakeRunner(Protocol):
     """Runs the CPU-heavy part of a handshake request elsewhere (:mod:`ktlsd.workers`: in
     worker processes): material, TLS handshake and, for :attr:`KeyDelivery.INSTALL_KTLS`, the
@@ -196,8 +218,10 @@ class HandshakeRunner(Protocol):
 
     async def handshake(
         self, pending: PendingRequest, settings: AgentSettings, timeout: float
-    ) -> Session:
-        """The session, or :class:`~ktlsd.errors.HandshakeError` with the DONE status."""
+    ) -> Session | AnsweredByWorker:
+        """The session, or :class:`~ktlsd.errors.HandshakeError` with the DONE status;
+        :class:`AnsweredByWorker` when the worker answered the consumer itself (a service
+        request it read; then never one whose session is to be kept)."""
         ...
 
 
@@ -295,6 +319,7 @@ class Agent:
         names what changed (settings hold paths and numbers, never secrets).
         """
         old, self.settings = self.settings, settings
+        forget_parsed_material()
         for slots in self._slots.values():
             slots.resize(settings.concurrency)
         for source in self.sources:
@@ -407,18 +432,25 @@ class Agent:
             timeout_ms = min(timeout_ms, settings.max_consumer_timeout_ms)
         timeout = timeout_ms / 1000
         started = time.monotonic()
-        log.debug(
-            "request taken: source=%s role=%s auth=%s type=%s timeout=%dms in_flight=%d",
-            pending.source_name, _role(request), _auth_name(request.auth_mode),
-            request.message_type.name.lower(), timeout_ms, len(self._tasks),
-        )
+        if log.isEnabledFor(logging.DEBUG):  # its arguments cost more than the check
+            log.debug(
+                "request taken: source=%s role=%s auth=%s type=%s timeout=%dms in_flight=%d",
+                pending.source_name, _role(request), _auth_name(request.auth_mode),
+                request.message_type.name.lower(), timeout_ms, len(self._tasks),
+            )
         sock: socket.socket | None = None
-        session: Session | None = None
+        session: Session | AnsweredByWorker | None = None
         cause: FailureCause | None = None
         self.counters.started(pending.source_name)
+        # A service request a worker read holds its socket there, not here.
+        held_by_worker: str | None = getattr(pending, "peer_label", None)
+        if getattr(pending, "front_id", None) is None:
+            held_by_worker = None
         try:
-            sock = _borrowed_socket(request.sockfd)
+            if held_by_worker is None:
+                sock = _borrowed_socket(request.sockfd)
             if request.message_type.is_key_update:
+                assert sock is not None  # a worker never reads a key update
                 answer, session = await self._key_update(pending, sock, timeout)
             else:
                 answer, session = await self._handshake(pending, sock, settings, timeout)
@@ -433,7 +465,7 @@ class Agent:
             cause = FailureCause.PROTOCOL_ERROR
             reason = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
             answer = HandshakeDone(status=errno.EIO, sockfd=request.sockfd, reason=reason)
-        peer = _peer_address(sock) if sock is not None else "-"
+        peer = _peer_address(sock) if sock is not None else (held_by_worker or "-")
         if sock is not None:
             sock.close()
         try:
@@ -449,14 +481,18 @@ class Agent:
         return answer
 
     async def _handshake(
-        self, pending: PendingRequest, sock: socket.socket, settings: AgentSettings,
+        self, pending: PendingRequest, sock: socket.socket | None, settings: AgentSettings,
         timeout: float,
-    ) -> tuple[HandshakeDone, Session | None]:
+    ) -> tuple[HandshakeDone, Session | AnsweredByWorker | None]:
         request = pending.request
         if self.runner is None:
+            assert sock is not None
             session = await run_handshake(pending, sock, settings, timeout)
         else:  # in a worker process, on its own copy of the socket
-            session = await self.runner.handshake(pending, settings, timeout)
+            result = await self.runner.handshake(pending, settings, timeout)
+            if isinstance(result, AnsweredByWorker):
+                return HandshakeDone(status=0, sockfd=request.sockfd), result
+            session = result
         session_id = self._keep(pending, session, settings)
         return (
             HandshakeDone(
@@ -535,15 +571,18 @@ class Agent:
         self,
         pending: PendingRequest,
         answer: HandshakeDone,
-        session: Session | None,
+        session: Session | AnsweredByWorker | None,
         peer: str,
         duration: float,
         settings: AgentSettings | None = None,
     ) -> None:
         settings = settings or self.settings
         request = pending.request
-        identity = session.peer.describe() if session is not None else "-"
-        suite = session.suite.iana_name if session is not None else "-"
+        if isinstance(session, AnsweredByWorker):
+            identity, suite = session.identity, session.suite
+        else:
+            identity = session.peer.describe() if session is not None else "-"
+            suite = session.suite.iana_name if session is not None else "-"
         status = "ok" if answer.status == 0 else errno.errorcode.get(answer.status, "?")
         line = (
             f"handshake source={pending.source_name} peer={_field(peer)} "
@@ -565,7 +604,7 @@ class Agent:
             log.info("%s", line)
 
 
-def _negotiated(session: Session | None) -> str:
+def _negotiated(session: Session | AnsweredByWorker | None) -> str:
     """The key exchange group and the signature schemes (ours: which chain we sent; the
     peer's) of a completed handshake, as log line fields (``-`` for none: PSK, key update)."""
     if session is None:
@@ -589,7 +628,7 @@ def _field(value: str) -> str:
     characters are double-quoted with backslash escapes, so no value can split the line,
     forge another field or start a forged log line.
     """
-    if value and all(c in _PLAIN_FIELD for c in value):
+    if value and _PLAIN_FIELD.issuperset(value):  # in C: this runs for every request
         return value
     out = []
     for char in value:

@@ -297,6 +297,8 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
     prepare_keyrings(config)
     pool = await start_workers(config)  # None: handshakes run in this process
     sources = await open_sources(config)
+    if pool is not None:  # the workers read and run the service's requests themselves
+        pool.serve_sources(sources)
     agent: Agent = Agent(config.agent_settings(), sources, runner=pool)
     loop = asyncio.get_running_loop()
     current = [config]  # the configuration in use (a reload replaces it)

@@ -84,9 +84,17 @@ __all__ = [
     "AGENT",
     "DEFAULT_READ_TIMEOUT",
     "FileAccess",
+    "FileIdentity",
     "FileRefused",
     "read_file",
+    "read_file_identified",
 ]
+
+FileIdentity = tuple[int, int, int, int, int]
+"""What a read found, from ``fstat`` on the descriptor it read: ``(st_dev, st_ino,
+st_mtime_ns, st_size, st_ctime_ns)``. Equal identities mean the same inode, unchanged as far
+as its timestamps tell (a cache of parsed contents may key on it; :mod:`ktlsd.material` also
+compares the bytes, since timestamps have a clock tick's granularity)."""
 
 DEFAULT_READ_TIMEOUT = 5.0  # seconds a read may wait (for admission, or as a whole)
 MAX_READS_PER_UID = 4  # a consumer uid's reads in flight, stuck ones included
@@ -299,7 +307,9 @@ def _thread_credentials() -> _Credentials:
         return _credentials
 
 
-def _read_admitted(path: str, what: str, access: FileAccess, max_bytes: int) -> bytes:
+def _read_admitted(
+    path: str, what: str, access: FileAccess, max_bytes: int
+) -> tuple[bytes, FileIdentity]:
     """Read in the calling thread (never the main thread when ``access`` is a consumer's):
     take the rights, read, always give this thread's own rights back."""
     if access.uid is None:
@@ -361,7 +371,9 @@ def _denied(what: str, path: str, access: FileAccess, *, lookup: bool) -> FileRe
     return FileRefused(FailureCause.MISSING_MATERIAL, reason)
 
 
-def _read_regular_file(path: str, what: str, access: FileAccess, max_bytes: int) -> bytes:
+def _read_regular_file(
+    path: str, what: str, access: FileAccess, max_bytes: int
+) -> tuple[bytes, FileIdentity]:
     try:
         handle = _thread_credentials().open_path(path)
     except PermissionError:
@@ -397,6 +409,8 @@ def _read_regular_file(path: str, what: str, access: FileAccess, max_bytes: int)
             if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino):
                 raise _refused(what, path, "it changed while being opened")
             size = opened.st_size
+            identity = (opened.st_dev, opened.st_ino, opened.st_mtime_ns, size,
+                        opened.st_ctime_ns)
             if size > max_bytes:
                 raise _refused(what, path, f"it is larger than {max_bytes} bytes")
             data = _read_at_most(fd, size + 1)
@@ -407,7 +421,7 @@ def _read_regular_file(path: str, what: str, access: FileAccess, max_bytes: int)
     if len(data) > size:
         raise _refused(what, path, "it yields more bytes than its size (it changed while "
                                    "being read, or it is not a plain file)")
-    return data
+    return data, identity
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:
@@ -433,8 +447,21 @@ def read_file(
     max_bytes: int = DEFAULT_MAX_FILE_BYTES,
     timeout: float = DEFAULT_READ_TIMEOUT,
 ) -> bytes:
-    """Read the regular file ``path`` with ``access``'s rights; ``what`` names it in errors
-    ("certificate file"). Raises :class:`FileRefused`.
+    """:func:`read_file_identified` without the identity."""
+    return read_file_identified(path, what, access, max_bytes=max_bytes, timeout=timeout)[0]
+
+
+def read_file_identified(
+    path: str,
+    what: str,
+    access: FileAccess = AGENT,
+    *,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    timeout: float = DEFAULT_READ_TIMEOUT,
+) -> tuple[bytes, FileIdentity]:
+    """Read the regular file ``path`` with ``access``'s rights: its bytes and the
+    :data:`FileIdentity` of what was read. ``what`` names it in errors ("certificate file").
+    Raises :class:`FileRefused`.
 
     Waiting for room under the caps is bounded by ``timeout``. Called from the main thread (an
     event loop's, a tool's), the read then runs in a thread of its own and the caller waits at
@@ -449,7 +476,9 @@ def read_file(
             return _read_admitted(path, what, access, max_bytes)
         finally:
             _admission.leave(access)
-    future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+    future: concurrent.futures.Future[tuple[bytes, FileIdentity]] = (
+        concurrent.futures.Future()
+    )
 
     def run() -> None:
         try:

@@ -49,8 +49,10 @@ import hmac
 import logging
 import os
 import re
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +63,9 @@ from ktlsd.files import (
     AGENT,
     DEFAULT_READ_TIMEOUT,
     FileAccess,
+    FileIdentity,
     read_file,
+    read_file_identified,
 )
 from ktlsd.pkcs11_uri import is_pkcs11_uri, redact
 from ktlsd.request import (
@@ -328,6 +332,18 @@ class _Reads:
             path, what, AGENT, max_bytes=self.max_bytes, timeout=self._remaining()
         )
 
+    def consumer_file_identified(self, path: str, what: str) -> tuple[bytes, FileIdentity]:
+        self.consumer.check_path(path, what)
+        return read_file_identified(
+            path, what, self.consumer.file_access, max_bytes=self.max_bytes,
+            timeout=self._remaining(),
+        )
+
+    def agent_file_identified(self, path: str, what: str) -> tuple[bytes, FileIdentity]:
+        return read_file_identified(
+            path, what, AGENT, max_bytes=self.max_bytes, timeout=self._remaining()
+        )
+
     def consumer_truststore(self, path: str) -> bytes:
         self.consumer.check_path(path, "truststore")
         contents = read_truststore(
@@ -358,6 +374,101 @@ def _inline_psks(inline: InlineMaterial) -> tuple[PskKey, ...]:
     return tuple(keys)
 
 
+# --- parsed certificate chains and keys ----------------------------------------------------------
+# Parsing a chain and its key with cryptography (and checking that they match) costs more than
+# the rest of a request's material; the same files and blobs come back request after request.
+# The files are still opened, checked and read every time, with the reader's rights (a consumer
+# that cannot read them fails as before); only the parsing is skipped when the bytes are those
+# parsed last time from the same files.
+PARSED_CREDENTIALS_CACHE_SIZE = 32
+
+
+class _ParsedCredentials:
+    """Bounded LRU of :class:`X509Credentials` by what they were parsed from.
+
+    The key says where the bytes came from: ``("files", cert identity, key identity)`` (the
+    :data:`~ktlsd.files.FileIdentity` of each file as read) or ``("der", certificate bytes)``
+    (keyring blobs, inline DER). A hit also needs the very same bytes: the certificate compared
+    plainly, the private key in constant time; so a file rewritten within one timestamp tick,
+    or another key with the same certificate, is parsed anew. Errors are never cached.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[Hashable, tuple[bytes, bytes, X509Credentials]] = (
+            OrderedDict()
+        )
+        self._lock = threading.Lock()  # material threads build concurrently
+        self.hits = self.misses = 0
+
+    def get(self, key: Hashable, cert_data: bytes, key_data: bytes) -> X509Credentials | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if (entry is not None and entry[0] == cert_data
+                    and hmac.compare_digest(entry[1], key_data)):
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry[2]
+            self.misses += 1
+            return None
+
+    def put(self, key: Hashable, cert_data: bytes, key_data: bytes,
+            credentials: X509Credentials) -> None:
+        with self._lock:
+            self._entries[key] = (cert_data, key_data, credentials)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def stats(self) -> tuple[int, int, int]:
+        with self._lock:
+            return self.hits, self.misses, len(self._entries)
+
+
+_parsed_credentials = _ParsedCredentials(PARSED_CREDENTIALS_CACHE_SIZE)
+
+
+def clear_material_cache() -> None:
+    """Forget every parsed chain and key (the agent's reload calls this)."""
+    _parsed_credentials.clear()
+
+
+def material_cache_stats() -> tuple[int, int, int]:
+    """``(hits, misses, entries)`` of the parsed-credentials cache since the process started
+    (or since the counters were last read by a test; the counters never reset)."""
+    return _parsed_credentials.stats()
+
+
+def _credentials_from_der(cert_der: bytes, key_der: bytes) -> X509Credentials:
+    key = ("der", cert_der)
+    found = _parsed_credentials.get(key, cert_der, key_der)
+    if found is None:
+        found = X509Credentials.from_der(cert_der, key_der)
+        _parsed_credentials.put(key, cert_der, key_der, found)
+    return found
+
+
+def _credentials_from_files(
+    cert_file: str,
+    key_file: str,
+    read: Callable[[str, str], tuple[bytes, FileIdentity]],
+) -> X509Credentials:
+    cert_data, cert_identity = read(cert_file, "certificate file")
+    key_data, key_identity = read(key_file, "private key file")
+    key = ("files", cert_identity, key_identity)
+    found = _parsed_credentials.get(key, cert_data, key_data)
+    if found is None:
+        found = X509Credentials.from_pem(
+            cert_data, key_data, cert_name=cert_file, key_name=key_file
+        )
+        _parsed_credentials.put(key, cert_data, key_data, found)
+    return found
+
+
 def _x509_credentials(
     request: HandshakeRequest, inline: InlineMaterial, files: X509Files, reads: _Reads
 ) -> X509Credentials | None:
@@ -367,15 +478,15 @@ def _x509_credentials(
             raise _missing("certificate and private key serials must be given together")
         consumer.check_key(request.certificate, "certificate")
         consumer.check_key(request.private_key, "private")
-        return X509Credentials.from_der(
+        return _credentials_from_der(
             _blob_from_keyring(request.certificate, "certificate"),
             _blob_from_keyring(request.private_key, "private"),
         )
     if inline.certificate_chain:
-        return X509Credentials.from_der(b"".join(inline.certificate_chain), inline.private_key)
+        return _credentials_from_der(b"".join(inline.certificate_chain), inline.private_key)
     if inline.certificate_file or inline.private_key_file or not consumer.privileged:
         cert_file, key_file = inline.certificate_file, inline.private_key_file
-        read = reads.consumer_file
+        read = reads.consumer_file_identified
         if is_pkcs11_uri(key_file) or is_pkcs11_uri(cert_file):
             # Never for a consumer (root's too): it would pick the module the root agent
             # loads or sign with the administrator's token keys (see ktlsd.hardware_key).
@@ -386,16 +497,12 @@ def _x509_credentials(
             )
     else:
         cert_file, key_file = files.certificate, files.private_key
-        read = reads.agent_file
+        read = reads.agent_file_identified
         if cert_file and is_pkcs11_uri(key_file):
             assert key_file is not None
             return _token_credentials(cert_file, key_file, files, reads)
     if cert_file and key_file:
-        cert_data = read(cert_file, "certificate file")
-        key_data = read(key_file, "private key file")
-        return X509Credentials.from_pem(
-            cert_data, key_data, cert_name=cert_file, key_name=key_file
-        )
+        return _credentials_from_files(cert_file, key_file, read)
     if cert_file or key_file:
         raise _missing("x509.certificate and x509.private_key must be configured together")
     return None

@@ -15,7 +15,8 @@ One request
 ===========
 
 1. The agent takes a request from its source, within its slots and (service) the uid's
-   in-flight share, exactly as without workers.
+   in-flight share, exactly as without workers. (Most service requests take the shorter
+   path below.)
 2. The pool picks the worker with the fewest requests in flight (a service request that
    names files to read with an unprivileged consumer's rights always goes to worker
    ``uid % N``, so the per-uid cap on file reads in flight, stuck ones included, holds
@@ -34,6 +35,46 @@ One request
 
 A consumer that withdraws its request (``cancelled``) makes the pool send CANCEL; the worker
 ends the handshake and answers, as the in-process agent would.
+
+Service requests: read and answered by the workers
+==================================================
+
+For the handshake service (``ktlsd run`` attaches the pool to it, :meth:`WorkerPool.
+serve_service`), the per-request work that does not have to happen once -- reading and
+checking the SUBMIT, decoding it, encoding and sending DONE -- runs in the workers too, so
+that the supervisor's share of a request is small (one supervisor would otherwise cap the
+rate whatever the number of workers):
+
+1. The service accepts the connection and applies the connection caps (per uid, in all), as
+   without workers, then hands a copy of it to the least loaded worker (CONN, the consumer's
+   credentials with the descriptor) and keeps its own copy.
+2. The worker reads the SUBMIT (within ``submit_timeout_ms``), checks and decodes it. A
+   malformed one it answers itself (EINVAL, as the service would) and reports ABANDON. A key
+   update, a request whose session is to be kept, or an unprivileged consumer's request that
+   names files (per-uid read caps: worker ``uid % N``) it passes on unchanged (FORWARD, with
+   the TCP socket): the supervisor serves those as any it read itself (steps above). Any
+   other request it keeps, with its socket and material, and reports ADMIT: the sequence
+   number, the socket's identity and what the agent's timeout and log line need.
+3. The service admits and queues it exactly as one it read (ESRCH, pending limits, the uid's
+   share, EBUSY; the "submitted" line), on its own copy of the connection, which it then
+   watches for the consumer going away; a refusal it answers there, and tells the worker to
+   DROP its copies (as when the request is withdrawn while queued).
+4. The agent takes it within its slots and the uid's in-flight share, as any request; the
+   pool sends GO to the worker holding it (after CONFIGURE when needed) and logs "request
+   handed to ...". From then on the worker watches the consumer (leaving cancels the
+   handshake), not the supervisor: a consumer closes its end once it has DONE, which only
+   the worker can tell from a withdrawal. The worker runs the handshake, closes the TCP
+   socket, sends DONE to the consumer itself and answers RESULT with the flag "answered" and
+   the log line's fields (peer identity, suite). On failure it answers RESULT with the status,
+   and the supervisor sends DONE on its copy, as for a JOB.
+5. The agent logs the one line; the service releases the request without sending anything.
+
+A worker that dies: every request it had admitted is answered EIO by the supervisor on its
+own copy of the connection (running ones at once, queued ones when the agent takes them), and
+every connection it had not yet reported is answered EIO there too (after the unread SUBMIT
+is drained: closing a SEQPACKET socket with unread messages would reset the consumer's end).
+A worker that reports nothing on a connection within ``submit_timeout_ms`` plus
+:data:`WORKER_GRACE` is taken for stuck and killed.
 
 Crashes
 =======
@@ -86,7 +127,21 @@ CANCEL     pool       none: the consumer withdrew job ``job``
 RESULT     worker     DONE (status, reason, session) for job ``job``; aux = the
                       :class:`~ktlsd.errors.FailureCause` of a failure (its position
                       in the enum, from 1; 0: success or none), so the supervisor
-                      counts it by cause (EACCES alone does not say which)
+                      counts it by cause (EACCES alone does not say which); with
+                      flags 1 (answered) only the log line's fields: peer identity,
+                      suite, group, our and the peer's signature schemes (each a
+                      u16 size and text)
+CONN       pool       job = connection id, aux = submit_timeout_ms; the consumer's
+                      credentials; one descriptor (the service connection)
+ADMIT      worker     for connection ``job``: seq u32, socket dev u64, ino u64,
+                      timeout ms u32, type u8, auth u8, peername (u16 size, text),
+                      the TCP peer's address
+FORWARD    worker     for connection ``job``: the SUBMIT as received (flags: 1 it
+                      was truncated, 2 its descriptors were); the TCP socket
+ABANDON    worker     connection ``job`` sent no usable SUBMIT (flags: 1 a malformed
+                      one, which the worker answered)
+GO         pool       aux = timeout in ms; connection id u64: run it as job ``job``
+DROP       pool       forget connection ``job`` (refused or withdrawn)
 =========  =========  ==========================================================
 
 The channel carries the requests' inline keys and the sessions' traffic secrets between the
@@ -114,23 +169,39 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ktlsd.agent import AnsweredByWorker, _peer_address, _remote_auth, run_handshake
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.request import (
+    AuthMode,
     ConsumerCredentials,
     HandshakeDone,
     HandshakeRequest,
+    InlineMaterial,
     KeyDelivery,
+    MessageType,
     PendingRequest,
 )
-from ktlsd.settings import AgentSettings
+from ktlsd.settings import AgentSettings, ServiceLimits
 from ktlsd.tls.session import Session
+from ktlsd.upcall.service import (
+    CancelEvent,
+    HandshakeService,
+    ServiceRequest,
+    _socket_identity,
+    _try_send,
+    check_submit_envelope,
+)
 from ktlsd.upcall.wire import (
     MAX_MESSAGE_SIZE,
     ServiceFormatError,
     decode_done_message,
     decode_submit,
     encode_done_message,
+    encode_error_done,
     encode_submit,
+    is_status_request,
+    recv_message,
+    recv_message_now,
     send_message,
 )
 
@@ -155,8 +226,15 @@ _BUFFER = 2 * MAX_MESSAGE_SIZE + 4096  # a JOB: header, credentials and a SUBMIT
 _ANCBUF = socket.CMSG_SPACE(4 * 4)  # room to notice (and close) stray descriptors
 
 HELLO, CONFIGURE, JOB, CANCEL, RESULT = 1, 2, 3, 4, 5
-_Result = tuple[int, bytes]
-"""A RESULT as the pool keeps it: (aux = cause code, the DONE message)."""
+_Result = tuple[int, int, bytes]
+"""A RESULT as the pool keeps it: (flags, aux = cause code, the payload)."""
+CONN, ADMIT, FORWARD, ABANDON, GO, DROP = 6, 7, 8, 9, 10, 11
+_ADMIT = struct.Struct("=IQQIBBH")  # seq, socket dev, ino, timeout ms, type, auth, peername len
+_FRONT_ID = struct.Struct("=Q")
+_ANSWERED_FIELD = struct.Struct("=H")  # the size of each text field of an answered RESULT
+_ANSWERED = 1  # RESULT flag: the worker sent DONE to the consumer itself
+_TRUNCATED, _CTRUNCATED = 1, 2  # FORWARD flags: how the worker's recvmsg saw the SUBMIT
+_REJECTED = 1  # ABANDON flag: the worker answered a malformed SUBMIT (EINVAL)
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER_PROGRAM = (
@@ -214,13 +292,57 @@ def encode_job(job: int, pending: PendingRequest, timeout_ms: int) -> bytes:
     credentials = b""
     if pending.credentials is not None:
         flags |= _HAS_CREDENTIALS
-        creds = pending.credentials
-        groups = creds.groups[:_MAX_GROUPS]
-        credentials = (_CREDENTIALS.pack(creds.pid, creds.uid, creds.gid, len(groups))
-                       + struct.pack(f"={len(groups)}I", *groups))
+        credentials = _encode_credentials(pending.credentials)
     timeout_ms = max(1, min(timeout_ms, 0xFFFFFFFF))
-    return (_HEADER.pack(JOB, flags, 0, timeout_ms, job) + credentials
-            + encode_submit(pending.request))
+    # A service request's SUBMIT as its consumer sent it (ServiceRequest.submit_message): the
+    # same request, not encoded a second time; the kernel's are encoded here.
+    submit = getattr(pending, "submit_message", b"") or encode_submit(pending.request)
+    return _HEADER.pack(JOB, flags, 0, timeout_ms, job) + credentials + submit
+
+
+def _encode_credentials(creds: ConsumerCredentials) -> bytes:
+    groups = creds.groups[:_MAX_GROUPS]
+    return (_CREDENTIALS.pack(creds.pid, creds.uid, creds.gid, len(groups))
+            + struct.pack(f"={len(groups)}I", *groups))
+
+
+def _decode_credentials(payload: bytes) -> tuple[ConsumerCredentials, int]:
+    """The credentials at the start of ``payload`` and where they end."""
+    if len(payload) < _CREDENTIALS.size:
+        raise ServiceFormatError("message too short for its credentials")
+    pid, uid, gid, count = _CREDENTIALS.unpack_from(payload)
+    end = _CREDENTIALS.size + 4 * count
+    if len(payload) < end:
+        raise ServiceFormatError("message too short for its groups")
+    groups = struct.unpack_from(f"={count}I", payload, _CREDENTIALS.size)
+    return ConsumerCredentials(pid, uid, gid, tuple(groups)), end
+
+
+def encode_admit(front_id: int, seq: int, identity: tuple[int, int],
+                 request: HandshakeRequest, peer_label: str) -> bytes:
+    """ADMIT: what the supervisor needs of a request a worker read (its material stays in the
+    worker): admission (the socket's identity), the agent's timeout and log line."""
+    peername = (request.peername or "").encode()[:0xFFFF]
+    return (_HEADER.pack(ADMIT, 0, 0, 0, front_id)
+            + _ADMIT.pack(seq, identity[0], identity[1], max(0, request.timeout_ms),
+                          int(request.message_type), int(request.auth_mode), len(peername))
+            + peername + peer_label.encode("utf-8", "backslashreplace"))
+
+
+def decode_admit(payload: bytes) -> tuple[int, tuple[int, int], HandshakeRequest, str]:
+    """The inverse of :func:`encode_admit` (after the header): seq, socket identity, the
+    request as the supervisor sees it (``sockfd`` -1, no material) and the peer's address."""
+    if len(payload) < _ADMIT.size:
+        raise ServiceFormatError("ADMIT too short")
+    seq, dev, ino, timeout_ms, message_type, auth_mode, size = _ADMIT.unpack_from(payload)
+    end = _ADMIT.size + size
+    if len(payload) < end:
+        raise ServiceFormatError("ADMIT too short for its peer name")
+    peername = payload[_ADMIT.size:end].decode("utf-8", "replace") or None
+    request = HandshakeRequest(sockfd=-1, message_type=MessageType(message_type),
+                               auth_mode=AuthMode(auth_mode), timeout_ms=timeout_ms,
+                               peername=peername)
+    return seq, (dev, ino), request, payload[end:].decode("utf-8", "replace")
 
 
 @dataclass
@@ -246,14 +368,7 @@ def decode_job(flags: int, aux: int, payload: bytes, sockfd: int) -> _WorkerRequ
     credentials: ConsumerCredentials | None = None
     offset = 0
     if flags & _HAS_CREDENTIALS:
-        if len(payload) < _CREDENTIALS.size:
-            raise ServiceFormatError("JOB too short for its credentials")
-        pid, uid, gid, count = _CREDENTIALS.unpack_from(payload)
-        offset = _CREDENTIALS.size + 4 * count
-        if len(payload) < offset:
-            raise ServiceFormatError("JOB too short for its groups")
-        groups = struct.unpack_from(f"={count}I", payload, _CREDENTIALS.size)
-        credentials = ConsumerCredentials(pid, uid, gid, tuple(groups))
+        credentials, offset = _decode_credentials(payload)
     _, request = decode_submit(payload[offset:], sockfd)
     delivery = (KeyDelivery.INSTALL_KTLS if flags & _INSTALL_KTLS
                 else KeyDelivery.RETURN_SECRETS)
@@ -323,6 +438,7 @@ class _Worker:
         self.channel = channel
         self.started = time.monotonic()
         self.jobs: dict[int, asyncio.Future[_Result]] = {}
+        self.fronts: set[int] = set()  # service connections it holds, not yet running
         self.configured: AgentSettings | None = None
         self.send_lock = asyncio.Lock()
         self.hello = asyncio.get_running_loop().create_future()
@@ -364,6 +480,12 @@ class WorkerPool:
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._delays = [0.0] * count
+        # Service connections read by the workers (see "Service requests" above).
+        self._service: HandshakeService | None = None
+        self._front_ids = itertools.count(1)
+        self._fronts: dict[int, _Worker] = {}  # held by a worker, not yet running there
+        self._front_timers: dict[int, asyncio.TimerHandle] = {}
+        self._lost_fronts: dict[int, str] = {}  # admitted, but their worker died
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -381,6 +503,72 @@ class WorkerPool:
     def pids(self) -> list[int]:
         """The live workers' process ids (tests, status)."""
         return [w.pid for w in self.workers if w is not None and not w.gone]
+
+    def serve_sources(self, sources: Iterable[object]) -> None:
+        """:meth:`serve_service` for the handshake service among ``sources``, if any."""
+        for source in sources:
+            if isinstance(source, HandshakeService):
+                self.serve_service(source)
+
+    def serve_service(self, service: HandshakeService) -> None:
+        """Let the workers read and run ``service``'s requests (its front, see "Service
+        requests" above); admission, the queue and the log line stay with ``service`` and
+        the agent here."""
+        self._service = service
+        service.front = self
+
+    def take_connection(self, conn: socket.socket, creds: ConsumerCredentials) -> int | None:
+        """:class:`~ktlsd.upcall.service.ServiceFront`: a copy of ``conn`` to the least loaded
+        worker; its id, or None when no worker can take it now (then the service reads it)."""
+        if self._closing:
+            return None
+        worker = self._least_loaded()
+        if worker is None:
+            return None
+        front_id = next(self._front_ids)
+        limits = self._service.limits if self._service is not None else ServiceLimits()
+        message = (_HEADER.pack(CONN, 0, 0, limits.submit_timeout_ms, front_id)
+                   + _encode_credentials(creds))
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("=i", conn.fileno()))]
+        try:
+            worker.channel.sendmsg([message], anc)
+        except OSError:  # the channel is full or broken: this process reads it
+            return None
+        worker.fronts.add(front_id)
+        self._fronts[front_id] = worker
+        self._front_timers[front_id] = asyncio.get_running_loop().call_later(
+            limits.submit_timeout_ms / 1000 + WORKER_GRACE, self._front_late, front_id)
+        return front_id
+
+    def _front_late(self, front_id: int) -> None:
+        self._front_timers.pop(front_id, None)
+        worker = self._fronts.get(front_id)
+        if worker is not None and self._service is not None and self._service.unread(front_id):
+            worker.kill(f"did not answer service connection {front_id} in time")
+
+    def _front_reported(self, front_id: int) -> _Worker | None:
+        timer = self._front_timers.pop(front_id, None)
+        if timer is not None:
+            timer.cancel()
+        return self._fronts.get(front_id)
+
+    def _front_gone(self, front_id: int) -> _Worker | None:
+        """Forget that a worker holds ``front_id``; the worker it was, if any."""
+        self._front_reported(front_id)
+        worker = self._fronts.pop(front_id, None)
+        if worker is not None:
+            worker.fronts.discard(front_id)
+        return worker
+
+    def drop(self, front_id: int) -> None:
+        """:class:`~ktlsd.upcall.service.ServiceFront`: the service answered or withdrew the
+        request before its worker ran it; the worker closes its copies."""
+        self._lost_fronts.pop(front_id, None)
+        worker = self._front_gone(front_id)
+        if worker is None or worker.gone:
+            return
+        with contextlib.suppress(OSError):
+            worker.channel.send(_HEADER.pack(DROP, 0, 0, 0, front_id))
 
     async def _spawn(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -461,18 +649,41 @@ class WorkerPool:
                 return
             except OSError:
                 data, ancdata = b"", []
-            _close_fds(_received_fds(ancdata))  # a worker sends none
+            fds = _received_fds(ancdata)  # only a FORWARD passes one
             if not data:
+                _close_fds(fds)
                 self._lost(worker)
                 return
             if len(data) < _HEADER.size:
+                _close_fds(fds)
                 worker.kill("sent a malformed message")
                 continue
-            kind, _, _, aux, job = _HEADER.unpack_from(data)
+            kind, flags, _, aux, job = _HEADER.unpack_from(data)
+            if kind == FORWARD and self._fronts.get(job) is worker:
+                self._front_gone(job)
+                assert self._service is not None
+                msg_flags = ((socket.MSG_TRUNC if flags & _TRUNCATED else 0)
+                             | (socket.MSG_CTRUNC if flags & _CTRUNCATED else 0))
+                self._service.forward_from_front(job, data[_HEADER.size:], fds, msg_flags)
+                continue
+            _close_fds(fds)
             if kind == RESULT:
                 future = worker.jobs.pop(job, None)
                 if future is not None and not future.done():
-                    future.set_result((aux, data[_HEADER.size:]))
+                    future.set_result((flags, aux, data[_HEADER.size:]))
+            elif kind == ADMIT and self._fronts.get(job) is worker:
+                self._front_reported(job)
+                assert self._service is not None
+                try:
+                    seq, identity, request, peer = decode_admit(data[_HEADER.size:])
+                except (ServiceFormatError, ValueError):
+                    worker.kill("sent a malformed ADMIT")
+                    continue
+                self._service.admit_from_front(job, seq, identity, request, peer)
+            elif kind == ABANDON and self._fronts.get(job) is worker:
+                self._front_gone(job)
+                assert self._service is not None
+                self._service.abandon_from_front(job, rejected=bool(flags & _REJECTED))
             elif kind == HELLO and not worker.hello.done():
                 worker.hello.set_result(aux)
             else:
@@ -518,13 +729,21 @@ class WorkerPool:
             if not future.done():
                 future.set_exception(HandshakeError(FailureCause.PROTOCOL_ERROR,
                                                     f"handshake {reason}"))
+        lost_fronts = 0
+        for front_id in sorted(worker.fronts):
+            self._front_gone(front_id)
+            lost_fronts += 1
+            if self._service is not None and self._service.unread(front_id):
+                self._service.abandon_from_front(front_id, f"handshake {reason}")
+            else:  # admitted and queued: answered EIO when the agent takes it
+                self._lost_fronts[front_id] = reason
         self._changed.set()
         if self._closing or not worker.started_serving:
             if returncode and self._closing:
                 log.warning("%s", reason)
             return
         log.error("%s; %d requests in flight on it answered EIO; starting another",
-                  reason, len(jobs))
+                  reason, len(jobs) + lost_fronts)
         if worker.started_serving:  # else its spawner is told, and retries or gives up
             await self._respawn(worker)
 
@@ -577,7 +796,8 @@ class WorkerPool:
             worker = self.workers[(self._next + offset) % self.count]
             if worker is None or not worker.ready:
                 continue
-            if best is None or len(worker.jobs) < len(best.jobs):
+            if best is None or (len(worker.jobs) + len(worker.fronts)
+                                < len(best.jobs) + len(best.fronts)):
                 best = worker
         if best is not None:
             self._next = (best.index + 1) % self.count
@@ -585,12 +805,14 @@ class WorkerPool:
 
     async def handshake(
         self, pending: PendingRequest, settings: AgentSettings, timeout: float
-    ) -> Session:
+    ) -> Session | AnsweredByWorker:
         """Run ``pending``'s handshake in a worker; the session, or HandshakeError."""
         if pending.cancelled.is_set():
             raise HandshakeError(FailureCause.PEER_CLOSED, "consumer cancelled the request")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout + WORKER_GRACE
+        if isinstance(pending, ServiceRequest) and pending.front_id is not None:
+            return await self._run_at_front(pending, pending.front_id, settings, deadline)
         while True:
             worker = await self._pick(pending, deadline)
             delivered = await self._deliver(worker, pending, settings, deadline)
@@ -602,12 +824,73 @@ class WorkerPool:
         log.debug("request handed to %s (job %d, %d in flight there)", worker.name, job,
                   len(worker.jobs))
         try:
-            payload = await self._answer(worker, job, future, pending, deadline)
+            _, cause_code, payload = await self._answer(worker, job, future, pending, deadline)
         except asyncio.CancelledError:
             self._cancel(worker, job)
             worker.jobs.pop(job, None)
             raise
-        return _session_from(*payload)
+        return _session_from(cause_code, payload)
+
+    async def _run_at_front(self, pending: ServiceRequest, front_id: int,
+                            settings: AgentSettings, deadline: float,
+                            ) -> Session | AnsweredByWorker:
+        """GO for a request the worker holding it read; that worker answers the consumer on
+        success (unless the session is to be kept, which a worker never takes on)."""
+        loop = asyncio.get_running_loop()
+        worker = self._front_gone(front_id)
+        if worker is None or worker.gone:
+            reason = self._lost_fronts.pop(front_id, None) or "worker is gone"
+            raise HandshakeError(FailureCause.PROTOCOL_ERROR, f"handshake {reason}")
+        job = next(self._jobs)
+        remaining_ms = round(max(0.0, deadline - loop.time() - WORKER_GRACE) * 1000)
+        future: asyncio.Future[_Result] = loop.create_future()
+        worker.jobs[job] = future
+        message = (_HEADER.pack(GO, 0, 0, max(1, min(remaining_ms, 0xFFFFFFFF)), job)
+                   + _FRONT_ID.pack(front_id))
+        try:
+            sent = False
+            if worker.configured is settings and not worker.send_lock.locked():
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    worker.channel.send(message)  # at once: nothing to wait for
+                    sent = True
+            if not sent:
+                async with worker.send_lock:
+                    if worker.configured is not settings:
+                        await self._configure(worker, settings)
+                    await send_message(worker.channel, message)
+        except OSError as exc:
+            worker.jobs.pop(job, None)
+            if not future.done():
+                future.cancel()
+            # Only that worker has the socket: nobody else can run the request.
+            raise HandshakeError(FailureCause.PROTOCOL_ERROR,
+                                 f"handshake {worker.name}: channel broken "
+                                 f"({exc.strerror or exc})") from None
+        except asyncio.CancelledError:
+            self._cancel(worker, job)
+            worker.jobs.pop(job, None)
+            raise
+        log.debug("request handed to %s (job %d, %d in flight there)", worker.name, job,
+                  len(worker.jobs))
+        if self._service is not None:
+            self._service.hand_watch_to_front(pending)
+        try:
+            flags, cause_code, payload = await self._answer(worker, job, future, pending,
+                                                            deadline)
+        except asyncio.CancelledError:
+            self._cancel(worker, job)
+            worker.jobs.pop(job, None)
+            raise
+        if flags & _ANSWERED:
+            pending.answered_by_front = True
+            return _answered_from(payload)
+        return _session_from(cause_code, payload)
+
+    async def _configure(self, worker: _Worker, settings: AgentSettings) -> None:
+        level = logging.getLogger("ktlsd").getEffectiveLevel()
+        await send_message(worker.channel,
+                           _HEADER.pack(CONFIGURE, 0, 0, level, 0) + encode_settings(settings))
+        worker.configured = settings
 
     async def _deliver(
         self, worker: _Worker, pending: PendingRequest, settings: AgentSettings,
@@ -627,11 +910,7 @@ class WorkerPool:
         try:
             async with worker.send_lock:
                 if worker.configured is not settings:
-                    level = logging.getLogger("ktlsd").getEffectiveLevel()
-                    await send_message(worker.channel,
-                                       _HEADER.pack(CONFIGURE, 0, 0, level, 0)
-                                       + encode_settings(settings))
-                    worker.configured = settings
+                    await self._configure(worker, settings)
                 await send_message(worker.channel, message, (pending.request.sockfd,))
         except OSError as exc:
             worker.jobs.pop(job, None)
@@ -664,19 +943,27 @@ class WorkerPool:
 
         future.add_done_callback(woken)
         timer = loop.call_at(deadline, woken)
-        watcher = loop.create_task(pending.cancelled.wait())
-        watcher.add_done_callback(woken)
+        cancelled = pending.cancelled
+        watcher: asyncio.Task[Any] | None = None
+        if isinstance(cancelled, CancelEvent):  # a service request's: a callback, no task
+            cancelled.add_callback(woken)
+        else:
+            watcher = loop.create_task(cancelled.wait())
+            watcher.add_done_callback(woken)
         try:
             await wake
-            if not future.done() and watcher.done() and loop.time() < deadline:
+            if not future.done() and cancelled.is_set() and loop.time() < deadline:
                 self._cancel(worker, job)  # the worker answers at once
                 wake = loop.create_future()
                 future.add_done_callback(woken)
                 await wake
         finally:
             timer.cancel()
-            watcher.remove_done_callback(woken)
-            watcher.cancel()
+            if watcher is not None:
+                watcher.remove_done_callback(woken)
+                watcher.cancel()
+            elif isinstance(cancelled, CancelEvent):
+                cancelled.remove_callback(woken)
         if not future.done():
             worker.kill(f"did not answer job {job} within its timeout")
             # Its jobs are answered once the process is gone.
@@ -706,6 +993,33 @@ def _result(future: asyncio.Future[_Result]) -> _Result:
     return future.result()  # raises the HandshakeError of a worker that went away
 
 
+def encode_answered(session: Session) -> bytes:
+    """A RESULT's payload when the worker answered the consumer: the log line's fields
+    (identity, suite, group, our and the peer's signature schemes), each u16 size + text."""
+    fields = (session.peer.describe(), session.suite.iana_name, session.group or "",
+              session.signature_scheme or "", session.peer_signature_scheme or "")
+    out = bytearray()
+    for text in fields:
+        data = text.encode("utf-8", "backslashreplace")[:0xFFFF]
+        out += _ANSWERED_FIELD.pack(len(data)) + data
+    return bytes(out)
+
+
+def _answered_from(payload: bytes) -> AnsweredByWorker:
+    fields: list[str] = []
+    pos = 0
+    while len(fields) < 5:
+        if pos + _ANSWERED_FIELD.size > len(payload):
+            raise HandshakeError(FailureCause.PROTOCOL_ERROR,
+                                 "short answer from a handshake worker")
+        (size,) = _ANSWERED_FIELD.unpack_from(payload, pos)
+        pos += _ANSWERED_FIELD.size
+        fields.append(payload[pos:pos + size].decode("utf-8", "replace"))
+        pos += size
+    identity, suite, group, sig, peer_sig = fields
+    return AnsweredByWorker(identity, suite, group or None, sig or None, peer_sig or None)
+
+
 def _session_from(cause_code: int, payload: bytes) -> Session:
     try:
         _, done = decode_done_message(payload)
@@ -722,7 +1036,11 @@ def _session_from(cause_code: int, payload: bytes) -> Session:
 def _file_reader_uid(pending: PendingRequest) -> int | None:
     """The uid whose rights a request's files are read with, when it is an unprivileged
     consumer's (its reads in flight are capped per uid, in one process); else None."""
-    credentials, inline = pending.credentials, pending.request.inline
+    return _reader_uid(pending.credentials, pending.request.inline)
+
+
+def _reader_uid(credentials: ConsumerCredentials | None,
+                inline: InlineMaterial | None) -> int | None:
     if credentials is None or credentials.uid == 0 or inline is None:
         return None
     if inline.certificate_file or inline.private_key_file or inline.truststore or inline.crl:
@@ -733,6 +1051,23 @@ def _file_reader_uid(pending: PendingRequest) -> int | None:
 # --- the worker's side -------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class _Held:
+    """A service connection the supervisor handed to this worker (CONN): our copy of it, the
+    consumer's credentials, and once read, its request (``sockfd``: our TCP socket)."""
+
+    conn: socket.socket
+    credentials: ConsumerCredentials
+    seq: int = 0
+    request: HandshakeRequest | None = None
+
+    def close(self) -> None:
+        self.conn.close()
+        if self.request is not None:
+            _close_fds([self.request.sockfd])
+            self.request = None
+
+
 class _WorkerServer:
     """The worker process: jobs in, handshakes run, results out, until the channel ends."""
 
@@ -740,6 +1075,7 @@ class _WorkerServer:
         self.channel = channel
         self.settings: AgentSettings | None = None
         self.jobs: dict[int, tuple[asyncio.Task[None], _WorkerRequest]] = {}
+        self.held: dict[int, _Held] = {}
         self.send_lock = asyncio.Lock()
         self.ended = asyncio.Event()
 
@@ -756,6 +1092,9 @@ class _WorkerServer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for held in self.held.values():
+            held.close()
+        self.held.clear()
 
     def _readable(self) -> None:
         while not self.ended.is_set():
@@ -787,8 +1126,22 @@ class _WorkerServer:
         if kind == JOB:
             self._start(job, job_flags, aux, payload, fds)
             return
+        if kind == CONN:
+            self._take(job, aux, payload, fds)
+            return
         _close_fds(fds)
-        if kind == CONFIGURE:
+        if kind == GO:
+            self._go(job, aux, payload)
+            return
+        if kind == DROP:
+            held = self.held.pop(job, None)
+            if held is not None:
+                held.close()
+            return
+        if kind == CONFIGURE:  # at start, and after each reload
+            from ktlsd.agent import forget_parsed_material
+
+            forget_parsed_material()
             self.settings = decode_settings(payload)
             if aux:  # the supervisor's log level, which a reload may have changed
                 logging.getLogger("ktlsd").setLevel(aux)
@@ -818,33 +1171,197 @@ class _WorkerServer:
     def _spawn(self, work: Any) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(work)
 
-    async def _run(self, job: int, pending: _WorkerRequest, settings: AgentSettings) -> None:
-        # The TLS engine is loaded by the first request, as in the single-process agent: an
-        # idle worker stays small.
-        from ktlsd.agent import run_handshake
+    # -- service connections (CONN ... ADMIT/FORWARD/ABANDON ... GO/DROP) ------------------
 
+    def _take(self, front_id: int, submit_ms: int, payload: bytes, fds: list[int]) -> None:
+        if len(fds) != 1:
+            _close_fds(fds)
+            log.error("CONN without exactly one connection ignored")
+            return
+        try:
+            credentials, _ = _decode_credentials(payload)
+            conn = socket.socket(fileno=fds[0])
+        except (ServiceFormatError, OSError) as exc:
+            _close_fds(fds)
+            log.error("bad CONN from the supervisor ignored: %s", exc)
+            return
+        conn.setblocking(False)
+        held = self.held[front_id] = _Held(conn, credentials)
+        self._spawn(self._read_submit(front_id, held, submit_ms / 1000))
+
+    async def _report(self, message: bytes, fds: tuple[int, ...] = ()) -> None:
+        """One message to the supervisor: at once when the channel has room and no other
+        send is waiting, else in turn."""
+        if not self.send_lock.locked():
+            anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"={len(fds)}i", *fds))]
+                   if fds else [])
+            try:
+                self.channel.sendmsg([message], anc)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return
+        with contextlib.suppress(OSError):
+            async with self.send_lock:
+                await send_message(self.channel, message, fds)
+
+    async def _read_submit(self, front_id: int, held: _Held, wait: float) -> None:
+        """Read the SUBMIT (within ``wait`` seconds, the service's ``submit_timeout_ms``);
+        ADMIT a handshake this worker can run, FORWARD anything else to the supervisor,
+        answer a malformed one here; ABANDON when nothing came."""
+        received: tuple[bytes, list[int], int] | None
+        try:
+            received = recv_message_now(held.conn)
+            if received is None:
+                received = await asyncio.wait_for(recv_message(held.conn), wait)
+        except (TimeoutError, OSError):
+            received = None
+        if self.held.get(front_id) is not held:  # the supervisor dropped it meanwhile
+            if received is not None:
+                _close_fds(received[1])
+            return
+        if received is None or not (received[0] or received[1]):
+            self._forget(front_id)
+            await self._report(_HEADER.pack(ABANDON, 0, 0, 0, front_id))
+            return
+        data, fds, flags = received
+        if is_status_request(data):
+            # The counters are the supervisor's: it answers (root only, checked there).
+            self._forget(front_id)
+            _close_fds(fds)
+            await self._report(_HEADER.pack(FORWARD, 0, 0, 0, front_id) + data)
+            return
+        seq = struct.unpack_from("=I", data, 8)[0] if len(data) >= 12 else 0
+        creds = held.credentials
+        try:
+            check_submit_envelope(data, fds, flags)
+            seq, request = decode_submit(data, fds[0])
+            identity = _socket_identity(fds[0])
+        except ServiceFormatError as exc:
+            _close_fds(fds)
+            log.warning("service: pid %d uid %d: rejected request: %s", creds.pid, creds.uid,
+                        exc)
+            await _try_send(held.conn, encode_error_done(exc.status, str(exc), seq=seq))
+            self._forget(front_id)
+            await self._report(_HEADER.pack(ABANDON, _REJECTED, 0, 0, front_id))
+            return
+        if (request.message_type.is_key_update or request.keep_session
+                or _reader_uid(creds, request.inline) is not None):
+            # Kept sessions and key updates live in the supervisor; a consumer's file reads
+            # are capped per uid in one worker (the supervisor picks it).
+            self._forget(front_id)
+            flags_out = ((_TRUNCATED if flags & socket.MSG_TRUNC else 0)
+                         | (_CTRUNCATED if flags & socket.MSG_CTRUNC else 0))
+            await self._report(_HEADER.pack(FORWARD, flags_out, 0, 0, front_id) + data,
+                               (fds[0],))
+            _close_fds(fds)
+            return
+        held.seq, held.request = seq, request
+        await self._report(encode_admit(front_id, seq, identity, request,
+                                        _peer_of(request.sockfd)))
+
+    def _forget(self, front_id: int) -> None:
+        held = self.held.pop(front_id, None)
+        if held is not None:
+            held.close()
+
+    def _go(self, job: int, timeout_ms: int, payload: bytes) -> None:
+        front_id = _FRONT_ID.unpack_from(payload)[0] if len(payload) >= _FRONT_ID.size else 0
+        held = self.held.pop(front_id, None)
+        if held is None or held.request is None or self.settings is None:
+            if held is not None:
+                held.close()
+            why = "no configuration yet" if self.settings is None else "no such request"
+            self._spawn(self._answer(job, HandshakeDone(errno.EIO, -1, reason=f"worker: {why}")))
+            return
+        pending = _WorkerRequest(held.request, held.credentials, KeyDelivery.RETURN_SECRETS,
+                                 timeout_ms)
+        held.request = None  # the socket is the job's now
+        # The consumer leaving cancels the handshake (the supervisor stopped watching).
+        asyncio.get_running_loop().add_reader(held.conn.fileno(), self._consumer_event,
+                                              held, pending)
+        task = self._spawn(self._run_front(job, pending, held, self.settings))
+        self.jobs[job] = (task, pending)
+        task.add_done_callback(lambda _: self.jobs.pop(job, None))
+
+    def _consumer_event(self, held: _Held, pending: _WorkerRequest) -> None:
+        """The consumer of a request running here left (or sent more): cancel it, as the
+        service's watch does."""
+        try:
+            received = recv_message_now(held.conn, 16)
+        except OSError:
+            received = (b"", [], 0)
+        if received is None:
+            return
+        _close_fds(received[1])
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(held.conn.fileno())
+        why = "disconnected" if not received[0] else "sent a second message"
+        log.info("service: pid %d %s: request cancelled (in flight)",
+                 held.credentials.pid, why)
+        pending.cancelled.set()
+
+    async def _run_front(self, job: int, pending: _WorkerRequest, held: _Held,
+                         settings: AgentSettings) -> None:
+        """Run a request this worker read; on success send DONE to the consumer here and
+        tell the supervisor what its log line needs; on failure the supervisor answers."""
+        try:
+            session, answer, cause = await self._handshake(pending, settings)
+        finally:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(held.conn.fileno())
+        message = b""
+        if session is not None:
+            try:
+                message = encode_done_message(
+                    HandshakeDone(status=0, sockfd=-1, remote_auth=_remote_auth(pending, session),
+                                  session=session), seq=held.seq)
+            except ValueError as exc:
+                answer = HandshakeDone(errno.EIO, -1, reason=f"worker: {exc}")
+        # Our copies are closed before the supervisor hears (the TCP socket already is): once
+        # it has logged the request, this worker holds nothing of it.
+        if session is None or not message:
+            held.close()
+            await self._answer(job, answer, cause)
+            return
+        try:
+            await _try_send(held.conn, message)
+        finally:
+            held.close()
+        await self._report(_HEADER.pack(RESULT, _ANSWERED, 0, 0, job)
+                           + encode_answered(session))
+
+    async def _handshake(self, pending: _WorkerRequest, settings: AgentSettings,
+                         ) -> tuple[Session | None, HandshakeDone, FailureCause | None]:
+        """:func:`ktlsd.agent.run_handshake` on the request's socket, closed afterwards: the
+        session, or None, the failure's DONE and its cause (None: not a HandshakeError; the
+        supervisor then counts it by errno)."""
         fd = pending.request.sockfd
         sock: socket.socket | None = None
-        cause: FailureCause | None = None
         try:
             sock = socket.socket(fileno=fd)
             session = await run_handshake(pending, sock, settings, pending.timeout_ms / 1000)
-            answer = HandshakeDone(status=0, sockfd=-1, session=session)
+            return session, HandshakeDone(status=0, sockfd=-1, session=session), None
         except HandshakeError as exc:
-            cause = exc.cause
-            answer = HandshakeDone(status=exc.errno, sockfd=-1, reason=exc.reason)
+            return None, HandshakeDone(status=exc.errno, sockfd=-1, reason=exc.reason), exc.cause
         except OSError as exc:
-            answer = HandshakeDone(status=errno.EIO, sockfd=-1,
-                                   reason=f"socket: {exc.strerror or exc}")
+            return None, HandshakeDone(status=errno.EIO, sockfd=-1,
+                                       reason=f"socket: {exc.strerror or exc}"), None
         except Exception as exc:  # the worker keeps serving whatever went wrong here
             reason = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
-            answer = HandshakeDone(status=errno.EIO, sockfd=-1, reason=reason)
+            return None, HandshakeDone(status=errno.EIO, sockfd=-1, reason=reason), None
         finally:
             # Closed before the answer: when the consumer gets DONE, its socket is its own.
             if sock is not None:
                 sock.close()
             else:
                 _close_fds([fd])
+
+    async def _run(self, job: int, pending: _WorkerRequest, settings: AgentSettings) -> None:
+        # The TLS engine is loaded by the first request, as in the single-process agent: an
+        # idle worker stays small.
+        _, answer, cause = await self._handshake(pending, settings)
         await self._answer(job, answer, cause)
 
     async def _answer(self, job: int, answer: HandshakeDone,
@@ -853,10 +1370,19 @@ class _WorkerServer:
             done = encode_done_message(answer)
         except ValueError as exc:
             done = encode_done_message(HandshakeDone(errno.EIO, -1, reason=f"worker: {exc}"))
-        with contextlib.suppress(OSError):
-            async with self.send_lock:
-                await send_message(self.channel,
-                                   _HEADER.pack(RESULT, 0, 0, cause_code(cause), job) + done)
+        await self._report(_HEADER.pack(RESULT, 0, 0, cause_code(cause), job) + done)
+
+
+def _peer_of(fd: int) -> str:
+    """``host:port`` of a TCP socket's peer, for the supervisor's log line."""
+    try:
+        probe = socket.socket(fileno=fd)
+    except OSError:
+        return "-"
+    try:
+        return _peer_address(probe)
+    finally:
+        probe.detach()
 
 
 def _log_level() -> str:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from ktlsd import keyring
 from ktlsd.errors import HandshakeError
@@ -222,3 +223,101 @@ def test_unprivileged_consumer_path_must_be_reachable() -> None:
             UNPRIVILEGED.check_file(str(secret), "certificate file")
     finally:
         shutil.rmtree(top)
+
+
+def _server_files_request(cert: Path, key: Path) -> HandshakeRequest:
+    inline = InlineMaterial(certificate_file=str(cert), private_key_file=str(key))
+    return _request(MessageType.SERVERHELLO, AuthMode.X509, inline=inline)
+
+
+def test_parsed_chains_are_reused_until_the_files_change(tmp_path: Path) -> None:
+    """The same files give the same parsed credentials (no second parse); a rewritten
+    certificate or key file is parsed anew; a reload forgets them all."""
+    from ktlsd.agent import forget_parsed_material
+    from ktlsd.material import material_cache_stats
+
+    ca = Authority.create(tmp_path, "ecdsa")
+    first, second = ca.issue_server(cn="first"), ca.issue_server(cn="second")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(first.cert_path.read_bytes())
+    key.write_bytes(first.key_path.read_bytes())
+    request = _server_files_request(cert, key)
+    built = build_tls_config(request, x509_files=X509Files())
+    hits = material_cache_stats()[0]
+    again = build_tls_config(request, x509_files=X509Files())
+    assert again.credentials is built.credentials
+    assert material_cache_stats()[0] == hits + 1
+    # Another certificate and key, same names (written in place: same inode, and possibly
+    # within one timestamp tick of the first write).
+    cert.write_bytes(second.cert_path.read_bytes())
+    key.write_bytes(second.key_path.read_bytes())
+    changed = build_tls_config(request, x509_files=X509Files())
+    assert changed.credentials is not None and built.credentials is not None
+    assert changed.credentials is not built.credentials
+    assert changed.credentials.describe().startswith("CN=second,")
+    # Only the key changed: a key that does not match the cached certificate is refused.
+    key.write_bytes(first.key_path.read_bytes())
+    with pytest.raises(HandshakeError, match="does not match"):
+        build_tls_config(request, x509_files=X509Files())
+    key.write_bytes(second.key_path.read_bytes())
+    kept = build_tls_config(request, x509_files=X509Files()).credentials
+    forget_parsed_material()
+    assert material_cache_stats()[2] == 0
+    assert build_tls_config(request, x509_files=X509Files()).credentials is not kept
+
+
+def test_a_cached_chain_is_still_refused_to_a_consumer_that_cannot_read_it() -> None:
+    """Files parsed for one consumer are opened again, with its own rights, for the next:
+    uid 4243 cannot read uid 4242's 0600 key, cached or not."""
+    import shutil
+    import tempfile
+
+    from ktlsd.material import material_cache_stats
+
+    top = Path(tempfile.mkdtemp(prefix="ktlsd-cache-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        ca = Authority.create(top / "ca", "ecdsa")
+        server = ca.issue_server()
+        cert, key = top / "cert.pem", top / "key.pem"
+        cert.write_bytes(server.cert_path.read_bytes())
+        key.write_bytes(server.key_path.read_bytes())
+        for path in (cert, key):
+            os.chown(path, 4242, 4242)
+            path.chmod(0o600)
+        request = _server_files_request(cert, key)
+        owner, other = Consumer(uid=4242, gid=4242), Consumer(uid=4243, gid=4243)
+        assert build_tls_config(request, x509_files=X509Files(), consumer=owner).credentials
+        assert build_tls_config(request, x509_files=X509Files(), consumer=owner).credentials
+        hits = material_cache_stats()[0]
+        with pytest.raises(HandshakeError) as info:
+            build_tls_config(request, x509_files=X509Files(), consumer=other)
+        assert _code(info) == errno.ENOKEY and "not readable by uid 4243" in str(info.value)
+        assert material_cache_stats()[0] == hits
+    finally:
+        shutil.rmtree(top)
+
+
+def test_parsed_chain_cache_is_bounded(tmp_path: Path) -> None:
+    """More distinct chains than the cache holds: it never grows past its size, and the
+    oldest are parsed anew."""
+    from ktlsd.material import PARSED_CREDENTIALS_CACHE_SIZE, material_cache_stats
+
+    ca = Authority.create(tmp_path, "ecdsa")
+    issued = [ca.issue_server(cn=f"s{i}") for i in range(PARSED_CREDENTIALS_CACHE_SIZE + 3)]
+    builds = []
+    for item in issued:
+        inline = InlineMaterial(certificate_chain=(item.cert.public_bytes(Encoding.DER),),
+                                private_key=item.key.private_bytes(
+                                    Encoding.DER, PrivateFormat.PKCS8, NoEncryption()))
+        request = _request(MessageType.SERVERHELLO, AuthMode.X509, inline=inline)
+        builds.append(request)
+        build_tls_config(request, x509_files=X509Files())
+        assert material_cache_stats()[2] <= PARSED_CREDENTIALS_CACHE_SIZE
+    assert material_cache_stats()[2] == PARSED_CREDENTIALS_CACHE_SIZE
+    misses = material_cache_stats()[1]
+    build_tls_config(builds[0], x509_files=X509Files())  # evicted: parsed again
+    assert material_cache_stats()[1] == misses + 1
+    hits = material_cache_stats()[0]
+    build_tls_config(builds[-1], x509_files=X509Files())  # the newest: still there
+    assert material_cache_stats()[0] == hits + 1

@@ -505,3 +505,113 @@ def test_kernel_style_requests_keep_their_slots_with_workers(sock_path: str) -> 
             await pool.close()
 
     run(main(), 120)
+
+
+# --- service requests read by the workers -----------------------------------------------------
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_workers_read_service_requests_and_refusals_leave_nothing_behind(tmp_path: Path) -> None:
+    """The workers read the service's SUBMITs; admission stays the supervisor's: with a uid
+    share of 2 in flight and 2 queued, a fifth request behind a closed relay is answered
+    EAGAIN, a malformed SUBMIT EINVAL; the queued ones run once those in flight are done.
+    Afterwards the workers hold no descriptor more than before."""
+    config = ("[ktlsd]\nworkers = 2\nuid_max_in_flight = 2\nuid_max_pending = 2\n"
+              "uid_max_connections = 64\n")
+    with AgentProcess(tmp_path, config, extra=["--verbose"]) as agent:
+        path = agent.socket_path
+        pids = list(worker_pids(agent).values())
+        warm = run(fresh_pairs(path, 2, "warm"))  # both workers have loaded the engine
+        assert all((da.status, db.status) == (0, 0) for da, db in warm), warm
+        # Logged: the workers have closed their copies (they do before reporting).
+        agent.wait_for(r"ktlsd: \w+ handshake source=service", 4)
+        baseline = {pid: fd_count(pid) for pid in pids}
+
+        async def main() -> None:
+            relay = GatedRelay()
+            try:
+                ends = [await relay.connect() for _ in range(5)]
+                peers = [asyncio.create_task(engine_server(b)) for _, b in ends[:4]]
+                tasks = []
+                for i, (a, _) in enumerate(ends):
+                    tasks.append(asyncio.create_task(submit(
+                        a, role="client", auth="psk", psk=[(IDENTITY, CONTRACT_PSK)],
+                        service_path=path, timeout=20)))
+                    if i < 4:
+                        await agent.await_for(r"uid 0 gid 0 submitted", 4 + i + 1)
+                refused = await tasks[4]
+                assert refused.status == errno.EAGAIN, refused.reason
+                assert "too many pending handshake requests of uid 0" in refused.reason
+                conn = await connect_service(path)  # a SUBMIT without its socket
+                request = HandshakeRequest(sockfd=-1, message_type=MessageType.CLIENTHELLO,
+                                           auth_mode=AuthMode.PSK)
+                await send_message(conn, encode_submit(request))
+                answer = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(conn, 4096),
+                                                20)
+                conn.close()
+                assert struct.unpack_from("=I", answer, 0)[0] == len(answer)
+                assert b"without a socket" in answer
+                relay.open()
+                dones = await asyncio.gather(*tasks[:4])
+                assert [d.status for d in dones] == [0] * 4, [d.reason for d in dones]
+                await asyncio.gather(*peers)
+                for a, b in ends:
+                    a.close()
+                    b.close()
+            finally:
+                await relay.aclose()
+
+        run(main(), 120)
+        later = run(fresh_pairs(path, 2, "after"))
+        assert all((da.status, db.status) == (0, 0) for da, db in later)
+        lines = agent.wait_for(r"ktlsd: \w+ handshake source=service", 4 + 4 + 4)
+        assert len(lines) == 4 + 4 + 4  # one per request the agent took
+        assert {pid: fd_count(pid) for pid in pids} == baseline
+    assert agent.wait_exit() == 0
+
+
+def test_a_queued_request_read_by_a_worker_is_withdrawn_when_its_consumer_leaves(
+        tmp_path: Path) -> None:
+    """uid 0 may run one request at a time: a second, read by a worker and queued in the
+    supervisor, is withdrawn when its consumer closes the service connection (the agent never
+    takes it), and the worker lets go of its copies; the first completes."""
+    config = ("[ktlsd]\nworkers = 2\nuid_max_in_flight = 1\nuid_max_pending = 4\n"
+              "uid_max_connections = 64\n")
+    with AgentProcess(tmp_path, config, extra=["--verbose"]) as agent:
+        path = agent.socket_path
+        pids = list(worker_pids(agent).values())
+        baseline = {pid: fd_count(pid) for pid in pids}
+
+        async def main() -> None:
+            relay = GatedRelay()
+            try:
+                (a, b), (c, _d) = [await relay.connect() for _ in range(2)]
+                peer = asyncio.create_task(engine_server(b))
+                first = asyncio.create_task(submit(
+                    a, role="client", auth="psk", psk=[(IDENTITY, CONTRACT_PSK)],
+                    service_path=path, timeout=20))
+                await agent.await_for(r"request handed to worker")
+                request = HandshakeRequest(
+                    sockfd=-1, message_type=MessageType.CLIENTHELLO, auth_mode=AuthMode.PSK,
+                    timeout_ms=20_000, inline=InlineMaterial(psk_keys=(InlinePsk(b"q", PSK),)))
+                conn = await connect_service(path)
+                await send_message(conn, encode_submit(request), (c.fileno(),))
+                await agent.await_for(r"uid 0 gid 0 submitted", 2)
+                conn.close()
+                await agent.await_for(r"disconnected: request cancelled \(queued\)")
+                relay.open()
+                assert (await first).status == 0
+                await peer
+                for sock in (a, b, c, _d):
+                    sock.close()
+            finally:
+                await relay.aclose()
+
+        run(main(), 60)
+        agent.wait_for(r"ktlsd: \w+ handshake source=service")
+        assert len(agent.matching(r"request taken")) == 1
+        assert {pid: fd_count(pid) for pid in pids} == baseline
+    assert agent.wait_exit() == 0

@@ -7,8 +7,9 @@
  *                                            chain against CAFILE and the name "localhost"
  *   handshake_floor psk N                    external PSK (SHA-256, TLS_AES_128_GCM_SHA256)
  *
- * With KTLSD_FLOOR_KEYLOG=1 in the environment both contexts get an empty keylog callback
- * (OpenSSL then formats every secret for it, as it must for ktlsd); with KTLSD_FLOOR_INSIDE=1
+ * With KTLSD_FLOOR_KEYLOG=1 in the environment both contexts get a keylog callback that keeps
+ * the two application traffic secrets, as any kTLS agent on OpenSSL 3.0 must (the only way to
+ * get them; OpenSSL formats all five secrets per end as hex for it); with KTLSD_FLOOR_INSIDE=1
  * the CPU time spent inside SSL_do_handshake is measured too (CLOCK_THREAD_CPUTIME_ID around
  * each call, which costs a little) and printed as "inside_us_per_handshake <f>".
  *
@@ -82,10 +83,36 @@ static int find_psk(SSL *ssl, const unsigned char *id, size_t idlen, SSL_SESSION
     return 1;
 }
 
+/* What an agent on OpenSSL 3.0 must do to get the traffic secrets for kTLS: the keylog
+ * callback is the only way, and OpenSSL formats every secret as hex for it. This one keeps the
+ * two application traffic secrets (label compared, hex decoded) and ignores the other lines. */
+static unsigned char traffic_secrets[2][64];
+
+static int hex_value(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
 static void keylog(const SSL *ssl, const char *line)
 {
+    static const char *labels[2] = {"CLIENT_TRAFFIC_SECRET_0 ", "SERVER_TRAFFIC_SECRET_0 "};
     (void)ssl;
-    (void)line;
+    for (int which = 0; which < 2; which++) {
+        size_t n = strlen(labels[which]);
+        if (strncmp(line, labels[which], n) != 0)
+            continue;
+        const char *secret = strchr(line + n, ' '); /* after the client random */
+        if (!secret)
+            return;
+        secret++;
+        for (size_t i = 0; i < sizeof traffic_secrets[which]; i++) {
+            int hi = hex_value(secret[2 * i]), lo = hi < 0 ? -1 : hex_value(secret[2 * i + 1]);
+            if (lo < 0)
+                break;
+            traffic_secrets[which][i] = (unsigned char)(hi << 4 | lo);
+        }
+        return;
+    }
 }
 
 static SSL_CTX *context(int server)

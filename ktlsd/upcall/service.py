@@ -33,6 +33,11 @@ belongs to the request until ``done()`` (or its withdrawal) closes it. Passed de
 inspected in place (``fstat``, then ``getsockopt`` on a borrowed socket object), never
 duplicated.
 
+With worker processes (:mod:`ktlsd.workers`), a :class:`ServiceFront` reads the SUBMITs in
+the workers: this module still accepts every connection, applies the connection caps, and
+then admits, queues and watches the requests the front reports, on its own copy of each
+connection (see :meth:`HandshakeService.admit_from_front`).
+
 Notes for the agent
 ===================
 
@@ -69,8 +74,9 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from ktlsd.request import ConsumerCredentials, HandshakeDone, HandshakeRequest, KeyDelivery
 from ktlsd.settings import (
@@ -90,6 +96,7 @@ from ktlsd.upcall.wire import (
     encode_status_answer,
     is_status_request,
     recv_message,
+    recv_message_now,
     send_message,
 )
 
@@ -144,11 +151,50 @@ def default_pending_limit() -> int:
     return max(3, min(50, pages // 25))
 
 
+class CancelEvent(asyncio.Event):
+    """``ServiceRequest.cancelled``: an :class:`asyncio.Event` that also runs callbacks when
+    set, so that a waiter needs no task of its own (:mod:`ktlsd.workers` waits on thousands)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        super().set()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def remove_callback(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
+
+
 class _State(enum.Enum):
     WAITING = "waiting"  # connected, SUBMIT not yet received
     QUEUED = "queued"
     IN_FLIGHT = "in flight"
     FINISHED = "finished"
+
+
+class ServiceFront(Protocol):
+    """Reads and runs service requests in other processes (:mod:`ktlsd.workers`): the service
+    accepts each connection, applies the connection caps, and offers it to the front, which
+    reads the SUBMIT there and reports back (:meth:`HandshakeService.admit_from_front`,
+    :meth:`~HandshakeService.forward_from_front`, :meth:`~HandshakeService.abandon_from_front`).
+    Admission, the queue, the per-uid shares and cancellation stay here, on the service's own
+    copy of the connection, which also answers whatever the front cannot."""
+
+    def take_connection(self, conn: socket.socket, creds: ConsumerCredentials) -> int | None:
+        """Hand a copy of ``conn`` to a worker: its front id, or None (served here)."""
+        ...
+
+    def drop(self, front_id: int) -> None:
+        """The service answered or withdrew the request: the front forgets its copies."""
+        ...
 
 
 @dataclass(eq=False)
@@ -166,13 +212,23 @@ class ServiceRequest:
     credentials: ConsumerCredentials
     source_name: str = "service"
     delivery: KeyDelivery = KeyDelivery.RETURN_SECRETS
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=CancelEvent)
     _service: HandshakeService | None = field(default=None, repr=False)
     _conn: socket.socket | None = field(default=None, repr=False)
     _seq: int = 0
     _identity: tuple[int, int] = (0, 0)
     _state: _State = _State.QUEUED
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    submit_message: bytes = field(default=b"", repr=False)
+    """The SUBMIT as the consumer sent it (inline keys included: never shown), so that a
+    worker pool can pass it on without encoding the request again."""
+    front_id: int | None = None
+    """Set when a :class:`ServiceFront` (a worker) read this request and holds its socket
+    (``request.sockfd`` is then -1 here, ``request`` carries no material): the front runs it."""
+    peer_label: str = "-"
+    """The TCP peer's address, as the front saw it (a request the front holds)."""
+    answered_by_front: bool = False
+    """The front sent DONE to the consumer itself: ``done()`` only releases the request."""
 
     async def done(self, answer: HandshakeDone) -> None:
         """Close the agent's descriptor and send DONE (a no-op after cancellation)."""
@@ -265,6 +321,11 @@ class HandshakeService:
         self._by_socket: dict[tuple[int, int], ServiceRequest] = {}
         self._connections: dict[asyncio.Task[None], int] = {}  # connection task -> uid
         self._connections_by_uid: collections.Counter[int] = collections.Counter()
+        # Connections a front is reading (front id -> our copy and its credentials).
+        self.front: ServiceFront | None = None
+        self._handed: dict[int, tuple[socket.socket, ConsumerCredentials]] = {}
+        self._watched: set[ServiceRequest] = set()  # front-read requests' connections
+        self._reading: set[ServiceRequest] = set()  # ... with a reader registered
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._consumers = 0
@@ -382,7 +443,7 @@ class HandshakeService:
 
     async def wait_closed(self) -> None:
         """After :meth:`close`, wait until every in-flight request has been answered."""
-        while self._in_flight or self._connections:
+        while self._in_flight or self._connections or self._handed or self._watched:
             self._idle.clear()
             await self._idle.wait()
 
@@ -403,7 +464,7 @@ class HandshakeService:
                 await asyncio.sleep(0.05)  # EMFILE and friends: do not spin
                 continue
             conn.setblocking(False)
-            if len(self._connections) >= self.limits.max_connections:
+            if len(self._connections) + len(self._handed) >= self.limits.max_connections:
                 self.counters["overloaded"] += 1
                 log.warning("service: too many connections (%d), dropping one",
                             self.limits.max_connections)
@@ -416,10 +477,169 @@ class HandshakeService:
             if self._connections_by_uid[creds.uid] >= self.limits.uid_max_connections:
                 self._refuse_connection(conn, creds)
                 continue
-            task = asyncio.create_task(self._serve(conn, creds))
-            self._connections[task] = creds.uid
+            front_id = self.front.take_connection(conn, creds) if self.front else None
             self._connections_by_uid[creds.uid] += 1
+            if front_id is not None:
+                self._handed[front_id] = (conn, creds)
+                continue
+            self._connection_task(self._serve(conn, creds), creds.uid)
+
+    def _connection_task(self, work: Coroutine[Any, Any, None], uid: int) -> None:
+        """Run the task that owns a connection (already counted for ``uid``)."""
+        task = asyncio.create_task(work)
+        self._connections[task] = uid
+        task.add_done_callback(self._connection_ended)
+
+    # -- connections a front reads ------------------------------------------------------
+
+    def unread(self, front_id: int) -> bool:
+        """Whether a front still reads the connection ``front_id`` (no SUBMIT reported)."""
+        return front_id in self._handed
+
+    def _from_front(self, front_id: int) -> tuple[socket.socket, ConsumerCredentials] | None:
+        return self._handed.pop(front_id, None)
+
+    def admit_from_front(self, front_id: int, seq: int, identity: tuple[int, int],
+                         request: HandshakeRequest, peer_label: str) -> None:
+        """The front read a SUBMIT it can run (decoded and checked there; ``request`` holds
+        what admission and the log line need, ``sockfd`` -1): admit and queue it as one read
+        here, or answer the refusal on our copy and tell the front to drop it."""
+        handed = self._from_front(front_id)
+        if handed is None:  # we closed it meanwhile
+            if self.front is not None:
+                self.front.drop(front_id)
+            return
+        conn, creds = handed
+        item = ServiceRequest(request=request, credentials=creds, _service=self, _conn=conn,
+                              _seq=seq, _identity=identity, front_id=front_id,
+                              peer_label=peer_label)
+        refusal = self._admission(identity, creds.uid)
+        if refusal is not None:
+            status, reason = refusal
+            self.counters[errno.errorcode[status]] += 1
+            log.info("service: pid %d uid %d: %s (%s)", creds.pid, creds.uid,
+                     errno.errorcode[status], reason)
+            item._state = _State.FINISHED
+            self._drop_at_front(item)
+            self._watched.add(item)
+            self._answer_then_close(item, encode_error_done(status, reason, seq=seq))
+            return
+        # Watched by a reader callback, not a task: the consumer leaving (or sending
+        # anything more) cancels the request, as for one read here -- once it waits in the
+        # queue: the agent usually takes it at once and its worker watches it from then on
+        # (a consumer gone meanwhile is seen there, the socket's end of file stays).
+        self._watched.add(item)
+        self._queue(item)
+        asyncio.get_running_loop().call_soon(self._watch_if_queued, item)
+
+    def _watch_if_queued(self, item: ServiceRequest) -> None:
+        if item._state is _State.QUEUED and item._conn is not None:
+            self._reading.add(item)
+            asyncio.get_running_loop().add_reader(item._conn.fileno(), self._front_conn_event,
+                                                  item)
+
+    def _front_conn_event(self, item: ServiceRequest) -> None:
+        """Our copy of a front-read request's connection is readable: the consumer left or
+        broke protocol (what :meth:`_watch` does for one read here)."""
+        assert item._conn is not None
+        try:
+            received = recv_message_now(item._conn, 16)
+        except OSError:
+            received = (b"", [], 0)
+        if received is None:
+            return
+        data, fds, _ = received
+        for fd in fds:
+            _close_fd(fd)
+        self._unwatch(item)
+        if item._state is _State.FINISHED:
+            return
+        why = "disconnected" if not data else "sent a second message"
+        log.info("service: pid %d %s: request cancelled (%s)", item.credentials.pid, why,
+                 item._state.value)
+        self.counters["cancelled"] += 1
+        if item._state is _State.QUEUED:
+            self._withdraw(item)
+        item.cancelled.set()
+
+    def hand_watch_to_front(self, item: ServiceRequest) -> None:
+        """The front runs ``item`` from now on and watches the consumer itself (it answers
+        the consumer, which then closes its end: only the front can tell that from a
+        withdrawal). Our copy stays open, to answer if the front dies."""
+        self._stop_reading(item)
+
+    def _stop_reading(self, item: ServiceRequest) -> None:
+        if item in self._reading:
+            self._reading.discard(item)
+            assert item._conn is not None
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(item._conn.fileno())
+
+    def _unwatch(self, item: ServiceRequest) -> None:
+        """Stop watching a front-read request's connection and close our copy (once)."""
+        if item not in self._watched:
+            return
+        self._watched.discard(item)
+        self._stop_reading(item)
+        assert item._conn is not None
+        item._conn.close()
+        self._uncount(item.credentials.uid)
+        self._maybe_idle()
+
+    def _answer_then_close(self, item: ServiceRequest, message: bytes) -> None:
+        """Send ``message`` on a front-read request's connection, then close it."""
+        assert item._conn is not None
+        try:
+            item._conn.send(message)
+        except (BlockingIOError, InterruptedError):  # rare: finish in a task
+            async def later() -> None:
+                assert item._conn is not None
+                await _try_send(item._conn, message)
+                self._unwatch(item)
+
+            task = asyncio.get_running_loop().create_task(later())
+            self._connections[task] = item.credentials.uid
+            self._connections_by_uid[item.credentials.uid] += 1  # balanced by the task's end
             task.add_done_callback(self._connection_ended)
+            return
+        except OSError:
+            pass
+        self._unwatch(item)
+
+    def forward_from_front(self, front_id: int, data: bytes, fds: list[int], flags: int) -> None:
+        """The front passes a SUBMIT on for this process to serve (key updates, kept sessions,
+        anything it does not run itself, malformed ones)."""
+        handed = self._from_front(front_id)
+        if handed is None:
+            for fd in fds:
+                _close_fd(fd)
+            return
+        conn, creds = handed
+        self._connection_task(self._serve_received(conn, creds, data, fds, flags), creds.uid)
+
+    def abandon_from_front(self, front_id: int, reason: str | None = None, *,
+                           rejected: bool = False) -> None:
+        """The front will not serve this connection: it sent nothing in time, or left, or
+        sent a malformed SUBMIT that the front answered (``rejected``; counted as here), all
+        closed quietly (``reason`` None); or the front died (EIO with ``reason``)."""
+        if rejected:
+            self.counters["invalid"] += 1
+        handed = self._from_front(front_id)
+        if handed is None:
+            return
+        conn, creds = handed
+        # A SUBMIT the front never read must go first: closing a SEQPACKET socket with unread
+        # messages resets the consumer's end, which then never sees the answer.
+        with contextlib.suppress(OSError):
+            while (unread := recv_message_now(conn)) is not None and (unread[0] or unread[1]):
+                for fd in unread[1]:
+                    _close_fd(fd)
+        if reason is not None:
+            with contextlib.suppress(OSError):
+                conn.send(encode_error_done(errno.EIO, reason))
+        conn.close()
+        self._uncount(creds.uid)
+        self._maybe_idle()
 
     def _refuse_connection(self, conn: socket.socket, creds: ConsumerCredentials) -> None:
         """A uid at its connection share: answer EAGAIN at once (without reading what it
@@ -433,18 +653,21 @@ class HandshakeService:
             conn.send(encode_error_done(errno.EAGAIN, reason))
         conn.close()
 
+    def _uncount(self, uid: int) -> None:
+        self._connections_by_uid[uid] -= 1
+        if self._connections_by_uid[uid] <= 0:
+            del self._connections_by_uid[uid]
+
     def _connection_ended(self, task: asyncio.Task[None]) -> None:
         uid = self._connections.pop(task, None)
         if uid is not None:
-            self._connections_by_uid[uid] -= 1
-            if self._connections_by_uid[uid] <= 0:
-                del self._connections_by_uid[uid]
+            self._uncount(uid)
         if not task.cancelled() and task.exception() is not None:
             log.error("service: connection handler failed: %r", task.exception())
         self._maybe_idle()
 
     def _maybe_idle(self) -> None:
-        if not self._in_flight and not self._connections:
+        if not (self._in_flight or self._connections or self._handed or self._watched):
             self._idle.set()
 
     async def _serve(self, conn: socket.socket, creds: ConsumerCredentials) -> None:
@@ -455,23 +678,42 @@ class HandshakeService:
         request still queued when the task ends otherwise is withdrawn.
         """
         fds: list[int] = []
-        item: ServiceRequest | None = None
         try:
             try:
-                data, fds, flags = await asyncio.wait_for(
-                    recv_message(conn), self.limits.submit_timeout_ms / 1000)
+                # Usually there already (consumers send it right after connecting): then
+                # without a task and a timer. (While no agent has opened requests() yet, as
+                # at start-up, the SUBMIT waits its turn on the loop as it always did.)
+                received = recv_message_now(conn) if self._consumers else None
+                if received is None:
+                    received = await asyncio.wait_for(
+                        recv_message(conn), self.limits.submit_timeout_ms / 1000)
+                data, fds, flags = received
             except (TimeoutError, OSError):
                 log.info("service: pid %d uid %d sent no request", creds.pid, creds.uid)
                 return
             if not data and not fds:
                 return  # connected and left
+            passed, fds = fds, []  # _serve_received owns them now
+            await self._serve_received(conn, creds, data, passed, flags, owns_conn=False)
+        finally:
+            for fd in fds:
+                _close_fd(fd)
+            conn.close()
+
+    async def _serve_received(self, conn: socket.socket, creds: ConsumerCredentials,
+                              data: bytes, fds: list[int], flags: int, *,
+                              owns_conn: bool = True) -> None:
+        """A SUBMIT received on ``conn``: check, admit and queue it, then watch the
+        connection. Owns ``fds`` (and ``conn`` unless the caller keeps it)."""
+        item: ServiceRequest | None = None
+        try:
             if is_status_request(data):
-                # Its descriptors, if any, are closed below like every received one.
+                # Root only (checked first); its descriptors, if any, are closed below.
                 await _try_send(conn, status_answer(data, fds, creds, self.status_provider))
                 return
             seq = struct.unpack_from("=I", data, 8)[0] if len(data) >= 12 else 0
             try:
-                self._check_envelope(data, fds, flags)
+                check_submit_envelope(data, fds, flags)
                 seq, request = decode_submit(data, fds[0])
                 identity = _socket_identity(fds[0])
             except ServiceFormatError as exc:
@@ -490,58 +732,34 @@ class HandshakeService:
                 return
             item = ServiceRequest(request=request, credentials=creds, _service=self,
                                   _conn=conn, _seq=seq, _identity=identity,
-                                  _watcher=asyncio.current_task())
+                                  _watcher=asyncio.current_task(), submit_message=data)
             fds = []  # the descriptor now belongs to the request (released by _release)
-            self._by_socket[identity] = item
-            self._queues.setdefault(creds.uid, collections.deque()).append(item)
-            self._queued += 1
-            self.counters["queued"] += 1
-            log.info("service: pid %d uid %d gid %d submitted a %s %s request",
-                     creds.pid, creds.uid, creds.gid, request.message_type.name.lower(),
-                     request.auth_mode.name.lower())
-            self._wakeup.set()
+            self._queue(item)
             await self._watch(item)
         finally:
             for fd in fds:
                 _close_fd(fd)
             if item is not None and item._state is _State.QUEUED:
                 self._withdraw(item)  # this task was cancelled with its request queued
-            conn.close()
+            if owns_conn:
+                conn.close()
 
-    def _check_envelope(self, data: bytes, fds: list[int], flags: int) -> None:
-        """Size and descriptor checks before any attribute is parsed."""
-        if flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE_SIZE:
-            raise ServiceFormatError(f"message too large (> {MAX_MESSAGE_SIZE} bytes)")
-        if flags & socket.MSG_CTRUNC:
-            raise ServiceFormatError("too many descriptors passed")
-        if not fds:
-            raise ServiceFormatError("SUBMIT without a socket (pass the TCP socket as SCM_RIGHTS)")
-        if len(fds) > 1:
-            raise ServiceFormatError(f"SUBMIT with {len(fds)} descriptors, expected exactly one")
-        # Inspected in place: the descriptor stays in ``fds`` (closed by the caller on every
-        # path), the socket object only borrows it and is detached, never closed.
-        try:
-            is_socket = stat.S_ISSOCK(os.fstat(fds[0]).st_mode)
-        except OSError:
-            is_socket = False
-        if not is_socket:
-            raise ServiceFormatError("the passed descriptor is not a socket")
-        try:
-            probe = socket.socket(fileno=fds[0])
-        except OSError:
-            raise ServiceFormatError("the passed descriptor is not a socket") from None
-        try:
-            if probe.family not in (socket.AF_INET, socket.AF_INET6):
-                raise ServiceFormatError("the passed socket is not an IPv4/IPv6 socket")
-            proto = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
-            if probe.type != socket.SOCK_STREAM or proto != socket.IPPROTO_TCP:
-                raise ServiceFormatError("the passed socket is not a TCP socket")
-            try:
-                probe.getpeername()
-            except OSError:
-                raise ServiceFormatError("the passed TCP socket is not connected") from None
-        finally:
-            probe.detach()
+    def _drop_at_front(self, item: ServiceRequest) -> None:
+        if item.front_id is not None and self.front is not None:
+            self.front.drop(item.front_id)
+
+    def _queue(self, item: ServiceRequest) -> None:
+        creds, request = item.credentials, item.request
+        self._by_socket[item._identity] = item
+        self._queues.setdefault(creds.uid, collections.deque()).append(item)
+        self._queued += 1
+        self.counters["queued"] += 1
+        # Debug: the request's one log line is the agent's, when it ends.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("service: pid %d uid %d gid %d submitted a %s %s request",
+                      creds.pid, creds.uid, creds.gid, request.message_type.name.lower(),
+                      request.auth_mode.name.lower())
+        self._wakeup.set()
 
     def _admission(self, identity: tuple[int, int], uid: int) -> tuple[int, str] | None:
         """The kernel's order: draining/no listener, pending limit (all uids, then the
@@ -635,6 +853,10 @@ class HandshakeService:
     async def _answer_and_release(self, item: ServiceRequest, answer: HandshakeDone) -> None:
         # Close our copy first: when the consumer reads DONE it is the socket's only owner.
         self._release(item)
+        if item.answered_by_front:  # the front sent DONE (after closing its own copy)
+            self._unwatch(item)
+            self.counters["answered"] += 1
+            return
         try:
             message = encode_done_message(answer, seq=item._seq)
         except ValueError as exc:
@@ -643,6 +865,7 @@ class HandshakeService:
         if item._conn is not None:
             await _try_send(item._conn, message)
             self.counters["answered"] += 1
+        self._unwatch(item)  # a front-read request's connection
         # Ending the connection's task closes the connection.
         if item._watcher is not None and item._watcher is not asyncio.current_task():
             item._watcher.cancel()
@@ -652,7 +875,10 @@ class HandshakeService:
         if item._state is _State.FINISHED:
             return
         item._state = _State.FINISHED
-        _close_fd(item.request.sockfd)
+        if item.front_id is None:
+            _close_fd(item.request.sockfd)
+        else:
+            self._drop_at_front(item)  # the front's copies (nothing if it ran the request)
         if self._by_socket.get(item._identity) is item:
             del self._by_socket[item._identity]
         if item in self._in_flight:
@@ -820,6 +1046,42 @@ def _check_not_served(path: str) -> None:
     finally:
         probe.close()
     raise FileExistsError(f"another ktlsd is already listening on {path}")
+def check_submit_envelope(data: bytes, fds: list[int], flags: int) -> None:
+    """A SUBMIT's size and descriptor checks, before any attribute is parsed (raises
+    :class:`~ktlsd.upcall.wire.ServiceFormatError`). The descriptor is inspected in place and
+    stays the caller's."""
+    if flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE_SIZE:
+        raise ServiceFormatError(f"message too large (> {MAX_MESSAGE_SIZE} bytes)")
+    if flags & socket.MSG_CTRUNC:
+        raise ServiceFormatError("too many descriptors passed")
+    if not fds:
+        raise ServiceFormatError("SUBMIT without a socket (pass the TCP socket as SCM_RIGHTS)")
+    if len(fds) > 1:
+        raise ServiceFormatError(f"SUBMIT with {len(fds)} descriptors, expected exactly one")
+    # Inspected in place: the descriptor stays in ``fds`` (closed by the caller on every
+    # path), the socket object only borrows it and is detached, never closed.
+    try:
+        is_socket = stat.S_ISSOCK(os.fstat(fds[0]).st_mode)
+    except OSError:
+        is_socket = False
+    if not is_socket:
+        raise ServiceFormatError("the passed descriptor is not a socket")
+    try:
+        probe = socket.socket(fileno=fds[0])
+    except OSError:
+        raise ServiceFormatError("the passed descriptor is not a socket") from None
+    try:
+        if probe.family not in (socket.AF_INET, socket.AF_INET6):
+            raise ServiceFormatError("the passed socket is not an IPv4/IPv6 socket")
+        proto = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+        if probe.type != socket.SOCK_STREAM or proto != socket.IPPROTO_TCP:
+            raise ServiceFormatError("the passed socket is not a TCP socket")
+        try:
+            probe.getpeername()
+        except OSError:
+            raise ServiceFormatError("the passed TCP socket is not connected") from None
+    finally:
+        probe.detach()
 
 
 def _checked(limits: ServiceLimits) -> ServiceLimits:
@@ -860,15 +1122,25 @@ def _close_fd(fd: int) -> None:
 
 
 async def _try_send(conn: socket.socket, message: bytes) -> None:
-    with contextlib.suppress(OSError, TimeoutError):  # a vanished consumer: nothing to tell
+    try:  # at once when the socket has room (nearly always: one answer per connection)
+        conn.send(message)
+        return
+    except (BlockingIOError, InterruptedError):
+        pass
+    except OSError:  # a vanished consumer: nothing to tell
+        return
+    with contextlib.suppress(OSError, TimeoutError):
         await asyncio.wait_for(send_message(conn, message), 5.0)
 
 
 __all__ = [
+    "CancelEvent",
     "HandshakeService",
+    "ServiceFront",
     "ServiceRequest",
     "StatusListener",
     "StatusProvider",
+    "check_submit_envelope",
     "default_pending_limit",
     "peer_credentials",
     "status_answer",

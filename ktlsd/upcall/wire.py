@@ -826,6 +826,22 @@ def decode_status_answer(data: bytes) -> tuple[int, int, str, bytes]:
 # --- message I/O (asyncio) -----------------------------------------------------------------------
 
 
+def recv_message_now(sock: socket.socket, bufsize: int = MAX_MESSAGE_SIZE,
+                     ) -> tuple[bytes, list[int], int] | None:
+    """:func:`recv_message` on a non-blocking socket, without waiting: None when no message
+    is there yet."""
+    try:
+        data, ancdata, flags, _ = sock.recvmsg(bufsize, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+    except (BlockingIOError, InterruptedError):
+        return None
+    fds: list[int] = []
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(cdata) - len(cdata) % 4
+            fds.extend(struct.unpack(f"={usable // 4}i", cdata[:usable]))
+    return data, fds, flags
+
+
 async def recv_message(sock: socket.socket, bufsize: int = MAX_MESSAGE_SIZE,
                        ) -> tuple[bytes, list[int], int]:
     """Receive one SEQPACKET message with any passed descriptors (set close-on-exec).
@@ -834,22 +850,15 @@ async def recv_message(sock: socket.socket, bufsize: int = MAX_MESSAGE_SIZE,
     """
     loop = asyncio.get_running_loop()
     while True:
+        received = recv_message_now(sock, bufsize)
+        if received is not None:
+            return received
+        waiter = loop.create_future()
+        loop.add_reader(sock.fileno(), _wake, waiter)
         try:
-            data, ancdata, flags, _ = sock.recvmsg(bufsize, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
-        except (BlockingIOError, InterruptedError):
-            waiter = loop.create_future()
-            loop.add_reader(sock.fileno(), _wake, waiter)
-            try:
-                await waiter
-            finally:
-                loop.remove_reader(sock.fileno())
-            continue
-        fds: list[int] = []
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(cdata) - len(cdata) % 4
-                fds.extend(struct.unpack(f"={usable // 4}i", cdata[:usable]))
-        return data, fds, flags
+            await waiter
+        finally:
+            loop.remove_reader(sock.fileno())
 
 
 async def connect_service(path: str, *, patience: float = 2.0) -> socket.socket:
@@ -929,5 +938,6 @@ __all__ = [
     "encode_submit",
     "is_status_request",
     "recv_message",
+    "recv_message_now",
     "send_message",
 ]
