@@ -74,6 +74,14 @@ def scenario_exists(name: str) -> bool:
     return True
 
 
+def kernel_crashed(console: str, power_off: str) -> bool:
+    """Whether the guest kernel crashed before the deliberate power-off (``power_off``: the
+    console line that marks it). Only such a crash counts: once the machine is powered down,
+    PID 1 can no longer exec and its exit panics harmlessly."""
+    before_poweroff = console.split(power_off, 1)[0]
+    return any(m in before_poweroff for m in ("Kernel panic", "Oops:", "BUG:"))
+
+
 def run(
     scenarios: list[str],
     *,
@@ -118,10 +126,7 @@ def run(
             guest_problem = "the guest never reached the scenario runner"
         elif "KTLSD-GUEST-DONE" not in text:
             guest_problem = "the guest died while running scenarios"
-        # Only a crash before the deliberate power-off counts: once sysrq has powered the
-        # machine down, PID 1 can no longer exec and its exit panics harmlessly.
-        before_poweroff = text.split("sysrq: Power Off", 1)[0]
-        crashed = any(m in before_poweroff for m in ("Kernel panic", "Oops:", "BUG:"))
+        crashed = kernel_crashed(text, "sysrq: Power Off")
         boots.append(
             {"accel": boot.accel, "seconds": round(boot.seconds, 1), "problem": guest_problem,
              "kernel_crash": crashed, "console": str(log), "scenarios": pending}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -371,6 +372,16 @@ def tls_stat() -> dict[str, int]:
     except FileNotFoundError:
         return {}
     return {k: int(v) for k, v in (line.split() for line in text.splitlines() if line.strip())}
+
+
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now. Scenarios share one boot, and
+    some leave kernel listeners behind (an nvmet port stays bound until its configfs entry
+    goes), so a fixed port number can be taken by an earlier scenario."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
 
 
 def modprobe(sc: Scenario, *modules: str) -> None:

@@ -32,7 +32,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from testbed.scenarios.common import PROJECT, Scenario, start_agent, write_tlshd_conf
+from testbed.scenarios.common import (
+    PROJECT,
+    Scenario,
+    free_tcp_port,
+    start_agent,
+    write_tlshd_conf,
+)
 from testbed.scenarios.nfs_tls import make_pki, mount_and_check, start_nfsd
 from testbed.scenarios.tls_wire import (
     GROUPS,
@@ -197,8 +203,8 @@ def main() -> None:
              ec_srv + pq_srv + ["-sigalgs", "ecdsa_secp256r1_sha256"],
              "ecdsa_secp256r1_sha256", "CN=127.0.0.1-ec"),
         )
-        for n, (label, args, scheme, subject) in enumerate(cases):
-            port = 4430 + n
+        for label, args, scheme, subject in cases:
+            port = free_tcp_port()
             server = SServer(port, *args)
             out = run_ktlsd(sc, "connect", f"127.0.0.1:{port}", "--ca", str(trust))
             server.finish()
@@ -212,9 +218,9 @@ def main() -> None:
         # --- the client's chain, chosen by the CertificateRequest's sigalgs --------------------
         both = ["--cert", str(classic["cli.pem"]), "--key", str(classic["cli.key"]),
                 "--pq-cert", str(pq["cli.pem"]), "--pq-key", str(pq["cli.key"])]
-        for n, (scheme, subject) in enumerate((("mldsa65", "ktlsd-client-mldsa"),
-                                               ("ecdsa_secp256r1_sha256", "ktlsd-client-ec"))):
-            port = 4440 + n
+        for scheme, subject in (("mldsa65", "ktlsd-client-mldsa"),
+                                ("ecdsa_secp256r1_sha256", "ktlsd-client-ec")):
+            port = free_tcp_port()
             server = SServer(port, *ec_srv, *pq_srv, "-Verify", "1", "-CAfile", str(trust),
                              "-client_sigalgs", scheme)  # fmt: skip
             out = run_ktlsd(sc, "connect", f"127.0.0.1:{port}", "--ca", str(trust), *both)
@@ -225,9 +231,9 @@ def main() -> None:
                      f"(sig={got.get('sig')}) and s_server saw it")
 
         # --- ktlsd listen with both chains, s_client choosing ---------------------------------
-        for n, (scheme, subject) in enumerate((("mldsa65", "127.0.0.1-mldsa"),
-                                               ("ecdsa_secp256r1_sha256", "127.0.0.1-ec"))):
-            port = 4450 + n
+        for scheme, subject in (("mldsa65", "127.0.0.1-mldsa"),
+                                ("ecdsa_secp256r1_sha256", "127.0.0.1-ec")):
+            port = free_tcp_port()
             env = dict(os.environ, PYTHONPATH=str(PROJECT))
             listen = subprocess.Popen(
                 ktlsd_cmd("listen", f"127.0.0.1:{port}", "--www", "--count", "1",

@@ -358,3 +358,13 @@ def test_driver_parses_the_agents_handshake_lines() -> None:
     failed = systemd_driver.ktlsd_handshakes(entries, ok=False)
     assert [(h["role"], h["auth"], h["priority"]) for h in failed] == [("server", "psk", 4)]
     assert len(systemd_driver.ktlsd_handshakes(entries)) == 2
+
+
+def test_a_kernel_crash_counts_only_before_the_deliberate_power_off() -> None:
+    """Both flavours retry a boot only for a guest kernel crash (the rare TCG int3 Oops)."""
+    kernel_crashed, POWER_OFF = run.kernel_crashed, systemd_run.POWER_OFF
+    crash = "[ 26.04] Oops: int3: 0000 [#1] SMP NOPTI\n[ 26.05] Kernel panic - not syncing\n"
+    assert kernel_crashed("boot\n" + crash + "KTLSD-GUEST-READY\n" + POWER_OFF, POWER_OFF)
+    assert not kernel_crashed("boot\nall fine\n" + POWER_OFF + "\n" + crash, POWER_OFF)
+    assert not kernel_crashed("boot\nsysrq: Power Off\n" + crash, "sysrq: Power Off")
+    assert kernel_crashed("boot\n" + crash, "sysrq: Power Off")  # never powered off
