@@ -1,5 +1,6 @@
 """``pkcs11:`` URIs (RFC 7512) naming a private key in a PKCS#11 token: parsing, and the rules
-ktlsd holds them to (pure; imports nothing of the agent or the TLS engine).
+ktlsd holds them to (pure; imports only :mod:`ktlsd.settings`, nothing of the agent or the TLS
+engine).
 
 ``x509.private_key`` (the agent's configuration, both roles) and ``ktlsd connect/listen --key``
 take such a URI instead of a file name, e.g.
@@ -23,9 +24,10 @@ The PIN never reaches OpenSSL inside the URI (:meth:`Pkcs11Uri.for_openssl` drop
 
 from __future__ import annotations
 
-import re
 import urllib.parse
 from dataclasses import dataclass, field
+
+from ktlsd.settings import redact_pin_value
 
 SCHEME = "pkcs11:"
 
@@ -36,7 +38,6 @@ _PATH_ATTRIBUTES = frozenset({
 })
 _PIN_ATTRIBUTES = ("pin-value", "pin-source")
 _MODULE_ATTRIBUTES = ("module-name", "module-path")
-_PIN_VALUE = re.compile(r"(pin-value=)[^;&?]*", re.IGNORECASE)
 
 
 def is_pkcs11_uri(text: str | None) -> bool:
@@ -46,7 +47,7 @@ def is_pkcs11_uri(text: str | None) -> bool:
 
 def redact(text: str) -> str:
     """``text`` with any ``pin-value`` replaced, for logs and messages."""
-    return _PIN_VALUE.sub(r"\1<redacted>", text)
+    return redact_pin_value(text)
 
 
 @dataclass(frozen=True)

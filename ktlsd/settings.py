@@ -5,8 +5,10 @@ configuration reader (:mod:`ktlsd.config`), the agent, the upcall sources and th
 library can all take their defaults from here without pulling each other in.
 
 * :class:`AgentSettings` is everything the agent reads from the configuration, as plain values
-  (paths, numbers, names; never secrets, so it may be logged). :mod:`ktlsd.config` builds it
-  from the configuration file; :mod:`ktlsd.daemon` hands it to the agent, again on SIGHUP.
+  (paths, numbers, names; never secrets, so it may be logged -- the one exception, a PIN in a
+  ``pkcs11:`` key URI, is redacted by every repr: :func:`redact_pin_value`).
+  :mod:`ktlsd.config` builds it from the configuration file; :mod:`ktlsd.daemon` hands it to
+  the agent, again on SIGHUP.
 * :class:`X509Files` is one role's configured certificate files (tlshd's
   ``[authenticate.client]`` / ``[authenticate.server]``); files are read when a handshake needs
   them, so a renewed certificate is picked up without a restart.
@@ -151,11 +153,19 @@ class X509Files:
     def __repr__(self) -> str:
         shown = {name: getattr(self, name) for name in self.__dataclass_fields__}
         if shown["private_key"]:
-            shown["private_key"] = _PIN_VALUE.sub(r"\1<redacted>", shown["private_key"])
+            shown["private_key"] = redact_pin_value(shown["private_key"])
         return "X509Files(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
-_PIN_VALUE = re.compile(r"(pin-value=)[^;&?]*", re.IGNORECASE)
+# A pkcs11: URI's PIN runs to the next attribute separator (the query splits on "&" only, so a
+# "?" or "=" belongs to the PIN); spaces around the name and "=" are accepted by the parser.
+_PIN_VALUE = re.compile(r"(pin-value\s*=)[^;&]*", re.IGNORECASE)
+
+
+def redact_pin_value(text: str) -> str:
+    """``text`` (a key setting, a ``pkcs11:`` URI) with every ``pin-value`` replaced: the one
+    redaction (:func:`ktlsd.pkcs11_uri.redact` is this), for reprs, logs and messages."""
+    return _PIN_VALUE.sub(r"\1<redacted>", text)
 
 
 @dataclass(frozen=True)

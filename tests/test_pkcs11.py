@@ -199,6 +199,19 @@ def test_uri_parsing_keeps_the_pin_out_of_openssl_and_of_every_text() -> None:
     assert with_source.pin_file() == "/etc/pin"
 
 
+@pytest.mark.parametrize("text", [
+    "pkcs11:object=k;type=private?pin-value =2468",  # the parser takes spaces around "="
+    "pkcs11:object=k?pin-value=24?68",  # the query splits on "&" only: "?" is in the PIN
+    "pkcs11:object=k;pin-value=2468;token=t",  # in the path, as some tools write it
+    "pkcs11:object=k?x-a=b&PIN-VALUE=2468&x-c=d",
+])
+def test_every_pin_the_parser_accepts_is_redacted(text: str) -> None:
+    pin = parse_pkcs11_uri(text).pin_value
+    assert pin and pin.replace("?", "") == "2468"
+    for shown in (redact(text), repr(X509Files(private_key=text)), str(parse_pkcs11_uri(text))):
+        assert "2468" not in shown.replace("?", "") and "24?68" not in shown
+
+
 @pytest.mark.parametrize(("text", "words"), [
     ("pkcs11:object=k?module-path=/tmp/evil.so", "module-path is not accepted"),
     ("pkcs11:object=k?module-name=evil", "module-name is not accepted"),
