@@ -138,7 +138,9 @@ class _RefusedPin:
 
 
 _Entry = ossl.TokenKey | _RefusedPin
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards _cache and _loading; never held across token I/O
+# (id(owner), uri digest, module) -> the lock of the one load of that key in progress
+_loading: dict[tuple[int, str, str | None], threading.Lock] = {}
 # id(owner) -> (weak reference to the owner, {(uri, module): key or refusal})
 _cache: dict[int, tuple[weakref.ref[object], dict[tuple[str, str | None], _Entry]]] = {}
 
@@ -152,10 +154,12 @@ def _entries_of(owner: object) -> dict[tuple[str, str | None], _Entry]:
     entries: dict[tuple[str, str | None], _Entry] = {}
 
     def forget(_ref: weakref.ref[object], key: int = key) -> None:
-        with _lock:
-            current = _cache.get(key)
-            if current is not None and current[0] is _ref:
-                del _cache[key]
+        # Runs wherever the old configuration is freed, the event loop included: it takes no
+        # lock (another thread may hold one across token I/O) and only drops the entry if it
+        # is still this owner's (dict operations are atomic).
+        current = _cache.get(key)
+        if current is not None and current[0] is _ref:
+            _cache.pop(key, None)
 
     _cache[key] = (weakref.ref(owner, forget), entries)
     return entries
@@ -178,26 +182,40 @@ def token_key(
     uri = parse(text)
     if owner is None:
         return _load(uri, module, timeout)
-    with _lock:
+    # The URI as configured, PIN included, is the key (two PINs are two logins); only a
+    # digest of it is kept, so the cache holds no PIN.
+    cache_key = (hashlib.sha256(text.encode()).hexdigest(), module)
+    with _lock:  # never held across token I/O
         entries = _entries_of(owner)
-        # The URI as configured, PIN included, is the key (two PINs are two logins); only a
-        # digest of it is kept, so the cache holds no PIN.
-        cache_key = (hashlib.sha256(text.encode()).hexdigest(), module)
         found = entries.get(cache_key)
-        if isinstance(found, _RefusedPin):
-            raise found.error
-        if found is not None:
-            return found
-        try:
-            key = _load(uri, module, timeout)
-        except HandshakeError as exc:
-            if "refused the PIN" in exc.reason:
-                entries[cache_key] = _RefusedPin(exc)
-            raise
-        entries[cache_key] = key
-        log.info("pkcs11 key %s loaded through the pkcs11 %s (module %s)", uri, key.backend,
-                 module or "p11-kit proxy")
-        return key
+        if found is None:
+            loading = _loading.setdefault((id(owner), *cache_key), threading.Lock())
+    if found is None:
+        # One login per key at a time: concurrent first handshakes wait for it (in their
+        # worker threads), then share the key.
+        with loading:
+            with _lock:
+                found = entries.get(cache_key)
+            if found is None:
+                try:
+                    key = _load(uri, module, timeout)
+                except HandshakeError as exc:
+                    if "refused the PIN" in exc.reason:
+                        with _lock:
+                            entries[cache_key] = _RefusedPin(exc)
+                    raise
+                finally:
+                    with _lock:
+                        if _loading.get((id(owner), *cache_key)) is loading:
+                            del _loading[(id(owner), *cache_key)]
+                with _lock:
+                    entries[cache_key] = key
+                log.info("pkcs11 key %s loaded through the pkcs11 %s (module %s)", uri,
+                         key.backend, module or "p11-kit proxy")
+                return key
+    if isinstance(found, _RefusedPin):
+        raise found.error
+    return found
 
 
 def check_token_key(text: str, module: str | None) -> str | None:

@@ -199,6 +199,50 @@ def test_uri_parsing_keeps_the_pin_out_of_openssl_and_of_every_text() -> None:
     assert with_source.pin_file() == "/etc/pin"
 
 
+def test_freeing_a_configuration_never_waits_for_a_token_login(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reload frees the old configuration wherever its last request ends (the event loop
+    too): that must not wait for another configuration's token login in a worker thread."""
+    import gc
+    import threading
+    import types
+
+    from ktlsd import hardware_key
+
+    in_login, release = threading.Event(), threading.Event()
+    logins: list[str] = []
+
+    def login(uri: object, module: object, timeout: float) -> object:
+        logins.append(str(uri))
+        if len(logins) > 1:  # the new configuration's login hangs (a slow token)
+            in_login.set()
+            release.wait(30)
+        return types.SimpleNamespace(backend="test")  # stands for an ossl.TokenKey
+
+    monkeypatch.setattr(hardware_key, "_load", login)
+    text = "pkcs11:object=k;type=private"
+    held = [X509Files(private_key=text)]  # the old configuration, referenced only here
+    new = X509Files(private_key=text)
+    first = hardware_key.token_key(text, None, held[0])
+    assert hardware_key.token_key(text, None, held[0]) is first  # cached: one login
+    loader = threading.Thread(target=hardware_key.token_key, args=(text, None, new))
+    loader.start()
+    try:
+        assert in_login.wait(10)
+        # Freed on another thread, which must come back while the login still hangs.
+        freeing = threading.Thread(target=lambda: (held.clear(), gc.collect()))
+        freeing.start()
+        freeing.join(10)
+        assert not freeing.is_alive(), "freeing the old configuration waited for a login"
+        # Its cache entry went with it; the new configuration's (being loaded) stays.
+        assert all(ref() is not None for ref, _ in hardware_key._cache.values())
+        assert len(logins) == 2 and not release.is_set()
+    finally:
+        release.set()
+        loader.join(10)
+
+
 @pytest.mark.parametrize("text", [
     "pkcs11:object=k;type=private?pin-value =2468",  # the parser takes spaces around "="
     "pkcs11:object=k?pin-value=24?68",  # the query splits on "&" only: "?" is in the PIN
