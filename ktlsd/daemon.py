@@ -285,6 +285,7 @@ def serving_status(sources: list[UpcallSource]) -> str:
 
 async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> int:
     import asyncio
+    import dataclasses
     import signal
     import time
 
@@ -347,6 +348,12 @@ async def serve(config: AgentConfig, args: argparse.Namespace | None = None) -> 
             warning = key_log_warning(fresh)
             if warning:
                 log.warning("%s: %s", signame, warning)
+            if fresh.pkcs11_module != config.pkcs11_module:
+                # A process loads one PKCS#11 module for good (a loaded module stays while
+                # keys from it live): keep the one it started with.
+                log.warning("%s: [ktlsd] pkcs11_module takes effect at the next start",
+                            signame)
+                fresh = dataclasses.replace(fresh, pkcs11_module=config.pkcs11_module)
             log_output.set_level(fresh.effective_log_level)
             relink_keyrings(fresh)
             agent.reload(fresh.agent_settings())

@@ -551,3 +551,24 @@ def test_a_pin_file_others_can_read_is_refused(token: Token, tmp_path: Path) -> 
         capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert "readable or writable by others" in done.stderr and PIN not in done.stderr
+
+
+@needs_root
+def test_a_reload_that_changes_the_module_keeps_the_loaded_one(
+    token: Token, tmp_path: Path
+) -> None:
+    """One PKCS#11 module per process: a reload naming another keeps the module the agent
+    started with, says so, and token keys keep working."""
+    with AgentProcess(tmp_path, _agent_config(token)) as agent:
+        async def client_handshake() -> None:
+            status, reason, _out = await _client_to_s_server(token, agent.socket_path)
+            assert (status, reason) == (0, "")
+
+        run(client_handshake())
+        agent.config_path.write_text(_agent_config(token, module="/nonexistent/other-p11.so"))
+        agent.signal(signal.SIGHUP)
+        agent.wait_for(r"SIGHUP: \[ktlsd\] pkcs11_module takes effect at the next start")
+        agent.wait_for(r"configuration reloaded")
+        run(client_handshake())
+        assert "/nonexistent/other-p11.so" not in "".join(
+            agent.matching(r"handshake source=service"))
