@@ -137,20 +137,43 @@ class TagProblem:
         return f"{where}: {self.message}{tail}"
 
 
+@dataclass(frozen=True)
+class GlibPattern:
+    """GLib's ``GPatternSpec``: ``*`` any run of characters, ``?`` one character, everything
+    else literal, matched against the whole string (:meth:`fullmatch`).
+
+    Matched in O(len(pattern) * len(text)) at worst, whatever the pattern: a greedy scan that
+    only ever backs up to the last ``*`` (no regular expression, so no exponential or
+    high-degree polynomial backtracking on the agent's event loop, where every server x509
+    handshake is matched against every filter).
+    """
+
+    pattern: str
+
+    def fullmatch(self, text: str) -> bool:
+        pattern = self.pattern
+        p = t = 0
+        star = -1  # position in the pattern just after the last '*' seen
+        resume = 0  # where in the text that '*' would next try to end
+        while t < len(text):
+            if p < len(pattern) and pattern[p] == "*":
+                star, resume = p + 1, t
+                p += 1
+            elif p < len(pattern) and (pattern[p] == "?" or pattern[p] == text[t]):
+                p += 1
+                t += 1
+            elif star >= 0:  # let the last '*' take one more character
+                resume += 1
+                p, t = star, resume
+            else:
+                return False
+        return all(c == "*" for c in pattern[p:])
+
+
 @functools.lru_cache(maxsize=256)
-def glib_pattern(pattern: str) -> re.Pattern[str]:
-    """GLib ``GPatternSpec`` as a regular expression: ``*`` any run, ``?`` one character,
-    everything else literal, matched against the whole string."""
-    parts: list[str] = []
-    for char in pattern:
-        if char == "*":
-            if not parts or parts[-1] != ".*":
-                parts.append(".*")
-        elif char == "?":
-            parts.append(".")
-        else:
-            parts.append(re.escape(char))
-    return re.compile("".join(parts), re.DOTALL)
+def glib_pattern(pattern: str) -> GlibPattern:
+    """The :class:`GlibPattern` of ``pattern`` (cached: filters are matched per handshake)."""
+    return GlibPattern(pattern)
 
 
 def _is_space(char: str) -> bool:
@@ -699,4 +722,4 @@ def filter_matches(definition: TagFilter, fields: CertificateFields) -> bool:
         FilterType.ISSUER: fields.issuer,
         FilterType.SUBJECT: fields.subject,
     }[kind]
-    return value is not None and pattern.fullmatch(value) is not None
+    return value is not None and pattern.fullmatch(value)

@@ -32,6 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ktlsd.agent import Agent
 from ktlsd.client import submit
@@ -727,3 +729,20 @@ def test_ktlsd_run_reads_the_tags_at_start_and_again_on_sighup(tmp_path: Path) -
         agent.wait_for(r"session tags reloaded: 2 tags, 3 filters from 2 files in .*"
                        r"\(everyone, ror-mu-chapter\)")
         assert agent.stop() == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(pattern=st.text(alphabet="ab*?", max_size=8), text=st.text(alphabet="abc", max_size=10))
+def test_glib_patterns_match_as_a_regular_expression_would(pattern: str, text: str) -> None:
+    """The backtracking-free matcher agrees with the plain regular-expression reading of
+    GPatternSpec on every small case."""
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    assert glib_pattern(pattern).fullmatch(text) == bool(re.fullmatch(regex, text, re.DOTALL))
+
+
+def test_a_pattern_of_many_stars_cannot_stall_the_agent() -> None:
+    """16 wildcards (tlshd's maximum) against a long near-miss subject: linear-ish work (a
+    regular expression would backtrack for ages here)."""
+    pattern = "*a" * 15 + "*b"
+    assert not glib_pattern(pattern).fullmatch("a" * 4000)
+    assert glib_pattern(pattern).fullmatch("a" * 4000 + "b")
