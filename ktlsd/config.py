@@ -760,6 +760,7 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
     def pick(value: _T | None, default: _T) -> _T:
         return default if value is None else value
 
+    tags_directory: str | None = reader.typed(k, "tags_directory", _absolute_path)
     config = AgentConfig(
         path=keyfile.path,
         debug_loglevel=first(reader.tlshd_int("debug", "loglevel"),
@@ -785,7 +786,7 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
                          lambda t: _legacy_mode(t)),
             defaults.legacy_psk_sha384),
         workers=pick(reader.typed(k, "workers", parse_workers), defaults.workers),
-        tags_directory=reader.string(k, "tags_directory") or defaults.tags_directory,
+        tags_directory=tags_directory or defaults.tags_directory,
         pkcs11_module=reader.typed(k, "pkcs11_module", _absolute_path),
         key_log_file=reader.typed(k, "key_log_file", _absolute_path),
     )
@@ -801,7 +802,7 @@ def config_from_keyfile(keyfile: KeyFile) -> AgentConfig:
 
 def _absolute_path(text: str) -> str | None:
     """An optional absolute path (``pkcs11_module``: empty is the library's default;
-    ``key_log_file``: empty is off)."""
+    ``key_log_file``: empty is off; ``tags_directory``: empty is tlshd's directory)."""
     value = text.strip()
     if not value:
         return None

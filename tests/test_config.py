@@ -452,3 +452,12 @@ def test_the_integer_table_is_what_glib_itself_answers() -> None:
         finally:
             glib.g_key_file_free(keyfile)
         assert (None if failed else value) == expected, raw
+
+
+@pytest.mark.parametrize("key", ["tags_directory", "pkcs11_module", "key_log_file"])
+def test_ktlsd_paths_must_be_absolute(tmp_path: Path, key: str) -> None:
+    """A relative path would resolve against the agent's working directory: refused."""
+    with pytest.raises(ConfigError, match=rf"{key}: 'relative/x' is not an absolute path"):
+        load_config(write(tmp_path, f"[ktlsd]\n{key}=relative/x\n"))
+    assert load_config(write(tmp_path, "[ktlsd]\ntags_directory=\n")).tags_directory == (
+        "/etc/tlshd/tags.d")

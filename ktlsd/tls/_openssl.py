@@ -1403,6 +1403,8 @@ def library_version() -> str:
     """The system library's version line (``OpenSSL 3.5.9 29 Sep 2026``)."""
     text = OpenSSL_version(0)
     return text.decode("ascii", "replace") if text else "OpenSSL (unknown version)"
+
+
 # --- private keys held by a PKCS#11 token --------------------------------------------------------
 # A key in a token never leaves it: OpenSSL gets an EVP_PKEY whose private operations the token
 # performs. Two ways exist, chosen at run time by what this libcrypto and the system offer:
@@ -1427,9 +1429,7 @@ class OsslParam(ctypes.Structure):
     ]
 
 
-
 i2d_PUBKEY = _bind(_crypto, "i2d_PUBKEY", c_int, c_void_p, POINTER(c_void_p))
-CRYPTO_free = _bind(_crypto, "CRYPTO_free", None, c_void_p, c_char_p, c_int)
 UI_null = _bind(_crypto, "UI_null", c_void_p)
 UI_UTIL_wrap_read_pem_callback = _bind(
     _crypto, "UI_UTIL_wrap_read_pem_callback", c_void_p, PEM_PASSWORD_CB, c_int
