@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import ipaddress
@@ -152,7 +153,9 @@ async def _consumer(
         sender = asyncio.create_task(conn.asend(outgoing))
         got = bytearray()
         while len(got) < len(expected):
-            chunk = await conn.arecv(65536)
+            # At most what this phase still owes: the peer may already be sending the next
+            # phase, and a receive joins consecutive records (TLS data is a byte stream).
+            chunk = await conn.arecv(min(65536, len(expected) - len(got)))
             if not chunk:
                 raise ConnectionError("peer closed early")
             got += chunk
@@ -185,13 +188,20 @@ async def _pair(
     server_sock, _ = await loop.sock_accept(listener)
     listener.close()
     try:
-        results = await asyncio.gather(
-            _consumer(name, server_sock, "server", service, record_layer, outcomes[0],
-                      **server_params),
-            _consumer(name, client_sock, "client", service, record_layer, outcomes[1],
-                      **client_params),
-            return_exceptions=True,
-        )
+        tasks = [
+            asyncio.create_task(_consumer(name, server_sock, "server", service, record_layer,
+                                          outcomes[0], **server_params)),
+            asyncio.create_task(_consumer(name, client_sock, "client", service, record_layer,
+                                          outcomes[1], **client_params)),
+        ]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        if any(t.done() and t.exception() is not None for t in tasks):
+            # One end failed: its peer would wait for data that never comes. Shutting both
+            # sockets down ends the other end too (it sees the connection end early).
+            for sock in (server_sock, client_sock):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         for outcome, result in zip(outcomes, results, strict=True):
             if isinstance(result, BaseException):
                 outcome.note = f"{type(result).__name__}: {result}".splitlines()[0]
