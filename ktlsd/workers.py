@@ -64,9 +64,12 @@ rate whatever the number of workers):
    handed to ...". From then on the worker watches the consumer (leaving cancels the
    handshake), not the supervisor: a consumer closes its end once it has DONE, which only
    the worker can tell from a withdrawal. The worker runs the handshake, closes the TCP
-   socket, sends DONE to the consumer itself and answers RESULT with the flag "answered" and
-   the log line's fields (peer identity, suite). On failure it answers RESULT with the status,
-   and the supervisor sends DONE on its copy, as for a JOB.
+   socket, sends DONE to the consumer itself -- with the session tags the peer earned,
+   evaluated as the agent does on ``tags_directory``, which the worker reads on its first
+   CONFIGURE and again on each later one (a reload; kept when unreadable, as the agent keeps
+   them) -- and answers RESULT with the flag "answered" and the log line's fields (peer
+   identity, suite, the tags sent). On failure it answers RESULT with the status, and the
+   supervisor sends DONE on its copy, as for a JOB.
 5. The agent logs the one line; the service releases the request without sending anything.
 
 A worker that dies: every request it had admitted is answered EIO by the supervisor on its
@@ -129,8 +132,8 @@ RESULT     worker     DONE (status, reason, session) for job ``job``; aux = the
                       in the enum, from 1; 0: success or none), so the supervisor
                       counts it by cause (EACCES alone does not say which); with
                       flags 1 (answered) only the log line's fields: peer identity,
-                      suite, group, our and the peer's signature schemes (each a
-                      u16 size and text)
+                      suite, group, our and the peer's signature schemes, the
+                      session tags sent (comma-separated; each a u16 size and text)
 CONN       pool       job = connection id, aux = submit_timeout_ms; the consumer's
                       credentials; one descriptor (the service connection)
 ADMIT      worker     for connection ``job``: seq u32, socket dev u64, ino u64,
@@ -169,7 +172,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ktlsd.agent import AnsweredByWorker, _peer_address, _remote_auth, run_handshake
+from ktlsd.agent import (
+    AnsweredByWorker,
+    _peer_address,
+    _remote_auth,
+    _session_tags,
+    run_handshake,
+)
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.request import (
     AuthMode,
@@ -181,6 +190,7 @@ from ktlsd.request import (
     MessageType,
     PendingRequest,
 )
+from ktlsd.session_tags import TagConfig, load_tags_directory, reload_tags
 from ktlsd.settings import AgentSettings, ServiceLimits
 from ktlsd.tls.session import Session
 from ktlsd.upcall.service import (
@@ -993,11 +1003,13 @@ def _result(future: asyncio.Future[_Result]) -> _Result:
     return future.result()  # raises the HandshakeError of a worker that went away
 
 
-def encode_answered(session: Session) -> bytes:
+def encode_answered(session: Session, tags: tuple[str, ...] = ()) -> bytes:
     """A RESULT's payload when the worker answered the consumer: the log line's fields
-    (identity, suite, group, our and the peer's signature schemes), each u16 size + text."""
+    (identity, suite, group, our and the peer's signature schemes, the session tags sent,
+    comma-separated: a tag name has no comma), each u16 size + text."""
     fields = (session.peer.describe(), session.suite.iana_name, session.group or "",
-              session.signature_scheme or "", session.peer_signature_scheme or "")
+              session.signature_scheme or "", session.peer_signature_scheme or "",
+              ",".join(tags))
     out = bytearray()
     for text in fields:
         data = text.encode("utf-8", "backslashreplace")[:0xFFFF]
@@ -1008,7 +1020,7 @@ def encode_answered(session: Session) -> bytes:
 def _answered_from(payload: bytes) -> AnsweredByWorker:
     fields: list[str] = []
     pos = 0
-    while len(fields) < 5:
+    while len(fields) < 6:
         if pos + _ANSWERED_FIELD.size > len(payload):
             raise HandshakeError(FailureCause.PROTOCOL_ERROR,
                                  "short answer from a handshake worker")
@@ -1016,8 +1028,9 @@ def _answered_from(payload: bytes) -> AnsweredByWorker:
         pos += _ANSWERED_FIELD.size
         fields.append(payload[pos:pos + size].decode("utf-8", "replace"))
         pos += size
-    identity, suite, group, sig, peer_sig = fields
-    return AnsweredByWorker(identity, suite, group or None, sig or None, peer_sig or None)
+    identity, suite, group, sig, peer_sig, tags = fields
+    return AnsweredByWorker(identity, suite, group or None, sig or None, peer_sig or None,
+                            tuple(tags.split(",")) if tags else ())
 
 
 def _session_from(cause_code: int, payload: bytes) -> Session:
@@ -1074,6 +1087,7 @@ class _WorkerServer:
     def __init__(self, channel: socket.socket) -> None:
         self.channel = channel
         self.settings: AgentSettings | None = None
+        self.tags: TagConfig | None = None  # tags.d, read on CONFIGURE
         self.jobs: dict[int, tuple[asyncio.Task[None], _WorkerRequest]] = {}
         self.held: dict[int, _Held] = {}
         self.send_lock = asyncio.Lock()
@@ -1143,6 +1157,12 @@ class _WorkerServer:
 
             forget_parsed_material()
             self.settings = decode_settings(payload)
+            # The session tags, as the agent holds them: read at the first configuration,
+            # again at each later one (a reload), kept when the directory cannot be read.
+            # (The supervisor's agent logs what it read; these lines would repeat it.)
+            directory = self.settings.tags_directory
+            self.tags = (load_tags_directory(directory) if self.tags is None
+                         else reload_tags(self.tags, directory))
             if aux:  # the supervisor's log level, which a reload may have changed
                 logging.getLogger("ktlsd").setLevel(aux)
         elif kind == CANCEL:
@@ -1312,11 +1332,16 @@ class _WorkerServer:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(held.conn.fileno())
         message = b""
+        tags: tuple[str, ...] = ()
         if session is not None:
             try:
+                # The tags the peer earned, evaluated as the agent does (settings.tags_directory
+                # read on CONFIGURE); in DONE and, through the supervisor, in the log line.
+                if self.tags is not None:
+                    tags = _session_tags(self.tags, pending.request, session)
                 message = encode_done_message(
                     HandshakeDone(status=0, sockfd=-1, remote_auth=_remote_auth(pending, session),
-                                  session=session), seq=held.seq)
+                                  session=session, tags=tags), seq=held.seq)
             except ValueError as exc:
                 answer = HandshakeDone(errno.EIO, -1, reason=f"worker: {exc}")
         # Our copies are closed before the supervisor hears (the TCP socket already is): once
@@ -1330,7 +1355,7 @@ class _WorkerServer:
         finally:
             held.close()
         await self._report(_HEADER.pack(RESULT, _ANSWERED, 0, 0, job)
-                           + encode_answered(session))
+                           + encode_answered(session, tags))
 
     async def _handshake(self, pending: _WorkerRequest, settings: AgentSettings,
                          ) -> tuple[Session | None, HandshakeDone, FailureCause | None]:
