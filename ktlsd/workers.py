@@ -577,8 +577,30 @@ class WorkerPool:
         worker = self._front_gone(front_id)
         if worker is None or worker.gone:
             return
-        with contextlib.suppress(OSError):
-            worker.channel.send(_HEADER.pack(DROP, 0, 0, 0, front_id))
+        message = _HEADER.pack(DROP, 0, 0, 0, front_id)
+        try:
+            # At once, the usual case (its order among other messages does not matter).
+            worker.channel.send(message)
+        except (BlockingIOError, InterruptedError):
+            # The channel is full: in turn with the other senders, for a lost DROP would
+            # leave the worker holding the connection and the TCP socket.
+            self._send_later(worker, message)
+        except OSError:
+            pass  # broken: the worker is going away, and its copies with it
+
+    def _send_later(self, worker: _Worker, message: bytes) -> None:
+        """Send ``message`` to ``worker`` in turn with the other senders (a task: the channel
+        is full or another send is waiting); nothing when the channel breaks meanwhile."""
+
+        async def send() -> None:
+            with contextlib.suppress(OSError):
+                async with worker.send_lock:
+                    if not worker.gone:
+                        await send_message(worker.channel, message)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _spawn(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -988,15 +1010,7 @@ class WorkerPool:
         """Tell the worker its job was withdrawn (best effort; the job answers anyway)."""
         if worker.gone or job not in worker.jobs:
             return
-
-        async def send() -> None:
-            with contextlib.suppress(OSError):
-                async with worker.send_lock:
-                    await send_message(worker.channel, _HEADER.pack(CANCEL, 0, 0, 0, job))
-
-        task = asyncio.get_running_loop().create_task(send())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._send_later(worker, _HEADER.pack(CANCEL, 0, 0, 0, job))
 
 
 def _result(future: asyncio.Future[_Result]) -> _Result:

@@ -166,6 +166,11 @@ class CancelEvent(asyncio.Event):
             callback()
 
     def add_callback(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once when the event is set: at once when it already is (a
+        consumer that left before the waiter came is not missed)."""
+        if self.is_set():
+            callback()
+            return
         self._callbacks.append(callback)
 
     def remove_callback(self, callback: Callable[[], None]) -> None:
