@@ -217,7 +217,9 @@ from ktlsd.upcall.wire import (
 
 log = logging.getLogger("ktlsd.workers")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""HELLO's version: 2 since service connections are read by the workers (CONN ... DROP, and
+RESULT's aux and flags)."""
 WORKER_GRACE = 2.0
 """Seconds past a request's timeout before the pool takes its worker for stuck and kills it
 (less than the consumer library's own grace, so the consumer hears the EIO)."""
