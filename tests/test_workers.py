@@ -734,3 +734,51 @@ def test_a_drop_on_a_full_channel_still_reaches_the_worker(tmp_path: Path) -> No
             await pool.close()
 
     run(main(), 90)
+
+
+def test_requests_a_worker_read_count_as_service_connections(sock_path: str) -> None:
+    """``service_max_connections`` and the status report's connection count include the
+    connections of requests a worker read (queued or running there): with a cap of one, a
+    request running in a worker makes the next connection be dropped; once it is answered
+    the count is back to zero."""
+
+    async def main() -> None:
+        pool = WorkerPool(1)
+        await pool.start()
+        service = HandshakeService(sock_path, limits=ServiceLimits(
+            max_connections=1, uid_max_in_flight=10, uid_max_pending=10,
+            uid_max_connections=10))
+        await service.start()
+        pool.serve_service(service)
+        agent = Agent(AgentSettings(), [service], runner=pool)
+        task = asyncio.create_task(agent.run())
+        relay = GatedRelay()
+        try:
+            a, b = await relay.connect()
+            peer = asyncio.create_task(engine_server(b))
+            first = asyncio.create_task(submit(
+                a, role="client", auth="psk", psk=[(IDENTITY, CONTRACT_PSK)],
+                service_path=sock_path, timeout=30))
+            await await_until(lambda: service.in_flight == 1, "the first request running")
+            assert service.connections == 1
+            c, d = tcp_pair()
+            with c, d:
+                second = await submit(c, role="client", auth="psk", psk=[("over", PSK)],
+                                      service_path=sock_path, timeout=10)
+            assert second.status != 0, second
+            assert service.refused() == {"dropped": 1}
+            relay.open()
+            done = await first
+            assert done.status == 0, done.reason
+            await peer
+            await await_until(lambda: service.connections == 0, "the count back to zero")
+            a.close()
+            b.close()
+        finally:
+            await relay.aclose()
+            await agent.stop()
+            await asyncio.wait_for(task, 30)
+            await service.close()
+            await pool.close()
+
+    run(main(), 90)

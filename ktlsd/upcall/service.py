@@ -331,6 +331,7 @@ class HandshakeService:
         self._handed: dict[int, tuple[socket.socket, ConsumerCredentials]] = {}
         self._watched: set[ServiceRequest] = set()  # front-read requests' connections
         self._reading: set[ServiceRequest] = set()  # ... with a reader registered
+        self._answering: set[asyncio.Task[None]] = set()  # ... answered when there is room
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._consumers = 0
@@ -379,8 +380,9 @@ class HandshakeService:
 
     @property
     def connections(self) -> int:
-        """Service connections open now (waiting, queued or in flight)."""
-        return len(self._connections)
+        """Service connections open now (waiting, queued or in flight): those this process
+        serves, those a front is reading and those of requests a front read (each once)."""
+        return len(self._connections) + len(self._handed) + len(self._watched)
 
     def refused(self) -> dict[str, int]:
         """Requests refused before the agent took them, by the status they got (errno
@@ -469,7 +471,7 @@ class HandshakeService:
                 await asyncio.sleep(0.05)  # EMFILE and friends: do not spin
                 continue
             conn.setblocking(False)
-            if len(self._connections) + len(self._handed) >= self.limits.max_connections:
+            if self.connections >= self.limits.max_connections:
                 self.counters["overloaded"] += 1
                 log.warning("service: too many connections (%d), dropping one",
                             self.limits.max_connections)
@@ -599,13 +601,16 @@ class HandshakeService:
         except (BlockingIOError, InterruptedError):  # rare: finish in a task
             async def later() -> None:
                 assert item._conn is not None
-                await _try_send(item._conn, message)
-                self._unwatch(item)
+                try:
+                    await _try_send(item._conn, message)
+                finally:
+                    self._unwatch(item)
 
+            # The item stays watched (counted, waited for by wait_closed) until later()
+            # has sent; the task is only kept alive here.
             task = asyncio.get_running_loop().create_task(later())
-            self._connections[task] = item.credentials.uid
-            self._connections_by_uid[item.credentials.uid] += 1  # balanced by the task's end
-            task.add_done_callback(self._connection_ended)
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
             return
         except OSError:
             pass
