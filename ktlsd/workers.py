@@ -1262,11 +1262,15 @@ class _WorkerServer:
             await self._report(_HEADER.pack(ABANDON, 0, 0, 0, front_id))
             return
         data, fds, flags = received
+        forward_flags = ((_TRUNCATED if flags & socket.MSG_TRUNC else 0)
+                         | (_CTRUNCATED if flags & socket.MSG_CTRUNC else 0))
         if is_status_request(data):
-            # The counters are the supervisor's: it answers (root only, checked there).
+            # The counters are the supervisor's: it answers (root only, checked there), and
+            # refuses a STATUS with descriptors (EINVAL): they go with it, as for a SUBMIT.
             self._forget(front_id)
+            await self._report(_HEADER.pack(FORWARD, forward_flags, 0, 0, front_id) + data,
+                               tuple(fds[:1]))
             _close_fds(fds)
-            await self._report(_HEADER.pack(FORWARD, 0, 0, 0, front_id) + data)
             return
         seq = struct.unpack_from("=I", data, 8)[0] if len(data) >= 12 else 0
         creds = held.credentials
@@ -1287,9 +1291,7 @@ class _WorkerServer:
             # Kept sessions and key updates live in the supervisor; a consumer's file reads
             # are capped per uid in one worker (the supervisor picks it).
             self._forget(front_id)
-            flags_out = ((_TRUNCATED if flags & socket.MSG_TRUNC else 0)
-                         | (_CTRUNCATED if flags & socket.MSG_CTRUNC else 0))
-            await self._report(_HEADER.pack(FORWARD, flags_out, 0, 0, front_id) + data,
+            await self._report(_HEADER.pack(FORWARD, forward_flags, 0, 0, front_id) + data,
                                (fds[0],))
             _close_fds(fds)
             return
