@@ -1258,6 +1258,9 @@ class _WorkerServer:
                 _close_fds(received[1])
             return
         if received is None or not (received[0] or received[1]):
+            if received is None:  # the line the service logs for a connection it reads
+                log.info("service: pid %d uid %d sent no request", held.credentials.pid,
+                         held.credentials.uid)
             self._forget(front_id)
             await self._report(_HEADER.pack(ABANDON, 0, 0, 0, front_id))
             return

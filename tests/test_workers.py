@@ -782,3 +782,21 @@ def test_requests_a_worker_read_count_as_service_connections(sock_path: str) -> 
             await pool.close()
 
     run(main(), 90)
+
+
+def test_a_silent_connection_read_by_a_worker_is_logged(tmp_path: Path) -> None:
+    """A consumer that connects and sends nothing within ``submit_timeout_ms`` is logged as
+    without workers ("sent no request"), by the worker that read it; one that connects and
+    leaves is not."""
+    config = "[ktlsd]\nworkers = 2\nsubmit_timeout_ms = 300\n"
+    with AgentProcess(tmp_path, config) as agent:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as left:
+            left.connect(agent.socket_path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as silent:
+            silent.connect(agent.socket_path)
+            silent.settimeout(30)
+            assert silent.recv(16) == b""  # closed once the submit timeout has passed
+        [line] = agent.wait_for(r"worker \d: service: pid \d+ uid \d+ sent no request")
+        assert f"pid {os.getpid()} uid {os.getuid()} sent no request" in line
+        assert len(agent.matching(r"sent no request")) == 1
+    assert agent.wait_exit() == 0
