@@ -764,12 +764,16 @@ class WorkerPool:
                 future.set_exception(HandshakeError(FailureCause.PROTOCOL_ERROR,
                                                     f"handshake {reason}"))
         lost_fronts = 0
+        admitted = self._service.front_requests() if self._service is not None else set()
         for front_id in sorted(worker.fronts):
             self._front_gone(front_id)
             lost_fronts += 1
             if self._service is not None and self._service.unread(front_id):
                 self._service.abandon_from_front(front_id, f"handshake {reason}")
-            else:  # admitted and queued: answered EIO when the agent takes it
+            elif front_id in admitted:
+                # Admitted and queued: answered EIO when the agent takes it. The entry goes
+                # then, or when the service forgets the request (drop()); anything else
+                # has nothing left to answer.
                 self._lost_fronts[front_id] = reason
         self._changed.set()
         if self._closing or not worker.started_serving:

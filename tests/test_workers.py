@@ -800,3 +800,49 @@ def test_a_silent_connection_read_by_a_worker_is_logged(tmp_path: Path) -> None:
         assert f"pid {os.getpid()} uid {os.getuid()} sent no request" in line
         assert len(agent.matching(r"sent no request")) == 1
     assert agent.wait_exit() == 0
+
+
+def test_requests_queued_on_a_worker_that_dies_are_answered_and_forgotten(
+        sock_path: str) -> None:
+    """One worker reads two requests of a uid that may run one at a time: the first runs
+    there, the second waits in the supervisor's queue. The worker is killed: both are
+    answered EIO naming it (the queued one when the agent takes it), and the pool keeps no
+    record of either afterwards."""
+
+    async def main() -> None:
+        pool = WorkerPool(1)
+        await pool.start()
+        worker = pool.workers[0]
+        assert worker is not None
+        service = HandshakeService(sock_path, limits=ServiceLimits(
+            uid_max_in_flight=1, uid_max_pending=10, uid_max_connections=10))
+        await service.start()
+        pool.serve_service(service)
+        agent = Agent(AgentSettings(), [service], runner=pool)
+        task = asyncio.create_task(agent.run())
+        relay = GatedRelay()
+        try:
+            ends = [await relay.connect() for _ in range(2)]
+            answers = [asyncio.create_task(submit(
+                a, role="client", auth="psk", psk=[(f"lost-{i}", PSK)],
+                service_path=sock_path, timeout=30)) for i, (a, _) in enumerate(ends)]
+            await await_until(lambda: service.in_flight == 1 and service.pending == 1,
+                              "one request running, one queued")
+            os.kill(worker.pid, signal.SIGKILL)
+            dones = await asyncio.gather(*answers)
+            assert [d.status for d in dones] == [errno.EIO, errno.EIO], dones
+            assert all(f"(pid {worker.pid}) was killed by signal 9" in d.reason
+                       for d in dones), [d.reason for d in dones]
+            assert pool._lost_fronts == {} and pool._fronts == {}
+            await await_until(lambda: service.connections == 0, "every connection closed")
+            for a, b in ends:
+                a.close()
+                b.close()
+        finally:
+            await relay.aclose()
+            await agent.stop()
+            await asyncio.wait_for(task, 30)
+            await service.close()
+            await pool.close()
+
+    run(main(), 90)

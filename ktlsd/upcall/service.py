@@ -503,6 +503,12 @@ class HandshakeService:
         """Whether a front still reads the connection ``front_id`` (no SUBMIT reported)."""
         return front_id in self._handed
 
+    def front_requests(self) -> set[int]:
+        """The front ids of the requests a front read that are still queued or in flight
+        here (each will reach the agent or :meth:`ServiceFront.drop`)."""
+        return {item.front_id for item in self._watched
+                if item.front_id is not None and item._state is not _State.FINISHED}
+
     def _from_front(self, front_id: int) -> tuple[socket.socket, ConsumerCredentials] | None:
         return self._handed.pop(front_id, None)
 
@@ -583,10 +589,12 @@ class HandshakeService:
                 asyncio.get_running_loop().remove_reader(item._conn.fileno())
 
     def _unwatch(self, item: ServiceRequest) -> None:
-        """Stop watching a front-read request's connection and close our copy (once)."""
+        """Stop watching a front-read request's connection and close our copy (once); the
+        front forgets the request too (:meth:`ServiceFront.drop` again is harmless)."""
         if item not in self._watched:
             return
         self._watched.discard(item)
+        self._drop_at_front(item)
         self._stop_reading(item)
         assert item._conn is not None
         item._conn.close()
