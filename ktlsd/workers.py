@@ -77,7 +77,19 @@ own copy of the connection (running ones at once, queued ones when the agent tak
 every connection it had not yet reported is answered EIO there too (after the unread SUBMIT
 is drained: closing a SEQPACKET socket with unread messages would reset the consumer's end).
 A worker that reports nothing on a connection within ``submit_timeout_ms`` plus
-:data:`WORKER_GRACE` is taken for stuck and killed.
+:data:`WORKER_GRACE` is taken for stuck and killed. A connection that sends nothing in time
+is logged by the worker as the service logs one it reads ("service: pid P uid U sent no
+request").
+
+One race is left, on a crash only: a worker that dies after sending its success DONE to the
+consumer and before its RESULT reaches the supervisor. The supervisor cannot tell that from
+a death before the DONE, so it answers EIO on its own copy of the connection, logs the
+request as failed (EIO, the worker's death as the reason) and counts it so. The consumer
+got the success DONE first: the first message on a service connection is the answer, and
+:func:`ktlsd.client.submit` reads exactly one message and closes the connection, so it
+reports success (its TCP socket carries the established session); the EIO after it is never
+read (or not even delivered, when the consumer has closed its end already). A consumer of
+its own that keeps reading would see it second, and must take the first.
 
 Crashes
 =======
