@@ -151,8 +151,9 @@ CONN       pool       job = connection id, aux = submit_timeout_ms; the consumer
 ADMIT      worker     for connection ``job``: seq u32, socket dev u64, ino u64,
                       timeout ms u32, type u8, auth u8, peername (u16 size, text),
                       the TCP peer's address
-FORWARD    worker     for connection ``job``: the SUBMIT as received (flags: 1 it
-                      was truncated, 2 its descriptors were); the TCP socket
+FORWARD    worker     for connection ``job``: the SUBMIT (or STATUS) as received
+                      (flags: 1 it was truncated, 2 its descriptors were); the
+                      first descriptor that came with it (a SUBMIT's TCP socket)
 ABANDON    worker     connection ``job`` sent no usable SUBMIT (flags: 1 a malformed
                       one, which the worker answered)
 GO         pool       aux = timeout in ms; connection id u64: run it as job ``job``
