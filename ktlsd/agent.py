@@ -207,6 +207,8 @@ class AnsweredByWorker:
     group: str | None = None
     signature_scheme: str | None = None
     peer_signature_scheme: str | None = None
+    tags: tuple[str, ...] = ()
+    """The session tags the worker put in DONE (evaluated there as :func:`_session_tags`)."""
 
 
 class HandshakeRunner(Protocol):
@@ -490,8 +492,8 @@ class Agent:
             session = await run_handshake(pending, sock, settings, timeout)
         else:  # in a worker process, on its own copy of the socket
             result = await self.runner.handshake(pending, settings, timeout)
-            if isinstance(result, AnsweredByWorker):
-                return HandshakeDone(status=0, sockfd=request.sockfd), result
+            if isinstance(result, AnsweredByWorker):  # DONE sent, tags in it: logged here
+                return HandshakeDone(status=0, sockfd=request.sockfd, tags=result.tags), result
             session = result
         session_id = self._keep(pending, session, settings)
         return (

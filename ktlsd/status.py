@@ -14,9 +14,11 @@ The agent calls :meth:`RequestCounters.started` when it starts serving a request
 sent and its one log line written -- with the outcome: ``ok``, or the request's
 :class:`~ktlsd.errors.FailureCause` (lower case), or ``stopping`` for a request taken from a
 source but answered ESRCH because the agent was stopping. So every request is counted once,
-whatever happened to it. In flight = started - ended, per source. With ``--workers N`` the
-supervisor's agent does all DONEs and log lines, so the counts live there too; a reload
-(SIGHUP) keeps the agent and with it the counts.
+whatever happened to it. In flight = started - ended, per source. With ``--workers N`` a
+worker sends the successful DONE of a service request it read itself, but the supervisor's
+agent still ends every request (it hears each worker's result) and writes every log line,
+so each request is counted once, there; a reload (SIGHUP) keeps the agent and with it the
+counts.
 
 Requests a source refuses before the agent takes them (the service's EAGAIN, EBUSY,
 EINVAL, ...) are the source's own business and not counted here; the service's totals of

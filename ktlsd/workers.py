@@ -64,9 +64,12 @@ rate whatever the number of workers):
    handed to ...". From then on the worker watches the consumer (leaving cancels the
    handshake), not the supervisor: a consumer closes its end once it has DONE, which only
    the worker can tell from a withdrawal. The worker runs the handshake, closes the TCP
-   socket, sends DONE to the consumer itself and answers RESULT with the flag "answered" and
-   the log line's fields (peer identity, suite). On failure it answers RESULT with the status,
-   and the supervisor sends DONE on its copy, as for a JOB.
+   socket, sends DONE to the consumer itself -- with the session tags the peer earned,
+   evaluated as the agent does on ``tags_directory``, which the worker reads on its first
+   CONFIGURE and again on each later one (a reload; kept when unreadable, as the agent keeps
+   them) -- and answers RESULT with the flag "answered" and the log line's fields (peer
+   identity, suite, the tags sent). On failure it answers RESULT with the status, and the
+   supervisor sends DONE on its copy, as for a JOB.
 5. The agent logs the one line; the service releases the request without sending anything.
 
 A worker that dies: every request it had admitted is answered EIO by the supervisor on its
@@ -74,7 +77,19 @@ own copy of the connection (running ones at once, queued ones when the agent tak
 every connection it had not yet reported is answered EIO there too (after the unread SUBMIT
 is drained: closing a SEQPACKET socket with unread messages would reset the consumer's end).
 A worker that reports nothing on a connection within ``submit_timeout_ms`` plus
-:data:`WORKER_GRACE` is taken for stuck and killed.
+:data:`WORKER_GRACE` is taken for stuck and killed. A connection that sends nothing in time
+is logged by the worker as the service logs one it reads ("service: pid P uid U sent no
+request").
+
+One race is left, on a crash only: a worker that dies after sending its success DONE to the
+consumer and before its RESULT reaches the supervisor. The supervisor cannot tell that from
+a death before the DONE, so it answers EIO on its own copy of the connection, logs the
+request as failed (EIO, the worker's death as the reason) and counts it so. The consumer
+got the success DONE first: the first message on a service connection is the answer, and
+:func:`ktlsd.client.submit` reads exactly one message and closes the connection, so it
+reports success (its TCP socket carries the established session); the EIO after it is never
+read (or not even delivered, when the consumer has closed its end already). A consumer of
+its own that keeps reading would see it second, and must take the first.
 
 Crashes
 =======
@@ -129,15 +144,16 @@ RESULT     worker     DONE (status, reason, session) for job ``job``; aux = the
                       in the enum, from 1; 0: success or none), so the supervisor
                       counts it by cause (EACCES alone does not say which); with
                       flags 1 (answered) only the log line's fields: peer identity,
-                      suite, group, our and the peer's signature schemes (each a
-                      u16 size and text)
+                      suite, group, our and the peer's signature schemes, the
+                      session tags sent (comma-separated; each a u16 size and text)
 CONN       pool       job = connection id, aux = submit_timeout_ms; the consumer's
                       credentials; one descriptor (the service connection)
 ADMIT      worker     for connection ``job``: seq u32, socket dev u64, ino u64,
                       timeout ms u32, type u8, auth u8, peername (u16 size, text),
                       the TCP peer's address
-FORWARD    worker     for connection ``job``: the SUBMIT as received (flags: 1 it
-                      was truncated, 2 its descriptors were); the TCP socket
+FORWARD    worker     for connection ``job``: the SUBMIT (or STATUS) as received
+                      (flags: 1 it was truncated, 2 its descriptors were); the
+                      first descriptor that came with it (a SUBMIT's TCP socket)
 ABANDON    worker     connection ``job`` sent no usable SUBMIT (flags: 1 a malformed
                       one, which the worker answered)
 GO         pool       aux = timeout in ms; connection id u64: run it as job ``job``
@@ -169,7 +185,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ktlsd.agent import AnsweredByWorker, _peer_address, _remote_auth, run_handshake
+from ktlsd.agent import (
+    AnsweredByWorker,
+    _peer_address,
+    _remote_auth,
+    _session_tags,
+    run_handshake,
+)
 from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.request import (
     AuthMode,
@@ -181,6 +203,7 @@ from ktlsd.request import (
     MessageType,
     PendingRequest,
 )
+from ktlsd.session_tags import TagConfig, load_tags_directory, reload_tags
 from ktlsd.settings import AgentSettings, ServiceLimits
 from ktlsd.tls.session import Session
 from ktlsd.upcall.service import (
@@ -207,7 +230,9 @@ from ktlsd.upcall.wire import (
 
 log = logging.getLogger("ktlsd.workers")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""HELLO's version: 2 since service connections are read by the workers (CONN ... DROP, and
+RESULT's aux and flags)."""
 WORKER_GRACE = 2.0
 """Seconds past a request's timeout before the pool takes its worker for stuck and kills it
 (less than the consumer library's own grace, so the consumer hears the EIO)."""
@@ -567,8 +592,30 @@ class WorkerPool:
         worker = self._front_gone(front_id)
         if worker is None or worker.gone:
             return
-        with contextlib.suppress(OSError):
-            worker.channel.send(_HEADER.pack(DROP, 0, 0, 0, front_id))
+        message = _HEADER.pack(DROP, 0, 0, 0, front_id)
+        try:
+            # At once, the usual case (its order among other messages does not matter).
+            worker.channel.send(message)
+        except (BlockingIOError, InterruptedError):
+            # The channel is full: in turn with the other senders, for a lost DROP would
+            # leave the worker holding the connection and the TCP socket.
+            self._send_later(worker, message)
+        except OSError:
+            pass  # broken: the worker is going away, and its copies with it
+
+    def _send_later(self, worker: _Worker, message: bytes) -> None:
+        """Send ``message`` to ``worker`` in turn with the other senders (a task: the channel
+        is full or another send is waiting); nothing when the channel breaks meanwhile."""
+
+        async def send() -> None:
+            with contextlib.suppress(OSError):
+                async with worker.send_lock:
+                    if not worker.gone:
+                        await send_message(worker.channel, message)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _spawn(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -730,12 +777,16 @@ class WorkerPool:
                 future.set_exception(HandshakeError(FailureCause.PROTOCOL_ERROR,
                                                     f"handshake {reason}"))
         lost_fronts = 0
+        admitted = self._service.front_requests() if self._service is not None else set()
         for front_id in sorted(worker.fronts):
             self._front_gone(front_id)
             lost_fronts += 1
             if self._service is not None and self._service.unread(front_id):
                 self._service.abandon_from_front(front_id, f"handshake {reason}")
-            else:  # admitted and queued: answered EIO when the agent takes it
+            elif front_id in admitted:
+                # Admitted and queued: answered EIO when the agent takes it. The entry goes
+                # then, or when the service forgets the request (drop()); anything else
+                # has nothing left to answer.
                 self._lost_fronts[front_id] = reason
         self._changed.set()
         if self._closing or not worker.started_serving:
@@ -978,26 +1029,20 @@ class WorkerPool:
         """Tell the worker its job was withdrawn (best effort; the job answers anyway)."""
         if worker.gone or job not in worker.jobs:
             return
-
-        async def send() -> None:
-            with contextlib.suppress(OSError):
-                async with worker.send_lock:
-                    await send_message(worker.channel, _HEADER.pack(CANCEL, 0, 0, 0, job))
-
-        task = asyncio.get_running_loop().create_task(send())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._send_later(worker, _HEADER.pack(CANCEL, 0, 0, 0, job))
 
 
 def _result(future: asyncio.Future[_Result]) -> _Result:
     return future.result()  # raises the HandshakeError of a worker that went away
 
 
-def encode_answered(session: Session) -> bytes:
+def encode_answered(session: Session, tags: tuple[str, ...] = ()) -> bytes:
     """A RESULT's payload when the worker answered the consumer: the log line's fields
-    (identity, suite, group, our and the peer's signature schemes), each u16 size + text."""
+    (identity, suite, group, our and the peer's signature schemes, the session tags sent,
+    comma-separated: a tag name has no comma), each u16 size + text."""
     fields = (session.peer.describe(), session.suite.iana_name, session.group or "",
-              session.signature_scheme or "", session.peer_signature_scheme or "")
+              session.signature_scheme or "", session.peer_signature_scheme or "",
+              ",".join(tags))
     out = bytearray()
     for text in fields:
         data = text.encode("utf-8", "backslashreplace")[:0xFFFF]
@@ -1008,7 +1053,7 @@ def encode_answered(session: Session) -> bytes:
 def _answered_from(payload: bytes) -> AnsweredByWorker:
     fields: list[str] = []
     pos = 0
-    while len(fields) < 5:
+    while len(fields) < 6:
         if pos + _ANSWERED_FIELD.size > len(payload):
             raise HandshakeError(FailureCause.PROTOCOL_ERROR,
                                  "short answer from a handshake worker")
@@ -1016,8 +1061,9 @@ def _answered_from(payload: bytes) -> AnsweredByWorker:
         pos += _ANSWERED_FIELD.size
         fields.append(payload[pos:pos + size].decode("utf-8", "replace"))
         pos += size
-    identity, suite, group, sig, peer_sig = fields
-    return AnsweredByWorker(identity, suite, group or None, sig or None, peer_sig or None)
+    identity, suite, group, sig, peer_sig, tags = fields
+    return AnsweredByWorker(identity, suite, group or None, sig or None, peer_sig or None,
+                            tuple(tags.split(",")) if tags else ())
 
 
 def _session_from(cause_code: int, payload: bytes) -> Session:
@@ -1074,6 +1120,7 @@ class _WorkerServer:
     def __init__(self, channel: socket.socket) -> None:
         self.channel = channel
         self.settings: AgentSettings | None = None
+        self.tags: TagConfig | None = None  # tags.d, read on CONFIGURE
         self.jobs: dict[int, tuple[asyncio.Task[None], _WorkerRequest]] = {}
         self.held: dict[int, _Held] = {}
         self.send_lock = asyncio.Lock()
@@ -1143,6 +1190,12 @@ class _WorkerServer:
 
             forget_parsed_material()
             self.settings = decode_settings(payload)
+            # The session tags, as the agent holds them: read at the first configuration,
+            # again at each later one (a reload), kept when the directory cannot be read.
+            # (The supervisor's agent logs what it read; these lines would repeat it.)
+            directory = self.settings.tags_directory
+            self.tags = (load_tags_directory(directory) if self.tags is None
+                         else reload_tags(self.tags, directory))
             if aux:  # the supervisor's log level, which a reload may have changed
                 logging.getLogger("ktlsd").setLevel(aux)
         elif kind == CANCEL:
@@ -1222,15 +1275,22 @@ class _WorkerServer:
                 _close_fds(received[1])
             return
         if received is None or not (received[0] or received[1]):
+            if received is None:  # the line the service logs for a connection it reads
+                log.info("service: pid %d uid %d sent no request", held.credentials.pid,
+                         held.credentials.uid)
             self._forget(front_id)
             await self._report(_HEADER.pack(ABANDON, 0, 0, 0, front_id))
             return
         data, fds, flags = received
+        forward_flags = ((_TRUNCATED if flags & socket.MSG_TRUNC else 0)
+                         | (_CTRUNCATED if flags & socket.MSG_CTRUNC else 0))
         if is_status_request(data):
-            # The counters are the supervisor's: it answers (root only, checked there).
+            # The counters are the supervisor's: it answers (root only, checked there), and
+            # refuses a STATUS with descriptors (EINVAL): they go with it, as for a SUBMIT.
             self._forget(front_id)
+            await self._report(_HEADER.pack(FORWARD, forward_flags, 0, 0, front_id) + data,
+                               tuple(fds[:1]))
             _close_fds(fds)
-            await self._report(_HEADER.pack(FORWARD, 0, 0, 0, front_id) + data)
             return
         seq = struct.unpack_from("=I", data, 8)[0] if len(data) >= 12 else 0
         creds = held.credentials
@@ -1251,9 +1311,7 @@ class _WorkerServer:
             # Kept sessions and key updates live in the supervisor; a consumer's file reads
             # are capped per uid in one worker (the supervisor picks it).
             self._forget(front_id)
-            flags_out = ((_TRUNCATED if flags & socket.MSG_TRUNC else 0)
-                         | (_CTRUNCATED if flags & socket.MSG_CTRUNC else 0))
-            await self._report(_HEADER.pack(FORWARD, flags_out, 0, 0, front_id) + data,
+            await self._report(_HEADER.pack(FORWARD, forward_flags, 0, 0, front_id) + data,
                                (fds[0],))
             _close_fds(fds)
             return
@@ -1312,11 +1370,16 @@ class _WorkerServer:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(held.conn.fileno())
         message = b""
+        tags: tuple[str, ...] = ()
         if session is not None:
             try:
+                # The tags the peer earned, evaluated as the agent does (settings.tags_directory
+                # read on CONFIGURE); in DONE and, through the supervisor, in the log line.
+                if self.tags is not None:
+                    tags = _session_tags(self.tags, pending.request, session)
                 message = encode_done_message(
                     HandshakeDone(status=0, sockfd=-1, remote_auth=_remote_auth(pending, session),
-                                  session=session), seq=held.seq)
+                                  session=session, tags=tags), seq=held.seq)
             except ValueError as exc:
                 answer = HandshakeDone(errno.EIO, -1, reason=f"worker: {exc}")
         # Our copies are closed before the supervisor hears (the TCP socket already is): once
@@ -1330,7 +1393,7 @@ class _WorkerServer:
         finally:
             held.close()
         await self._report(_HEADER.pack(RESULT, _ANSWERED, 0, 0, job)
-                           + encode_answered(session))
+                           + encode_answered(session, tags))
 
     async def _handshake(self, pending: _WorkerRequest, settings: AgentSettings,
                          ) -> tuple[Session | None, HandshakeDone, FailureCause | None]:

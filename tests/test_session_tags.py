@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import errno
 import logging
@@ -24,6 +25,7 @@ import re
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +65,10 @@ from ktlsd.upcall.netlink import (
     encode_done,
 )
 from ktlsd.upcall.nlattr import decode_attrs
+from ktlsd.upcall.service import HandshakeService
 from ktlsd.upcall.wire import DoneExtAttr, decode_done_message, encode_done_message
-from tests.agent_helpers import FIELD, LogLines, running_agent
+from ktlsd.workers import WorkerPool
+from tests.agent_helpers import FIELD, ONE_UID_FOR_ALL, LogLines, running_agent
 from tests.peers import openssl_client
 from tests.waiting import run
 
@@ -621,9 +625,38 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def test_a_real_handshake_gives_the_peer_its_tags(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def agent_with_workers(path: str, settings: AgentSettings,
+                             workers: int) -> AsyncIterator[None]:
+    """:func:`running_agent`, or (``workers`` > 0) the same agent with a pool of real worker
+    processes reading and answering the service's requests (``ktlsd run --workers N``)."""
+    if not workers:
+        async with running_agent(path, settings):
+            yield
+        return
+    pool = WorkerPool(workers)
+    await pool.start()
+    service = HandshakeService(path, limits=ONE_UID_FOR_ALL)
+    try:
+        await service.start()
+        pool.serve_service(service)
+        agent = Agent(settings, [service], runner=pool)
+        task = asyncio.create_task(agent.run())
+        try:
+            yield
+        finally:
+            await agent.stop()
+            await asyncio.wait_for(task, 30)
+    finally:
+        await service.close()
+        await pool.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "workers"])
+def test_a_real_handshake_gives_the_peer_its_tags(tmp_path: Path, workers: int) -> None:
     """openssl s_client presents a certificate made by the openssl CLI; the agent is the TLS
-    server for a consumer of the handshake service; the consumer's DONE carries the tags."""
+    server for a consumer of the handshake service; the consumer's DONE carries the tags --
+    also when a worker process reads the request and sends DONE itself (``--workers 2``)."""
     pki = tmp_path / "pki"
     pki.mkdir()
     _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
@@ -670,9 +703,11 @@ def test_a_real_handshake_gives_the_peer_its_tags(tmp_path: Path) -> None:
     async def main() -> None:
         log = LogLines()
         with log.attached():
-            async with running_agent(sock_path, settings):
+            async with agent_with_workers(sock_path, settings, workers):
                 sulley, _ = await serve_one("sulley")
                 art, _ = await serve_one("art")
+        if workers:  # read, run and answered by a worker, not forwarded to the supervisor
+            assert sum("request handed to worker" in m for m in log.messages) == 2
         assert (sulley.status, sulley.reason) == (0, "")
         assert sulley.tags == ("ror-mu-chapter-manpage", "ror-mu-chapter")  # man.yml < tags.yml
         assert art.status == 0 and art.tags == ("can-design-student-materials",)

@@ -496,3 +496,21 @@ def test_service_status_costs_a_refused_asker_nothing(public_dir: Path) -> None:
             await service.close()
 
     run(main())
+
+
+def test_workers_refuse_a_status_request_with_a_descriptor(tmp_path: Path) -> None:
+    """With ``--workers 2`` a worker reads the STATUS and passes it on with what came with
+    it: a STATUS carrying a descriptor is EINVAL, as without workers, and nobody keeps the
+    descriptor; a plain one gets the report."""
+    with AgentProcess(tmp_path, "[ktlsd]\nworkers = 2\n") as agent:
+        a, b = tcp_pair()
+        with a, b:
+            answer = exchange_with_fd(agent.socket_path, encode_status_request(), a.fileno())
+            _, status, reason, _ = decode_status_answer(answer)
+            assert (status, reason) == (errno.EINVAL, "a STATUS request carries no descriptor")
+            a.close()
+            b.settimeout(30)
+            assert b.recv(16) == b""  # every copy of the passed socket is closed
+        report = status_json(agent.socket_path)
+        assert report["workers"]["configured"] == 2
+    assert agent.wait_exit() == 0

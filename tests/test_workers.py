@@ -35,6 +35,7 @@ import pytest
 from ktlsd.agent import Agent
 from ktlsd.client import key_update, submit
 from ktlsd.config import AgentConfig, ConfigError, config_from_keyfile, parse_key_file
+from ktlsd.errors import FailureCause, HandshakeError
 from ktlsd.request import (
     AuthMode,
     ConsumerCredentials,
@@ -54,9 +55,11 @@ from ktlsd.settings import (
 )
 from ktlsd.tls import ktls
 from ktlsd.tls.session import Role
-from ktlsd.upcall.service import HandshakeService
+from ktlsd.upcall.service import CancelEvent, HandshakeService, ServiceRequest
 from ktlsd.upcall.wire import connect_service, encode_submit, send_message
 from ktlsd.workers import (
+    _HEADER,
+    DROP,
     WorkerPool,
     decode_job,
     decode_settings,
@@ -81,7 +84,7 @@ from tests.test_request_contract import (
     engine_server,
 )
 from tests.test_request_contract import PSK as CONTRACT_PSK
-from tests.waiting import run
+from tests.waiting import await_until, run
 
 __all__ = ["public_dir"]  # the fixture, imported for the cross-uid test
 
@@ -615,3 +618,231 @@ def test_a_queued_request_read_by_a_worker_is_withdrawn_when_its_consumer_leaves
         assert len(agent.matching(r"request taken")) == 1
         assert {pid: fd_count(pid) for pid in pids} == baseline
     assert agent.wait_exit() == 0
+
+
+# --- cancellation and DROP on a busy channel ---------------------------------------------------
+
+
+def test_a_cancel_event_runs_a_callback_added_after_it_was_set() -> None:
+    async def main() -> None:
+        called: list[str] = []
+        event = CancelEvent()
+        event.add_callback(lambda: called.append("before"))
+        assert called == []
+        event.set()
+        assert called == ["before"]
+        event.add_callback(lambda: called.append("after"))  # already set: at once
+        assert called == ["before", "after"]
+
+    run(main())
+
+
+def test_a_consumer_leaving_while_its_job_waits_for_the_channel_reaches_the_worker() -> None:
+    """A service request's consumer leaves while the pool waits to send its JOB (another
+    send holds the channel): once the JOB is out, CANCEL follows; the worker answers at once
+    and lives on. (Missed, the pool would wait out the request's timeout, then kill the
+    worker.)"""
+
+    async def main() -> None:
+        pool = WorkerPool(1)
+        await pool.start()
+        worker = pool.workers[0]
+        assert worker is not None
+        a, b = tcp_pair()  # b never speaks: the handshake waits for its peer
+        item = ServiceRequest(request=client_request(a),
+                              credentials=ConsumerCredentials(os.getpid(), 0, 0))
+        try:
+            async with worker.send_lock:
+                task = asyncio.create_task(pool.handshake(item, AgentSettings(), 600))
+                while not worker.jobs:  # the job waits for the channel
+                    await asyncio.sleep(0)
+                item.cancelled.set()
+            with pytest.raises(HandshakeError) as caught:
+                await asyncio.wait_for(task, 30)
+            assert caught.value.cause is FailureCause.PEER_CLOSED, caught.value
+            assert "consumer cancelled the request" in caught.value.reason
+            assert not worker.gone and not worker.kill_reason
+            assert pool.pids == [worker.pid]
+        finally:
+            os.close(item.request.sockfd)
+            a.close()
+            b.close()
+            await pool.close()
+
+    run(main(), 60)
+
+
+def test_a_drop_on_a_full_channel_still_reaches_the_worker(tmp_path: Path) -> None:
+    """A worker reads a SUBMIT and reports ADMIT; the service refuses it (ESRCH: no agent) and
+    drops it at the worker while the channel to that worker is full (the worker stopped):
+    the DROP goes out once there is room, and the worker closes its copies of the service
+    connection and of the TCP socket (a lost DROP would leave them open for ever)."""
+    path = str(tmp_path / "handshake.sock")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pool = WorkerPool(1)
+        await pool.start()
+        worker = pool.workers[0]
+        assert worker is not None
+        service = HandshakeService(path)
+        await service.start()
+        pool.serve_service(service)
+        a, b = tcp_pair()
+        conn = await connect_service(path)
+        stopped = False
+        try:
+            # The ADMIT waits in the channel until this test lets the pool read it.
+            loop.remove_reader(worker.channel.fileno())
+            request = HandshakeRequest(
+                sockfd=-1, message_type=MessageType.CLIENTHELLO, auth_mode=AuthMode.PSK,
+                inline=InlineMaterial(psk_keys=(InlinePsk(b"d", PSK),)))
+            await send_message(conn, encode_submit(request), (a.fileno(),))
+            a.close()
+
+            def admitted() -> bool:
+                try:
+                    return bool(worker.channel.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+                except BlockingIOError:
+                    return False
+
+            await await_until(admitted, "the worker's ADMIT")
+            os.kill(worker.pid, signal.SIGSTOP)
+            stopped = True
+            filler = 1 << 40  # DROPs of connections nobody has: ignored by the worker
+            with pytest.raises(BlockingIOError):
+                while True:
+                    worker.channel.send(_HEADER.pack(DROP, 0, 0, 0, filler))
+                    filler += 1
+            pool._readable(worker)  # ADMIT -> ESRCH -> drop() on the full channel
+            loop.add_reader(worker.channel.fileno(), pool._readable, worker)
+            answer = await asyncio.wait_for(loop.sock_recv(conn, 4096), 10)
+            assert b"no handshake agent is serving requests" in answer
+            os.kill(worker.pid, signal.SIGCONT)
+            stopped = False
+            # The worker's copies closed too: the consumer's connection and the TCP peer end.
+            assert await asyncio.wait_for(loop.sock_recv(conn, 16), 30) == b""
+            b.setblocking(False)
+            assert await asyncio.wait_for(loop.sock_recv(b, 16), 30) == b""
+            assert not worker.gone and not worker.kill_reason
+        finally:
+            if stopped:
+                os.kill(worker.pid, signal.SIGCONT)
+            conn.close()
+            b.close()
+            await service.close()
+            await pool.close()
+
+    run(main(), 90)
+
+
+def test_requests_a_worker_read_count_as_service_connections(sock_path: str) -> None:
+    """``service_max_connections`` and the status report's connection count include the
+    connections of requests a worker read (queued or running there): with a cap of one, a
+    request running in a worker makes the next connection be dropped; once it is answered
+    the count is back to zero."""
+
+    async def main() -> None:
+        pool = WorkerPool(1)
+        await pool.start()
+        service = HandshakeService(sock_path, limits=ServiceLimits(
+            max_connections=1, uid_max_in_flight=10, uid_max_pending=10,
+            uid_max_connections=10))
+        await service.start()
+        pool.serve_service(service)
+        agent = Agent(AgentSettings(), [service], runner=pool)
+        task = asyncio.create_task(agent.run())
+        relay = GatedRelay()
+        try:
+            a, b = await relay.connect()
+            peer = asyncio.create_task(engine_server(b))
+            first = asyncio.create_task(submit(
+                a, role="client", auth="psk", psk=[(IDENTITY, CONTRACT_PSK)],
+                service_path=sock_path, timeout=30))
+            await await_until(lambda: service.in_flight == 1, "the first request running")
+            assert service.connections == 1
+            c, d = tcp_pair()
+            with c, d:
+                second = await submit(c, role="client", auth="psk", psk=[("over", PSK)],
+                                      service_path=sock_path, timeout=10)
+            assert second.status != 0, second
+            assert service.refused() == {"dropped": 1}
+            relay.open()
+            done = await first
+            assert done.status == 0, done.reason
+            await peer
+            await await_until(lambda: service.connections == 0, "the count back to zero")
+            a.close()
+            b.close()
+        finally:
+            await relay.aclose()
+            await agent.stop()
+            await asyncio.wait_for(task, 30)
+            await service.close()
+            await pool.close()
+
+    run(main(), 90)
+
+
+def test_a_silent_connection_read_by_a_worker_is_logged(tmp_path: Path) -> None:
+    """A consumer that connects and sends nothing within ``submit_timeout_ms`` is logged as
+    without workers ("sent no request"), by the worker that read it; one that connects and
+    leaves is not."""
+    config = "[ktlsd]\nworkers = 2\nsubmit_timeout_ms = 300\n"
+    with AgentProcess(tmp_path, config) as agent:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as left:
+            left.connect(agent.socket_path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as silent:
+            silent.connect(agent.socket_path)
+            silent.settimeout(30)
+            assert silent.recv(16) == b""  # closed once the submit timeout has passed
+        [line] = agent.wait_for(r"worker \d: service: pid \d+ uid \d+ sent no request")
+        assert f"pid {os.getpid()} uid {os.getuid()} sent no request" in line
+        assert len(agent.matching(r"sent no request")) == 1
+    assert agent.wait_exit() == 0
+
+
+def test_requests_queued_on_a_worker_that_dies_are_answered_and_forgotten(
+        sock_path: str) -> None:
+    """One worker reads two requests of a uid that may run one at a time: the first runs
+    there, the second waits in the supervisor's queue. The worker is killed: both are
+    answered EIO naming it (the queued one when the agent takes it), and the pool keeps no
+    record of either afterwards."""
+
+    async def main() -> None:
+        pool = WorkerPool(1)
+        await pool.start()
+        worker = pool.workers[0]
+        assert worker is not None
+        service = HandshakeService(sock_path, limits=ServiceLimits(
+            uid_max_in_flight=1, uid_max_pending=10, uid_max_connections=10))
+        await service.start()
+        pool.serve_service(service)
+        agent = Agent(AgentSettings(), [service], runner=pool)
+        task = asyncio.create_task(agent.run())
+        relay = GatedRelay()
+        try:
+            ends = [await relay.connect() for _ in range(2)]
+            answers = [asyncio.create_task(submit(
+                a, role="client", auth="psk", psk=[(f"lost-{i}", PSK)],
+                service_path=sock_path, timeout=30)) for i, (a, _) in enumerate(ends)]
+            await await_until(lambda: service.in_flight == 1 and service.pending == 1,
+                              "one request running, one queued")
+            os.kill(worker.pid, signal.SIGKILL)
+            dones = await asyncio.gather(*answers)
+            assert [d.status for d in dones] == [errno.EIO, errno.EIO], dones
+            assert all(f"(pid {worker.pid}) was killed by signal 9" in d.reason
+                       for d in dones), [d.reason for d in dones]
+            assert pool._lost_fronts == {} and pool._fronts == {}
+            await await_until(lambda: service.connections == 0, "every connection closed")
+            for a, b in ends:
+                a.close()
+                b.close()
+        finally:
+            await relay.aclose()
+            await agent.stop()
+            await asyncio.wait_for(task, 30)
+            await service.close()
+            await pool.close()
+
+    run(main(), 90)

@@ -166,6 +166,11 @@ class CancelEvent(asyncio.Event):
             callback()
 
     def add_callback(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once when the event is set: at once when it already is (a
+        consumer that left before the waiter came is not missed)."""
+        if self.is_set():
+            callback()
+            return
         self._callbacks.append(callback)
 
     def remove_callback(self, callback: Callable[[], None]) -> None:
@@ -326,6 +331,7 @@ class HandshakeService:
         self._handed: dict[int, tuple[socket.socket, ConsumerCredentials]] = {}
         self._watched: set[ServiceRequest] = set()  # front-read requests' connections
         self._reading: set[ServiceRequest] = set()  # ... with a reader registered
+        self._answering: set[asyncio.Task[None]] = set()  # ... answered when there is room
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._consumers = 0
@@ -374,8 +380,9 @@ class HandshakeService:
 
     @property
     def connections(self) -> int:
-        """Service connections open now (waiting, queued or in flight)."""
-        return len(self._connections)
+        """Service connections open now (waiting, queued or in flight): those this process
+        serves, those a front is reading and those of requests a front read (each once)."""
+        return len(self._connections) + len(self._handed) + len(self._watched)
 
     def refused(self) -> dict[str, int]:
         """Requests refused before the agent took them, by the status they got (errno
@@ -464,7 +471,7 @@ class HandshakeService:
                 await asyncio.sleep(0.05)  # EMFILE and friends: do not spin
                 continue
             conn.setblocking(False)
-            if len(self._connections) + len(self._handed) >= self.limits.max_connections:
+            if self.connections >= self.limits.max_connections:
                 self.counters["overloaded"] += 1
                 log.warning("service: too many connections (%d), dropping one",
                             self.limits.max_connections)
@@ -495,6 +502,12 @@ class HandshakeService:
     def unread(self, front_id: int) -> bool:
         """Whether a front still reads the connection ``front_id`` (no SUBMIT reported)."""
         return front_id in self._handed
+
+    def front_requests(self) -> set[int]:
+        """The front ids of the requests a front read that are still queued or in flight
+        here (each will reach the agent or :meth:`ServiceFront.drop`)."""
+        return {item.front_id for item in self._watched
+                if item.front_id is not None and item._state is not _State.FINISHED}
 
     def _from_front(self, front_id: int) -> tuple[socket.socket, ConsumerCredentials] | None:
         return self._handed.pop(front_id, None)
@@ -576,10 +589,12 @@ class HandshakeService:
                 asyncio.get_running_loop().remove_reader(item._conn.fileno())
 
     def _unwatch(self, item: ServiceRequest) -> None:
-        """Stop watching a front-read request's connection and close our copy (once)."""
+        """Stop watching a front-read request's connection and close our copy (once); the
+        front forgets the request too (:meth:`ServiceFront.drop` again is harmless)."""
         if item not in self._watched:
             return
         self._watched.discard(item)
+        self._drop_at_front(item)
         self._stop_reading(item)
         assert item._conn is not None
         item._conn.close()
@@ -594,13 +609,16 @@ class HandshakeService:
         except (BlockingIOError, InterruptedError):  # rare: finish in a task
             async def later() -> None:
                 assert item._conn is not None
-                await _try_send(item._conn, message)
-                self._unwatch(item)
+                try:
+                    await _try_send(item._conn, message)
+                finally:
+                    self._unwatch(item)
 
+            # The item stays watched (counted, waited for by wait_closed) until later()
+            # has sent; the task is only kept alive here.
             task = asyncio.get_running_loop().create_task(later())
-            self._connections[task] = item.credentials.uid
-            self._connections_by_uid[item.credentials.uid] += 1  # balanced by the task's end
-            task.add_done_callback(self._connection_ended)
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
             return
         except OSError:
             pass
