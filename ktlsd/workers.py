@@ -281,7 +281,8 @@ class WorkerStartError(RuntimeError):
 
 
 def encode_settings(settings: AgentSettings) -> bytes:
-    """The settings as JSON (plain values only: paths, numbers, names; never a secret)."""
+    """The settings as JSON (plain values: paths, numbers, names; the one secret that can be
+    there, a ``pin-value`` in a ``pkcs11:`` key URI, crosses only this root-only channel)."""
     return json.dumps(dataclasses.asdict(settings), separators=(",", ":")).encode()
 
 

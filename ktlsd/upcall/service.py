@@ -1064,6 +1064,8 @@ def _check_not_served(path: str) -> None:
     finally:
         probe.close()
     raise FileExistsError(f"another ktlsd is already listening on {path}")
+
+
 def check_submit_envelope(data: bytes, fds: list[int], flags: int) -> None:
     """A SUBMIT's size and descriptor checks, before any attribute is parsed (raises
     :class:`~ktlsd.upcall.wire.ServiceFormatError`). The descriptor is inspected in place and
