@@ -95,10 +95,10 @@ MAX_WORKERS = 256
 DEFAULT_WORKERS = 1
 """Handshake worker processes (``[ktlsd] workers``, ``ktlsd run --workers N``): ``auto``
 (:data:`WORKERS_AUTO`) is one per CPU; 0 or 1 runs every handshake in the agent's own process,
-as a single process (see :func:`worker_processes`). The default is 1: on the 2-CPU machines
-measured so far two workers were 1.09x one process for x509 and 0.81x for PSK (the
-supervisor's share per request and the extra hop cost more than the second CPU gave), and
-each idle worker costs ~20 MiB (docs/benchmarks.md, "Workers")."""
+as a single process (see :func:`worker_processes`). The default is 1: on the 2-CPU machine
+measured so far two workers were 1.43x one process for x509 but 1.17x for PSK (the hop to a
+worker costs ~0.4 ms per PSK handshake), and each idle worker costs ~20 MiB
+(docs/benchmarks.md, "Handshake service with workers")."""
 
 
 def parse_workers(text: str) -> int:
