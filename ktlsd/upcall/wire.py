@@ -14,7 +14,9 @@ Transport and lifecycle
   logs each consumer's pid/uid/gid (``SO_PEERCRED``).
 * **One connection carries one request.** The consumer connects and sends one SUBMIT with its
   connected TCP socket as the message's only ``SCM_RIGHTS`` descriptor; the service answers
-  one DONE and closes the connection.
+  one DONE and closes the connection. The first DONE is the answer: a consumer reads one
+  message (with ``--workers``, a worker that dies between sending a success DONE and
+  reporting it can leave a second, EIO, behind it; see :mod:`ktlsd.workers`).
 * Closing the connection before DONE cancels the request, and so does sending anything after
   SUBMIT (the service then sends nothing). A consumer that sends no SUBMIT within 2 s is
   disconnected without an answer; so is one connecting while 1,024 connections are open.
