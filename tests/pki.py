@@ -290,3 +290,17 @@ class Authority:
         path = self.directory / (name or f"{self.slug}-{next(_counter)}.crl")
         path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
         return path
+
+
+def self_signed(directory: Path, cn: str = "localhost") -> tuple[str, str]:
+    """A self-signed ECDSA P-256 certificate (``CN=cn``, no SAN) and its key as PEM files, made
+    by the openssl CLI, for peers that use it as its own trust anchor: (cert path, key path)."""
+    import subprocess
+
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={cn}"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(cert), str(key)

@@ -20,6 +20,7 @@ from ktlsd.tls import policy
 from ktlsd.tls.session import CipherSuite
 from tests.cli_peers import Proc, ktlsd
 from tests.peers import openssl_client, openssl_server
+from tests.pki import self_signed
 
 AES128, AES256, CHACHA = (CipherSuite.TLS_AES_128_GCM_SHA256, CipherSuite.TLS_AES_256_GCM_SHA384,
                           CipherSuite.TLS_CHACHA20_POLY1305_SHA256)
@@ -153,7 +154,7 @@ def test_narrowing_the_system_suites_narrows_what_connect_offers(tmp_path: Path)
 def test_connect_and_listen_negotiate_within_the_policy_with_openssl(tmp_path: Path) -> None:
     """openssl s_server / s_client run with the machine's configuration (all suites)."""
     conf = openssl_conf(tmp_path, Ciphersuites="TLS_CHACHA20_POLY1305_SHA256")
-    cert, key = _certificate(tmp_path)
+    cert, key = self_signed(tmp_path)
     # A server that takes AES-128 only: ktlsd offers no suite it has.
     with openssl_server("-cert", cert, "-key", key, "-ciphersuites",
                         "TLS_AES_128_GCM_SHA256", "-naccept", "1") as server:
@@ -182,15 +183,6 @@ def test_connect_and_listen_negotiate_within_the_policy_with_openssl(tmp_path: P
                     assert "handshake failed" in listen.stderr_text
 
 
-def _certificate(tmp: Path) -> tuple[str, str]:
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj",
-         "/CN=localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return str(cert), str(key)
 
 
 def test_narrowing_the_system_groups_narrows_what_connect_offers(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from ktlsd.tls.keylog import KeyLogError, KeyLogFile, key_log_from_environment
 from tests.agent_helpers import AgentProcess, find_secrets, parse_handshake_line, tcp_pair
 from tests.cli_peers import Proc, ktlsd
 from tests.peers import free_port
+from tests.pki import self_signed
 from tests.processes import ChildProcess
 from tests.waiting import run, wait_listening, wait_until
 
@@ -40,15 +41,6 @@ SERVER_PAYLOAD = b"server says: jumps over the lazy dog 0815\n"
 PSK_256 = bytes.fromhex("5a17" * 16)
 
 
-def _certificate(tmp: Path) -> tuple[str, str]:
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj",
-         "/CN=localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return str(cert), str(key)
 
 
 def _connect(port: int, key_log: Path | None, *args: str) -> Proc:
@@ -106,7 +98,7 @@ def capture(tmp_path_factory: pytest.TempPathFactory) -> Capture:
     if reason:
         pytest.skip(reason)
     tmp = tmp_path_factory.mktemp("capture")
-    cert, key = _certificate(tmp)
+    cert, key = self_signed(tmp)
     port = free_port()
     pcap, key_log = tmp / "session.pcapng", tmp / "keys.log"
     dumpcap = ChildProcess(
@@ -176,7 +168,7 @@ def test_without_the_key_log_tshark_sees_no_plaintext(capture: Capture) -> None:
 def test_listen_and_connect_both_log_and_key_updates_add_generations(tmp_path: Path) -> None:
     """Both ends log the same session (same client random and secrets); the client's 3
     KeyUpdates (each asking the server to update too) add the _1.._3 lines."""
-    cert, key = _certificate(tmp_path)
+    cert, key = self_signed(tmp_path)
     server_log, client_log = tmp_path / "server.keys", tmp_path / "client.keys"
     listen = Proc(["env", f"SSLKEYLOGFILE={server_log}",
                    *ktlsd("listen", "127.0.0.1:0", "--cert", cert, "--key", key)],
