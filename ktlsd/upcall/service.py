@@ -562,18 +562,8 @@ class HandshakeService:
         if received is None:
             return
         data, fds, _ = received
-        for fd in fds:
-            _close_fd(fd)
         self._unwatch(item)
-        if item._state is _State.FINISHED:
-            return
-        why = "disconnected" if not data else "sent a second message"
-        log.info("service: pid %d %s: request cancelled (%s)", item.credentials.pid, why,
-                 item._state.value)
-        self.counters["cancelled"] += 1
-        if item._state is _State.QUEUED:
-            self._withdraw(item)
-        item.cancelled.set()
+        self._consumer_moved(item, data, fds)
 
     def hand_watch_to_front(self, item: ServiceRequest) -> None:
         """The front runs ``item`` from now on and watches the consumer itself (it answers
@@ -806,6 +796,13 @@ class HandshakeService:
             raise
         except OSError:
             data, fds = b"", []
+        self._consumer_moved(item, data, fds)
+
+    def _consumer_moved(self, item: ServiceRequest, data: bytes, fds: list[int]) -> None:
+        """The consumer of a request left (``data`` empty) or sent more after its SUBMIT
+        (``fds``: what came with it, closed here): the request is cancelled unless it was
+        answered already. Queued, it is withdrawn; in flight, the agent still owns the
+        socket, and done() releases it and sends nothing."""
         for fd in fds:
             _close_fd(fd)
         if item._state is _State.FINISHED:
@@ -817,7 +814,6 @@ class HandshakeService:
         if item._state is _State.QUEUED:
             self._withdraw(item)
         item.cancelled.set()
-        # IN_FLIGHT: the agent still owns the fd; done() releases it and sends nothing.
 
     # -- the queue ---------------------------------------------------------------------
 
