@@ -11,11 +11,9 @@ wire. kTLS TX is covered by the VM scenario ``record-size-limit``; tlsfuzzer's
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -31,67 +29,18 @@ from ktlsd.tls.protocol import AlertDescription
 from ktlsd.tls.record import AlertReceived, UserRecordLayer
 from ktlsd.tls.session import CipherSuite, Role, Session
 from ktlsd.upcall.wire import decode_done_message, encode_done_message
+from testbed.scenarios.tls_wire import RecordingRelay, record_list
 from tests.peers import GNUTLS_TLS13_PSK, gnutls_server, openssl_server
 
 IDENTITY = b"rsl-peer"
 KEY = bytes(range(32))
 PAYLOAD = 64 * 1024
 TAG = 16
-HEADER = struct.Struct(">BHH")
-
-
-class Relay:
-    """Forward bytes between ``near`` (ktlsd's socket) and a peer; keep both directions."""
-
-    def __init__(self) -> None:
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.ktlsd_end = socket.create_connection(listener.getsockname())
-        near, _ = listener.accept()
-        self.peer_end = socket.create_connection(listener.getsockname())
-        far, _ = listener.accept()
-        listener.close()
-        self._sockets = [near, far]
-        self.from_ktlsd = bytearray()
-        self.from_peer = bytearray()
-        self._threads = [
-            threading.Thread(target=self._pump, args=(near, far, self.from_ktlsd), daemon=True),
-            threading.Thread(target=self._pump, args=(far, near, self.from_peer), daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, copy: bytearray) -> None:
-        try:
-            while data := src.recv(65536):
-                copy += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        for sock in (self.ktlsd_end, self.peer_end):
-            sock.close()
-        for thread in self._threads:
-            thread.join(10)
-        for sock in self._sockets:
-            sock.close()
 
 
 def protected_lengths(stream: bytes) -> list[int]:
     """Lengths of the protected (type 23) records in a captured stream, which must parse."""
-    lengths = []
-    offset = 0
-    while offset < len(stream):
-        kind, _version, length = HEADER.unpack_from(stream, offset)
-        offset += HEADER.size + length
-        if kind == 23:
-            lengths.append(length)
-    assert offset == len(stream), "captured stream ends inside a record"
-    return lengths
+    return [length for kind, length in record_list(stream) if kind == 23]
 
 
 def tlslite_settings(limit: int | None) -> HandshakeSettings:
@@ -115,16 +64,16 @@ def ktlsd_config(role: Role, limit: int | None = None) -> TlsConfig:
 
 def exchange_with_tlslite(
     ktlsd_role: Role, *, peer_limit: int | None, our_limit: int | None
-) -> tuple[Session, Relay, dict[str, object]]:
+) -> tuple[Session, RecordingRelay, dict[str, object]]:
     """Handshake ktlsd (user record layer) with tlslite-ng through a relay; each side sends
     :data:`PAYLOAD` random bytes, tlslite-ng first, and checks what it gets."""
-    relay = Relay()
+    relay = RecordingRelay()
     peer_data, our_data = os.urandom(PAYLOAD), os.urandom(PAYLOAD)
     result: dict[str, object] = {}
 
     def tlslite_side() -> None:
         try:
-            tls = TLSConnection(relay.peer_end)
+            tls = TLSConnection(relay.far_end)
             settings = tlslite_settings(peer_limit)
             if ktlsd_role is Role.SERVER:
                 tls.handshakeClientCert(settings=settings)
@@ -141,8 +90,8 @@ def exchange_with_tlslite(
 
     thread = threading.Thread(target=tlslite_side)
     thread.start()
-    session = handshake_blocking(relay.ktlsd_end, ktlsd_config(ktlsd_role, our_limit), timeout=10)
-    conn = TlsConnection(UserRecordLayer(relay.ktlsd_end, session), session)
+    session = handshake_blocking(relay.near_end, ktlsd_config(ktlsd_role, our_limit), timeout=10)
+    conn = TlsConnection(UserRecordLayer(relay.near_end, session), session)
     got = bytearray()
     while len(got) < PAYLOAD:
         data = conn.recv(65536)
@@ -165,12 +114,12 @@ def test_peer_limit_caps_every_record_we_send(ktlsd_role: Role) -> None:
         assert session.peer_record_size_limit == 256
         assert session.record_size_limit == 2**14 + 1  # negotiated: both sent one
         assert session.max_send_fragment == 255
-        ours = protected_lengths(bytes(relay.from_ktlsd))
+        ours = protected_lengths(bytes(relay.from_near))
         # 64 KiB of data at most 255 bytes per record, and no record above the limit.
         assert max(ours) - TAG <= 256
         assert len(ours) >= PAYLOAD // 255
         # Control: tlslite-ng was free to send full-size records to us, and did.
-        assert max(protected_lengths(bytes(relay.from_peer))) - TAG == 2**14 + 1
+        assert max(protected_lengths(bytes(relay.from_far))) - TAG == 2**14 + 1
     finally:
         relay.close()
 
@@ -180,10 +129,10 @@ def test_our_advertised_limit_is_honoured_by_the_peer() -> None:
     try:
         assert session.record_size_limit == 512
         assert session.peer_record_size_limit == 2**14 + 1
-        theirs = protected_lengths(bytes(relay.from_peer))
+        theirs = protected_lengths(bytes(relay.from_far))
         assert max(theirs) - TAG <= 512
         assert len(theirs) >= PAYLOAD // 511
-        assert max(protected_lengths(bytes(relay.from_ktlsd))) - TAG == 2**14 + 1
+        assert max(protected_lengths(bytes(relay.from_near))) - TAG == 2**14 + 1
     finally:
         relay.close()
 
@@ -194,7 +143,7 @@ def test_peer_without_the_extension_changes_nothing() -> None:
         # tlslite-ng sent none, so our server sent none: nothing negotiated either way.
         assert session.peer_record_size_limit is None and session.record_size_limit is None
         assert session.max_send_fragment == 2**14 and session.max_recv_inner == 2**14 + 1
-        assert max(protected_lengths(bytes(relay.from_ktlsd))) - TAG == 2**14 + 1
+        assert max(protected_lengths(bytes(relay.from_near))) - TAG == 2**14 + 1
     finally:
         relay.close()
 
@@ -400,7 +349,7 @@ class PortRelay:
         server = socket.create_connection(("127.0.0.1", self._target))
         self._sockets += [client, server]
         for args in ((client, server, self.from_client), (server, client, self.from_server)):
-            thread = threading.Thread(target=Relay._pump, args=args, daemon=True)
+            thread = threading.Thread(target=RecordingRelay._pump, args=args, daemon=True)
             thread.start()
             self._threads.append(thread)
 

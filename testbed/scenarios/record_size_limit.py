@@ -22,83 +22,24 @@ ktlsd on kTLS with the default (16,385). Three connections:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import socket
-import struct
 import sys
 import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from testbed.scenarios.common import Scenario, ScenarioFailed, modprobe
+from testbed.scenarios.tls_wire import RecordingRelay, record_list
 
 SMALL_LIMIT = 256
 PAYLOAD = 64 * 1024
 TAG = 16
 IDENTITY = b"record-size-limit"
-HEADER = struct.Struct(">BHH")
-
-
-class Relay:
-    """Forward bytes between two TCP connections and keep what went each way."""
-
-    def __init__(self) -> None:
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.kernel_end = socket.create_connection(listener.getsockname())
-        self._near, _ = listener.accept()
-        self.user_end = socket.create_connection(listener.getsockname())
-        self._far, _ = listener.accept()
-        listener.close()
-        self.from_kernel = bytearray()
-        self.from_user = bytearray()
-        self._threads = [
-            threading.Thread(target=self._pump, args=(self._near, self._far, self.from_kernel)),
-            threading.Thread(target=self._pump, args=(self._far, self._near, self.from_user)),
-        ]
-        for thread in self._threads:
-            thread.daemon = True
-            thread.start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, copy: bytearray) -> None:
-        try:
-            while data := src.recv(65536):
-                copy += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        for sock in (self.kernel_end, self.user_end):
-            sock.close()
-        for thread in self._threads:
-            thread.join(10)
-        for sock in (self._near, self._far):
-            sock.close()
-
-
-def records(stream: bytes) -> list[tuple[int, int]]:
-    """(content type, length) of every record in ``stream``; raises if it does not parse."""
-    out = []
-    offset = 0
-    while offset < len(stream):
-        if len(stream) - offset < HEADER.size:
-            raise ScenarioFailed(f"captured stream ends inside a record header at {offset}")
-        kind, _version, length = HEADER.unpack_from(stream, offset)
-        offset += HEADER.size + length
-        if offset > len(stream):
-            raise ScenarioFailed("captured stream ends inside a record")
-        out.append((kind, length))
-    return out
 
 
 def handshake_pair(
-    relay: Relay, *, kernel_role: str, peer_limit: int | None
+    relay: RecordingRelay, *, kernel_role: str, peer_limit: int | None
 ):  # type: ignore[no-untyped-def]
     """Handshake between the kTLS end (default limit) and the small peer (``peer_limit``)."""
     from ktlsd.tls.handshake import PskKey, TlsConfig, handshake_blocking
@@ -121,13 +62,13 @@ def handshake_pair(
 
     def run_peer() -> None:
         try:
-            result["peer"] = handshake_blocking(relay.user_end, config(peer, **extra), timeout=20)
+            result["peer"] = handshake_blocking(relay.far_end, config(peer, **extra), timeout=20)
         except BaseException as exc:
             result["peer_error"] = exc
 
     thread = threading.Thread(target=run_peer)
     thread.start()
-    mine = handshake_blocking(relay.kernel_end, config(kernel), timeout=20)
+    mine = handshake_blocking(relay.near_end, config(kernel), timeout=20)
     thread.join(30)
     if "peer_error" in result:
         raise ScenarioFailed(f"small peer's handshake failed: {result['peer_error']}")
@@ -147,9 +88,9 @@ def receive_all(conn, nbytes: int, out: dict[str, object]) -> None:  # type: ign
     out["data"] = bytes(got)
 
 
-def check_wire(sc: Scenario, label: str, relay: Relay, limit: int) -> int:
+def check_wire(sc: Scenario, label: str, relay: RecordingRelay, limit: int) -> int:
     """Check every protected record the kTLS end sent; return the largest inner plaintext."""
-    protected = [length for kind, length in records(bytes(relay.from_kernel)) if kind == 23]
+    protected = [length for kind, length in record_list(bytes(relay.from_near)) if kind == 23]
     largest = max(protected) - TAG
     sc.figure(f"{label}_records_from_ktls", len(protected))
     sc.figure(f"{label}_largest_inner_plaintext", largest)
@@ -165,14 +106,14 @@ def kernel_layer(sc: Scenario, *, peer_limit: int | None) -> tuple[int, int]:
 
     label = "kernel_layer" if peer_limit else "control"
     expected = peer_limit or 2**14 + 1
-    relay = Relay()
+    relay = RecordingRelay()
     sc.cleanup(relay.close)
     mine, theirs = handshake_pair(relay, kernel_role="client", peer_limit=peer_limit)
     sc.check(mine.peer_record_size_limit == expected,
              f"{label}: session reports the peer's limit {expected}")  # fmt: skip
-    sender = TlsConnection(KernelRecordLayer(relay.kernel_end, mine), mine)
-    cap = ktls.read_tx_max_payload(relay.kernel_end)
-    receiver = TlsConnection(UserRecordLayer(relay.user_end, theirs), theirs)
+    sender = TlsConnection(KernelRecordLayer(relay.near_end, mine), mine)
+    cap = ktls.read_tx_max_payload(relay.near_end)
+    receiver = TlsConnection(UserRecordLayer(relay.far_end, theirs), theirs)
     data = os.urandom(PAYLOAD)
     out: dict[str, object] = {}
     reader = threading.Thread(target=receive_all, args=(receiver, PAYLOAD, out))
@@ -194,19 +135,19 @@ def agent_install(sc: Scenario) -> tuple[int, int]:
     from ktlsd.tls.connection import TlsConnection
     from ktlsd.tls.record import UserRecordLayer
 
-    relay = Relay()
+    relay = RecordingRelay()
     sc.cleanup(relay.close)
     mine, theirs = handshake_pair(relay, kernel_role="server", peer_limit=SMALL_LIMIT)
     sc.check(mine.peer_record_size_limit == SMALL_LIMIT,
              "agent-install: session reports the client's limit")  # fmt: skip
-    _install_ktls(relay.kernel_end, mine)
-    cap = ktls.read_tx_max_payload(relay.kernel_end)
-    receiver = TlsConnection(UserRecordLayer(relay.user_end, theirs), theirs)
+    _install_ktls(relay.near_end, mine)
+    cap = ktls.read_tx_max_payload(relay.near_end)
+    receiver = TlsConnection(UserRecordLayer(relay.far_end, theirs), theirs)
     data = os.urandom(PAYLOAD)
     out: dict[str, object] = {}
     reader = threading.Thread(target=receive_all, args=(receiver, PAYLOAD, out))
     reader.start()
-    relay.kernel_end.sendall(data)  # what a kernel consumer does: plain writes on kTLS
+    relay.near_end.sendall(data)  # what a kernel consumer does: plain writes on kTLS
     reader.join(60)
     if "error" in out:
         raise ScenarioFailed(f"agent-install: small peer failed: {out['error']}")

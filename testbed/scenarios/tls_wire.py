@@ -20,6 +20,7 @@ is not a well-formed hello.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -476,3 +477,64 @@ def pcap_ipv4_packets(data: bytes) -> list[bytes]:
         if ethertype == b"\x08\x00" and len(frame) > skip:
             packets.append(frame[skip:])
     return packets
+
+
+_RECORD_HEADER = struct.Struct(">BHH")
+
+
+def record_list(stream: bytes) -> list[tuple[int, int]]:
+    """(content type, length) of every TLS record in a captured stream; :class:`WireError` if
+    the stream does not end on a record boundary."""
+    out = []
+    offset = 0
+    while offset < len(stream):
+        if len(stream) - offset < _RECORD_HEADER.size:
+            raise WireError(f"captured stream ends inside a record header at {offset}")
+        kind, _version, length = _RECORD_HEADER.unpack_from(stream, offset)
+        offset += _RECORD_HEADER.size + length
+        if offset > len(stream):
+            raise WireError("captured stream ends inside a record")
+        out.append((kind, length))
+    return out
+
+
+class RecordingRelay:
+    """Two connected TCP ends, ``near_end`` and ``far_end``, joined through a relay that keeps
+    every byte each way (``from_near``, ``from_far``): what went on the wire between them."""
+
+    def __init__(self) -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.near_end = socket.create_connection(listener.getsockname())
+        near, _ = listener.accept()
+        self.far_end = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+        listener.close()
+        self._sockets = [near, far]
+        self.from_near = bytearray()
+        self.from_far = bytearray()
+        self._threads = [
+            threading.Thread(target=self._pump, args=(near, far, self.from_near), daemon=True),
+            threading.Thread(target=self._pump, args=(far, near, self.from_far), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, copy: bytearray) -> None:
+        try:
+            while data := src.recv(65536):
+                copy += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        for sock in (self.near_end, self.far_end):
+            sock.close()
+        for thread in self._threads:
+            thread.join(10)
+        for sock in self._sockets:
+            sock.close()
