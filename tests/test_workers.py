@@ -27,6 +27,7 @@ import re
 import signal
 import socket
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -459,16 +460,11 @@ def test_kernel_style_requests_keep_their_slots_with_workers(sock_path: str) -> 
     with_ktls = ktls.probe().usable
 
     async def main() -> None:
-        pool = WorkerPool(2)
-        await pool.start()
-        service = HandshakeService(sock_path, limits=ServiceLimits(
-            uid_max_in_flight=100, uid_max_pending=100, uid_max_connections=100))
-        await service.start()
         kernel = ThirdSource()
-        agent = Agent(AgentSettings(max_concurrent=2), [service, kernel], runner=pool)
-        task = asyncio.create_task(agent.run())
-        relay = GatedRelay()
-        try:
+        limits = ServiceLimits(uid_max_in_flight=100, uid_max_pending=100,
+                               uid_max_connections=100)
+        async with in_process_agent(2, sock_path, limits, AgentSettings(max_concurrent=2),
+                                    kernel, front=False) as (_pool, service, relay):
             stalled = []
             for i in range(2):
                 a, far = await relay.connect()
@@ -500,14 +496,35 @@ def test_kernel_style_requests_keep_their_slots_with_workers(sock_path: str) -> 
             for a, _, waiting in stalled:
                 assert (await waiting).status == errno.ETIMEDOUT
                 a.close()
-        finally:
-            await relay.aclose()
-            await agent.stop()
-            await asyncio.wait_for(task, 30)
-            await service.close()
-            await pool.close()
 
     run(main(), 120)
+
+
+@contextlib.asynccontextmanager
+async def in_process_agent(
+    workers: int, sock_path: str, limits: ServiceLimits,
+    settings: AgentSettings | None = None, *extra_sources: Any, front: bool = True,
+) -> AsyncIterator[tuple[WorkerPool, HandshakeService, GatedRelay]]:
+    """The agent in this process with a pool of real workers and the handshake service
+    (``front``: the workers read its requests), and a relay for the TCP pairs; all of it
+    stopped and closed at the end."""
+    pool = WorkerPool(workers)
+    await pool.start()
+    service = HandshakeService(sock_path, limits=limits)
+    await service.start()
+    if front:
+        pool.serve_service(service)
+    agent = Agent(settings or AgentSettings(), [service, *extra_sources], runner=pool)
+    task = asyncio.create_task(agent.run())
+    relay = GatedRelay()
+    try:
+        yield pool, service, relay
+    finally:
+        await relay.aclose()
+        await agent.stop()
+        await asyncio.wait_for(task, 30)
+        await service.close()
+        await pool.close()
 
 
 # --- service requests read by the workers -----------------------------------------------------
@@ -743,17 +760,9 @@ def test_requests_a_worker_read_count_as_service_connections(sock_path: str) -> 
     the count is back to zero."""
 
     async def main() -> None:
-        pool = WorkerPool(1)
-        await pool.start()
-        service = HandshakeService(sock_path, limits=ServiceLimits(
-            max_connections=1, uid_max_in_flight=10, uid_max_pending=10,
-            uid_max_connections=10))
-        await service.start()
-        pool.serve_service(service)
-        agent = Agent(AgentSettings(), [service], runner=pool)
-        task = asyncio.create_task(agent.run())
-        relay = GatedRelay()
-        try:
+        limits = ServiceLimits(max_connections=1, uid_max_in_flight=10, uid_max_pending=10,
+                               uid_max_connections=10)
+        async with in_process_agent(1, sock_path, limits) as (_pool, service, relay):
             a, b = await relay.connect()
             peer = asyncio.create_task(engine_server(b))
             first = asyncio.create_task(submit(
@@ -774,12 +783,6 @@ def test_requests_a_worker_read_count_as_service_connections(sock_path: str) -> 
             await await_until(lambda: service.connections == 0, "the count back to zero")
             a.close()
             b.close()
-        finally:
-            await relay.aclose()
-            await agent.stop()
-            await asyncio.wait_for(task, 30)
-            await service.close()
-            await pool.close()
 
     run(main(), 90)
 
@@ -810,18 +813,10 @@ def test_requests_queued_on_a_worker_that_dies_are_answered_and_forgotten(
     record of either afterwards."""
 
     async def main() -> None:
-        pool = WorkerPool(1)
-        await pool.start()
-        worker = pool.workers[0]
-        assert worker is not None
-        service = HandshakeService(sock_path, limits=ServiceLimits(
-            uid_max_in_flight=1, uid_max_pending=10, uid_max_connections=10))
-        await service.start()
-        pool.serve_service(service)
-        agent = Agent(AgentSettings(), [service], runner=pool)
-        task = asyncio.create_task(agent.run())
-        relay = GatedRelay()
-        try:
+        limits = ServiceLimits(uid_max_in_flight=1, uid_max_pending=10, uid_max_connections=10)
+        async with in_process_agent(1, sock_path, limits) as (pool, service, relay):
+            worker = pool.workers[0]
+            assert worker is not None
             ends = [await relay.connect() for _ in range(2)]
             answers = [asyncio.create_task(submit(
                 a, role="client", auth="psk", psk=[(f"lost-{i}", PSK)],
@@ -838,11 +833,5 @@ def test_requests_queued_on_a_worker_that_dies_are_answered_and_forgotten(
             for a, b in ends:
                 a.close()
                 b.close()
-        finally:
-            await relay.aclose()
-            await agent.stop()
-            await asyncio.wait_for(task, 30)
-            await service.close()
-            await pool.close()
 
     run(main(), 90)
