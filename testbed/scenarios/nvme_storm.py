@@ -5,7 +5,8 @@ Not in the default scenario list; run on demand with more RAM and as many vCPUs 
 has free cores, e.g. ``python -m testbed.run --scenario nvme-storm --vcpus 2 --memory 16G
 --scenario-timeout 1500 --timeout 1600`` on a 2-core host. Under TCG a vCPU whose host thread
 is descheduled still counts as busy in the guest, so more vCPUs than host cores inflate the CPU
-of whichever agent runs more at once (tlshd's forked children, ktlsd's workers). Guest RAM sets the kernel's cap on queued handshake requests (see
+of whichever agent runs more at once (tlshd's forked children, ktlsd's workers). Guest RAM
+sets the kernel's cap on queued handshake requests (see
 :func:`pending_max`): at the default 2 GiB a storm measures mostly the kernel's refusals and
 the controllers' 10 s reconnect delay, not the agent. Figures: docs/benchmarks.md.
 
