@@ -526,12 +526,9 @@ class HandshakeService:
         item = ServiceRequest(request=request, credentials=creds, _service=self, _conn=conn,
                               _seq=seq, _identity=identity, front_id=front_id,
                               peer_label=peer_label)
-        refusal = self._admission(identity, creds.uid)
+        refusal = self._admission(identity, creds)
         if refusal is not None:
             status, reason = refusal
-            self.counters[errno.errorcode[status]] += 1
-            log.info("service: pid %d uid %d: %s (%s)", creds.pid, creds.uid,
-                     errno.errorcode[status], reason)
             item._state = _State.FINISHED
             self._drop_at_front(item)
             self._watched.add(item)
@@ -730,12 +727,9 @@ class HandshakeService:
                             creds.pid, creds.uid, exc)
                 await _try_send(conn, encode_error_done(exc.status, str(exc), seq=seq))
                 return
-            refusal = self._admission(identity, creds.uid)
+            refusal = self._admission(identity, creds)
             if refusal is not None:
                 status, reason = refusal
-                self.counters[errno.errorcode[status]] += 1
-                log.info("service: pid %d uid %d: %s (%s)", creds.pid, creds.uid,
-                         errno.errorcode[status], reason)
                 await _try_send(conn, encode_error_done(status, reason, seq=seq))
                 return
             item = ServiceRequest(request=request, credentials=creds, _service=self,
@@ -769,7 +763,19 @@ class HandshakeService:
                       request.auth_mode.name.lower())
         self._wakeup.set()
 
-    def _admission(self, identity: tuple[int, int], uid: int) -> tuple[int, str] | None:
+    def _admission(self, identity: tuple[int, int],
+                   creds: ConsumerCredentials) -> tuple[int, str] | None:
+        """None when a SUBMIT for the socket ``identity`` from ``creds`` may be queued; else
+        the refusal's status and reason, counted and logged here (one line)."""
+        refusal = self._refusal(identity, creds.uid)
+        if refusal is not None:
+            status, reason = refusal
+            self.counters[errno.errorcode[status]] += 1
+            log.info("service: pid %d uid %d: %s (%s)", creds.pid, creds.uid,
+                     errno.errorcode[status], reason)
+        return refusal
+
+    def _refusal(self, identity: tuple[int, int], uid: int) -> tuple[int, str] | None:
         """The kernel's order: draining/no listener, pending limit (all uids, then the
         consumer's share), duplicate socket."""
         if self._closing:
