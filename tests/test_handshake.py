@@ -16,7 +16,6 @@ import os
 import re
 import socket
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from peers import (
 )
 from pki import Authority, Issued
 from tls13_records import NEW_SESSION_TICKET, read_application_data, recv_record, seal
-from waiting import wait_until
+from waiting import ThreadResult, wait_until
 
 from ktlsd.credentials import X509Credentials
 from ktlsd.errors import FailureCause, HandshakeError
@@ -866,33 +865,9 @@ def test_server_does_not_consume_data_sent_right_after_client_finished() -> None
             hs.check()
             cs = hs.session()
         csock.sendall(out + seal(cs.suite, cs.tx_secret, 0, b"early bird"))
-        ss = server_task.result()
+        ss = server_task.result(TIMEOUT)
         assert ss.rx_seq == 0
         assert read_application_data(ssock, ss.suite, ss.rx_secret, 0)[0] == b"early bird"
-
-
-class ThreadResult:
-    """Run ``fn`` in a thread; :meth:`result` joins and returns or re-raises."""
-
-    def __init__(self, fn: Callable[[], object]) -> None:
-        self._value: object = None
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self._value = fn()
-            except BaseException as exc:
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def result(self, timeout: float = TIMEOUT):  # type: ignore[no-untyped-def]
-        self._thread.join(timeout)
-        assert not self._thread.is_alive()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def test_error_queue_is_left_empty_after_failures() -> None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
-from collections.abc import Callable
 
 import pytest
 from pki import Authority
 from tls13_records import recv_record
+from waiting import ThreadResult
 
 from ktlsd.credentials import X509Credentials
 from ktlsd.errors import FailureCause, HandshakeError
@@ -40,30 +39,6 @@ def client_psk() -> TlsConfig:
 
 def server_psk() -> TlsConfig:
     return TlsConfig(role=Role.SERVER, psk_lookup={PSK.identity: PSK}.get)
-
-
-class Background:
-    """Run ``fn`` in a thread; :meth:`result` joins and returns or re-raises."""
-
-    def __init__(self, fn: Callable[[], object]) -> None:
-        self._value: object = None
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self._value = fn()
-            except BaseException as exc:
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def result(self) -> object:
-        self._thread.join(TIMEOUT)
-        assert not self._thread.is_alive(), "gave up waiting for the other end"
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def split_records(data: bytes) -> list[bytes]:
@@ -90,12 +65,12 @@ def test_client_leaves_what_follows_the_server_finished_in_the_socket(trailer: b
     not one byte of what follows, whole records, a partial one or a stray header."""
     csock, ssock = socket.socketpair()
     with csock, ssock:
-        client = Background(lambda: handshake_blocking(csock, client_psk(), timeout=TIMEOUT))
+        client = ThreadResult(lambda: handshake_blocking(csock, client_psk(), timeout=TIMEOUT))
         with TlsHandshake(server_psk()) as server:
             assert server.start() == b""
             flight = server.receive_record(recv_record(ssock))
             ssock.sendall(flight + trailer)
-            session = client.result()
+            session = client.result(TIMEOUT)
             assert isinstance(session, Session)
             while server.wants_input:  # the client's last flight
                 server.receive_record(recv_record(ssock))
@@ -108,7 +83,7 @@ def test_client_leaves_what_follows_the_server_finished_in_the_socket(trailer: b
 def test_server_leaves_what_follows_the_client_finished_in_the_socket() -> None:
     csock, ssock = socket.socketpair()
     with csock, ssock:
-        server = Background(lambda: handshake_blocking(ssock, server_psk(), timeout=TIMEOUT))
+        server = ThreadResult(lambda: handshake_blocking(ssock, server_psk(), timeout=TIMEOUT))
         with TlsHandshake(client_psk()) as client:
             csock.sendall(client.start())
             out = b""
@@ -117,7 +92,7 @@ def test_server_leaves_what_follows_the_client_finished_in_the_socket() -> None:
             client.check()
         trailer = TRAILERS["two records"]
         csock.sendall(out + trailer)
-        assert isinstance(server.result(), Session)
+        assert isinstance(server.result(TIMEOUT), Session)
         ssock.setblocking(False)
         assert ssock.recv(65536) == trailer
 
@@ -135,13 +110,13 @@ def test_records_that_arrive_in_pieces(piece: int) -> None:
     included): the client puts them together and still leaves the trailer in the socket."""
     csock, ssock = socket.socketpair()
     with csock, ssock:
-        client = Background(lambda: handshake_blocking(csock, client_psk(), timeout=TIMEOUT))
+        client = ThreadResult(lambda: handshake_blocking(csock, client_psk(), timeout=TIMEOUT))
         with TlsHandshake(server_psk()) as server:
             server.start()
             flight = server.receive_record(recv_record(ssock))
             trailer = TRAILERS["partial record"]
             dribble(ssock, flight + trailer, piece)
-            assert isinstance(client.result(), Session)
+            assert isinstance(client.result(TIMEOUT), Session)
         csock.setblocking(False)
         assert csock.recv(65536) == trailer
 
@@ -215,12 +190,12 @@ def test_the_peers_alert_is_read_from_the_error_queue(description: int) -> None:
     error queue (close_notify from SSL_ERROR_ZERO_RETURN) and decides the cause."""
     csock, ssock = socket.socketpair()
     with csock, ssock:
-        client = Background(lambda: handshake_blocking(csock, client_psk(), timeout=TIMEOUT))
+        client = ThreadResult(lambda: handshake_blocking(csock, client_psk(), timeout=TIMEOUT))
         recv_record(ssock)
         level = 1 if description == 0 else 2
         ssock.sendall(bytes((21, 3, 3, 0, 2, level, description)))
         with pytest.raises(HandshakeError) as info:
-            client.result()
+            client.result(TIMEOUT)
     cause, reason = ALERTS[description]
     assert info.value.cause is cause
     assert info.value.reason.startswith(reason)

@@ -9,6 +9,8 @@ that never answers) into a failure that says what was awaited, instead of a stuc
 * :func:`wait_listening` is :func:`wait_until` on :func:`is_listening`: a server process is up
   once its port is in the kernel's listen table (read from ``/proc``, no connection made).
 * :func:`run` runs a test's coroutine with a hang limit.
+* :class:`ThreadResult` runs a function in a thread (the other end of a blocking handshake);
+  its :meth:`~ThreadResult.result` joins within a limit and returns or re-raises.
 """
 
 from __future__ import annotations
@@ -119,3 +121,28 @@ def wait_listening(port: int, timeout: float = 10.0, proc: _Process | None = Non
 def run(coro: Coroutine[Any, Any, Any], limit: float = 60.0) -> Any:
     """Run a test coroutine; a hang becomes a failure instead of a stuck suite."""
     return asyncio.run(asyncio.wait_for(coro, limit))
+
+
+class ThreadResult:
+    """Run ``fn`` in a daemon thread; :meth:`result` joins it and returns or re-raises."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self._value: object = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._value = fn()
+            except BaseException as exc:
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def result(self, timeout: float) -> Any:
+        """``fn``'s value (or its exception raised here); fails if it runs past ``timeout``."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "gave up waiting for the other end"
+        if self._error is not None:
+            raise self._error
+        return self._value
