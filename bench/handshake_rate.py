@@ -53,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -117,6 +118,27 @@ def connect_pairs(listener: socket.socket, count: int) -> list[tuple[socket.sock
     return pairs
 
 
+async def cpu_in_batches(
+    listener: socket.socket,
+    count: int,
+    batch: Callable[[list[tuple[socket.socket, socket.socket]]], Awaitable[None]],
+) -> float:
+    """CPU seconds ``batch`` spends over ``count`` connection pairs, made (and closed) up to
+    :data:`BATCH` at a time outside the measured spans."""
+    spent = 0.0
+    done = 0
+    while done < count:
+        pairs = connect_pairs(listener, min(BATCH, count - done))
+        before = cpu_seconds()
+        await batch(pairs)
+        spent += cpu_seconds() - before
+        for a, b in pairs:
+            a.close()
+            b.close()
+        done += len(pairs)
+    return spent
+
+
 async def handshake_pairs(
     pairs: list[tuple[socket.socket, socket.socket]],
     client: TlsConfig,
@@ -172,20 +194,15 @@ def measure_ktlsd(
             for a, b in warm_up:
                 a.close()
                 b.close()
-            done = 0
-            while done < count:
-                pairs = connect_pairs(listener, min(BATCH, count - done))
-                before = cpu_seconds()
+
+            async def batch(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
                 if spans is not None:
                     spans.enable()
                 await handshake_pairs(pairs, client, server, inflight=inflight, strict=strict)
                 if spans is not None:
                     spans.disable()
-                spent += cpu_seconds() - before
-                for a, b in pairs:
-                    a.close()
-                    b.close()
-                done += len(pairs)
+
+            spent = await cpu_in_batches(listener, count, batch)
 
         asyncio.run(main())
     return spent * 1e6 / count
@@ -262,17 +279,12 @@ def measure_asyncio_floor(material: Material, case: str, count: int) -> float:
 
         async def main() -> None:
             nonlocal spent
-            done = 0
-            while done < count:
-                pairs = connect_pairs(listener, min(BATCH, count - done))
-                before = cpu_seconds()
+
+            async def batch(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
                 for pair in pairs:
                     await both(pair)
-                spent += cpu_seconds() - before
-                for a, b in pairs:
-                    a.close()
-                    b.close()
-                done += len(pairs)
+
+            spent = await cpu_in_batches(listener, count, batch)
 
         asyncio.run(main())
     return spent * 1e6 / count
